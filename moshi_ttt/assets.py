@@ -1,0 +1,108 @@
+"""Small, deterministic stand-ins for Kyutai's assets, built locally (no download):
+a SentencePiece text tokenizer, a reduced-size Mimi config, and a complete local checkpoint folder in
+Kyutai's Hugging Face repo layout (config.json + model.safetensors + Mimi + tokenizer).
+
+Used by the tests, the embedded demo and `moshi-ttt infer --demo`. The weights are random: the speech
+such a model produces is not meaningful; the point is exercising the real formats and code paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from moshi.models import loaders
+from safetensors.torch import save_file
+
+from .config import TTTModelConfig
+from .configs import load_lm_and_ttt
+from .model import build_ttt_lm
+
+_CORPUS = """hello there how are you today
+I am fine thank you and you
+the weather is nice and the sun is out
+tell me a story about a cat and a dog
+what time is it now please
+memory is what lets a model remember the whole conversation
+test time training updates fast weights every chunk
+moshi speaks and listens at the same time
+""".strip().splitlines()
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 64) -> Path:
+    """Trains a tiny SentencePiece model (ids 0..3 = unk, <s>, </s>, pad as Kyutai's). Deterministic."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / "tokenizer_tiny"
+    model = prefix.with_suffix(".model")
+    if model.exists():
+        return model
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text("\n".join(_CORPUS * 4) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, seed_sentencepiece_size=1000,
+        minloglevel=2)
+    return model
+
+
+def tiny_mimi_config() -> dict:
+    """Mimi with the real architecture at reduced width (≈2 M params): SEANet 16 filters, latent 128,
+    2-layer 128-wide transformers, 8 codebooks of 2048 — fast enough for real time on 2 CPU cores."""
+    cfg = copy.deepcopy(loaders._mimi_config)
+    cfg["seanet"].update(n_filters=16, dimension=128)
+    cfg["quantizer"].update(dimension=64, n_q=8, input_dimension=128, output_dimension=128)
+    cfg["transformer"].update(d_model=128, num_heads=4, num_layers=2, dim_feedforward=256,
+                              input_dimension=128, output_dimensions=[128])
+    return cfg
+
+
+def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
+                    ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
+                    ttt_in_config: bool = True) -> Path:
+    """Writes a Kyutai-style checkpoint folder: config.json (with a "ttt" section), model.safetensors
+    (base + TTT tensors), a Mimi checkpoint + its config, and a SentencePiece tokenizer.
+
+    Load it with `CheckpointInfo.from_hf_repo(..., config_path=out/"config.json", moshi_weights=...)`
+    or `moshi_ttt.checkpoint.checkpoint_info(None, config_path=...)`. Deterministic given `seed`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_kwargs, ttt_default = load_lm_and_ttt(config)
+    ttt = ttt or ttt_default
+    torch.manual_seed(seed)
+    model = build_ttt_lm(lm_kwargs, ttt)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if ttt_in_weights or ".gating.ttt." not in k}
+    save_file(state, str(out / "model.safetensors"))
+    mimi_cfg = tiny_mimi_config()
+    torch.manual_seed(seed + 1)
+    mimi = loaders.get_mimi(None, mimi_config=mimi_cfg)
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
+    (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
+    tok = build_tokenizer(out)
+    raw = {"moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
+           "mimi_config_name": "mimi_config.json", "tokenizer_name": tok.name, "model_type": "moshi",
+           "lm_gen_config": {}, **lm_kwargs}
+    if ttt_in_config:
+        raw["ttt"] = ttt.to_dict()
+    (out / "config.json").write_text(json.dumps(raw, indent=1))
+    return out
+
+
+def install_in_hf_cache(folder: str | Path, repo_id: str, cache_dir: str | Path,
+                        revision: str = "0" * 40) -> Path:
+    """Places `folder`'s files in a huggingface_hub cache as repo `repo_id` (refs/main → revision), so
+    `hf_hub_download(repo_id, ...)` resolves them offline exactly as for a downloaded Kyutai repo."""
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / revision
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            (snap / f.name).write_bytes(f.read_bytes())
+    return snap

@@ -1,0 +1,42 @@
+"""Shipped configs (`configs/` at the repo root) and the combined LM + TTT config file format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import TTTModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped config ("tiny", "moshi7b_ttt")."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise FileNotFoundError(f"no config file {str(name_or_path)!r} (and no shipped config of that name in "
+                            f"{CONFIG_DIR}: {sorted(q.stem for q in CONFIG_DIR.glob('*.yaml'))})")
+
+
+def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConfig]:
+    """Reads a YAML with an optional `lm` section (moshi LMModel kwargs) and a `ttt` section."""
+    path = config_path(name_or_path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "ttt" not in data:
+        raise ValueError(f"{path}: expected a mapping with a 'ttt' section")
+    unknown = sorted(set(data) - {"lm", "ttt"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected 'lm' and 'ttt'")
+    try:
+        ttt = TTTModelConfig.from_dict(data["ttt"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    lm = data.get("lm")
+    if lm is not None and not isinstance(lm, dict):
+        raise ValueError(f"{path}: 'lm' must be a mapping of LMModel kwargs")
+    return lm, ttt
