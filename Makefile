@@ -11,8 +11,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test lint bench
+# System tools the tests use: espeak-ng/sox make real speech WAVs.
+SYSDEPS := espeak-ng sox
+.PHONY: setup sysdeps demo test lint bench
 setup: $(STAMP)
+
+sysdeps:
+	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt-get"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/moshi-ttt bench --quick
@@ -20,7 +30,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
 
-test: $(STAMP) lint
+test: $(STAMP) sysdeps lint
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
