@@ -67,7 +67,7 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
     (base + TTT tensors), a Mimi checkpoint + its config, and a SentencePiece tokenizer.
 
     Load it with `CheckpointInfo.from_hf_repo(..., config_path=out/"config.json", moshi_weights=...)`
-    or `moshi_ttt.checkpoint.checkpoint_info(None, config_path=...)`. Deterministic given `seed`.
+    or `moshi_ttt.checkpoint.checkpoint_info(str(folder))`. Deterministic given `seed`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

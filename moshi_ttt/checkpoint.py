@@ -11,9 +11,12 @@ Errors name the offending key, shape or value.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from moshi.models import loaders
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -181,8 +184,9 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | No
         if missing or unexpected:
             raise CheckpointError(f"{weights}: the Moshi weights do not match the model config: missing keys "
                                   f"{missing[:5]}, unexpected keys {unexpected[:5]}")
+        model_state = model.state_dict()
         for k, v in state.items():
-            want = model.state_dict()[k].shape
+            want = model_state[k].shape
             if v.shape != want:
                 raise CheckpointError(f"{weights}: shape mismatch for {k!r}: {tuple(v.shape)} vs model {tuple(want)}")
         ttt_tensors = {k: v.to(device=device, dtype=dtype) for k, v in ttt_tensors.items()}
@@ -250,6 +254,22 @@ def checkpoint_info(hf_repo: str | None, moshi_weight: str | None = None, mimi_w
             tokenizer=local(tokenizer, "tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
             config_path=str(cfg_file), mimi_config_path=local(None, "mimi_config_name", None),
             lora_weights=local(lora_weight, "lora_name", None))
-    return loaders.CheckpointInfo.from_hf_repo(
-        hf_repo or loaders.DEFAULT_REPO, moshi_weights=moshi_weight, mimi_weights=mimi_weight,
-        tokenizer=tokenizer, config_path=config_path, lora_weights=lora_weight)
+    repo = hf_repo or loaders.DEFAULT_REPO
+    if config_path is None:
+        # Fetch config.json ourselves: moshi treats a missing one as "legacy Moshi 7B repo", which
+        # offline would hide that the repo is simply not in the local cache.
+        try:
+            config_path = hf_hub_download(repo, "config.json")
+        except LocalEntryNotFoundError as e:
+            raise CheckpointError(f"{repo}: config.json is not in the local Hugging Face cache and the hub "
+                                  f"cannot be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})") from e
+        except (HfHubHTTPError, HFValidationError) as e:
+            raise CheckpointError(f"{repo}: cannot get config.json ({e})") from e
+    try:
+        return loaders.CheckpointInfo.from_hf_repo(
+            repo, moshi_weights=moshi_weight, mimi_weights=mimi_weight,
+            tokenizer=tokenizer, config_path=config_path, lora_weights=lora_weight)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise CheckpointError(f"{repo}: a checkpoint file is missing ({e})") from e

@@ -1,0 +1,332 @@
+"""`moshi-ttt infer`: offline WAV → WAV + transcript + TTT telemetry, like `python -m moshi.run_inference`.
+
+The input is read and resampled to Mimi's 24 kHz with sphn, downmixed to mono, zero-padded to whole
+1920-sample frames and streamed frame by frame: Mimi encode → moshi's unchanged `LMGen` on the TTT model
+→ Mimi decode. As moshi's server does, Mimi's streaming state is reset after the very first encoded
+frame (that frame carries the encoder's left-padding artefact; its codes are still fed to the LM).
+`LMGen` emits nothing during its first `max_delay` steps, so `max_delay` frames of silence are fed after
+the input: the output has exactly as many frames as the padded input.
+
+Outputs: the WAV, a transcript (SentencePiece pieces, "▁" → space, text ids 0 and 3 skipped) and a
+telemetry JSON (see `_telemetry_doc`). User errors (missing or unreadable files, bad configs, broken
+checkpoints) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 24000
+EXIT_USER_ERROR = 2
+
+_telemetry_doc = """\
+telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size,
+batch_size, ttt_layers, sample_every, realtime_factor (wall time / audio time, < 1 is faster than real
+time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates /
+clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last
+completed chunk), one entry per sample (a list over batch items) at the LM steps in series_frames."""
+
+
+class UserError(Exception):
+    """A problem with the command line or the user's files: reported in one line, exit code 2."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Offline inference: stream a WAV through Mimi → LMGen (TTT-Moshi) → Mimi and write "
+                          "the answer WAV, its transcript and the TTT telemetry.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _telemetry_doc
+    parser.add_argument("infile", help="input audio (any sample rate / channels: resampled to 24 kHz mono)")
+    parser.add_argument("outfile", help="output WAV (24 kHz mono, as many 80 ms frames as the input)")
+    parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
+    parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
+    g = parser.add_argument_group("checkpoint")
+    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in Kyutai's layout "
+                                     "(default: moshi's default repo)")
+    g.add_argument("--moshi-weight", help="local Moshi weights (overrides the repo's)")
+    g.add_argument("--mimi-weight", help="local Mimi weights (overrides the repo's)")
+    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer (overrides the repo's)")
+    g.add_argument("--config-path", help="config.json to use instead of the repo's")
+    g.add_argument("--lora-weight", help="LoRA weights (the config must have 'lora': true)")
+    g.add_argument("--ttt-config", help="TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping "
+                                        "itself) or a shipped config name (tiny, moshi7b_ttt). Must agree "
+                                        "with the config stored with the TTT weights")
+    g.add_argument("--ttt-weights", help="TTT safetensors written by training / save_ttt")
+    g.add_argument("--demo", action="store_true",
+                   help="no checkpoint: build the tiny random demo checkpoint (configs/tiny.yaml, or the LM "
+                        "of tiny with --ttt-config's TTT section) in a temporary folder and use it")
+    r = parser.add_argument_group("run")
+    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="LM dtype (default: float32 on cpu, bfloat16 on cuda)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="run the input as N independent conversations in one batch; with N > 1 every item "
+                        "is written, with suffix _i (out_0.wav, out_0.txt, ...); the telemetry file holds "
+                        "per-item lists")
+    r.add_argument("--seed", type=int, default=4242, help="random seed for sampling (default 4242, as moshi)")
+    r.add_argument("--temp", type=float, default=None, help="audio sampling temperature (LMGen default 0.8)")
+    r.add_argument("--temp-text", type=float, default=None, help="text sampling temperature (LMGen default 0.7)")
+    r.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient "
+                                                                "(needs a conditioned model)")
+    r.add_argument("--telemetry-every", type=int, default=0, metavar="N",
+                   help="sample the drift series every N LM steps (default: every chunk boundary)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+
+    demo_dir: str | None = None
+    try:
+        try:
+            setup = _prepare(args)
+        except (UserError, CheckpointError, OSError, ValueError) as e:
+            _fail(e)
+            return EXIT_USER_ERROR
+        demo_dir = setup.pop("demo_dir")
+        _infer(args, **setup)
+    finally:
+        if demo_dir is not None:
+            shutil.rmtree(demo_dir, ignore_errors=True)
+    return 0
+
+
+def _fail(e: BaseException) -> None:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"moshi-ttt infer: error: {msg}", file=sys.stderr)
+
+
+def _with_suffix(path: Path, suffix: str) -> Path:
+    return path.with_name(path.stem + suffix)
+
+
+def output_paths(outfile: str | Path, batch_size: int, transcript: str | None = None,
+                 telemetry: str | None = None) -> tuple[list[Path], list[Path], Path]:
+    """WAV and transcript paths per batch item (suffix _i when batch_size > 1) and the telemetry path."""
+    out = Path(outfile)
+    txt = Path(transcript) if transcript else out.with_suffix(".txt")
+    tel = Path(telemetry) if telemetry else out.with_suffix(".ttt.json")
+    if batch_size == 1:
+        return [out], [txt], tel
+    wavs = [_with_suffix(out, f"_{i}{out.suffix}") for i in range(batch_size)]
+    txts = [_with_suffix(txt, f"_{i}{txt.suffix}") for i in range(batch_size)]
+    return wavs, txts, tel
+
+
+def read_audio(path: str | Path) -> np.ndarray:
+    """Mono float32 PCM at 24 kHz (resampled by sphn, channels averaged)."""
+    import sphn
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"input is not a file: {path}")
+    try:
+        pcm, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)
+    except Exception as e:  # sphn raises ValueError / OSError with the decoder's message
+        raise UserError(f"{path}: not a readable audio file ({e})") from None
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if pcm.ndim == 2:
+        pcm = pcm.mean(axis=0)
+    if pcm.size == 0:
+        raise UserError(f"{path}: the audio file has no samples")
+    if not np.isfinite(pcm).all():
+        raise UserError(f"{path}: the audio contains non-finite samples")
+    return pcm
+
+
+def _load_ttt_config(name_or_path: str):
+    import yaml
+
+    from .config import TTTModelConfig
+    from .configs import config_path
+
+    path = config_path(name_or_path)  # FileNotFoundError naming the shipped configs
+    try:
+        return TTTModelConfig.load(path)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+
+
+def _prepare(args: argparse.Namespace) -> dict:
+    """Everything that can fail because of the user's input, before the (long) streaming loop."""
+    from . import assets
+    from .checkpoint import load_ttt_moshi
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.telemetry_every < 0:
+        raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
+    if args.demo and args.hf_repo:
+        raise UserError("--demo builds its own checkpoint: do not combine it with --hf-repo")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
+    pcm = read_audio(args.infile)
+
+    ttt_cfg = _load_ttt_config(args.ttt_config) if args.ttt_config else None
+    demo_dir = None
+    hf_repo = args.hf_repo
+    if args.demo:
+        demo_dir = tempfile.mkdtemp(prefix="moshi-ttt-demo-")
+        hf_repo = str(assets.make_local_repo(demo_dir, ttt=ttt_cfg))
+    try:
+        info = _checkpoint_info(args, hf_repo)
+        model = load_ttt_moshi(info, ttt_config=ttt_cfg, ttt_weights=args.ttt_weights, device=device, dtype=dtype)
+        try:
+            mimi = info.get_mimi(device=device)
+        except Exception as e:
+            raise UserError(f"Mimi weights {info.mimi_weights}: cannot load ({e})") from None
+        try:
+            tokenizer = info.get_text_tokenizer()
+        except Exception as e:
+            raise UserError(f"text tokenizer {info.tokenizer}: cannot load ({e})") from None
+        if args.cfg_coef != 1.0 and model.fuser is None:
+            raise UserError(f"--cfg-coef {args.cfg_coef}: this model has no condition fuser (CFG needs a "
+                            "conditioned model); use --cfg-coef 1")
+        if model.dep_q == 0:
+            raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
+        for p in [*wavs, *txts, tel]:
+            p.parent.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        if demo_dir is not None:
+            shutil.rmtree(demo_dir, ignore_errors=True)
+        raise
+    return dict(info=info, model=model, mimi=mimi, tokenizer=tokenizer, pcm=pcm, device=device, dtype=dtype,
+                wavs=wavs, txts=txts, tel=tel, demo_dir=demo_dir)
+
+
+def _checkpoint_info(args: argparse.Namespace, hf_repo: str | None):
+    from .checkpoint import checkpoint_info
+
+    if hf_repo and Path(hf_repo).is_file():
+        raise UserError(f"--hf-repo {hf_repo}: a file, not a checkpoint folder or repo id (a weights file goes "
+                        "to --moshi-weight)")
+    if hf_repo and not Path(hf_repo).is_dir() and hf_repo.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"checkpoint folder not found: {hf_repo}")
+    # moshi warns "no config.json, assuming Moshi 7B" whenever config.json cannot be fetched, also when
+    # the repo is simply not in the offline cache: only pass warnings on once loading succeeded.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            info = checkpoint_info(hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
+                                   args.config_path, args.lora_weight)
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint {hf_repo or '(default repo)'}: {e}") from None
+    for w in caught:
+        print(f"moshi-ttt infer: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    return info
+
+
+def _make_lm_gen(args, info, model, batch_size: int):
+    from moshi.models import LMGen
+    from moshi.run_inference import get_condition_tensors
+
+    gen_kwargs = dict(info.lm_gen_config)
+    if args.temp is not None:
+        gen_kwargs["temp"] = args.temp
+    if args.temp_text is not None:
+        gen_kwargs["temp_text"] = args.temp_text
+    conditions = get_condition_tensors(info.model_type, model, batch_size, args.cfg_coef)
+    return LMGen(model, cfg_coef=args.cfg_coef, condition_tensors=conditions, **gen_kwargs)
+
+
+def _to_list(t: torch.Tensor, n: int) -> list:
+    vals = t[:n].detach().float().cpu().tolist() if t.is_floating_point() else t[:n].cpu().tolist()
+    return [v if not isinstance(v, float) or math.isfinite(v) else None for v in vals]
+
+
+@torch.no_grad()
+def _infer(args, info, model, mimi, tokenizer, pcm: np.ndarray, device, dtype, wavs, txts, tel) -> None:
+    import sphn
+    from moshi.run_inference import seed_all
+    from tqdm import tqdm
+
+    B = args.batch_size
+    seed_all(args.seed)
+    lm_gen = _make_lm_gen(args, info, model, B)
+    frame = int(mimi.sample_rate / mimi.frame_rate)
+    n_in = math.ceil(pcm.shape[0] / frame)
+    padded = np.zeros(n_in * frame, dtype=np.float32)
+    padded[: pcm.shape[0]] = pcm
+    x = torch.from_numpy(padded).to(device)[None, None].expand(B, 1, -1)
+    chunk = model.ttt_config.layer.chunk_size
+    every = args.telemetry_every or chunk
+    layers = list(model.ttt_layer_indices)
+    series: dict[int, dict[str, list]] = {i: {"drift": [], "last_delta_norm": []} for i in layers}
+    series_frames: list[int] = []
+    out_pcm: list[list[np.ndarray]] = [[] for _ in range(B)]
+    text_ids: list[list[int]] = [[] for _ in range(B)]
+    steps = 0
+
+    def sample() -> None:
+        series_frames.append(steps)
+        for i, t in model.ttt_telemetry().items():
+            series[i]["drift"].append(_to_list(t["drift"], B))
+            series[i]["last_delta_norm"].append(_to_list(t["last_delta_norm"], B))
+
+    n_steps = n_in + lm_gen.max_delay
+    start = time.perf_counter()
+    with mimi.streaming(B), lm_gen.streaming(B):
+        for f in tqdm(range(n_steps), desc="frames", unit="frame", file=sys.stderr, dynamic_ncols=True):
+            if f < n_in:
+                codes = mimi.encode(x[:, :, f * frame:(f + 1) * frame])
+            else:  # flush the LM's delay with silence
+                codes = mimi.encode(torch.zeros(B, 1, frame, device=device))
+            if f == 0:
+                mimi.reset_streaming()  # the first frame carries the encoder's left padding (as moshi's server)
+            for c in range(codes.shape[-1]):
+                tokens = lm_gen.step(codes[:, :, c:c + 1])
+                steps += 1
+                if layers and steps % every == 0:
+                    sample()
+                if tokens is None:
+                    continue
+                audio = mimi.decode(tokens[:, 1:]).float().cpu().numpy()  # [B, 1, frame]
+                for b in range(B):
+                    out_pcm[b].append(audio[b, 0])
+                    text_ids[b].append(int(tokens[b, 0, 0]))
+        if layers and (not series_frames or series_frames[-1] != steps):
+            sample()
+        final = model.ttt_telemetry() if layers else {}
+    elapsed = time.perf_counter() - start
+
+    for b in range(B):
+        sphn.write_wav(str(wavs[b]), np.concatenate(out_pcm[b]) if out_pcm[b] else np.zeros(0, np.float32),
+                       sample_rate=mimi.sample_rate)
+        txts[b].write_text(transcript(tokenizer, text_ids[b]) + "\n")
+    audio_seconds = pcm.shape[0] / mimi.sample_rate
+    report = {
+        "infile": str(args.infile), "outfiles": [str(w) for w in wavs], "transcripts": [str(t) for t in txts],
+        "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(pcm.shape[0]),
+        "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
+        "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_factor": elapsed / audio_seconds,
+        "ms_per_frame": 1000 * elapsed / max(steps, 1),
+        "series_frames": series_frames,
+        "layers": {str(i): {"updates": _to_list(final[i]["updates"], B), "clips": _to_list(final[i]["clips"], B),
+                            "skipped": _to_list(final[i]["skipped"], B), **series[i]} for i in layers},
+    }
+    tel.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {', '.join(map(str, wavs))} ({len(out_pcm[0])} frames), transcript {', '.join(map(str, txts))}, "
+          f"telemetry {tel}; {steps} LM steps in {elapsed:.1f} s (realtime factor {elapsed / audio_seconds:.2f})",
+          file=sys.stderr)
+
+
+def transcript(tokenizer, ids: list[int]) -> str:
+    """SentencePiece pieces joined, "▁" → space, ids 0 and 3 (moshi's text padding) skipped."""
+    return "".join(tokenizer.id_to_piece(i).replace("▁", " ") for i in ids if i not in (0, 3)).strip()
