@@ -77,6 +77,9 @@ class TTTConfig:
             c = self.clip_norm
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
                 raise _bad("clip_norm", c, "must be a finite number > 0, or null to disable")
+        if self.init == "zero" and not (self.use_conv or self.use_target_proj):
+            raise _bad("init", self.init, "needs a conv or a W_target to zero (use_conv and use_target_proj "
+                       "are both false, so V̂ = src cannot start at 0)")
         if self.init == "ntp" and self.use_conv and self.future_frames < 1:
             raise _bad("future_frames", self.future_frames, "init='ntp' needs at least 1 future frame")
 

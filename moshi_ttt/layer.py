@@ -45,10 +45,12 @@ class TTTTarget(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """`zero`: conv = 0 (V̂ = 0, exactly the base MLP), W_target = I. `ntp`: conv picks frame t+1
-        (tap index past+1), W_target = I. Without conv, `ntp` means V̂ = src · I."""
+        """`zero`: V̂ = 0, exactly the base MLP — conv = 0 and W_target = I, or W_target = 0 when there
+        is no conv. `ntp`: conv picks frame t+1 (tap index past+1), W_target = I; without conv,
+        V̂ = src · I."""
         if self.w_target is not None and self.w_target.device.type != "meta":
-            self.w_target.copy_(torch.eye(self.w_target.shape[0], dtype=self.w_target.dtype))
+            eye = torch.eye(self.w_target.shape[0], dtype=self.w_target.dtype)
+            self.w_target.copy_(eye if (self.conv is not None or self.cfg.init == "ntp") else 0 * eye)
         if self.conv is not None and self.conv.weight.device.type != "meta":
             self.conv.weight.zero_()
             if self.cfg.init == "ntp":

@@ -37,6 +37,13 @@ def chunk_conv(src: torch.Tensor, weight: torch.Tensor | None, chunk: int, past:
     return y.transpose(1, 2).reshape(B, n * chunk, d)[:, :T]
 
 
+def frobenius_from_gram(sq: torch.Tensor) -> torch.Tensor:
+    """sqrt of a squared norm with a finite gradient at 0 (ΔW = 0 under zero init): d sqrt(0) = inf
+    would turn 0·inf into NaN gradients for every parameter."""
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, 1.).sqrt(), 0.)
+
+
 def chunk_coefficients(z: torch.Tensor, src: torch.Tensor, c: torch.Tensor, w_t: torch.Tensor | None,
                        cfg: TTTConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-chunk update coefficient a_j = η · s_j · finite_j and diagnostics.
@@ -61,7 +68,7 @@ def chunk_coefficients(z: torch.Tensor, src: torch.Tensor, c: torch.Tensor, w_t:
         cs = torch.where(finite[..., None, None], cc, 0.)
         v = cs if w_t is None else cs @ w_t.to(cs.dtype)
         sq = ((zs @ zs.transpose(-1, -2)) * (v @ v.transpose(-1, -2))).sum((-1, -2))
-        norm = sq.clamp_min(0).sqrt()
+        norm = frobenius_from_gram(sq)
         finite = finite & torch.isfinite(norm)
         clipped = finite & (norm > cfg.clip_norm)
         scale = torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)

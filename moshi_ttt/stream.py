@@ -32,6 +32,7 @@ import torch
 from moshi.modules.streaming import State
 
 from .config import TTTConfig
+from .ops import frobenius_from_gram
 
 
 @dataclass
@@ -159,7 +160,7 @@ def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: tor
         cz, cc = _rows(state.z_buf, cur), _rows(state.c_buf, cur)
         v = cc if w_t is None else cc @ w_t
         sq = ((cz @ cz.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
-        norm = sq.clamp_min(0).sqrt()
+        norm = frobenius_from_gram(sq)
         ok = ok & torch.isfinite(norm)
         clipped = ok & (norm > cfg.clip_norm)
         a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
@@ -191,8 +192,9 @@ def fast_weight_delta(state: TTTState, w_t: torch.Tensor | None) -> torch.Tensor
 
 @torch.no_grad()
 def last_delta_norm(state: TTTState, w_t: torch.Tensor | None) -> torch.Tensor:
-    """‖ΔW‖_F of each item's last completed chunk before clipping/η, [B] (0 before the first)."""
+    """‖ΔW‖_F of each item's last completed chunk before clipping/η, [B]; 0 before the first chunk and
+    when the last chunk was skipped (non-finite) or had no effect (η = 0)."""
     pz, pc = _prev_chunk(state)
     v = pc if w_t is None else pc @ w_t.to(pc.dtype)
     sq = ((pz @ pz.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
-    return sq.clamp_min(0).sqrt()
+    return torch.where(state.prev_coef != 0, frobenius_from_gram(sq), 0.)

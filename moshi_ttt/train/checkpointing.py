@@ -1,0 +1,115 @@
+"""Resumable checkpoints and the exported weights that `moshi-ttt infer` / `serve` load.
+
+Checkpoint folder `run_dir/checkpoints/step_0000010/` (written to a temporary folder, then renamed):
+  trainable.safetensors   fp32 master copies of the trainable parameters, by model name
+  state.pt                step, optimizer, scheduler, data order (+ dataset fingerprint), RNG per rank
+  ttt.safetensors(.json)  TTT-only weights at this step (`checkpoint.save_ttt`)
+
+Export folder `run_dir/export/` — a Kyutai-layout folder usable as `--hf-repo`:
+  config.json             the base checkpoint's config with absolute paths to the base files, the
+                          trained "ttt" section and, for LoRA runs, "lora": true / rank / scaling
+  ttt.safetensors(.json)  TTT-only weights + config (`--ttt-weights`)
+  lora.safetensors        LoRA adapters (trainable: ttt+lora), named by config.json's lora_name
+  model.safetensors       the full base weights (trainable: ttt+wdown / full, whose base weights change)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import save_ttt
+from ..model import TTT_KEY, TTTLMModel
+
+CKPT_PREFIX = "step_"
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = run_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+             and p.name[len(CKPT_PREFIX):].isdigit() and (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: TTTLMModel, masters: dict[str, torch.Tensor],
+                    state: dict, keep: int) -> Path:
+    """Rank 0 only. `state` holds everything but the parameters (optimizer, scheduler, rngs, data...)."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CKPT_PREFIX}{step:07d}"
+    tmp = root / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in masters.items()}, str(tmp / "trainable.safetensors"))
+    torch.save({**state, "step": step}, tmp / "state.pt")
+    save_ttt(model, tmp / "ttt.safetensors")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not (path / "state.pt").exists() or not (path / "trainable.safetensors").exists():
+        raise FileNotFoundError(f"not a training checkpoint (needs state.pt and trainable.safetensors): {path}")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return tensors, state
+
+
+def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None) -> Path:
+    """Writes the export folder (see module docstring); returns its config.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_ttt(model, out / "ttt.safetensors")
+    raw = dict(info.raw_config) if info.raw_config is not None else {}
+    if not raw:  # legacy repo without config.json: moshi's defaults
+        from moshi.models import loaders
+        raw = dict(loaders._lm_kwargs)
+    raw.pop("lora_name", None)
+    raw["mimi_name"] = str(Path(info.mimi_weights).resolve())
+    raw["tokenizer_name"] = str(Path(info.tokenizer).resolve())
+    raw.pop("mimi_config_name", None)
+    if info.mimi_config is not None:
+        (out / "mimi_config.json").write_text(json.dumps(info.mimi_config, indent=1))
+        raw["mimi_config_name"] = "mimi_config.json"
+    state = model.state_dict()
+    if trainable in ("ttt+wdown", "full"):
+        base = {k: v.detach().contiguous().cpu() for k, v in state.items() if TTT_KEY not in k}
+        save_file(base, str(out / "model.safetensors"))
+        raw["moshi_name"] = "model.safetensors"
+    else:
+        raw["moshi_name"] = str(Path(info.moshi_weights).resolve())
+    if lora is not None:
+        adapters = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" in k}
+        save_file(adapters, str(out / "lora.safetensors"))
+        raw.update(lora=True, lora_rank=lora["rank"], lora_scaling=lora["scaling"], lora_name="lora.safetensors")
+    raw["ttt"] = model.ttt_config.to_dict()
+    raw.pop("gradient_checkpointing", None)
+    cfg = out / "config.json"
+    cfg.write_text(json.dumps(raw, indent=1) + "\n")
+    return cfg
