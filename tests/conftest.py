@@ -176,3 +176,102 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+# ---- training tests (tests/test_train*.py) -------------------------------------------------------
+
+TRAIN_SR = 24000
+# (text, voice): two utterances for the main speaker (left channel), one for the user (right channel)
+_TRAIN_UTTERANCES = [("hello there how are you today", "en"), ("tell me a story about a cat", "en"),
+                     ("I am fine thank you and you", "en+f3")]
+
+
+def write_wav(path, channels, sr: int = TRAIN_SR) -> None:
+    """16-bit WAV with one row of `channels` (float arrays in [-1, 1]) per channel (sphn writes mono only)."""
+    import wave
+
+    import numpy as np
+
+    data = np.clip(np.stack([np.asarray(c, dtype=np.float32) for c in channels]).T, -1, 1)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(data.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((data * 32767).astype("<i2").tobytes())
+
+
+def _even_words(text: str, start: float, dur: float, speaker: str) -> list:
+    """Approximate word alignments: the utterance's words evenly spaced over its duration."""
+    words = text.split()
+    step = dur / len(words)
+    return [[w, [round(start + k * step, 3), round(start + (k + 1) * step - 0.02, 3)], speaker]
+            for k, w in enumerate(words)]
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory):
+    """A moshi-finetune dataset: train.jsonl + 2 stereo 24 kHz WAVs of 6.5 s (espeak-ng speech; left = main
+    speaker saying two utterances, right = user saying one in between) + alignment JSONs (SPEAKER_MAIN /
+    SPEAKER_OTHER, evenly spaced word timings). At 12.5 Hz and 48-frame segments: 4 segments (48 + 34)."""
+    import json
+
+    import numpy as np
+    import sphn
+
+    d = tmp_path_factory.mktemp("train_data")
+    pcms = []
+    for i, (text, voice) in enumerate(_TRAIN_UTTERANCES):
+        _server_espeak(d / f"utt{i}.wav", text, voice)
+        pcm, _ = sphn.read(str(d / f"utt{i}.wav"), sample_rate=TRAIN_SR)
+        (d / f"utt{i}.wav").unlink()
+        pcms.append(pcm[0].astype(np.float32))
+    total = int(6.5 * TRAIN_SR)
+    lines = []
+    for f, (first, second) in enumerate([(0, 1), (1, 0)]):
+        left, right = np.zeros(total, np.float32), np.zeros(total, np.float32)
+        words = []
+        for ch, u, t, spk in [(left, first, 0.2, "SPEAKER_MAIN"), (right, 2, 2.3, "SPEAKER_OTHER"),
+                              (left, second, 4.4, "SPEAKER_MAIN")]:
+            a = int(t * TRAIN_SR)
+            seg = pcms[u][: total - a]
+            ch[a:a + len(seg)] += seg
+            words += _even_words(_TRAIN_UTTERANCES[u][0], t, len(seg) / TRAIN_SR, spk)
+        wav = d / f"conv{f}.wav"
+        write_wav(wav, [left, right])
+        wav.with_suffix(".json").write_text(json.dumps({"alignments": words}))
+        lines.append(json.dumps({"path": wav.name, "duration": total / TRAIN_SR}))
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def train_repo(tmp_path_factory, train_dataset):
+    """The tiny TTT checkpoint folder (`assets.make_local_repo`, chunk_size 16) whose random Mimi gets
+    speech-fitted codebooks: make_local_repo's Mimi has all-zero codebooks (`embedding_sum` = 0), so it
+    encodes any audio to code 0 in every codebook. moshi's own k-means init (run once on the dataset's
+    latents, 5 iterations instead of 50) gives codes that vary with the audio."""
+    import functools
+    from unittest import mock
+
+    import sphn
+    from moshi.quantization import core_vq
+    from safetensors.torch import save_file
+
+    from moshi_ttt.assets import make_local_repo
+    from moshi_ttt.checkpoint import checkpoint_info
+
+    repo = make_local_repo(tmp_path_factory.mktemp("train_repo"))
+    mimi = checkpoint_info(str(repo)).get_mimi()
+    pcm = torch.cat([torch.from_numpy(sphn.read(str(p), sample_rate=TRAIN_SR)[0])
+                     for p in sorted(train_dataset.parent.glob("conv*.wav"))], dim=-1)[:, None]
+    kmeans = functools.partial(core_vq._run_kmeans, num_iters=5)
+    with torch.no_grad(), mock.patch.object(core_vq, "_run_kmeans", kmeans):
+        latent = mimi._encode_to_unquantized_latent(pcm)
+        mimi.quantizer.train()
+        for _ in range(8):  # one RVQ level initialises per pass (each after the previous one)
+            mimi.quantizer(latent, mimi.frame_rate)
+        mimi.eval()
+    books = [m for n, m in mimi.named_modules() if n.endswith("_codebook")]
+    assert books and all(b.initialized for b in books)
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(repo / "mimi.safetensors"))
+    return repo

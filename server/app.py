@@ -1,0 +1,133 @@
+"""The aiohttp application: routes, API-key check, graceful shutdown.
+
+GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see `session`)
+GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
+GET /metrics   Prometheus text (see `metrics`)
+GET /          the web client (`index.html` of the static directory) and its other files
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .engine import Engine
+from .metrics import CONTENT_TYPE, Metrics
+from .session import Session, SessionConfig, peer_of
+
+log = logging.getLogger("moshi_ttt.server.app")
+
+DEFAULT_STATIC = Path(__file__).resolve().parent / "static"
+PROTECTED = ("/api/chat", "/metrics")
+API_KEY_HEADER = "X-API-Key"
+API_KEY_QUERY = "api_key"
+
+
+@dataclass
+class AppConfig:
+    api_key: str | None = None
+    static_dir: Path | None = DEFAULT_STATIC
+    session: SessionConfig = field(default_factory=SessionConfig)
+    info: dict = field(default_factory=dict)  # model description: /health and the 0x04 "info" message
+    shutdown_grace: float = 3.0
+
+
+ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", AppConfig)
+SESSIONS = web.AppKey("sessions", set)
+
+
+def _key_ok(request: web.Request, key: str) -> bool:
+    given = request.headers.get(API_KEY_HEADER) or request.query.get(API_KEY_QUERY)
+    if given is None:
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):
+    cfg = request.app[CONFIG]
+    if cfg.api_key and request.path in PROTECTED and not _key_ok(request, cfg.api_key):
+        request.app[METRICS].inc_unauthorized()
+        log.warning("401 for %s %s from %s: missing or wrong API key", request.method, request.path, peer_of(request))
+        return web.Response(status=401, text="401: missing or wrong API key (send the X-API-Key header or the "
+                                             "api_key query parameter)\n")
+    return await handler(request)
+
+
+async def handle_chat(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    cfg = app[CONFIG]
+    # aiohttp's own limit is a hard backstop (it closes with 1009 and no 0x05); our limit is checked
+    # in `protocol.parse`, which sends a 0x05 first.
+    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=True)
+    if not ws.can_prepare(request).ok:
+        return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
+    await ws.prepare(request)
+    session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info)
+    app[SESSIONS].add(session)
+    try:
+        await session.run()
+    finally:
+        app[SESSIONS].discard(session)
+    return ws
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    snap = request.app[METRICS].snapshot()
+    ok = engine.alive
+    body = {"status": "ok" if ok else "error", "active": engine.active_count(), "max_conversations": engine.n,
+            "free": engine.n - engine.active_count(), "steps": snap["steps_total"],
+            "real_time_factor": snap["real_time_factor"], **request.app[CONFIG].info}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    sessions = list(app[SESSIONS])
+    if not sessions:
+        return
+    log.info("shutting down: ending %d conversation(s)", len(sessions))
+    for s in sessions:
+        s.shutdown("server shutting down")
+    deadline = asyncio.get_running_loop().time() + app[CONFIG].shutdown_grace
+    while app[SESSIONS] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def create_app(engine: Engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
+    app = web.Application(middlewares=[_auth])
+    app[ENGINE] = engine
+    app[METRICS] = metrics
+    app[CONFIG] = cfg
+    app[SESSIONS] = set()
+    app.router.add_get("/api/chat", handle_chat)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    static = cfg.static_dir
+    if static is not None:
+        static = Path(static)
+        index = static / "index.html"
+        if not index.is_file():
+            raise FileNotFoundError(f"--static {static}: no index.html there")
+
+        async def handle_root(_: web.Request) -> web.FileResponse:
+            return web.FileResponse(index)
+
+        app.router.add_get("/", handle_root)
+        app.router.add_static("/", path=str(static), follow_symlinks=False, name="static")
+    app.on_shutdown.append(_on_shutdown)
+    return app

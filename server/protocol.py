@@ -1,0 +1,102 @@
+"""Moshi's websocket wire format: binary messages whose first byte is the kind.
+
+Kinds (DESIGN.md §3): 0x00 handshake (server → client, once the conversation is ready), 0x01 audio
+(Ogg Opus pages, 24 kHz mono, both ways), 0x02 text (UTF-8 piece, server → client), 0x03 control,
+0x04 metadata (UTF-8 JSON), 0x05 error (UTF-8 reason, sent before any server-side close), 0x06 ping.
+
+`parse` validates one client message and raises `ProtocolError` (with a reason fit for a 0x05 and a
+log line) for what the server cannot accept; the encoders build server messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import typing as tp
+from dataclasses import dataclass
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024  # an 80 ms Ogg page is ~300 bytes; the web client sends 40 ms pages
+
+
+class Kind(enum.IntEnum):
+    HANDSHAKE = 0
+    AUDIO = 1
+    TEXT = 2
+    CONTROL = 3
+    METADATA = 4
+    ERROR = 5
+    PING = 6
+
+
+# What a client may send. Handshake/text/metadata/error are server → client only, but a client echoing
+# one is harmless; they are accepted and ignored like control and ping.
+IGNORED_CLIENT_KINDS = frozenset({Kind.HANDSHAKE, Kind.TEXT, Kind.CONTROL, Kind.METADATA, Kind.ERROR, Kind.PING})
+
+
+class ProtocolError(ValueError):
+    """A client message the server does not accept; `reason` goes into the 0x05 error message.
+
+    `close_code` is the websocket close code to use after the 0x05 (RFC 6455: 1003 unsupported data,
+    1007 invalid payload, 1009 too big, 1008 policy violation).
+    """
+
+    def __init__(self, reason: str, close_code: int = 1008):
+        super().__init__(reason)
+        self.reason = reason
+        self.close_code = close_code
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    payload: bytes
+
+
+def parse(data: tp.Any, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """One client binary message → Message. Raises ProtocolError for empty, oversized, unknown kind."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected a binary message, got {type(data).__name__}", 1003)
+    data = bytes(data)
+    if len(data) == 0:
+        raise ProtocolError("empty message (expected a kind byte)", 1007)
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message too large: {len(data)} bytes > limit {max_bytes}", 1009)
+    kind_byte = data[0]
+    try:
+        kind = Kind(kind_byte)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind 0x{kind_byte:02x}", 1003) from None
+    return Message(kind, data[1:])
+
+
+def handshake() -> bytes:
+    return bytes([Kind.HANDSHAKE])
+
+
+def audio(ogg: bytes) -> bytes:
+    return bytes([Kind.AUDIO]) + ogg
+
+
+def text(piece: str) -> bytes:
+    return bytes([Kind.TEXT]) + piece.encode("utf-8")
+
+
+def metadata(obj: tp.Mapping[str, tp.Any]) -> bytes:
+    return bytes([Kind.METADATA]) + json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def error(reason: str) -> bytes:
+    return bytes([Kind.ERROR]) + reason.encode("utf-8")
+
+
+def decode_server_message(data: bytes) -> tuple[Kind, tp.Any]:
+    """Client-side helper (tests, bench): kind and decoded payload (bytes, str or JSON object)."""
+    if not data:
+        raise ProtocolError("empty message", 1007)
+    kind = Kind(data[0])
+    payload = data[1:]
+    if kind in (Kind.TEXT, Kind.ERROR):
+        return kind, payload.decode("utf-8")
+    if kind == Kind.METADATA:
+        return kind, json.loads(payload.decode("utf-8"))
+    return kind, payload

@@ -1,0 +1,269 @@
+"""One websocket conversation: claims an engine slot, then receives and sends concurrently.
+
+recv: client messages → validated (`protocol.parse`) → Ogg Opus decoded to PCM → 1920-sample frames
+      pushed to the engine slot.
+send: engine events → PCM encoded to Ogg Opus (0x01), text pieces (0x02), TTT telemetry (0x04).
+watchdog: idle timeout (no audio for `idle_timeout` s once the audio received so far is processed)
+          and server shutdown.
+
+Whichever of the three finishes first ends the conversation; a server-side end sends 0x05 with the
+reason and then closes the websocket; the slot is released in every case (`finally`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import typing as tp
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import sphn
+from aiohttp import web
+
+from . import protocol
+from .engine import Engine, EngineClosed, Event
+from .metrics import Metrics
+
+log = logging.getLogger("moshi_ttt.server.session")
+
+
+@dataclass
+class SessionConfig:
+    idle_timeout: float = 10.0  # seconds without audio before the server ends the conversation
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
+    ready_timeout: float = 30.0  # claim → slot reset by the engine
+    max_output_backlog: int = 250  # output frames waiting for a client that does not read (20 s)
+    max_input_backlog: int = 250  # input frames waiting for the engine (client sends faster than real time)
+
+
+@dataclass
+class End:
+    """Why a conversation ended. `error` None ⇒ the client closed it (no 0x05 is sent)."""
+
+    error: str | None = None
+    code: int = aiohttp.WSCloseCode.OK
+    detail: str = ""
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
+                 peer: str = "?", info: dict | None = None):
+        self.ws = ws
+        self.engine = engine
+        self.metrics = metrics
+        self.cfg = cfg
+        self.peer = peer
+        self.info = info or {}
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.conv_id: int | None = None
+        self.slot = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.last_audio = time.monotonic()
+        self.last_output = 0.0
+        self._shutdown: asyncio.Future[str] = self.loop.create_future()
+        self.started = time.monotonic()
+
+    # -- entry points --------------------------------------------------------------------------------
+
+    def shutdown(self, reason: str = "server shutting down") -> None:
+        if not self._shutdown.done():
+            self._shutdown.set_result(reason)
+
+    def _sink(self, event: Event) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def run(self) -> None:
+        try:
+            claimed = self.engine.claim(self._sink)
+        except EngineClosed as e:
+            await self._end_with_error(f"server unavailable: {e}", aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+            return
+        if claimed is None:
+            self.metrics.rejected_conversation("busy")
+            log.info("conversation from %s refused: server busy (%d/%d slots in use)", self.peer,
+                     self.engine.active_count(), self.engine.n)
+            await self._end_with_error(f"server busy: all {self.engine.n} conversation slots are in use, "
+                                       "try again later", aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+            return
+        self.slot, self.conv_id = claimed
+        self.metrics.conversation_started()
+        tag = f"conversation #{self.conv_id} (slot {self.slot.index}, {self.peer})"
+        end = End(error="internal error", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        try:
+            end = await self._serve(tag)
+        except asyncio.CancelledError:
+            end = End(error="server shutting down", code=aiohttp.WSCloseCode.GOING_AWAY)
+            raise
+        except ConnectionError as e:
+            end = End(detail=f"connection lost ({type(e).__name__})")
+        except Exception as e:  # noqa: BLE001 — one conversation's bug must not take the server down
+            log.exception("%s: unexpected error", tag)
+            end = End(error=f"internal error: {type(e).__name__}", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        finally:
+            self.engine.release(self.slot, self.conv_id)
+            dur = time.monotonic() - self.started
+            if end.error is not None:
+                self.metrics.inc_error(_reason_label(end.error))
+                log.warning("%s ended after %.1f s, %d frames in / %d out: %s%s", tag, dur, self.frames_in,
+                            self.frames_out, end.error, f" ({end.detail})" if end.detail else "")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._end_with_error(end.error, end.code))
+            else:
+                log.info("%s ended by the client after %.1f s, %d frames in / %d out%s", tag, dur,
+                         self.frames_in, self.frames_out, f" ({end.detail})" if end.detail else "")
+                with contextlib.suppress(Exception):
+                    await self.ws.close()
+
+    async def _serve(self, tag: str) -> End:
+        try:
+            ev = await asyncio.wait_for(self.events.get(), self.cfg.ready_timeout)
+        except asyncio.TimeoutError:
+            return End(error="server overloaded: slot not ready in time", code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+        if ev.kind == "error":
+            return End(error=ev.reason, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        assert ev.kind == "ready", ev.kind
+        await self.ws.send_bytes(protocol.handshake())
+        await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
+                                                    "slot": self.slot.index, **self.info}))
+        await self._send_telemetry(ev)
+        log.info("%s started", tag)
+        self.last_audio = time.monotonic()
+        tasks = [asyncio.create_task(self._recv(), name="recv"), asyncio.create_task(self._send(), name="send"),
+                 asyncio.create_task(self._watchdog(), name="watchdog")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        task = next(t for t in tasks if t in done)
+        exc = task.exception()
+        if exc is not None:
+            raise exc
+        return task.result()
+
+    # -- the three loops ---------------------------------------------------------------------------------
+
+    async def _recv(self) -> End:
+        reader = sphn.OpusStreamReader(self.engine.sample_rate)
+        pending = np.zeros(0, dtype=np.float32)
+        fs = self.engine.frame_size
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.ERROR:
+                # aiohttp has already closed the connection (e.g. 1009 above its hard size limit).
+                err = msg.data if msg.data is not None else self.ws.exception()
+                return End(error=f"websocket error: {err}",
+                           code=getattr(err, "code", aiohttp.WSCloseCode.PROTOCOL_ERROR))
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                return End(error="protocol error: text websocket frames are not part of the protocol "
+                                 "(send binary messages)", code=aiohttp.WSCloseCode.UNSUPPORTED_DATA)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            try:
+                m = protocol.parse(msg.data, self.cfg.max_message_bytes)
+            except protocol.ProtocolError as e:
+                return End(error=f"protocol error: {e.reason}", code=e.close_code)
+            if m.kind != protocol.Kind.AUDIO:
+                log.debug("ignoring client message kind %s (%d bytes)", m.kind.name, len(m.payload))
+                continue
+            if not m.payload:
+                continue
+            try:
+                pcm = reader.append_bytes(m.payload)
+            except Exception as e:  # noqa: BLE001 — sphn raises ValueError/RuntimeError for bad streams
+                return End(error=f"invalid audio: not an Ogg Opus stream ({e})",
+                           code=aiohttp.WSCloseCode.INVALID_TEXT)
+            self.last_audio = time.monotonic()
+            pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+            if pcm.size == 0:
+                continue
+            if not np.isfinite(pcm).all():
+                pcm = np.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0)
+            pending = np.concatenate([pending, pcm]) if pending.size else pcm
+            n = pending.size // fs
+            if n:
+                frames = [pending[i * fs:(i + 1) * fs].copy() for i in range(n)]
+                pending = pending[n * fs:]
+                self.frames_in += n
+                if self.engine.queued_frames(self.slot) + n > self.cfg.max_input_backlog:
+                    return End(error=f"too much audio queued: more than {self.cfg.max_input_backlog} frames "
+                                     "waiting (the client sends faster than real time)",
+                               code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+                if not self.engine.push(self.slot, self.conv_id, frames):
+                    return End(error="internal error: conversation slot lost", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        # The loop ends when the client closes (CLOSE/CLOSING/CLOSED); a partial frame is dropped.
+        if pending.size:
+            return End(detail=f"closed mid-frame, {pending.size} samples dropped")
+        return End()
+
+    async def _send(self) -> End:
+        writer = sphn.OpusStreamWriter(self.engine.sample_rate)
+        while True:
+            ev = await self.events.get()
+            if ev.kind == "frame":
+                ogg = writer.append_pcm(ev.pcm)
+                self.frames_out += 1
+                self.last_output = time.monotonic()
+                if len(ogg):
+                    await self.ws.send_bytes(protocol.audio(bytes(ogg)))
+                if ev.text:
+                    await self.ws.send_bytes(protocol.text(ev.text))
+            elif ev.kind == "telemetry":
+                await self._send_telemetry(ev)
+            elif ev.kind == "error":
+                return End(error=ev.reason or "internal error", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+
+    async def _watchdog(self) -> End:
+        tick = max(0.05, min(1.0, self.cfg.idle_timeout / 4)) if self.cfg.idle_timeout > 0 else 1.0
+        while True:
+            try:
+                reason = await asyncio.wait_for(asyncio.shield(self._shutdown), tick)
+                return End(error=reason, code=aiohttp.WSCloseCode.GOING_AWAY)
+            except asyncio.TimeoutError:
+                pass
+            # A client that stops reading blocks the send loop in drain: its replies pile up here.
+            if self.events.qsize() > self.cfg.max_output_backlog:
+                return End(error=f"client too slow: {self.events.qsize()} output frames waiting",
+                           code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+            # Idle = no audio from the client and nothing of its audio left to process.
+            idle = time.monotonic() - max(self.last_audio, self.last_output)
+            if self.cfg.idle_timeout > 0 and idle > self.cfg.idle_timeout:
+                return End(error=f"idle timeout: no audio received for {self.cfg.idle_timeout:g} s",
+                           code=aiohttp.WSCloseCode.OK)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    async def _send_telemetry(self, ev: Event) -> None:
+        if not ev.telemetry:
+            return
+        await self.ws.send_bytes(protocol.metadata({
+            "type": "ttt", "conversation": self.conv_id, "frames": ev.frame,
+            "seconds": round(ev.frame * self.engine.frame_seconds, 3), "layers": ev.telemetry}))
+
+    async def _end_with_error(self, reason: str, code: int) -> None:
+        if self.ws.closed:
+            return
+        with contextlib.suppress(Exception):  # a client that does not read must not hang us here
+            await asyncio.wait_for(self.ws.send_bytes(protocol.error(reason)), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode("utf-8")[:120]), 10)
+
+
+def _reason_label(reason: str) -> str:
+    """A low-cardinality label for the errors counter: the text before the first colon."""
+    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
+    return "".join(ch for ch in head if ch.isalnum() or ch == "_")[:40] or "other"
+
+
+def peer_of(request: web.Request) -> str:
+    peer = request.remote or "?"
+    return str(peer)
+
+
+__all__: tp.Sequence[str] = ["Session", "SessionConfig", "End", "peer_of"]
