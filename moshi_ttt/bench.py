@@ -16,6 +16,7 @@ import statistics
 import time
 import typing as tp
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMGen, LMModel
@@ -30,7 +31,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small repeat counts (< 1 minute)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--sections", default="layer,model", help="comma list of: layer, model")
+    p.add_argument("--sections", default="layer,model,server", help="comma list of: layer, model, server")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -211,6 +212,61 @@ def bench_model(quick: bool) -> dict:
     return res
 
 
+# -- server ---------------------------------------------------------------------------------------
+
+def _speech(text: str) -> np.ndarray:
+    """Real speech (espeak-ng) at 24 kHz mono float32."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import sphn
+
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("moshi-ttt bench: the server section needs espeak-ng (apt-get install espeak-ng, "
+                         "or `make sysdeps`)")
+    with tempfile.TemporaryDirectory() as d:
+        wav = f"{d}/speech.wav"
+        subprocess.run(["espeak-ng", "-w", wav, text], check=True)
+        pcm, _ = sphn.read(wav, sample_rate=24000)
+    return pcm[0].astype("float32")
+
+
+def bench_server(quick: bool) -> dict:
+    """Real-time factor of `moshi-ttt serve --demo` with 1 and 4 loopback clients streaming real speech
+    at 1× real time: frame duration / batched step time (EMA over the run), and per-client latency."""
+    import asyncio
+
+    import aiohttp
+
+    from server.cli import BackgroundServer
+    from server.client import ChatClient
+
+    text = "Hello there, this is a test of test time training inside Moshi." + (
+        "" if quick else " The weather is nice and the sun is out. Tell me a story about a cat and a dog.")
+    pcm = _speech(text)
+    frames = -(-pcm.size // 1920)
+    srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "4", "--log-level", "warning",
+                            "--idle-timeout", "30"])
+    res: dict[str, float] = {"server_clip_seconds": pcm.size / 24000}
+    try:
+        async def session(n: int) -> None:
+            async with aiohttp.ClientSession() as http:
+                clients = [await ChatClient.connect(http, srv.ws_url) for _ in range(n)]
+                await asyncio.gather(*(c.send_pcm(pcm, realtime=1.0) for c in clients))
+                await asyncio.gather(*(c.wait_output_frames(frames, timeout=120) for c in clients))
+                for c in clients:
+                    await c.close()
+
+        for n in (1, 4):
+            asyncio.run(session(n))
+            res[f"server_rtf_{n}"] = float(srv.engine.metrics.real_time_factor() or float("nan"))
+            res[f"server_step_ms_{n}"] = 1000 * 0.08 / res[f"server_rtf_{n}"]
+    finally:
+        srv.stop()
+    return res
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -225,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"layer", "model"}
+    unknown = set(sections) - {"layer", "model", "server"}
     if unknown:
         raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
     res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick)}
@@ -234,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         res.update(bench_layer(args.quick))
     if "model" in sections:
         res.update(bench_model(args.quick))
+    if "server" in sections:
+        res.update(bench_server(args.quick))
     res["bench_seconds"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(res))
