@@ -24,8 +24,9 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The embedded demo: a tiny random TTT-Moshi + reduced Mimi, fully offline. Open http://localhost:8998
 demo: $(STAMP)
-	$(VENV)/bin/moshi-ttt bench --quick
+	$(VENV)/bin/moshi-ttt serve --demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
