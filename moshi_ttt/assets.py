@@ -9,13 +9,15 @@ such a model produces is not meaningful; the point is exercising the real format
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from moshi.models import loaders
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .config import TTTModelConfig
 from .configs import load_lm_and_ttt
@@ -60,6 +62,63 @@ def tiny_mimi_config() -> dict:
     return cfg
 
 
+def _varied_audio(seconds: float, seed: int, sample_rate: int = 24000) -> torch.Tensor:
+    """Deterministic audio whose spectrum changes every 120 ms (tones, glides, noise bursts, silence),
+    [1, 1, N]: material for fitting the random Mimi's codebooks."""
+    gen = torch.Generator().manual_seed(seed)
+    seg = int(0.12 * sample_rate)
+    t = torch.arange(seg) / sample_rate
+    parts = []
+    for _ in range(int(seconds / 0.12)):
+        f0, f1 = 80 + 2500 * torch.rand(2, generator=gen)
+        phase = 2 * torch.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
+        x = torch.sin(phase) + 0.5 * torch.sin(2.7 * phase) * torch.rand(1, generator=gen)
+        x = x + torch.randn(seg, generator=gen) * torch.rand(1, generator=gen) ** 2
+        parts.append(0.3 * torch.rand(1, generator=gen) * x)
+    return torch.cat(parts)[None, None]
+
+
+@torch.no_grad()
+def fit_codebooks(mimi, pcm: torch.Tensor) -> None:
+    """Initialises a random Mimi's codebooks with moshi's own k-means on `pcm` [1, 1, N] latents.
+
+    A freshly built Mimi has all-zero codebooks and encodes any audio to code 0; fitted codebooks give
+    codes that follow the audio, so tests and the demo exercise real, varying token streams."""
+    latent = mimi._encode_to_unquantized_latent(pcm)
+    mimi.quantizer.train()
+    for _ in range(mimi.quantizer.total_codebooks):  # one RVQ level initialises per pass
+        mimi.quantizer(latent, mimi.frame_rate)
+    mimi.eval()
+
+
+MIMI_RECIPE = 1  # bump when the tiny Mimi recipe changes (invalidates cached weights)
+
+
+def cache_dir() -> Path:
+    """moshi-ttt's cache: $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt."""
+    return Path(os.environ.get("MOSHI_TTT_CACHE") or Path.home() / ".cache" / "moshi_ttt")
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
+    """The demo Mimi's weights: random, codebooks fitted on varied audio. Fitting takes ~10 s, so the
+    result is cached on disk (deterministic given the seed and recipe)."""
+    path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
+    mimi = loaders.get_mimi(None, mimi_config=tiny_mimi_config())
+    fit_codebooks(mimi, _varied_audio(10.0, seed))
+    torch.random.set_rng_state(rng)
+    state = {k: v.contiguous() for k, v in mimi.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return state
+
+
 def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
                     ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
                     ttt_in_config: bool = True) -> Path:
@@ -79,9 +138,7 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
              if ttt_in_weights or ".gating.ttt." not in k}
     save_file(state, str(out / "model.safetensors"))
     mimi_cfg = tiny_mimi_config()
-    torch.manual_seed(seed + 1)
-    mimi = loaders.get_mimi(None, mimi_config=mimi_cfg)
-    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
+    save_file(_tiny_mimi_state(seed), str(out / "mimi.safetensors"))
     (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
     tok = build_tokenizer(out)
     raw = {"moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",

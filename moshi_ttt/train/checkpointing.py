@@ -10,7 +10,7 @@ Export folder `run_dir/export/` — a Kyutai-layout folder usable as `--hf-repo`
                           trained "ttt" section and, for LoRA runs, "lora": true / rank / scaling
   ttt.safetensors(.json)  TTT-only weights + config (`--ttt-weights`)
   lora.safetensors        LoRA adapters (trainable: ttt+lora), named by config.json's lora_name
-  model.safetensors       the full base weights (trainable: ttt+wdown / full, whose base weights change)
+  model.safetensors       all weights incl. TTT (trainable: ttt+wdown / full, whose base weights change)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import save_ttt
-from ..model import TTT_KEY, TTTLMModel
+from ..model import TTTLMModel
 
 CKPT_PREFIX = "step_"
 
@@ -99,8 +99,8 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
         raw["mimi_config_name"] = "mimi_config.json"
     state = model.state_dict()
     if trainable in ("ttt+wdown", "full"):
-        base = {k: v.detach().contiguous().cpu() for k, v in state.items() if TTT_KEY not in k}
-        save_file(base, str(out / "model.safetensors"))
+        # every weight, the trained TTT tensors included: `--hf-repo RUN/export` alone loads the trained model
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
         raw["moshi_name"] = "model.safetensors"
     else:
         raw["moshi_name"] = str(Path(info.moshi_weights).resolve())

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"moshi-ttt train: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(json.dumps({k: summary[k] for k in ("step", "export", "metrics")}), file=sys.stderr)
+    if summary.get("rank", 0) == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "export", "metrics")}), file=sys.stderr)
     return 0
 
 

@@ -238,12 +238,9 @@ class TrainConfig:
 
     def resolve_paths(self, base: Path) -> TrainConfig:
         def rel(p: str | None) -> str | None:
-            if p is None or Path(p).is_absolute():
-                return p
-            cand = base / p
-            # model.* may also be HF repo ids / shipped config names: only rebase when the file exists.
-            return str(cand)
+            return p if p is None or Path(p).is_absolute() else str(base / p)
 
+        # model.* may also be HF repo ids / shipped config names: only rebased when the file exists.
         def rel_if_exists(p: str | None) -> str | None:
             if p is None or Path(p).is_absolute():
                 return p
@@ -278,6 +275,19 @@ def _build(cls, raw: tp.Any, where: str, extra: dict | None = None):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"invalid train config: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    kw = {k: _coerce(v, types[k]) for k, v in raw.items()}
     kw.update(extra or {})
     return cls(**kw)
+
+
+def _coerce(v: tp.Any, type_str: str) -> tp.Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string: numeric strings become floats for float fields."""
+    if isinstance(v, list):
+        return tuple(_coerce(x, type_str) for x in v)
+    if isinstance(v, str) and "float" in type_str:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v

@@ -3,6 +3,12 @@
 Per step: the rank's slice of the global batch (BatchOrder) → codes [b, 17, T] → `model(codes)` (the
 parallel TTT path: every segment starts from W⁽⁰⁾) → moshi-finetune loss normalised over the global
 batch → backward (DDP all-reduce) → fp32 master grads → clip → AdamW → schedule → one JSONL line.
+
+metrics.jsonl, one object per step (rank 0; values are global over ranks):
+  step (optimizer steps done), loss = text_loss + audio_loss, lr (used by this step),
+  grad_norm (all trainable params) and ttt_grad_norm (TTT target params; both before clipping),
+  ttt_grad_norm_by_layer, ttt_param_drift(_by_layer) = ‖θ_TTT − θ_TTT at the run's start‖,
+  fast_drift / last_delta per TTT layer (see telemetry.py), batch (global segment indices), frames, step_time.
 """
 
 from __future__ import annotations
@@ -294,7 +300,7 @@ class Trainer:
             lora = dataclasses.asdict(cfg.lora) if cfg.trainable == "ttt+lora" else None
             export_cfg = ckpt.export(self.run_dir / "export", self.model, self.info, cfg.trainable, lora)
         env.barrier()
-        return {"step": self.step, "last": last, "export": str(self.run_dir / "export"),
+        return {"step": self.step, "rank": env.rank, "last": last, "export": str(self.run_dir / "export"),
                 "export_config": str(export_cfg) if export_cfg else None, "metrics": str(metrics_path)}
 
 
