@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 # System tools the tests use: espeak-ng/sox make real speech WAVs.
 SYSDEPS := espeak-ng sox
-.PHONY: setup sysdeps demo test lint bench
+.PHONY: setup sysdeps demo test lint bench experiment
 setup: $(STAMP)
 
 sysdeps:
@@ -34,5 +34,10 @@ lint: $(STAMP)
 test: $(STAMP) sysdeps lint
 	$(VENV)/bin/python -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench
+
+# Memory beyond the attention window (≈ 12 min on 2 cores): docs/memory_experiment/
+experiment: $(STAMP)
+	$(VENV)/bin/pip install --quiet matplotlib
+	OMP_NUM_THREADS=1 $(VENV)/bin/python scripts/memory_experiment.py --out docs/memory_experiment --steps 300
