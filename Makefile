@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# System tools the tests use: espeak-ng/sox make real speech WAVs.
-SYSDEPS := espeak-ng sox
+# System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test.
+SYSDEPS := espeak-ng sox chromium
 .PHONY: setup sysdeps demo test lint bench experiment
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ sysdeps:
 
 # The embedded demo: a tiny random TTT-Moshi + reduced Mimi, fully offline. Open http://localhost:8998
 demo: $(STAMP)
-	$(VENV)/bin/moshi-ttt serve --demo
+	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests

@@ -98,21 +98,26 @@ function chatUrl() {
 async function openAudio(c) {
   for (const rate of [SAMPLE_RATE, undefined]) {
     const ctx = new AudioContext(rate ? { sampleRate: rate, latencyHint: "interactive" } : { latencyHint: "interactive" });
+    const mic = new Microphone({
+      onPage: (page) => sendAudio(c, page),
+      onLevel: (rms) => { $("level").style.width = `${Math.min(100, 400 * rms)}%`; },
+      onError: (msg) => fail(c, "Audio encoding failed in this browser.", msg),
+    });
     try {
       await ctx.audioWorklet.addModule(new URL("worklets.js", import.meta.url));
-      const mic = new Microphone({
-        onPage: (page) => sendAudio(c, page),
-        onLevel: (rms) => { $("level").style.width = `${Math.min(100, 400 * rms)}%`; },
-        onError: (msg) => fail(c, "Audio encoding failed in this browser.", msg),
-      });
       await mic.open(ctx);
       return { ctx, mic };
     } catch (e) {
-      ctx.close();
+      mic.close();
+      closeContext(ctx);
       if (e.name === "NotSupportedError" && rate) continue;
       throw e;
     }
   }
+}
+
+function closeContext(ctx) {
+  if (ctx && ctx.state !== "closed") ctx.close().catch(() => {});
 }
 
 function micProblem(e) {
@@ -134,7 +139,7 @@ async function connect() {
     Object.assign(c, await openAudio(c));
     if (c.ended) { // disconnected while the microphone was starting
       c.mic.close();
-      c.ctx.close();
+      closeContext(c.ctx);
       return;
     }
     c.player = new Player(c.ctx, { onError: (msg) => fail(c, "Could not decode the server's audio in this browser.", msg) });
@@ -207,7 +212,7 @@ function onMetadata(msg) {
     panel.setInfo(msg);
     const ttt = msg.ttt?.layer;
     $("model").textContent = [
-      msg.model, msg.device && `${msg.device}/${msg.dtype}`,
+      msg.demo ? "demo model (tiny, random weights: expect noise, not words)" : msg.model, msg.device && `${msg.device}/${msg.dtype}`,
       msg.ttt_layers && `TTT layers ${msg.ttt_layers.join(", ")}`,
       ttt && `chunk ${ttt.chunk_size} frames (${(ttt.chunk_size / (msg.frame_rate || 12.5)).toFixed(2)} s), η ${ttt.lr}, init ${ttt.init}`,
     ].filter(Boolean).join(" · ");
@@ -274,7 +279,7 @@ function teardown(c) {
   c.mic?.close();
   c.player?.close();
   if (c.ws && c.ws.readyState <= WebSocket.OPEN) c.ws.close(1000);
-  c.ctx?.close();
+  closeContext(c.ctx);
   $("level").style.width = "0";
 }
 

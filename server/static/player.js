@@ -4,7 +4,7 @@ import { OggDemuxer, isOpusHead, isOpusTags } from "./ogg.js";
 import { SAMPLE_RATE } from "./mic.js";
 
 export class Player {
-  constructor(ctx, { onError = () => {}, prebufferMs = 120 } = {}) {
+  constructor(ctx, { onError = () => {}, prebufferMs = 160 } = {}) {
     this.ctx = ctx;
     this.onError = onError;
     this.demuxer = new OggDemuxer();

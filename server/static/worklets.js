@@ -61,7 +61,7 @@ class CaptureProcessor extends AudioWorkletProcessor {
 class PlaybackProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
-    const { prebufferMs = 120, maxBufferMs = 800 } = options.processorOptions || {};
+    const { prebufferMs = 160, maxBufferMs = 800 } = options.processorOptions || {};
     this.prebufferMs = prebufferMs;
     this.maxBufferMs = maxBufferMs;
     this.srcRate = sampleRate;
