@@ -26,6 +26,7 @@ from .layer import TTTTarget
 from .model import TTT_KEY, TTTLMModel
 
 TTT_METADATA_KEY = "moshi_ttt_config"
+TTT_NAME_KEY = "ttt_name"  # config.json: TTT safetensors shipped with the checkpoint (like moshi_name)
 
 
 class CheckpointError(ValueError):
@@ -128,6 +129,9 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | No
     """
     lm_kwargs = dict(info.lm_config if info.lm_config is not None else loaders._lm_kwargs)
     repo_ttt = lm_kwargs.pop("ttt", None)
+    ttt_name = lm_kwargs.pop(TTT_NAME_KEY, None)  # resolved to a path by checkpoint_info
+    if ttt_weights is None and ttt_name is not None:
+        ttt_weights = ttt_name
     file_tensors: dict[str, torch.Tensor] | None = None
     file_cfg: TTTModelConfig | None = None
     if ttt_weights is not None:
@@ -195,6 +199,9 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | No
         check_ttt_tensors(model, file_tensors, str(ttt_weights))
         model.load_state_dict(file_tensors, strict=False)
     if lora:
+        if info.lora_weights is None:
+            raise CheckpointError("the config says 'lora': true but no LoRA weights were given (--lora-weight or "
+                                  "the config's lora_name): moshi's fresh LoRA layers are random, not a no-op")
         model = loaders.get_lora_moshi(model=model, lora_rank=lora_rank, lora_scaling=lora_scaling,
                                        lora_weights=info.lora_weights, device=device, dtype=dtype,
                                        fuse_lora=fuse_lora)
@@ -248,12 +255,15 @@ def checkpoint_info(hf_repo: str | None, moshi_weight: str | None = None, mimi_w
             name = raw.get(key, default)
             return None if name is None else str(folder / name)
 
-        return loaders.CheckpointInfo.from_hf_repo(
+        info = loaders.CheckpointInfo.from_hf_repo(
             str(folder), moshi_weights=local(moshi_weight, "moshi_name", loaders.MOSHI_NAME),
             mimi_weights=local(mimi_weight, "mimi_name", loaders.MIMI_NAME),
             tokenizer=local(tokenizer, "tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
             config_path=str(cfg_file), mimi_config_path=local(None, "mimi_config_name", None),
             lora_weights=local(lora_weight, "lora_name", None))
+        if info.lm_config is not None and TTT_NAME_KEY in info.lm_config:
+            info.lm_config[TTT_NAME_KEY] = local(None, TTT_NAME_KEY, None)
+        return info
     repo = hf_repo or loaders.DEFAULT_REPO
     if config_path is None:
         # Fetch config.json ourselves: moshi treats a missing one as "legacy Moshi 7B repo", which
@@ -266,10 +276,13 @@ def checkpoint_info(hf_repo: str | None, moshi_weight: str | None = None, mimi_w
         except (HfHubHTTPError, HFValidationError) as e:
             raise CheckpointError(f"{repo}: cannot get config.json ({e})") from e
     try:
-        return loaders.CheckpointInfo.from_hf_repo(
+        info = loaders.CheckpointInfo.from_hf_repo(
             repo, moshi_weights=moshi_weight, mimi_weights=mimi_weight,
             tokenizer=tokenizer, config_path=config_path, lora_weights=lora_weight)
+        if info.lm_config is not None and TTT_NAME_KEY in info.lm_config:
+            info.lm_config[TTT_NAME_KEY] = str(loaders.hf_get(info.lm_config[TTT_NAME_KEY], repo))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
         raise CheckpointError(f"{repo}: a checkpoint file is missing ({e})") from e
+    return info

@@ -166,7 +166,7 @@ def main() -> None:
                                    statistics.pstdev(r[w][m] for r in rs))
                       for w in ("inside", "beyond") for m in ("acc", "loss")}
     chance = 1 / N_KEYS
-    lines = [f"| variant | acc inside window | acc beyond window | loss inside | loss beyond |",
+    lines = ["| variant | acc inside window | acc beyond window | loss inside | loss beyond |",
              "|---|---|---|---|---|"]
     for v, s in summary.items():
         lines.append(f"| {v} | " + " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in

@@ -106,6 +106,10 @@ def test_training_learns_through_ttt_target_params(tiny_run, train_repo):
     for k, v in saved.items():
         assert torch.equal(v, state[k]), k
     assert loaded.ttt_config.layer.clip_norm is None and loaded.ttt_config.layer.chunk_size == 16
+    # ...and `--hf-repo RUN/export` alone finds them too (config.json's ttt_name)
+    alone = load_ttt_moshi(checkpoint_info(str(export)), dtype=torch.float32).ttt_state_dict()
+    for k, v in saved.items():
+        assert torch.equal(alone[k], v), k
     codes = trainer.dataset.batch([0, 3], trainer.mimi, trainer.tokenizer, trainer.ids)
     trainer.model.eval()
     with torch.no_grad():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_ttt
+from ..checkpoint import TTT_NAME_KEY, save_ttt
 from ..model import TTTLMModel
 
 CKPT_PREFIX = "step_"
@@ -109,6 +109,7 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
         save_file(adapters, str(out / "lora.safetensors"))
         raw.update(lora=True, lora_rank=lora["rank"], lora_scaling=lora["scaling"], lora_name="lora.safetensors")
     raw["ttt"] = model.ttt_config.to_dict()
+    raw[TTT_NAME_KEY] = "ttt.safetensors"  # `--hf-repo RUN/export` alone loads the trained TTT weights
     raw.pop("gradient_checkpointing", None)
     cfg = out / "config.json"
     cfg.write_text(json.dumps(raw, indent=1) + "\n")
