@@ -151,6 +151,7 @@ def bench_model(quick: bool) -> dict:
             tm = _interleaved(fns, steps)
             if every == 6:
                 res["state_bytes_per_conversation"] = ttt.ttt_state_bytes()
+                res["stream_chunk"] = cfg.chunk_size
         res[f"stream_step_ms_base{tag}"] = 1e3 * statistics.median(tm["base"])
         res[f"stream_step_ms_ttt{tag}"] = 1e3 * statistics.median(tm["ttt"])
         res[f"stream_step_ratio_median{tag}"] = statistics.median(tm["ttt"]) / statistics.median(tm["base"])
@@ -175,6 +176,7 @@ def bench_model(quick: bool) -> dict:
     step(base)()
     tm = _interleaved({"ttt": step(ttt), "base": step(base)}, 2 if quick else 3)
     res["train_T"] = T
+    res["train_chunk"] = ttt.ttt_config.layer.chunk_size
     res["train_step_s_base"] = statistics.median(tm["base"])
     res["train_step_s_ttt"] = statistics.median(tm["ttt"])
     res["train_step_ratio"] = res["train_step_s_ttt"] / res["train_step_s_base"]

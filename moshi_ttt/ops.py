@@ -7,7 +7,7 @@ with a_j = η · clip_scale_j · finite_j.
 
 The parallel path never forms a d×h matrix per chunk. It uses the chunk-causal linear-attention form
     O_i = Z_i W⁽⁰⁾ᵀ + Σ_{j<i} a_j (Z_i Z_jᵀ) c_j W_t,
-whose extra memory is O(T²) scores (T²/2 with the loop below) instead of chunks × d × h, and the clip
+whose extra memory is O(T²) scores (T²/2 with the block loop below) instead of chunks × d × h, and the clip
 norm via Gram matrices ‖V̂_jᵀ Z_j‖_F² = ⟨V̂_j V̂_jᵀ, Z_j Z_jᵀ⟩ (C×C per chunk).
 """
 
@@ -44,26 +44,37 @@ def frobenius_from_gram(sq: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, sq, 1.).sqrt(), 0.)
 
 
-def chunk_coefficients(z: torch.Tensor, src: torch.Tensor, c: torch.Tensor, w_t: torch.Tensor | None,
+def frame_finite(*xs: torch.Tensor) -> torch.Tensor:
+    """[B, T] (or [B]): every value of the frame finite, for all xs [B, T, *] (or [B, *]).
+
+    Tested on the sum over features — one read pass instead of four for `isfinite(x).all(-1)`; NaN and
+    Inf always propagate into the sum. (A sum could overflow only for values ~1e38, whose ΔW would
+    overflow too.) The streaming step uses the same test, so both paths skip the same chunks."""
+    ok = torch.isfinite(xs[0].sum(-1))
+    for x in xs[1:]:
+        ok = ok & torch.isfinite(x.sum(-1))
+    return ok
+
+
+def chunk_coefficients(z: torch.Tensor, c: torch.Tensor, frame_ok: torch.Tensor, w_t: torch.Tensor | None,
                        cfg: TTTConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-chunk update coefficient a_j = η · s_j · finite_j and diagnostics.
 
-    z [B, T, h], src/c [B, T, d] (fp32 or fp64). Returns (coef [B, n], clipped [B, n] bool,
-    skipped [B, n] bool). A chunk is skipped when any of its Z, src or target values is non-finite
-    (then ΔW would be non-finite). The ragged last chunk is zero-padded, which adds nothing to ΔW.
+    z [B, T, h], c [B, T, d] (fp32 or fp64), frame_ok [B, T] (`frame_finite` of Z, source, target).
+    Returns (coef [B, n], clipped [B, n] bool, skipped [B, n] bool). A chunk is skipped when any of its
+    frames is non-finite (then ΔW would be non-finite). The ragged last chunk is zero-padded, which
+    adds nothing to ΔW.
     """
     B, T, h = z.shape
     C = cfg.chunk_size
     n = -(-T // C)
     pad = n * C - T
-    zc = F.pad(z, (0, 0, 0, pad)).view(B, n, C, h)
-    sc = F.pad(src, (0, 0, 0, pad)).view(B, n, C, -1)
-    cc = F.pad(c, (0, 0, 0, pad)).view(B, n, C, -1)
-    finite = (torch.isfinite(zc).all(-1).all(-1) & torch.isfinite(sc).all(-1).all(-1)
-              & torch.isfinite(cc).all(-1).all(-1))
+    finite = F.pad(frame_ok, (0, pad), value=True).view(B, n, C).all(-1)
     coef = torch.full((B, n), float(cfg.lr), dtype=z.dtype, device=z.device)
     clipped = torch.zeros(B, n, dtype=torch.bool, device=z.device)
     if cfg.clip_norm is not None:
+        zc = F.pad(z, (0, 0, 0, pad)).view(B, n, C, h)
+        cc = F.pad(c, (0, 0, 0, pad)).view(B, n, C, -1)
         zs = torch.where(finite[..., None, None], zc, 0.)
         cs = torch.where(finite[..., None, None], cc, 0.)
         v = cs if w_t is None else cs @ w_t.to(cs.dtype)
@@ -94,17 +105,21 @@ def parallel_extra(z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | No
         flag = torch.zeros(B, 1, dtype=torch.bool, device=z.device)
         return src.new_zeros(B, T, src.shape[-1]), zero, flag, flag
     c = chunk_conv(src, conv_w, C, cfg.past_frames)
-    coef, clipped, skipped = chunk_coefficients(z, src, c, w_t, cfg)
+    coef, clipped, skipped = chunk_coefficients(z, c, frame_finite(z, src, c), w_t, cfg)
     frame_coef = coef.repeat_interleave(C, dim=1)[:, :T, None]  # [B, T, 1]
     ok = frame_coef != 0
     # where(), not multiplication: a skipped chunk may hold NaN/Inf and 0·NaN = NaN.
     keys = torch.where(ok, z, 0.)
     vals = torch.where(ok, c * frame_coef, 0.)
-    outs = [src.new_zeros(B, min(C, T), src.shape[-1])]
+    # Block pairs (i, j<i) over split views: slicing a growing prefix instead would make autograd
+    # zero-fill a full-size gradient per chunk.
+    zs, ks, vs = z.split(C, dim=1), keys.split(C, dim=1), vals.split(C, dim=1)
+    outs = [src.new_zeros(B, zs[0].shape[1], src.shape[-1])]
     for i in range(1, n):
-        s, e = i * C, min((i + 1) * C, T)
-        scores = z[:, s:e] @ keys[:, :s].transpose(1, 2)  # [B, e-s, s]
-        outs.append(scores @ vals[:, :s])
+        acc = (zs[i] @ ks[0].transpose(1, 2)) @ vs[0]
+        for j in range(1, i):
+            acc = acc + (zs[i] @ ks[j].transpose(1, 2)) @ vs[j]
+        outs.append(acc)
     extra = torch.cat(outs, dim=1)
     if w_t is not None:
         extra = extra @ w_t.to(extra.dtype)

@@ -32,7 +32,7 @@ import torch
 from moshi.modules.streaming import State
 
 from .config import TTTConfig
-from .ops import frobenius_from_gram
+from .ops import frame_finite, frobenius_from_gram
 
 
 @dataclass
@@ -143,7 +143,7 @@ def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: tor
     idx = state.slot[:, None] * C + tgt % C  # distinct rows since K ≤ C; invalid ones are masked
     contrib = taps[None] * src[:, None, :]  # [B, K, d]
     new_c = torch.where(first[..., None], contrib, _rows(state.c_buf, idx) + contrib)
-    frame_ok = torch.isfinite(z).all(-1) & torch.isfinite(new_c).flatten(1).all(-1)
+    frame_ok = frame_finite(z, new_c.flatten(1))
     _put_rows(state.c_buf, idx, torch.nan_to_num(new_c, 0., 0., 0.), valid)
     row = (state.slot * C + state.pos)[:, None]
     _put_rows(state.z_buf, row, torch.nan_to_num(z, 0., 0., 0.)[:, None], ex[:, None])

@@ -13,7 +13,7 @@ import torch
 
 from ..layer import TTTGating
 from ..model import TTT_KEY, TTTLMModel
-from ..ops import chunk_coefficients, chunk_conv
+from ..ops import chunk_coefficients, chunk_conv, frame_finite
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> float:
@@ -58,7 +58,7 @@ def fast_weight_stats(g: TTTGating, x: torch.Tensor, x0: torch.Tensor | None) ->
     conv_w = g.ttt.conv_weight
     w_t = g.ttt.w_target
     c = chunk_conv(src, conv_w, C, cfg.past_frames)
-    coef, _, _ = chunk_coefficients(z, src, c, w_t, cfg)  # [B, n]
+    coef, _, _ = chunk_coefficients(z, c, frame_finite(z, src, c), w_t, cfg)  # [B, n]
     frame_coef = coef.repeat_interleave(C, dim=1)[:, :T]
     last = (len(coef[0]) - 1) * C
     drift, delta = [], []
