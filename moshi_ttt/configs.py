@@ -40,3 +40,28 @@ def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConf
     if lm is not None and not isinstance(lm, dict):
         raise ValueError(f"{path}: 'lm' must be a mapping of LMModel kwargs")
     return lm, ttt
+
+
+def load_ttt_config(name_or_path: str | Path) -> TTTModelConfig:
+    """The TTT section of a YAML/JSON file (a top-level `ttt:` key or the mapping itself) or of a
+    shipped config name. Invalid YAML raises ValueError naming the file."""
+    path = config_path(name_or_path)
+    try:
+        return TTTModelConfig.load(path)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+
+
+def add_checkpoint_args(g) -> None:
+    """The checkpoint flags shared by `infer` and `serve` (moshi's names, plus the TTT ones)."""
+    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in Kyutai's layout "
+                                     "(default: moshi's default repo)")
+    g.add_argument("--moshi-weight", help="local Moshi weights (overrides the repo's)")
+    g.add_argument("--mimi-weight", help="local Mimi weights (overrides the repo's)")
+    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer (overrides the repo's)")
+    g.add_argument("--config-path", help="config.json to use instead of the repo's")
+    g.add_argument("--lora-weight", help="LoRA weights (the config must have 'lora': true)")
+    g.add_argument("--ttt-config", help="TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping itself) or "
+                                        "a shipped config name (tiny, demo_ttt, moshi7b_ttt); must agree with the "
+                                        "config stored with the TTT weights")
+    g.add_argument("--ttt-weights", help="TTT safetensors written by `moshi-ttt train` / checkpoint.save_ttt")

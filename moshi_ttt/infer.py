@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .configs import add_checkpoint_args, load_ttt_config
+
 SAMPLE_RATE = 24000
 EXIT_USER_ERROR = 2
 
@@ -52,17 +54,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
     g = parser.add_argument_group("checkpoint")
-    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in Kyutai's layout "
-                                     "(default: moshi's default repo)")
-    g.add_argument("--moshi-weight", help="local Moshi weights (overrides the repo's)")
-    g.add_argument("--mimi-weight", help="local Mimi weights (overrides the repo's)")
-    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer (overrides the repo's)")
-    g.add_argument("--config-path", help="config.json to use instead of the repo's")
-    g.add_argument("--lora-weight", help="LoRA weights (the config must have 'lora': true)")
-    g.add_argument("--ttt-config", help="TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping "
-                                        "itself) or a shipped config name (tiny, moshi7b_ttt). Must agree "
-                                        "with the config stored with the TTT weights")
-    g.add_argument("--ttt-weights", help="TTT safetensors written by training / save_ttt")
+    add_checkpoint_args(g)
     g.add_argument("--demo", action="store_true",
                    help="no checkpoint: build the tiny random demo checkpoint (configs/tiny.yaml, or the LM "
                         "of tiny with --ttt-config's TTT section) in a temporary folder and use it")
@@ -146,19 +138,6 @@ def read_audio(path: str | Path) -> np.ndarray:
     return pcm
 
 
-def _load_ttt_config(name_or_path: str):
-    import yaml
-
-    from .config import TTTModelConfig
-    from .configs import config_path
-
-    path = config_path(name_or_path)  # FileNotFoundError naming the shipped configs
-    try:
-        return TTTModelConfig.load(path)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
-
-
 def _prepare(args: argparse.Namespace) -> dict:
     """Everything that can fail because of the user's input, before the (long) streaming loop."""
     from . import assets
@@ -177,7 +156,7 @@ def _prepare(args: argparse.Namespace) -> dict:
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
     pcm = read_audio(args.infile)
 
-    ttt_cfg = _load_ttt_config(args.ttt_config) if args.ttt_config else None
+    ttt_cfg = load_ttt_config(args.ttt_config) if args.ttt_config else None
     demo_dir = None
     hf_repo = args.hf_repo
     if args.demo:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from moshi_ttt.configs import add_checkpoint_args, load_ttt_config
+
 from . import protocol
 from .app import DEFAULT_STATIC, AppConfig, create_app
 from .engine import Engine, EngineConfig
@@ -50,21 +52,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "default $MOSHI_TTT_API_KEY")
 
     g = p.add_argument_group("model (as moshi.server)")
-    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in the same layout "
-                                     "(default: moshi's default repo)")
-    g.add_argument("--moshi-weight", help="local Moshi weights file")
-    g.add_argument("--mimi-weight", help="local Mimi weights file")
-    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer")
-    g.add_argument("--config-path", help="local config.json")
-    g.add_argument("--lora-weight", help="local LoRA weights")
+    add_checkpoint_args(g)
     g.add_argument("--no-fuse-lora", action="store_false", dest="fuse_lora", help="keep LoRA layers unfused")
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")
-    g.add_argument("--ttt-config", help="TTT YAML/JSON (a top-level 'ttt:' key is accepted) or a shipped config "
-                                        "name; takes precedence over the checkpoint's 'ttt' section (TTT tensors "
-                                        "it ships must agree); with --demo, the demo is built with it")
-    g.add_argument("--ttt-weights", help="TTT safetensors written by moshi-ttt (checkpoint.save_ttt)")
     g.add_argument("--demo", action="store_true",
                    help="no checkpoint: build the tiny random TTT-Moshi + reduced Mimi + tokenizer in the cache "
                         "and serve it, fully offline (its speech is not meaningful)")
@@ -102,15 +94,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _cache_root(args) -> Path:
     root = args.cache_dir or os.environ.get("MOSHI_TTT_CACHE") or Path.home() / ".cache" / "moshi_ttt"
     return Path(root)
-
-
-def load_ttt_config(spec: str):
-    from moshi_ttt.config import TTTModelConfig
-    from moshi_ttt.configs import load_lm_and_ttt
-
-    if Path(spec).exists():
-        return TTTModelConfig.load(spec)
-    return load_lm_and_ttt(spec)[1]  # a shipped config name ("tiny", ...)
 
 
 def demo_repo(cache_root: Path, ttt=None) -> Path:

@@ -96,8 +96,15 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
                     if (await r.json())["active"] == 0:
                         break
                 await asyncio.sleep(0.05)
-            async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
-                after = parse_prometheus(await r.text())
+            # The slot is marked free at once; the worker accounts the conversation's final TTT counters
+            # when it processes the release, a moment later.
+            for _ in range(100):
+                async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
+                    after = parse_prometheus(await r.text())
+                if any(lb.get("layer") == "0" and v >= 1 for _, lb, v in
+                       after.get("moshi_ttt_ttt_updates_total", {}).get("samples", [])):
+                    break
+                await asyncio.sleep(0.05)
             return before, after, n
 
     before, after, n = asyncio.run(go())
