@@ -139,7 +139,7 @@ def _models(layer_cfg: TTTConfig, every: int, dtype=torch.float32) -> tuple[LMMo
 def bench_model(quick: bool) -> dict:
     res: dict[str, float] = {}
     C = 256
-    steps = 64 if quick else 600  # the every-6th-layer p99 needs chunk-boundary steps in the sample
+    steps = 48 if quick else 600  # the every-6th-layer p99 needs chunk-boundary steps in the sample
     cfg = TTTConfig(chunk_size=C if not quick else 32, lr=1e-3, init="ntp")
     for every, tag in ((6, ""), (1, "_every_layer")):
         ttt, base = _models(cfg, every)
@@ -200,7 +200,7 @@ def bench_model(quick: bool) -> dict:
     # Flat memory: state bytes and process RSS before/after a long streaming run.
     ttt, _ = _models(dataclasses.replace(cfg, chunk_size=16), 6)
     gen = LMGen(ttt)
-    n = 200 if quick else 2000
+    n = 100 if quick else 2000
     with torch.no_grad(), gen.streaming(1):
         for _ in range(20):
             gen.step(torch.randint(0, 2048, (1, 8, 1)))

@@ -1,0 +1,31 @@
+"""`moshi-ttt bench --quick --json`: one JSON object with the documented keys, measured in one run.
+
+Timing values are machine-dependent and are not asserted (benchmarks, not timed unit tests); what is
+asserted can fail for real: exactness of streaming vs parallel, flat state, the demo server keeping up.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
+            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4"]
+
+
+def test_bench_quick_json(tmp_path):
+    env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", MOSHI_TTT_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "bench", "--quick", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stdout  # exactly one JSON object on stdout
+    res = json.loads(lines[0])
+    assert isinstance(res["machine"], str) and res["machine"]
+    for k in REQUIRED:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res.get(k))
+    # the whole model computes the same function streaming and in parallel, with TTT visibly active
+    assert res["stream_vs_parallel_max_abs"] < 1e-4 and res["stream_vs_parallel_drift"] > 0
+    # per-conversation state is allocated once: no growth over a long streaming run
+    assert res["long_run_state_bytes_growth"] == 0
