@@ -5,11 +5,10 @@ TTT config (non-zero fast-weight drift), 2 conversation slots, greedy decoding (
 """
 
 import asyncio
-import json
-import urllib.request
 
 import aiohttp
 import pytest
+from server_helpers import health, wait_active
 
 from server import protocol
 from server.cli import BackgroundServer
@@ -35,19 +34,6 @@ def chat_server(tmp_path_factory):
                             "--idle-timeout", "30", "--telemetry-interval", "0.5"])
     yield srv
     srv.stop()
-
-
-def health(srv) -> dict:
-    with urllib.request.urlopen(srv.url + "/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def wait_active(srv, n: int, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if srv.engine.active_count() == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {n} active conversations, have {srv.engine.active_count()}")
 
 
 async def run_conversation(http, srv, pcm, gate: asyncio.Event | None = None, keep_open: bool = False):

@@ -3,12 +3,12 @@ while a concurrent good conversation keeps getting audio. Real websocket over lo
 
 import asyncio
 import contextlib
-import json
 import urllib.request
 
 import aiohttp
 import numpy as np
 import pytest
+from server_helpers import health, wait_active
 
 from server.cli import BackgroundServer
 from server.client import FRAME, ChatClient
@@ -29,19 +29,6 @@ def robust_server(tmp_path_factory):
 def metrics_text(srv) -> str:
     with urllib.request.urlopen(srv.url + "/metrics", timeout=5) as r:
         return r.read().decode()
-
-
-def health(srv) -> dict:
-    with urllib.request.urlopen(srv.url + "/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def wait_active(srv, n: int, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if srv.engine.active_count() == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {n} active conversations, have {srv.engine.active_count()}")
 
 
 async def stream_forever(c: ChatClient, pcm: np.ndarray, stop: asyncio.Event) -> None:
