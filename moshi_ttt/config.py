@@ -168,11 +168,16 @@ class TTTModelConfig:
             raise ValueError(f"{path}: {e}") from None
 
 
-def _from_dict(cls, d: tp.Mapping[str, tp.Any], where: str):
+def check_mapping(cls, d: tp.Any, where: str, kind: str = "TTT config") -> None:
+    """`d` is a mapping whose keys are all fields of dataclass `cls`, else ValueError naming them."""
     if not isinstance(d, tp.Mapping):
-        raise ValueError(f"invalid TTT config: {where} must be a mapping, got {d!r}")
+        raise ValueError(f"invalid {kind}: {where} must be a mapping, got {d!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"invalid TTT config: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+        raise ValueError(f"invalid {kind}: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+
+
+def _from_dict(cls, d: tp.Mapping[str, tp.Any], where: str):
+    check_mapping(cls, d, where)
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

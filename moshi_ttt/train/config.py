@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from ..config import check_mapping
+
 TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -269,12 +271,7 @@ class TrainConfig:
 
 
 def _build(cls, raw: tp.Any, where: str, extra: dict | None = None):
-    if not isinstance(raw, tp.Mapping):
-        raise ValueError(f"invalid train config: {where} must be a mapping, got {raw!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"invalid train config: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+    check_mapping(cls, raw, where, kind="train config")
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     kw = {k: _coerce(v, types[k]) for k, v in raw.items()}
     kw.update(extra or {})
