@@ -20,7 +20,7 @@ from moshi.models import loaders
 from safetensors.torch import load_file, save_file
 
 from .config import TTTModelConfig
-from .configs import load_lm_and_ttt
+from .config_files import load_lm_and_ttt
 from .model import build_ttt_lm
 
 _CORPUS = """hello there how are you today

@@ -241,8 +241,8 @@ def bench_server(quick: bool) -> dict:
 
     import aiohttp
 
-    from server.cli import BackgroundServer
-    from server.client import ChatClient
+    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.client import ChatClient
 
     text = "Hello there, this is a test of test time training inside Moshi." + (
         "" if quick else " The weather is nice and the sun is out. Tell me a story about a cat and a dog.")

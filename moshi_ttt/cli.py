@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "bench": ("moshi_ttt.bench", "measure what TTT costs (latency, memory, exactness)"),
     "infer": ("moshi_ttt.infer", "offline WAV → WAV + transcript + TTT telemetry"),
-    "serve": ("server.cli", "real-time full-duplex websocket server"),
+    "serve": ("moshi_ttt.server.cli", "real-time full-duplex websocket server"),
     "train": ("moshi_ttt.train.cli", "TTT-aware finetuning on conversation audio"),
 }
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .configs import add_checkpoint_args, load_ttt_config
+from .config_files import add_checkpoint_args, load_ttt_config
 
 SAMPLE_RATE = 24000
 EXIT_USER_ERROR = 2

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.configs import add_checkpoint_args, load_ttt_config
+from moshi_ttt.config_files import add_checkpoint_args, load_ttt_config
 
 from . import protocol
 from .app import DEFAULT_STATIC, AppConfig, create_app

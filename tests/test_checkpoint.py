@@ -32,7 +32,7 @@ from moshi_ttt.checkpoint import (
     save_ttt,
 )
 from moshi_ttt.config import TTTModelConfig
-from moshi_ttt.configs import load_lm_and_ttt
+from moshi_ttt.config_files import load_lm_and_ttt
 from moshi_ttt.model import TTT_KEY, build_ttt_lm
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import sphn
 import yaml
 
 from moshi_ttt import assets
-from moshi_ttt.configs import load_lm_and_ttt
+from moshi_ttt.config_files import load_lm_and_ttt
 from moshi_ttt.infer import output_paths, transcript
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 from moshi.models.lm import LMGen, LMModel
 from moshi.models.lm_utils import _delay_sequence
 
-from moshi_ttt.configs import load_lm_and_ttt
+from moshi_ttt.config_files import load_lm_and_ttt
 from moshi_ttt.model import TTT_KEY, TTTLMModel, build_ttt_lm
 
 # Thousands of tiny ops: one intra-op thread is several times faster on a busy 2-core machine.

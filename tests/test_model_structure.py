@@ -15,7 +15,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 
 from moshi_ttt.config import TTTModelConfig
-from moshi_ttt.configs import config_path, load_lm_and_ttt
+from moshi_ttt.config_files import config_path, load_lm_and_ttt
 from moshi_ttt.layer import TTTGating
 from moshi_ttt.model import TTT_KEY, TTTLMModel, TTTTransformerLayer, build_ttt_lm
 
@@ -107,12 +107,12 @@ HYGIENE_SCRIPT = textwrap.dedent("""
 
     before = snapshot()
     import moshi_ttt, moshi_ttt.model, moshi_ttt.layer, moshi_ttt.stream, moshi_ttt.ops  # noqa: E401,F401
-    import moshi_ttt.configs, moshi_ttt.checkpoint  # noqa: E401,F401
+    import moshi_ttt.config_files, moshi_ttt.checkpoint  # noqa: E401,F401
     after = snapshot()
     changed = [k for k in before if before[k] is not after[k]]
     assert not changed, f"importing moshi_ttt changed {changed}"
 
-    lm_kwargs, _ = moshi_ttt.configs.load_lm_and_ttt("tiny")
+    lm_kwargs, _ = moshi_ttt.config_files.load_lm_and_ttt("tiny")
     plain = lm.LMModel(**lm_kwargs)
     assert type(plain.transformer) is tr.StreamingTransformer
     bad = [n for n, mod in plain.named_modules() if type(mod).__module__.startswith("moshi_ttt")]

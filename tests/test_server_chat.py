@@ -8,11 +8,10 @@ import asyncio
 
 import aiohttp
 import pytest
+from moshi_ttt.server import protocol
+from moshi_ttt.server.cli import BackgroundServer
+from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
 from server_helpers import health, wait_active
-
-from server import protocol
-from server.cli import BackgroundServer
-from server.client import FRAME, ChatClient, HandshakeError
 
 TTT_YAML = """\
 ttt:

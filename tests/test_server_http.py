@@ -11,8 +11,7 @@ import time
 
 import aiohttp
 import pytest
-
-from server.client import FRAME, ChatClient
+from moshi_ttt.server.client import FRAME, ChatClient
 
 KEY = "s3cret-key"
 

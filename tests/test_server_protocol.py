@@ -6,9 +6,8 @@ import math
 import numpy as np
 import pytest
 import sphn
-
-from server import protocol
-from server.metrics import Metrics
+from moshi_ttt.server import protocol
+from moshi_ttt.server.metrics import Metrics
 
 
 def test_parse_accepts_every_kind_and_splits_payload():

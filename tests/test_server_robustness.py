@@ -8,10 +8,9 @@ import urllib.request
 import aiohttp
 import numpy as np
 import pytest
+from moshi_ttt.server.cli import BackgroundServer
+from moshi_ttt.server.client import FRAME, ChatClient
 from server_helpers import health, wait_active
-
-from server.cli import BackgroundServer
-from server.client import FRAME, ChatClient
 
 MAX_MSG = 4096
 IDLE = 1.5

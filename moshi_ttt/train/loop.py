@@ -42,7 +42,7 @@ def resolve_ttt_config(cfg: TrainConfig, info) -> TTTModelConfig:
     """The TTT config the model will get, with `load_ttt_moshi`'s precedence: explicit model.ttt_config,
     then the one stored in model.ttt_weights, then the checkpoint's config.json "ttt" section."""
     if cfg.model.ttt_config is not None:
-        from ..configs import config_path
+        from ..config_files import config_path
         return TTTModelConfig.load(config_path(cfg.model.ttt_config))
     if cfg.model.ttt_weights is not None:
         _, file_cfg = read_ttt_file(cfg.model.ttt_weights)

@@ -1,14 +1,20 @@
-"""Shipped configs (`configs/` at the repo root) and the combined LM + TTT config file format."""
+"""Shipped configs (package data `moshi_ttt.configs`, `configs/` in the repository) and the combined
+LM + TTT config file format."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from .config import TTTModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def shipped_configs() -> dict[str, Path]:
+    """Name → path of every shipped config (`configs/*.yaml`, installed as `moshi_ttt.configs`)."""
+    root = resources.files("moshi_ttt.configs")
+    return {e.name[:-5]: Path(str(e)) for e in root.iterdir() if e.name.endswith(".yaml")}
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -16,11 +22,11 @@ def config_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.exists():
         return p
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    raise FileNotFoundError(f"no config file {str(name_or_path)!r} (and no shipped config of that name in "
-                            f"{CONFIG_DIR}: {sorted(q.stem for q in CONFIG_DIR.glob('*.yaml'))})")
+    shipped = shipped_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise FileNotFoundError(f"no config file {str(name_or_path)!r} (and no shipped config of that name: "
+                            f"{sorted(shipped)})")
 
 
 def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConfig]:
