@@ -217,21 +217,12 @@ def bench_model(quick: bool) -> dict:
 # -- server ---------------------------------------------------------------------------------------
 
 def _speech(text: str) -> np.ndarray:
-    """Real speech (espeak-ng) at 24 kHz mono float32."""
-    import shutil
-    import subprocess
-    import tempfile
+    from .speech import SpeechUnavailable, espeak_pcm
 
-    import sphn
-
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("moshi-ttt bench: the server section needs espeak-ng (apt-get install espeak-ng, "
-                         "or `make sysdeps`)")
-    with tempfile.TemporaryDirectory() as d:
-        wav = f"{d}/speech.wav"
-        subprocess.run(["espeak-ng", "-w", wav, text], check=True)
-        pcm, _ = sphn.read(wav, sample_rate=24000)
-    return pcm[0].astype("float32")
+    try:
+        return espeak_pcm(text)
+    except SpeechUnavailable as e:
+        raise SystemExit(f"moshi-ttt bench: the server section needs real speech: {e}") from None
 
 
 def bench_server(quick: bool) -> dict:
