@@ -1,8 +1,8 @@
 """`moshi-ttt infer`: offline WAV → WAV + transcript + TTT telemetry, like `python -m moshi.run_inference`.
 
 The input is read and resampled to Mimi's 24 kHz with sphn, downmixed to mono, zero-padded to whole
-1920-sample frames and streamed frame by frame: Mimi encode → moshi's unchanged `LMGen` on the TTT model
-→ Mimi decode. As moshi's server does, Mimi's streaming state is reset after the very first encoded
+1920-sample frames and streamed frame by frame: Mimi encode → `TTTLMGen` (moshi's `LMGen`, folding
+per chunk) on the TTT model → Mimi decode. As moshi's server does, Mimi's streaming state is reset after the very first encoded
 frame (that frame carries the encoder's left-padding artefact; its codes are still fed to the LM).
 `LMGen` emits nothing during its first `max_delay` steps, so `max_delay` frames of silence are fed after
 the input: the output has exactly as many frames as the padded input.
@@ -211,8 +211,9 @@ def _checkpoint_info(args: argparse.Namespace, hf_repo: str | None):
 
 
 def _make_lm_gen(args, info, model, batch_size: int):
-    from moshi.models import LMGen
     from moshi.run_inference import get_condition_tensors
+
+    from .generate import make_lm_gen
 
     gen_kwargs = dict(info.lm_gen_config)
     if args.temp is not None:
@@ -220,7 +221,7 @@ def _make_lm_gen(args, info, model, batch_size: int):
     if args.temp_text is not None:
         gen_kwargs["temp_text"] = args.temp_text
     conditions = get_condition_tensors(info.model_type, model, batch_size, args.cfg_coef)
-    return LMGen(model, cfg_coef=args.cfg_coef, condition_tensors=conditions, **gen_kwargs)
+    return make_lm_gen(model, cfg_coef=args.cfg_coef, condition_tensors=conditions, **gen_kwargs)
 
 
 def _to_list(t: torch.Tensor, n: int) -> list:

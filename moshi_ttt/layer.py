@@ -5,9 +5,11 @@ Parameters keep moshi's names and shapes — `linear_in.weight` = [W_gate; W_up]
 parameters live in `ttt` (`ttt.conv.weight` [d, 1, K] depthwise, `ttt.w_target` [d, d]).
 
 Two paths compute the same function (checked against `reference.naive_ttt_mlp` in tests):
-* parallel (no streaming state): whole sequences, any T, autograd — training and prefill;
-* streaming (inside `with module.streaming(B)`): 1+ frames per call with per-conversation fast weights.
-Both add the TTT term in fp32 (fp64 for fp64 models) and cast the sum back to the model dtype.
+* parallel (no streaming state): whole sequences, any T, autograd — training and prefill. It adds the
+  TTT term in fp32 (fp64 for fp64 models) to the base output and casts the sum back to the model dtype;
+* streaming (inside `with module.streaming(B)`): 1+ frames per call; the down-projection uses each
+  conversation's fast weight W⁽ⁱ⁾ (accumulated in fp32, applied in the model dtype) instead of W⁽⁰⁾,
+  and completed chunks are folded between frames (see `stream`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from .config import TTTConfig
 from .ops import parallel_extra
-from .stream import TTTState, fast_weight_delta, last_delta_norm, stream_step
+from .stream import TTTState, due_items, fast_weight_delta, fold, stream_step
 
 
 class TTTTarget(nn.Module):
@@ -119,29 +121,55 @@ class TTTGating(StreamingModule[TTTState]):
     def forward(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         src = self._src(x, x0)
         z = self.activations(x)
+        state = self._streaming_state
+        if state is not None:
+            return self._stream(state, z, src)
         base = self.linear_out(z)
         acc = self._acc_dtype(base.dtype)
-        state = self._streaming_state
-        if state is None:
-            extra = parallel_extra(z.to(acc), src.to(acc), self.ttt.conv_weight, self.ttt.w_target, self.cfg)[0]
-        else:
-            with torch.no_grad():
-                frames = [stream_step(state, z[:, t].to(acc), src[:, t].to(acc), self.ttt.conv_weight,
-                                      self.ttt.w_target, self.cfg) for t in range(z.shape[1])]
-            extra = torch.stack(frames, dim=1)
+        extra = parallel_extra(z.to(acc), src.to(acc), self.ttt.conv_weight, self.ttt.w_target, self.cfg)[0]
         return (base.to(acc) + extra).to(base.dtype)
 
+    @torch.no_grad()
+    def _stream(self, state: TTTState, z: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Frame by frame: the per-frame step, then (unless a driver folds) the fold of completed chunks."""
+        T = z.shape[1]
+        if state.host_folds and T != 1:
+            raise ValueError(f"with a folding driver (TTTLMGen) the TTT layer steps one frame per call, got {T}")
+        outs = []
+        for t in range(T):
+            outs.append(stream_step(state, z[:, t:t + 1], src[:, t:t + 1], self.ttt.conv_weight, self.cfg))
+            if not state.host_folds:
+                self._self_fold(state)
+        return outs[0] if T == 1 else torch.cat(outs, dim=1)
+
+    def _self_fold(self, state: TTTState) -> None:
+        if _capturing():
+            raise RuntimeError("a TTT layer is being captured in a CUDA graph without a folding driver: its "
+                               "per-chunk fold would be frozen into the graph. Drive the model with "
+                               "moshi_ttt.generate.TTTLMGen (a drop-in LMGen), or set NO_CUDA_GRAPH=1")
+        self.fold(due_items(state))
+
+    def fold(self, items: tp.Sequence[int]) -> None:
+        """Folds the completed chunks of the listed streaming items (host side, between steps)."""
+        fold(self._require_state(), items, self.ttt.w_target, self.cfg)
+
+    def _base_weight(self) -> torch.Tensor:
+        """W⁽⁰⁾ [d, h] as the base MLP applies it (a LoRA-wrapped linear_out is merged)."""
+        lo = self.linear_out
+        if isinstance(lo, nn.Linear):
+            return lo.weight.detach()
+        w = lo.frozen_W.weight
+        return (w + lo.scaling * (lo.lora_B.weight @ lo.lora_A.weight).to(w.dtype)).detach()
+
     def _init_streaming_state(self, batch_size: int) -> TTTState:
-        w = self.linear_in.weight if isinstance(self.linear_in, nn.Linear) else self.linear_in.frozen_W.weight
-        return TTTState.create(batch_size, self.dim, self.hidden, self.cfg.chunk_size, w.device,
-                               self._acc_dtype(w.dtype))
+        return TTTState.create(batch_size, self.cfg.chunk_size, self._base_weight,
+                               self._acc_dtype(self._base_weight().dtype))
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 
     def fast_weight_delta(self) -> torch.Tensor:
         """W − W⁽⁰⁾ per streaming item, [B, d, h]."""
-        state = self._require_state()
-        return fast_weight_delta(state, self.ttt.w_target)
+        return fast_weight_delta(self._require_state())
 
     def telemetry(self) -> dict[str, torch.Tensor]:
         """Per item [B]: updates applied, clips, skipped non-finite deltas, ‖last ΔW‖ (raw), drift
@@ -150,7 +178,7 @@ class TTTGating(StreamingModule[TTTState]):
         drift = torch.linalg.matrix_norm(self.fast_weight_delta())
         return {
             "updates": state.updates.clone(), "clips": state.clips.clone(), "skipped": state.skipped.clone(),
-            "last_delta_norm": last_delta_norm(state, self.ttt.w_target),
+            "last_delta_norm": state.last_norm.clone(),
             "drift": drift, "frames_to_update": self.cfg.chunk_size - state.pos,
         }
 
@@ -158,3 +186,8 @@ class TTTGating(StreamingModule[TTTState]):
         if self._streaming_state is None:
             raise RuntimeError("TTT telemetry needs streaming mode (`with model.streaming(B):`)")
         return self._streaming_state
+
+
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

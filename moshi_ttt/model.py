@@ -158,6 +158,18 @@ class TTTLMModel(LMModel):
         """Per TTT layer: `TTTGating.telemetry()` (per streaming item). Needs streaming mode."""
         return {i: g.telemetry() for i, g in self.ttt_gatings().items()}
 
+    def ttt_fold(self, items: tp.Sequence[int]) -> None:
+        """Folds the completed chunk of each listed streaming item in every TTT layer (host side, between
+        steps; see `stream`). `generate.TTTLMGen` calls it; other drivers let the layers fold themselves."""
+        for g in self.ttt_gatings().values():
+            g.fold(items)
+
+    def ttt_set_host_folds(self, enabled: bool) -> None:
+        """Declares (streaming mode) that a driver calls `ttt_fold` after every step, so the layers never
+        fold on their own and the captured step holds no host logic."""
+        for g in self.ttt_gatings().values():
+            g._require_state().host_folds = enabled
+
     def ttt_state_bytes(self) -> int:
         """Fast-state bytes per conversation summed over TTT layers (needs streaming mode)."""
         return sum(g._require_state().bytes for g in self.ttt_gatings().values())

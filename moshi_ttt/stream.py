@@ -1,88 +1,134 @@
-"""Streaming In-Place TTT: per-conversation fast-weight state and the per-frame step.
+"""Streaming In-Place TTT: per-conversation fast weights, the per-frame step and the per-chunk fold.
 
 Design (why it is shaped like this):
 
-* Every state tensor is preallocated and only ever updated in place, and the step never branches on
-  tensor values or reads them on the host: on CUDA, moshi's `LMGen` replays `forward_text` as a CUDA
-  graph, so Python-side logic would run at capture time only (the prior attempt's updates stopped after
-  two steps). A chunk boundary is a tensor mask (`completing`), not an `if`.
-* Each batch item has its own phase (`pos`) so conversations that started at different times share a
-  batch. Items whose `exec_mask` is False are left exactly unchanged.
-* Amortised update. Computing ΔW = V̂ᵀZ (C·d·h FLOPs) at the boundary would have to run on *every*
-  step in a graph. Instead the completed chunk is kept (Z and target source, two-slot ring buffer) and
-  folded into the fast weight one frame per step during the next chunk (a rank-1 update), while the
-  not-yet-folded frames of that chunk act through a small attention term Σ_j (z·z_j) a·c_j. Output is
-  identical to applying the whole ΔW at the boundary.
-* The fast weight is kept in source space: W − W⁽⁰⁾ = W_tᵀ · U with U = Σ_i a_i c_iᵀ Z_i [d, h]
-  (c = chunk-confined conv of the source, a_i = η·clip·finite). One d×d product per step instead
-  of one per folded frame. Without the W_target projection (ablation) W − W⁽⁰⁾ = U.
-* The conv is built incrementally: frame p adds w_k ⊙ src_p to rows p + past − k (the K rows it
-  touches, dropped outside the chunk — exactly the zero padding at chunk edges), so a chunk's conv is
-  complete when its last frame arrives, at O(K·d) per step.
+* Apply-then-update means every frame of chunk i is computed with the same W⁽ⁱ⁾. So each item keeps
+  its fast weight *itself*, `w` [d, h] = W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded deltas, fp32 — fp64 for fp64
+  models), and the per-frame step computes the down-projection with it *instead of* W⁽⁰⁾: one read
+  of one per-conversation d×h matrix per frame and no write to it. At B = 1 that is exactly the bytes
+  of the plain MLP. A bf16 model applies a bf16 copy (`w_apply`, refreshed at each fold) so the
+  per-frame bytes stay those of the bf16 base weight, while deltas still accumulate in fp32.
+* The per-frame step (`stream_step`) only appends the frame to the current chunk: Z into `z_buf`
+  [C, h] and the frame's contributions to the chunk-confined target conv into `c_buf` [C, d] (frame p
+  adds w_k ⊙ src_p to the K rows p + past − k it touches, dropped outside the chunk: exactly the zero
+  padding at chunk edges, so a chunk's conv is complete when its last frame arrives). It never branches
+  on tensor values and never reads the device from the host: on CUDA, moshi's `LMGen` replays
+  `forward_text` as a CUDA graph, in which Python runs only at capture time. Items whose `exec_mask` is
+  False are left exactly unchanged.
+* The fold (`fold`) is data-dependent work — a chunk completes on a different frame for every
+  conversation — so it is *not* part of the per-frame step. It runs once per completed chunk, for
+  exactly the items whose chunk completed, between two steps: ΔW = a · V̂ᵀZ with V̂ = c · W_target, one
+  C·d·h product and one pass over that item's `w`, then its chunk buffer restarts. `a = η · clip ·
+  finite` is decided there (clip norm from C×C Gram matrices; a chunk with a non-finite frame is
+  skipped and counted).
+* Who folds, and why that is safe under CUDA graphs. The host decides every exec mask and every reset,
+  so it knows each conversation's frame count without reading the device: `generate.TTTLMGen` (moshi's
+  `LMGen` plus a host-side `FoldClock`) calls `TTTLMModel.ttt_fold(items)` right after each step,
+  outside the captured `forward_text`, with the items whose chunk that step completed. Such a driver
+  marks the states `host_folds = True`. Without one (the layer alone in `with layer.streaming(B)`,
+  `TTTLMModel` under moshi's plain `LMGen` on CPU or with `NO_CUDA_GRAPH=1`), the layer folds itself
+  after each frame, reading which items completed (free on CPU; a tiny sync on an eager GPU); during
+  a CUDA-graph capture that self-fold would be frozen into the graph, so it raises instead and names
+  `TTTLMGen`. Either way the invariant between two driver steps is the same: no item has a completed
+  but unfolded chunk (`pos < C`), so the next frame of every item uses exactly W⁽ⁱ⁾. A frame that
+  arrives while its item's chunk is still unfolded (a driver that forgot to fold) is not recorded and
+  is counted in `lost`.
 
-Per-step cost of one layer: apply U·z (d·h) + rank-1 fold (d·h) + projection (d²) + attention over
-the two buffered chunks (O(C·(d+h))). State per item: U [d, h] + 2 chunks × (h + d), fp32.
+Per-frame cost of a TTT layer: the base MLP's own reads with W⁽⁰⁾ replaced by each item's `w_apply`
+(one d×h read per conversation, none written), plus O(K·d + h) buffer writes. Per chunk: the fold
+(C·d² + C·d·h FLOPs and one read+write of `w`). State per conversation and layer: `w` [d, h] fp32
+(+ `w_apply` [d, h] in the model dtype for bf16/fp16 models) + one chunk of Z and c (C·(h + d) fp32).
 """
 
 from __future__ import annotations
 
+import typing as tp
 from dataclasses import dataclass
 
 import torch
 from moshi.modules.streaming import State
+from torch.nn import functional as F
 
 from .config import TTTConfig
 from .ops import frame_finite, frobenius_from_gram
+
+COUNTERS = ("updates", "clips", "skipped", "lost")
 
 
 @dataclass
 class TTTState(State):
     """Per-conversation TTT state of one layer; all tensors have batch as first dim.
 
-    u: [B, d, h] folded fast-weight delta in source space (see module doc).
-    z_buf: [B, 2C, h], c_buf: [B, 2C, d]: two chunk slots of Z and of the (unscaled) target conv c;
-        `slot` is the one being filled, the other holds the previous chunk (being folded, scaled by
-        `prev_coef`). Always finite.
-    pos: [B] frames already in the current chunk. slot: [B] 0/1. prev_coef: [B] a of the previous chunk.
-    cur_bad: [B] current chunk saw a non-finite value. updates / clips / skipped: [B] counters.
+    w: [B, d, h] fast weight W⁽ⁱ⁾ (accumulation dtype: fp32, fp64 for fp64 models).
+    w_apply: [B, d, h] the weight the per-frame step multiplies by: `w` itself, or its copy in the
+        model dtype (bf16/fp16 models), refreshed at every fold and reset.
+    z_buf: [B, C, h], c_buf: [B, C, d]: Z and the (unscaled) target conv of the current chunk; finite.
+    pos: [B] frames already in the current chunk (C = complete, waiting for its fold).
+    cur_bad: [B] the current chunk saw a non-finite value.
+    last_norm: [B] ‖V̂ᵀZ‖_F of the last folded chunk (0 if it was skipped or η = 0).
+    updates / clips / skipped / lost: [B] counters (lost: frames that arrived before a due fold).
+    base_weight: returns W⁽⁰⁾ [d, h] (the module's current down-projection), for resets.
+    host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
     """
 
-    u: torch.Tensor = None  # type: ignore[assignment]
+    w: torch.Tensor = None  # type: ignore[assignment]
+    w_apply: torch.Tensor = None  # type: ignore[assignment]
     z_buf: torch.Tensor = None  # type: ignore[assignment]
     c_buf: torch.Tensor = None  # type: ignore[assignment]
     pos: torch.Tensor = None  # type: ignore[assignment]
-    slot: torch.Tensor = None  # type: ignore[assignment]
-    prev_coef: torch.Tensor = None  # type: ignore[assignment]
     cur_bad: torch.Tensor = None  # type: ignore[assignment]
+    last_norm: torch.Tensor = None  # type: ignore[assignment]
     updates: torch.Tensor = None  # type: ignore[assignment]
     clips: torch.Tensor = None  # type: ignore[assignment]
     skipped: torch.Tensor = None  # type: ignore[assignment]
+    lost: torch.Tensor = None  # type: ignore[assignment]
+    base_weight: tp.Callable[[], torch.Tensor] | None = None
+    host_folds: bool = False
 
     @classmethod
-    def create(cls, batch_size: int, dim: int, hidden: int, chunk: int, device, dtype) -> TTTState:
-        def z(*shape, dt=dtype):
+    def create(cls, batch_size: int, chunk: int, base_weight: tp.Callable[[], torch.Tensor],
+               acc_dtype: torch.dtype) -> TTTState:
+        """W⁽⁰⁾ = base_weight() [d, h] gives the device, the shapes and the apply dtype."""
+        w0 = base_weight()
+        (d, h), device = w0.shape, w0.device
+
+        def z(*shape, dt=acc_dtype):
             return torch.zeros(*shape, device=device, dtype=dt)
-        return cls(batch_size, torch.device(device),
-                   u=z(batch_size, dim, hidden), z_buf=z(batch_size, 2 * chunk, hidden),
-                   c_buf=z(batch_size, 2 * chunk, dim), pos=z(batch_size, dt=torch.long),
-                   slot=z(batch_size, dt=torch.long), prev_coef=z(batch_size),
-                   cur_bad=z(batch_size, dt=torch.bool), updates=z(batch_size, dt=torch.long),
-                   clips=z(batch_size, dt=torch.long), skipped=z(batch_size, dt=torch.long))
+        w = w0.to(acc_dtype)[None].repeat(batch_size, 1, 1)
+        w_apply = w if w0.dtype == acc_dtype else w0[None].repeat(batch_size, 1, 1)
+        long = dict(dt=torch.long)
+        return cls(batch_size, torch.device(device), w=w, w_apply=w_apply,
+                   z_buf=z(batch_size, chunk, h), c_buf=z(batch_size, chunk, d), pos=z(batch_size, **long),
+                   cur_bad=z(batch_size, dt=torch.bool), last_norm=z(batch_size),
+                   updates=z(batch_size, **long), clips=z(batch_size, **long), skipped=z(batch_size, **long),
+                   lost=z(batch_size, **long), base_weight=base_weight)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("u", "z_buf", "c_buf", "pos", "slot", "prev_coef",
-                                              "cur_bad", "updates", "clips", "skipped")}
+        """Every per-item state tensor (`w_apply` only when it is not `w` itself)."""
+        names = ["w", "z_buf", "c_buf", "pos", "cur_bad", "last_norm", *COUNTERS]
+        if self.w_apply is not self.w:
+            names.insert(1, "w_apply")
+        return {k: getattr(self, k) for k in names}
 
     def reset(self, reset_mask: torch.Tensor) -> None:
-        """Restores exactly the masked items to W⁽⁰⁾ with empty buffers; others are untouched."""
+        """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.
+        Host-driven (moshi calls it eagerly, never inside a captured step)."""
         super().reset(reset_mask)
-        m = reset_mask.to(self.u.device, torch.bool)
-        for t in self.tensors().values():
-            t.masked_fill_(m.view(-1, *([1] * (t.dim() - 1))), 0)
+        m = reset_mask.to(self.w.device, torch.bool)
+        for k, t in self.tensors().items():
+            if k not in ("w", "w_apply"):
+                t.masked_fill_(m.view(-1, *([1] * (t.dim() - 1))), 0)
+        items = m.nonzero().flatten().tolist()
+        if items:
+            w0 = self.base_weight()
+            for b in items:
+                self.w[b].copy_(w0)
+                if self.w_apply is not self.w:
+                    self.w_apply[b].copy_(w0)
 
     @property
     def chunk_size(self) -> int:
-        return self.z_buf.shape[1] // 2
+        return self.z_buf.shape[1]
 
     @property
     def bytes(self) -> int:
@@ -108,93 +154,94 @@ def _put_rows(buf: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, mask: t
     buf.scatter_(1, full, torch.where(mask[..., None], value, buf.gather(1, full)))
 
 
-def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | None,
-                w_t: torch.Tensor | None, cfg: TTTConfig) -> torch.Tensor:
-    """One frame for every batch item. z [B, h], src [B, d] in the state dtype. Returns extra [B, d]
-    (the layer output minus Z W⁽⁰⁾ᵀ). Updates `state` in place; graph-safe (no host syncs/branches)."""
+def apply_fast_weight(state: TTTState, z: torch.Tensor) -> torch.Tensor:
+    """z [B, T, h] (model dtype) ⇒ z · W⁽ⁱ⁾ᵀ [B, T, d], each item with its own fast weight.
+
+    B = 1 goes through the same `F.linear` kernel as moshi's `linear_out`, so while W⁽ⁱ⁾ = W⁽⁰⁾ the result
+    is bitwise the base MLP's. (B is a shape: this branch is fixed at capture time.)"""
+    w = state.w_apply
+    if z.dtype != w.dtype:
+        raise TypeError(f"TTT streaming: activations are {z.dtype} but the fast weight applies in {w.dtype}")
+    if z.shape[0] == 1:
+        return F.linear(z, w[0])
+    return torch.bmm(z, w.transpose(1, 2))
+
+
+def record_frame(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | None,
+                 cfg: TTTConfig) -> None:
+    """Appends one frame to every executing item's current chunk. z [B, h], src [B, d] in the
+    accumulation dtype. Graph-safe: no host reads, no branches on values, in-place updates only."""
     C = state.chunk_size
-    B, h = z.shape
     d = src.shape[1]
-    ex = state.exec_mask
-    exl = ex.long()
-    w_t = None if w_t is None else w_t.to(z.dtype)
-    slot_of_row = torch.arange(2 * C, device=z.device) // C  # [2C]
-    row_in_slot = torch.arange(2 * C, device=z.device) % C
+    room = state.pos < C
+    ex = state.exec_mask & room
+    state.lost.add_((state.exec_mask & ~room).long())
+    pos = state.pos.clamp(max=C - 1)
 
-    # Previous chunk (slot 1 - slot): fold its frame `pos` into U; frames after it act by attention.
-    prev_start = (1 - state.slot) * C
-    fold = (prev_start + state.pos)[:, None]  # [B, 1]
-    coef = (state.prev_coef * ex)[:, None, None]
-    state.u.baddbmm_((_rows(state.c_buf, fold) * coef).transpose(1, 2), _rows(state.z_buf, fold))
-    pending = (slot_of_row[None] != state.slot[:, None]) & (row_in_slot[None] >= (state.pos + exl)[:, None])
-    scores = torch.where(pending, torch.bmm(state.z_buf, z[:, :, None])[..., 0], 0.)  # [B, 2C]
-    extra = torch.bmm(state.u, z[:, :, None])[..., 0]
-    extra = extra + torch.bmm(scores[:, None], state.c_buf)[:, 0] * state.prev_coef[:, None]
-    if w_t is not None:
-        extra = extra @ w_t
-
-    # Current chunk: store z, add the frame's conv contributions (sanitised; non-finite ⇒ chunk bad).
     taps, past = _taps(conv_w, cfg.past_frames, d, z.dtype, z.device)
     K = taps.shape[0]
     k = torch.arange(K, device=z.device)
-    tgt = state.pos[:, None] + past - k[None]  # [B, K] rows of the current chunk this frame feeds
+    tgt = pos[:, None] + past - k[None]  # [B, K] rows of the current chunk this frame feeds
     valid = (tgt >= 0) & (tgt < C) & ex[:, None]
-    first = (k[None] == 0) | (state.pos[:, None] == 0)  # the first frame touching that row
-    idx = state.slot[:, None] * C + tgt % C  # distinct rows since K ≤ C; invalid ones are masked
+    first = (k[None] == 0) | (pos[:, None] == 0)  # the first frame touching that row
+    idx = tgt % C  # distinct rows since K ≤ C (scatter needs that); invalid ones are masked
     contrib = taps[None] * src[:, None, :]  # [B, K, d]
     new_c = torch.where(first[..., None], contrib, _rows(state.c_buf, idx) + contrib)
     frame_ok = frame_finite(z, new_c.flatten(1))
     _put_rows(state.c_buf, idx, torch.nan_to_num(new_c, 0., 0., 0.), valid)
-    row = (state.slot * C + state.pos)[:, None]
-    _put_rows(state.z_buf, row, torch.nan_to_num(z, 0., 0., 0.)[:, None], ex[:, None])
+    _put_rows(state.z_buf, pos[:, None], torch.nan_to_num(z, 0., 0., 0.)[:, None], ex[:, None])
     state.cur_bad.copy_(state.cur_bad | (ex & ~frame_ok))
-    new_pos = state.pos + exl
-    completing = ex & (new_pos == C)
+    state.pos.add_(ex.long())
 
-    # Chunk boundary, computed unconditionally and selected by `completing`.
-    ok = ~state.cur_bad
-    a = torch.full_like(state.prev_coef, float(cfg.lr))
+
+def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | None,
+                cfg: TTTConfig) -> torch.Tensor:
+    """The per-frame step: z [B, 1, h] (model dtype), src [B, 1, d] ⇒ the MLP output z · W⁽ⁱ⁾ᵀ
+    [B, 1, d], and the frame recorded into the current chunk (see `record_frame`)."""
+    out = apply_fast_weight(state, z)
+    acc = state.w.dtype
+    record_frame(state, z[:, 0].to(acc), src[:, 0].to(acc), conv_w, cfg)
+    return out
+
+
+def due_items(state: TTTState) -> list[int]:
+    """Items whose chunk is complete and not yet folded (reads the device: host-side use only)."""
+    return (state.pos >= state.chunk_size).nonzero().flatten().tolist()
+
+
+@torch.no_grad()
+def fold(state: TTTState, items: tp.Sequence[int], w_t: torch.Tensor | None, cfg: TTTConfig) -> None:
+    """Folds the completed chunk of each listed item into its fast weight and starts its next chunk:
+    w += a · (c W_t)ᵀ Z with a = η · clip · finite. Items must have a complete chunk (`pos` = C);
+    others are untouched. Host-driven, outside any captured step."""
+    if not len(items):
+        return
+    idx = torch.as_tensor(list(items), dtype=torch.long, device=state.w.device)
+    zc, cc = state.z_buf[idx], state.c_buf[idx]  # [n, C, h], [n, C, d]
+    v = cc if w_t is None else cc @ w_t.to(cc.dtype)
+    sq = ((zc @ zc.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
+    norm = frobenius_from_gram(sq)
+    ok = ~state.cur_bad[idx] & torch.isfinite(norm)
+    a = torch.full_like(norm, float(cfg.lr))
     clipped = torch.zeros_like(ok)
-    if cfg.clip_norm is not None:  # config constant: a Python branch here is graph-safe
-        cur = state.slot[:, None] * C + torch.arange(C, device=z.device)[None]
-        cz, cc = _rows(state.z_buf, cur), _rows(state.c_buf, cur)
-        v = cc if w_t is None else cc @ w_t
-        sq = ((cz @ cz.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
-        norm = frobenius_from_gram(sq)
-        ok = ok & torch.isfinite(norm)
+    if cfg.clip_norm is not None:
         clipped = ok & (norm > cfg.clip_norm)
         a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
     a = torch.where(ok, a, 0.)
-    state.prev_coef.copy_(torch.where(completing, a, state.prev_coef))
-    state.slot.copy_(torch.where(completing, 1 - state.slot, state.slot))
-    state.pos.copy_(torch.where(completing, 0, new_pos))
-    state.cur_bad.copy_(state.cur_bad & ~completing)
-    state.updates.add_((completing & ok).long())
-    state.clips.add_((completing & clipped).long())
-    state.skipped.add_((completing & ~ok).long())
-    return extra
-
-
-def _prev_chunk(state: TTTState) -> tuple[torch.Tensor, torch.Tensor]:
-    C = state.chunk_size
-    rows = ((1 - state.slot) * C)[:, None] + torch.arange(C, device=state.u.device)[None]
-    return _rows(state.z_buf, rows), _rows(state.c_buf, rows)
+    va = (v * a[:, None, None]).transpose(1, 2)  # [n, d, C]
+    for r, b in enumerate(items):
+        state.w[b].addmm_(va[r], zc[r])
+        if state.w_apply is not state.w:
+            state.w_apply[b].copy_(state.w[b])
+    state.last_norm[idx] = torch.where(a != 0, norm, 0.)
+    state.updates[idx] += ok.long()
+    state.clips[idx] += clipped.long()
+    state.skipped[idx] += (~ok).long()
+    state.pos[idx] = 0
+    state.cur_bad[idx] = False
 
 
 @torch.no_grad()
-def fast_weight_delta(state: TTTState, w_t: torch.Tensor | None) -> torch.Tensor:
-    """W − W⁽⁰⁾ of every item, [B, d, h] (host-side telemetry / tests; not for the per-frame path)."""
-    pz, pc = _prev_chunk(state)
-    pending = torch.arange(state.chunk_size, device=pz.device)[None] >= state.pos[:, None]
-    total = state.u + (pc * state.prev_coef[:, None, None]).transpose(1, 2) @ torch.where(pending[..., None], pz, 0.)
-    return total if w_t is None else w_t.to(total.dtype).T @ total
-
-
-@torch.no_grad()
-def last_delta_norm(state: TTTState, w_t: torch.Tensor | None) -> torch.Tensor:
-    """‖ΔW‖_F of each item's last completed chunk before clipping/η, [B]; 0 before the first chunk and
-    when the last chunk was skipped (non-finite) or had no effect (η = 0)."""
-    pz, pc = _prev_chunk(state)
-    v = pc if w_t is None else pc @ w_t.to(pc.dtype)
-    sq = ((pz @ pz.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
-    return torch.where(state.prev_coef != 0, frobenius_from_gram(sq), 0.)
+def fast_weight_delta(state: TTTState) -> torch.Tensor:
+    """W⁽ⁱ⁾ − W⁽⁰⁾ of every item, [B, d, h] (host-side telemetry / tests; not for the per-frame path)."""
+    return state.w - state.base_weight().to(state.w.dtype)[None]

@@ -1,4 +1,4 @@
-"""N conversation slots sharing one batched Mimi + LMGen, stepped on one dedicated thread.
+"""N conversation slots sharing one batched Mimi + LMGen (`TTTLMGen`), stepped on one dedicated thread.
 
 Slot i is batch row i of Mimi and of LMGen (LMGen doubles the LM batch itself when cfg_coef ≠ 1).
 A conversation *claims* a free slot; the worker then resets exactly that row (`reset_streaming(mask)`:
@@ -19,9 +19,9 @@ frame, unless some slot is behind (more than one frame queued), in which case it
 
 Telemetry (TTT counters and fast-weight drift per layer) is read host-side every `telemetry_interval`
 seconds for slots that advanced, right after a claim's reset (drift 0: the conversation starts from
-W⁽⁰⁾), and at release (so counters are accounted completely). Never per frame: drift costs a
-d×d×h product per layer and conversation, far more than a step on a 7B model; the interval grows
-when a read takes more than `telemetry_duty` of the time.
+W⁽⁰⁾), and at release (so counters are accounted completely). Never per frame: drift reads every
+conversation's d×h fast weight per layer, as much as a step's weight reads on a 7B model; the
+interval grows when a read takes more than `telemetry_duty` of the time.
 
 LMGen is built with `support_out_of_sync=True`: its `_LMGenState.reset` zeroes the *global*
 `offset_cpu`, and without that flag `step` returns None for every row for the next `max_delay`
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from moshi.models import LMGen
+
+from moshi_ttt.generate import make_lm_gen
 
 from .metrics import Metrics
 
@@ -111,7 +112,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.device = torch.device(device)
         self.cfg_coef = cfg_coef
-        self.lm_gen = LMGen(lm, cfg_coef=cfg_coef, condition_tensors=condition_tensors,
+        self.lm_gen = make_lm_gen(lm, cfg_coef=cfg_coef, condition_tensors=condition_tensors,
                             support_out_of_sync=True, **(lm_gen_kwargs or {}))
         self.n = config.max_conversations
         self.frame_size = int(mimi.sample_rate / mimi.frame_rate)

@@ -62,8 +62,8 @@ def test_x_perturbation_reaches_own_frame_and_later_chunks_only(make_ttt_layer, 
 
 @pytest.mark.parametrize("clip", [None, 0.3])
 def test_batch_with_phases_and_reset_equals_items_alone(make_ttt_layer, clip):
-    """B=3 items starting at different steps (exec-masked before), item 1 reset mid-chunk (with a chunk
-    still being folded): each item's outputs on its executed steps and its fast weight equal running
+    """B=3 items starting at different steps (exec-masked before), item 1 reset mid-chunk (after three
+    folded chunks): each item's outputs on its executed steps and its fast weight equal running
     it alone (the reset item: up to the reset, then a fresh run)."""
     g = make_ttt_layer(dtype=F64, clip_norm=clip)
     B, N = 3, 46
@@ -132,10 +132,10 @@ def test_reset_gives_fresh_item_state_and_leaves_others_untouched(make_ttt_layer
         st = g._streaming_state
         g.set_exec_mask(~mask)  # the reset item is exec-masked: moshi's reset re-enables it
         before = {k: v.clone() for k, v in st.tensors().items()}
-        for k in ("u", "z_buf", "c_buf", "pos", "slot", "prev_coef", "updates"):
-            assert not torch.equal(before[k][1], torch.zeros_like(before[k][1])), k  # reset is not vacuous
-        g.reset_streaming(mask)
         fresh = g._init_streaming_state(B).tensors()
+        for k in ("w", "z_buf", "c_buf", "pos", "last_norm", "updates"):
+            assert not torch.equal(before[k][1], fresh[k][1]), k  # the reset is not vacuous
+        g.reset_streaming(mask)
         for k, v in st.tensors().items():
             assert torch.equal(v[1], fresh[k][1]), k
             assert torch.equal(v[~mask], before[k][~mask]), k
@@ -150,8 +150,8 @@ def test_reset_gives_fresh_item_state_and_leaves_others_untouched(make_ttt_layer
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
 def test_clip_applies_delta_with_norm_tau(make_ttt_layer, dtype):
-    """Chunk 0's ΔW has raw norm > τ: W − W⁽⁰⁾ = η·τ·ΔW/‖ΔW‖, right after the chunk, while it is folded
-    during chunk 1 (whose own ΔW is 0: x0 = 0 there), and once fully folded."""
+    """Chunk 0's ΔW has raw norm > τ: W − W⁽⁰⁾ = η·τ·ΔW/‖ΔW‖, right after the chunk, during chunk 1
+    (whose own ΔW is 0: x0 = 0 there), and after it."""
     probe = make_ttt_layer(dtype=dtype)
     x = torch.randn(2, 2 * C, D, dtype=dtype)
     x0 = torch.randn(2, 2 * C, D, dtype=dtype)
@@ -197,7 +197,7 @@ def test_nonfinite_chunk_is_skipped(make_ttt_layer, where, target, value):
         for t in range(T):
             outs.append(g(x[:, t:t + 1], x0[:, t:t + 1]))
             delta = g.fast_weight_delta()
-            assert torch.isfinite(delta).all() and torch.isfinite(g._streaming_state.u).all()
+            assert torch.isfinite(delta).all() and torch.isfinite(g._streaming_state.w).all()
             if (t + 1) % C == 0:
                 deltas[(t + 1) // C] = delta
                 tel = g.telemetry()

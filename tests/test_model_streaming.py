@@ -15,6 +15,7 @@ from moshi.models.lm import LMGen, LMModel
 from moshi.models.lm_utils import _delay_sequence
 
 from moshi_ttt.config_files import load_lm_and_ttt
+from moshi_ttt.generate import TTTLMGen
 from moshi_ttt.model import TTT_KEY, TTTLMModel, build_ttt_lm
 
 # Thousands of tiny ops: one intra-op thread is several times faster on a busy 2-core machine.
@@ -100,12 +101,15 @@ def test_zero_init_forward_is_bitwise_moshi(mode):
     assert out_t.mask.any() and out_t.text_mask.any()
 
 
-def _run_lmgen(model: LMModel, user: torch.Tensor, seed: int):
-    """moshi's LMGen with sampling; returns (emitted tokens [B, 9, n], text logits [B, 1, T, card],
-    TTT telemetry or None)."""
+DRIVERS = pytest.mark.parametrize("driver", [LMGen, TTTLMGen], ids=["LMGen", "TTTLMGen"])
+
+
+def _run_lmgen(model: LMModel, user: torch.Tensor, seed: int, driver=LMGen):
+    """`driver` (moshi's LMGen or TTTLMGen) with sampling; returns (emitted tokens [B, 9, n], text logits
+    [B, 1, T, card], TTT telemetry or None)."""
     B, _, T = user.shape
     text_logits: list[torch.Tensor] = []
-    gen = LMGen(model, use_sampling=True, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25,
+    gen = driver(model, use_sampling=True, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25,
                 on_text_logits_hook=lambda x: text_logits.append(x.clone()))
     out = []
     torch.manual_seed(seed)
@@ -118,15 +122,23 @@ def _run_lmgen(model: LMModel, user: torch.Tensor, seed: int):
     return torch.cat(out, dim=2), torch.cat(text_logits, dim=2), tel
 
 
-def test_zero_init_lmgen_generates_identical_tokens():
+@pytest.mark.parametrize("B", [1, 2])
+@DRIVERS
+def test_zero_init_lmgen_generates_identical_tokens(driver, B):
+    """Zero init: the same sampled tokens as moshi. Text logits bitwise at B = 1 (the fast weight goes
+    through moshi's own `F.linear` kernel); at B > 1 each conversation's fast weight is applied by a
+    batched matmul whose summation order differs from moshi's single GEMM: ≤ 1e-6 relative."""
     m, base = build_pair("zero", lr=0.5)
-    B, steps = 2, 3 * CHUNK + 5
+    steps = 3 * CHUNK + 5
     user = torch.randint(0, m.card, (B, 8, steps), generator=torch.Generator().manual_seed(2))
-    tok_t, logits_t, tel = _run_lmgen(m, user, seed=1234)
+    tok_t, logits_t, tel = _run_lmgen(m, user, seed=1234, driver=driver)
     tok_b, logits_b, _ = _run_lmgen(base, user, seed=1234)
     assert tok_t.shape == (B, 1 + m.dep_q, steps - max(m.delays))
     assert torch.equal(tok_t, tok_b)
-    assert torch.equal(logits_t, logits_b)
+    if B == 1:
+        assert torch.equal(logits_t, logits_b)
+    else:
+        assert float((logits_t - logits_b).abs().max()) <= 1e-6 * float(logits_b.abs().max())
     # The TTT path really ran: every item completed its chunks (zero target ⇒ zero delta).
     for layer_tel in tel.values():
         assert layer_tel["updates"].tolist() == [steps // CHUNK] * B
@@ -264,10 +276,11 @@ def test_batched_streaming_exec_mask_and_reset_match_alone_runs():
                 states = {i: {k: v.clone() for k, v in g._streaming_state.tensors().items()}
                           for i, g in m.ttt_gatings().items()}
                 m.reset_streaming(torch.tensor([True, False, False]))
+                fresh = _fresh_item(m)
                 for i, g in m.ttt_gatings().items():
                     for k, v in g._streaming_state.tensors().items():
                         assert torch.equal(v[1:], states[i][k][1:]), f"reset touched item 1/2 of {i}.{k}"
-                        assert not v[0].any(), f"reset left {i}.{k} of item 0 non-zero"
+                        assert torch.equal(v[0], fresh[i, k]), f"reset left {i}.{k} of item 0 not fresh"
                 seqs[0], pos[0] = seq0_second, 0
             mask = active[:, t]
             m.set_exec_mask(mask)
@@ -314,10 +327,16 @@ def _state_snapshot(m: TTTLMModel) -> dict[tuple[int, str], torch.Tensor]:
     return {(i, k): v.clone() for i, g in m.ttt_gatings().items() for k, v in g._streaming_state.tensors().items()}
 
 
-def test_lmgen_reset_streaming_clears_fast_weights():
+def _fresh_item(m: TTTLMModel) -> dict[tuple[int, str], torch.Tensor]:
+    """The state of one conversation that has just started (W⁽⁰⁾, empty chunk, zero counters)."""
+    return {(i, k): v[0] for i, g in m.ttt_gatings().items() for k, v in g._init_streaming_state(1).tensors().items()}
+
+
+@DRIVERS
+def test_lmgen_reset_streaming_clears_fast_weights(driver):
     m, _ = build_pair("ntp", lr=0.05)
     B = 3
-    gen = LMGen(m, use_sampling=True, temp=0.8, temp_text=0.7)
+    gen = driver(m, use_sampling=True, temp=0.8, temp_text=0.7)
     g = torch.Generator().manual_seed(6)
     torch.manual_seed(0)
     with gen.streaming(B):
@@ -332,7 +351,8 @@ def test_lmgen_reset_streaming_clears_fast_weights():
         gen.reset_streaming()  # everything
         drift, updates = _drift_updates(m)
         assert (drift == 0).all() and (updates == 0).all()
-        assert all(not v.any() for v in _state_snapshot(m).values())
+        fresh = _fresh_item(m)
+        assert all(torch.equal(v[b], fresh[key]) for key, v in _state_snapshot(m).items() for b in range(B))
 
         run(2 * CHUNK + 3)
         before = _state_snapshot(m)
@@ -345,7 +365,7 @@ def test_lmgen_reset_streaming_clears_fast_weights():
         assert torch.equal(drift[:, [0, 2]], drift_before[:, [0, 2]])
         for key, v in _state_snapshot(m).items():
             assert torch.equal(v[[0, 2]], before[key][[0, 2]]), key
-            assert not v[1].any(), key
+            assert torch.equal(v[1], fresh[key]), key
         # The reset conversation starts again from step 0 (LMGen's own offsets were reset too).
         assert gen._streaming_state.offsets.tolist() == [2 * CHUNK + 3, 0, 2 * CHUNK + 3]
         run(CHUNK)
@@ -353,13 +373,14 @@ def test_lmgen_reset_streaming_clears_fast_weights():
         assert (updates[:, 1] == 1).all() and (updates[:, [0, 2]] == 3).all()
 
 
-def test_lmgen_cfg_doubled_batch_keeps_streams_separate():
+@DRIVERS
+def test_lmgen_cfg_doubled_batch_keeps_streams_separate(driver):
     """cfg_coef != 1 with cfg_is_no_text needs no fuser: LMGen streams the model with batch 2B, items
     b (conditioned) and b + B (text replaced by the zero token). Their fast weights must be separate
     (each equals its own rows run alone) and LMGen's reset mask must map to both b and b + B."""
     m, _ = build_pair("ntp", lr=0.05)
     B, n_steps = 2, 2 * CHUNK + 3
-    gen = LMGen(m, use_sampling=True, cfg_coef=2.0, cfg_is_no_text=True)
+    gen = driver(m, use_sampling=True, cfg_coef=2.0, cfg_is_no_text=True)
     fed: list[torch.Tensor] = []
     original = m.forward_text
 
@@ -392,6 +413,7 @@ def test_lmgen_cfg_doubled_batch_keeps_streams_separate():
         for i in fw:
             assert max_abs(fw[i][b], fw[i][b + B]) > 1e-3, "conditioned/unconditioned fast weights coincide"
     # Reset mask [True, False] ⇒ model items 0 and 0 + B reset; 1 and 1 + B untouched.
+    fresh = _fresh_item(m)
     for key, v in after.items():
-        assert not v[[0, B]].any(), key
+        assert torch.equal(v[0], fresh[key]) and torch.equal(v[B], fresh[key]), key
         assert torch.equal(v[[1, 1 + B]], before[key][[1, 1 + B]]), key

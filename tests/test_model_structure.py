@@ -56,15 +56,16 @@ def test_moshi7b_meta_shapes_params_and_state_bytes():
     n_base = sum(v.numel() for v in base_sd.values())
     assert sum(v.numel() for v in sd.values()) - n_base == expected_added
 
-    # Per-conversation fast state (stream.TTTState), fp32 for a bf16 model, per TTT layer:
-    #   u [d, h] + z_buf [2C, h] + c_buf [2C, d] (fp32)
-    #   + pos, slot, updates, clips, skipped (int64) + prev_coef (fp32) + cur_bad (bool).
+    # Per-conversation fast state (stream.TTTState) of a bf16 model, per TTT layer: the fast weight
+    #   w [d, h] fp32 + its bf16 copy w_apply [d, h] + z_buf [C, h] + c_buf [C, d] (fp32)
+    #   + pos, updates, clips, skipped, lost (int64) + last_norm (fp32) + cur_bad (bool).
     C = ttt.layer.chunk_size
-    per_layer = 4 * (D7B * H7B + 2 * C * H7B + 2 * C * D7B) + 5 * 8 + 4 + 1
+    per_layer = (4 + 2) * D7B * H7B + 4 * (C * H7B + C * D7B) + 5 * 8 + 4 + 1
     expected_bytes = len(m.ttt_layer_indices) * per_layer
     with m.streaming(1):
         state = m.ttt_gatings()[0]._streaming_state
-        assert state.u.dtype == torch.float32 and state.u.device.type == "meta"
+        assert state.w.dtype == torch.float32 and state.w.device.type == "meta"
+        assert state.w_apply.dtype == torch.bfloat16
         assert m.ttt_state_bytes() == expected_bytes
     with m.streaming(3):  # per conversation, whatever the batch
         assert m.ttt_state_bytes() == expected_bytes
