@@ -3,7 +3,8 @@
 The input is read and resampled to Mimi's 24 kHz with sphn, downmixed to mono, zero-padded to whole
 1920-sample frames and streamed frame by frame: Mimi encode → `TTTLMGen` (moshi's `LMGen`, folding
 per chunk) on the TTT model → Mimi decode. As moshi's server does, Mimi's streaming state is reset
-after the very first encoded frame (that frame carries the encoder's left-padding artefact; its codes are still fed to the LM).
+after the very first encoded frame (that frame carries the encoder's left-padding artefact; its codes
+are still fed to the LM).
 `LMGen` emits nothing during its first `max_delay` steps, so `max_delay` frames of silence are fed after
 the input: the output has exactly as many frames as the padded input.
 
