@@ -1,8 +1,10 @@
 """`moshi-ttt bench`: what TTT costs, as TTT/base ratios measured in one run (interleaved repeats).
 
-Sections: the layer alone (streaming step and parallel forward+backward vs moshi's ActivationGating),
-the whole Moshi-shaped LM (LMGen.step latency, LMModel.forward+backward, activation memory), per-
-conversation state bytes and flat memory over a long streaming run, streaming-vs-parallel error.
+Sections: Moshi 7B shapes (`bench_moshi7b`: the MLP and a whole layer at d 4096, h 11264, and the
+computed bytes per frame), the layer alone at d 512 (streaming step and parallel forward+backward vs
+moshi's ActivationGating), the whole dim-512 Moshi-shaped LM (TTTLMGen.step latency,
+LMModel.forward+backward, activation memory), per-conversation state bytes and flat memory over a
+long streaming run, streaming-vs-parallel error.
 CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared.
 """
 
@@ -23,6 +25,7 @@ from moshi.models.lm import LMGen, LMModel
 from moshi.modules.gating import ActivationGating
 
 from .config import TTTConfig, TTTModelConfig
+from .generate import TTTLMGen
 from .layer import TTTGating
 from .model import build_ttt_lm
 
@@ -31,7 +34,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small repeat counts (< 1 minute)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--sections", default="layer,model,server", help="comma list of: layer, model, server")
+    p.add_argument("--sections", default="moshi7b,layer,model,server",
+                   help="comma list of: moshi7b, layer, model, server")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -143,7 +147,7 @@ def bench_model(quick: bool) -> dict:
     cfg = TTTConfig(chunk_size=C if not quick else 32, lr=1e-3, init="ntp")
     for every, tag in ((6, ""), (1, "_every_layer")):
         ttt, base = _models(cfg, every)
-        gens = {"ttt": LMGen(ttt, temp=0.8), "base": LMGen(base, temp=0.8)}
+        gens = {"ttt": TTTLMGen(ttt, temp=0.8), "base": LMGen(base, temp=0.8)}
         user = torch.randint(0, 2048, (1, 8, 1))
         with torch.no_grad(), gens["ttt"].streaming(1), gens["base"].streaming(1):
             fns = {k: (lambda g=g, u=user: g.step(u)) for k, g in gens.items()}
@@ -199,7 +203,7 @@ def bench_model(quick: bool) -> dict:
 
     # Flat memory: state bytes and process RSS before/after a long streaming run.
     ttt, _ = _models(dataclasses.replace(cfg, chunk_size=16), 6)
-    gen = LMGen(ttt)
+    gen = TTTLMGen(ttt)
     n = 100 if quick else 2000
     with torch.no_grad(), gen.streaming(1):
         for _ in range(20):
@@ -274,11 +278,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"layer", "model", "server"}
+    unknown = set(sections) - {"moshi7b", "layer", "model", "server"}
     if unknown:
         raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
     res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick)}
     t0 = time.perf_counter()
+    if "moshi7b" in sections:
+        from .bench_moshi7b import run as bench_moshi7b
+        res.update(bench_moshi7b(args.quick))
     if "layer" in sections:
         res.update(bench_layer(args.quick))
     if "model" in sections:
