@@ -9,12 +9,33 @@ import json
 import sys
 
 # (key, label, goal or "", format)
+ROWS_7B = [
+    ("moshi7b_mlp_ratio_b1", "MLP, `TTTGating` / moshi `ActivationGating`, B = 1 (mean over 2 chunks, folds included)",
+     "≤ 1.10", "{:.3f}×"),
+    ("moshi7b_mlp_ms_base_b1", "… base MLP step (ms)", "", "{:.1f}"),
+    ("moshi7b_mlp_max_step_ratio_b1", "… worst TTT step (a fold step) / base median", "reported", "{:.2f}×"),
+    ("moshi7b_mlp_ratio_b4", "MLP, B = 4", "≤ 1.6", "{:.3f}×"),
+    ("moshi7b_mlp_ms_base_b4", "… base MLP step, B = 4 (ms)", "", "{:.1f}"),
+    ("moshi7b_layer_ratio_b1", "whole transformer layer, KV cache {moshi7b_layer_kv_frames} frames, B = 1", "≤ 1.05",
+     "{:.3f}×"),
+    ("moshi7b_layer_ms_base_b1", "… base layer step (ms)", "", "{:.1f}"),
+    ("moshi7b_state_bytes_per_conversation", "fast state per conversation, 6 TTT layers, C = 256, bf16 model (bytes)",
+     "reported", "{:,}"),
+]
+
+BYTES_ROWS = [  # (label, key stem)
+    ("base layer", "base_layer"),
+    ("TTT layer (this design: per-conversation fast weight replaces W_down, fold once per chunk)", "ttt_layer"),
+    ("TTT layer, per-frame fold design (three fp32 passes over the fast state per frame)", "per_frame_fold_layer"),
+]
+
 ROWS = [
-    ("stream_step_ratio_median", "LMGen.step, TTT every 6th layer / base — median", "≤ 1.08", "{:.3f}×"),
-    ("stream_step_ratio_p99", "LMGen.step, TTT every 6th layer / base — p99", "≤ 1.5", "{:.3f}×"),
-    ("stream_step_ms_base", "LMGen.step base (ms, median)", "", "{:.1f}"),
-    ("stream_step_ratio_median_every_layer", "LMGen.step, TTT in every layer / base — median", "", "{:.3f}×"),
-    ("stream_step_ratio_p99_every_layer", "LMGen.step, TTT in every layer / base — p99", "", "{:.3f}×"),
+    ("stream_step_ratio_median", "dim-512 LM: TTTLMGen.step, TTT every 6th layer / LMGen base — median", "≤ 1.08",
+     "{:.3f}×"),
+    ("stream_step_ratio_p99", "dim-512 LM: … — p99", "≤ 1.5", "{:.3f}×"),
+    ("stream_step_ms_base", "dim-512 LM: LMGen.step base (ms, median)", "", "{:.1f}"),
+    ("stream_step_ratio_median_every_layer", "dim-512 LM: TTT in every layer / base — median", "", "{:.3f}×"),
+    ("stream_step_ratio_p99_every_layer", "dim-512 LM: TTT in every layer / base — p99", "", "{:.3f}×"),
     ("train_step_ratio", "LMModel.forward+backward, T = {train_T}, C = {train_chunk} / base — time", "≤ 1.15",
      "{:.3f}×"),
     ("train_peak_mem_ratio", "… activation memory saved for backward / base", "≤ 1.2", "{:.3f}×"),
@@ -33,6 +54,28 @@ ROWS = [
 ]
 
 
+def table_7b(res: dict) -> str:
+    out = ["| measure (d 4096, h 11264, fp32, chunk {moshi7b_chunk}) | value | goal |".format(**res), "|---|---|---|"]
+    for key, label, goal, fmt in ROWS_7B:
+        if key in res:
+            out.append(f"| {label.format(**res)} | {fmt.format(res[key])} | {goal} |")
+    return "\n".join(out)
+
+
+def table_bytes(res: dict) -> str:
+    """Computed bytes per frame (bf16 weights, KV window full, C = 256), not measured."""
+    out = ["| per frame, computed | B = 1 | B = 4 |", "|---|---|---|"]
+    for label, stem in BYTES_ROWS:
+        cells = [f"{res[f'moshi7b_bytes_{stem}_b{b}'] / 1e6:,.0f} MB" for b in (1, 4)]
+        if stem != "base_layer":
+            cells = [f"{c} ({res[f'moshi7b_bytes_{stem}_ratio_b{b}']:.2f}×)" for c, b in zip(cells, (1, 4))]
+        out.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    for label, stem in (("whole model, TTT in 6 of 32 layers (this design)", "model_ratio"),
+                        ("whole model, per-frame fold design", "per_frame_fold_model_ratio")):
+        out.append(f"| {label} | {res[f'moshi7b_bytes_{stem}_b1']:.3f}× | {res[f'moshi7b_bytes_{stem}_b4']:.3f}× |")
+    return "\n".join(out)
+
+
 def table(res: dict) -> str:
     out = ["| measure | value | goal |", "|---|---|---|"]
     for key, label, goal, fmt in ROWS:
@@ -43,4 +86,6 @@ def table(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(table(json.load(open(sys.argv[1]))))
+    res = json.load(open(sys.argv[1]))
+    parts = [table_7b(res), table_bytes(res)] if "moshi7b_mlp_ratio_b1" in res else []
+    print("\n\n".join(parts + [table(res)]))

@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
-            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4"]
+            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4",
+            "moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1", "moshi7b_layer_ratio_b1",
+            "moshi7b_state_bytes_per_conversation"]
 
 
 def test_bench_quick_json(tmp_path):
@@ -29,3 +31,9 @@ def test_bench_quick_json(tmp_path):
     assert res["stream_vs_parallel_max_abs"] < 1e-4 and res["stream_vs_parallel_drift"] > 0
     # per-conversation state is allocated once: no growth over a long streaming run
     assert res["long_run_state_bytes_growth"] == 0
+    # computed GPU bytes at 7B: a TTT layer moves the base layer's bytes at B = 1 (+ the fold amortised
+    # over the chunk); the per-frame-fold design it replaced moved more than twice as much
+    assert 1 < res["moshi7b_bytes_ttt_layer_ratio_b1"] < 1.01
+    assert res["moshi7b_bytes_per_frame_fold_layer_ratio_b1"] > 2
+    # 7B state per conversation, 6 layers: fp32 fast weight + bf16 copy dominate (≥ 6 · 6 · d · h bytes)
+    assert res["moshi7b_state_bytes_per_conversation"] >= 6 * 6 * 4096 * 11264
