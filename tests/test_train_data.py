@@ -17,6 +17,7 @@ import torch
 from conftest import TRAIN_SR, write_wav
 from moshi.modules.lora import LoRALinear
 
+from moshi_ttt.model import TTT_KEY
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.data import BatchOrder, DataError, Dataset, TokenIds, read_alignments, text_stream
 from moshi_ttt.train.loop import train
@@ -168,7 +169,7 @@ def test_lora_b_is_zero_initialised(train_repo):
     assert loras and all(m.lora_B.weight.abs().max() == 0 for m in loras)
     assert torch.equal(before.logits[before.mask], after.logits[after.mask])
     names = select_trainable(model, "ttt+lora")
-    assert any(".lora_A." in n for n in names) and any(".gating.ttt." in n for n in names)
+    assert any(".lora_A." in n for n in names) and any(TTT_KEY in n for n in names)
     assert not any(n.endswith("frozen_W.weight") for n in names)
     with pytest.raises(ValueError, match="already a LoRA"):
         add_lora(model, rank=4, scaling=2.0)
@@ -180,7 +181,7 @@ def test_trainable_sets(train_repo):
 
     model = load_ttt_moshi(checkpoint_info(str(train_repo)), dtype=torch.bfloat16)
     ttt = select_trainable(model, "ttt")
-    assert ttt and all(".gating.ttt." in n for n in ttt)
+    assert ttt and all(TTT_KEY in n for n in ttt)
     wdown = select_trainable(model, "ttt+wdown")
     assert sorted(set(wdown) - set(ttt)) == ["transformer.layers.0.gating.linear_out.weight",
                                              "transformer.layers.2.gating.linear_out.weight"]
