@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TTTModelConfig
 from .config_files import load_lm_and_ttt
-from .model import build_ttt_lm
+from .model import TTT_KEY, build_ttt_lm
 
 _CORPUS = """hello there how are you today
 I am fine thank you and you
@@ -119,6 +119,37 @@ def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+DEMO_VERSION = 2  # bump when the demo checkpoint recipe changes (invalidates the cache)
+
+
+def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None = None) -> Path:
+    """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml, with `ttt` instead of tiny's TTT
+    section if given), built once per TTT config in `cache_root` (default `cache_dir()`) and reused."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    root = Path(cache_root) if cache_root is not None else cache_dir()
+    key = json.dumps({"v": DEMO_VERSION, "config": "tiny", "ttt": None if ttt is None else ttt.to_dict()},
+                     sort_keys=True)
+    folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        make_local_repo(tmp, config="tiny", ttt=ttt)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # built concurrently by another process: keep theirs
+            if not (folder / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
                     ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
                     ttt_in_config: bool = True) -> Path:
@@ -135,7 +166,7 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
     torch.manual_seed(seed)
     model = build_ttt_lm(lm_kwargs, ttt)
     state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if ttt_in_weights or ".gating.ttt." not in k}
+             if ttt_in_weights or TTT_KEY not in k}
     save_file(state, str(out / "model.safetensors"))
     mimi_cfg = tiny_mimi_config()
     save_file(_tiny_mimi_state(seed), str(out / "mimi.safetensors"))

@@ -27,7 +27,7 @@ from moshi.modules.gating import ActivationGating
 from .config import TTTConfig, TTTModelConfig
 from .generate import TTTLMGen
 from .layer import TTTGating
-from .model import build_ttt_lm
+from .model import TTT_KEY, build_ttt_lm
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +136,7 @@ def _models(layer_cfg: TTTConfig, every: int, dtype=torch.float32) -> tuple[LMMo
     torch.manual_seed(0)
     ttt = build_ttt_lm(MOSHI_SHAPED, TTTModelConfig(layer=layer_cfg, every=every), dtype=dtype)
     base = LMModel(**MOSHI_SHAPED, dtype=dtype).eval()
-    base.load_state_dict({k: v for k, v in ttt.state_dict().items() if ".gating.ttt." not in k}, strict=True)
+    base.load_state_dict({k: v for k, v in ttt.state_dict().items() if TTT_KEY not in k}, strict=True)
     return ttt, base
 
 

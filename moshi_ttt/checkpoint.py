@@ -1,11 +1,10 @@
 """Kyutai checkpoints in, TTT weights in and out.
 
 The base Moshi state dict loads *strictly* through moshi's `CheckpointInfo`; TTT parameters
-(keys containing ".gating.ttt.") are the only additions and come from, in order of precedence:
-  (a) a TTT safetensors file written by `save_ttt` (its config travels in the file's metadata),
-  (b) the checkpoint's config.json `"ttt"` section with the TTT tensors inside the Moshi weights file,
-  (c) initialisation from the TTT config (`zero` init ⇒ exactly the base model).
-Errors name the offending key, shape or value.
+(keys containing `model.TTT_KEY`) are the only additions. Which TTT config the model gets is decided by
+`runtime.resolve_ttt`; the TTT tensors then come from the TTT safetensors file written by `save_ttt` if
+there is one, else from the Moshi weights file, else from initialisation (`zero` init ⇒ exactly the base
+model). Errors name the offending key, shape or value.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -24,6 +24,9 @@ from safetensors.torch import load_file, save_file
 from .config import TTTModelConfig
 from .layer import TTTTarget
 from .model import TTT_KEY, TTTLMModel
+
+if TYPE_CHECKING:
+    from .runtime import ResolvedTTT
 
 TTT_METADATA_KEY = "moshi_ttt_config"
 TTT_NAME_KEY = "ttt_name"  # config.json: TTT safetensors shipped with the checkpoint (like moshi_name)
@@ -79,7 +82,7 @@ def init_ttt_state(model: TTTLMModel, device, dtype) -> dict[str, torch.Tensor]:
     for i, g in model.ttt_gatings().items():
         fresh = TTTTarget(g.dim, g.cfg, device=device, dtype=dtype)
         for k, v in fresh.state_dict().items():
-            out[f"transformer.layers.{i}.gating.ttt.{k}"] = v
+            out[f"transformer.layers.{i}{TTT_KEY}{k}"] = v
     return out
 
 
@@ -108,7 +111,7 @@ def check_ttt_tensors(model: TTTLMModel, tensors: dict[str, torch.Tensor], sourc
             raise CheckpointError(f"{source}: non-finite values in {k!r}")
 
 
-def _require_agreement(a: TTTModelConfig, b: TTTModelConfig, what: str, n_layers: int) -> None:
+def require_agreement(a: TTTModelConfig, b: TTTModelConfig, what: str, n_layers: int) -> None:
     diff = []
     if a.layer_indices(n_layers) != b.layer_indices(n_layers):
         diff.append(f"layers {a.layer_indices(n_layers)} vs {b.layer_indices(n_layers)}")
@@ -121,34 +124,21 @@ def _require_agreement(a: TTTModelConfig, b: TTTModelConfig, what: str, n_layers
 def load_ttt_moshi(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | None = None,
                    ttt_weights: str | Path | None = None, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.bfloat16, load_weight: bool = True,
-                   fuse_lora: bool = False) -> TTTLMModel:
+                   fuse_lora: bool = False, ttt: ResolvedTTT | None = None) -> TTTLMModel:
     """Builds the TTT-Moshi described by `info` (moshi's CheckpointInfo) and loads its weights.
 
-    ttt_config: explicit TTT config; must agree with the one stored in `ttt_weights` or config.json.
-    ttt_weights: TTT safetensors from `save_ttt` (source (a)).
+    ttt: the resolved TTT config (`runtime.resolve_ttt`); without it, it is resolved here from `ttt_config`
+    (explicit) and `ttt_weights` (a TTT safetensors from `save_ttt`).
     """
+    if ttt is None:
+        from .runtime import resolve_ttt
+
+        ttt = resolve_ttt(info, ttt_config, ttt_weights)
     lm_kwargs = dict(info.lm_config if info.lm_config is not None else loaders._lm_kwargs)
-    repo_ttt = lm_kwargs.pop("ttt", None)
-    ttt_name = lm_kwargs.pop(TTT_NAME_KEY, None)  # resolved to a path by checkpoint_info
-    if ttt_weights is None and ttt_name is not None:
-        ttt_weights = ttt_name
-    file_tensors: dict[str, torch.Tensor] | None = None
-    file_cfg: TTTModelConfig | None = None
-    if ttt_weights is not None:
-        file_tensors, file_cfg = read_ttt_file(ttt_weights)
-    repo_cfg = None
-    if repo_ttt is not None:
-        try:
-            repo_cfg = TTTModelConfig.from_dict(repo_ttt)
-        except ValueError as e:
-            raise CheckpointError(f"config.json 'ttt' section: {e}") from e
-    cfg = ttt_config or file_cfg or repo_cfg
-    if cfg is None:
-        raise CheckpointError("no TTT config: pass --ttt-config, TTT weights with a config, or a checkpoint "
-                              "whose config.json has a 'ttt' section")
+    lm_kwargs.pop("ttt", None)
+    lm_kwargs.pop(TTT_NAME_KEY, None)
+    cfg, file_tensors, ttt_weights = ttt.config, ttt.file_tensors, ttt.file
     n_layers = lm_kwargs.get("num_layers", 0)
-    if ttt_config is not None and file_cfg is not None:
-        _require_agreement(ttt_config, file_cfg, f"the TTT weights file {ttt_weights}", n_layers)
 
     # The same kwargs handling as loaders.get_moshi_lm, then our model class.
     if "conditioners" in lm_kwargs:
@@ -177,8 +167,8 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | No
             ttt_tensors, source = file_tensors, str(ttt_weights)
         elif repo_tensors:
             ttt_tensors, source = repo_tensors, str(weights)
-            if ttt_config is not None and repo_cfg is not None:
-                _require_agreement(ttt_config, repo_cfg, "config.json's 'ttt' section", n_layers)
+            if ttt.explicit and ttt.repo_config is not None:
+                require_agreement(cfg, ttt.repo_config, "config.json's 'ttt' section", n_layers)
         else:
             ttt_tensors, source = init_ttt_state(model, device, dtype), "init"
         check_ttt_tensors(model, ttt_tensors, source)

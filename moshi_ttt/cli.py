@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _has_cuda_hint() -> bool:
-    """torch.compile helps on CUDA only; on CPU it costs seconds per first call (DESIGN.md §2)."""
+    """torch.compile helps on CUDA only; on CPU it costs seconds per first call."""
     return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 

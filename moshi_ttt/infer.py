@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config_files import add_checkpoint_args, load_ttt_config
+from .config_files import add_checkpoint_args
 
 SAMPLE_RATE = 24000
 EXIT_USER_ERROR = 2
@@ -57,8 +54,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoint")
     add_checkpoint_args(g)
     g.add_argument("--demo", action="store_true",
-                   help="no checkpoint: build the tiny random demo checkpoint (configs/tiny.yaml, or the LM "
-                        "of tiny with --ttt-config's TTT section) in a temporary folder and use it")
+                   help="no checkpoint: the tiny random demo checkpoint of `serve --demo` (configs/tiny.yaml, or "
+                        "the LM of tiny with --ttt-config's TTT section), built once in $MOSHI_TTT_CACHE or "
+                        "~/.cache/moshi_ttt")
     r = parser.add_argument_group("run")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -77,20 +75,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import runtime
     from .checkpoint import CheckpointError
 
-    demo_dir: str | None = None
+    runtime.log_to_stderr("moshi-ttt infer")
     try:
-        try:
-            setup = _prepare(args)
-        except (UserError, CheckpointError, OSError, ValueError) as e:
-            _fail(e)
-            return EXIT_USER_ERROR
-        demo_dir = setup.pop("demo_dir")
-        _infer(args, **setup)
-    finally:
-        if demo_dir is not None:
-            shutil.rmtree(demo_dir, ignore_errors=True)
+        setup = _prepare(args)
+    except (UserError, CheckpointError, OSError, ValueError) as e:
+        _fail(e)
+        return EXIT_USER_ERROR
+    _infer(args, **setup)
     return 0
 
 
@@ -141,87 +135,30 @@ def read_audio(path: str | Path) -> np.ndarray:
 
 def _prepare(args: argparse.Namespace) -> dict:
     """Everything that can fail because of the user's input, before the (long) streaming loop."""
-    from . import assets
-    from .checkpoint import load_ttt_moshi
+    from . import runtime
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.telemetry_every < 0:
         raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
-    if args.demo and args.hf_repo:
-        raise UserError("--demo builds its own checkpoint: do not combine it with --hf-repo")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(device, args.dtype)
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
     pcm = read_audio(args.infile)
-
-    ttt_cfg = load_ttt_config(args.ttt_config) if args.ttt_config else None
-    demo_dir = None
-    hf_repo = args.hf_repo
-    if args.demo:
-        demo_dir = tempfile.mkdtemp(prefix="moshi-ttt-demo-")
-        hf_repo = str(assets.make_local_repo(demo_dir, ttt=ttt_cfg))
-    try:
-        info = _checkpoint_info(args, hf_repo)
-        model = load_ttt_moshi(info, ttt_config=ttt_cfg, ttt_weights=args.ttt_weights, device=device, dtype=dtype)
-        try:
-            mimi = info.get_mimi(device=device)
-        except Exception as e:
-            raise UserError(f"Mimi weights {info.mimi_weights}: cannot load ({e})") from None
-        try:
-            tokenizer = info.get_text_tokenizer()
-        except Exception as e:
-            raise UserError(f"text tokenizer {info.tokenizer}: cannot load ({e})") from None
-        if args.cfg_coef != 1.0 and model.fuser is None:
-            raise UserError(f"--cfg-coef {args.cfg_coef}: this model has no condition fuser (CFG needs a "
-                            "conditioned model); use --cfg-coef 1")
-        if model.dep_q == 0:
-            raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
-        for p in [*wavs, *txts, tel]:
-            p.parent.mkdir(parents=True, exist_ok=True)
-    except BaseException:
-        if demo_dir is not None:
-            shutil.rmtree(demo_dir, ignore_errors=True)
-        raise
-    return dict(info=info, model=model, mimi=mimi, tokenizer=tokenizer, pcm=pcm, device=device, dtype=dtype,
-                wavs=wavs, txts=txts, tel=tel, demo_dir=demo_dir)
+    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype)
+    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    conditions = runtime.condition_tensors(pieces, args.batch_size, args.cfg_coef, gen)
+    if pieces.lm.dep_q == 0:
+        raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
+    for p in [*wavs, *txts, tel]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return dict(model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
+                conditions=conditions, pcm=pcm, device=device, dtype=dtype, wavs=wavs, txts=txts, tel=tel)
 
 
-def _checkpoint_info(args: argparse.Namespace, hf_repo: str | None):
-    from .checkpoint import checkpoint_info
-
-    if hf_repo and Path(hf_repo).is_file():
-        raise UserError(f"--hf-repo {hf_repo}: a file, not a checkpoint folder or repo id (a weights file goes "
-                        "to --moshi-weight)")
-    if hf_repo and not Path(hf_repo).is_dir() and hf_repo.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"checkpoint folder not found: {hf_repo}")
-    # moshi warns "no config.json, assuming Moshi 7B" whenever config.json cannot be fetched, also when
-    # the repo is simply not in the offline cache: only pass warnings on once loading succeeded.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            info = checkpoint_info(hf_repo, args.moshi_weight, args.mimi_weight, args.tokenizer,
-                                   args.config_path, args.lora_weight)
-        except (OSError, ValueError) as e:
-            raise UserError(f"checkpoint {hf_repo or '(default repo)'}: {e}") from None
-    for w in caught:
-        print(f"moshi-ttt infer: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
-    return info
-
-
-def _make_lm_gen(args, info, model, batch_size: int):
-    from moshi.run_inference import get_condition_tensors
-
+def _make_lm_gen(args, model, gen_kwargs: dict, conditions):
     from .generate import make_lm_gen
 
-    gen_kwargs = dict(info.lm_gen_config)
-    if args.temp is not None:
-        gen_kwargs["temp"] = args.temp
-    if args.temp_text is not None:
-        gen_kwargs["temp_text"] = args.temp_text
-    conditions = get_condition_tensors(info.model_type, model, batch_size, args.cfg_coef)
     return make_lm_gen(model, cfg_coef=args.cfg_coef, condition_tensors=conditions, **gen_kwargs)
 
 
@@ -231,14 +168,15 @@ def _to_list(t: torch.Tensor, n: int) -> list:
 
 
 @torch.no_grad()
-def _infer(args, info, model, mimi, tokenizer, pcm: np.ndarray, device, dtype, wavs, txts, tel) -> None:
+def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray, device, dtype, wavs, txts,
+           tel) -> None:
     import sphn
     from moshi.run_inference import seed_all
     from tqdm import tqdm
 
     B = args.batch_size
     seed_all(args.seed)
-    lm_gen = _make_lm_gen(args, info, model, B)
+    lm_gen = _make_lm_gen(args, model, gen_kwargs, conditions)
     frame = int(mimi.sample_rate / mimi.frame_rate)
     n_in = math.ceil(pcm.shape[0] / frame)
     padded = np.zeros(n_in * frame, dtype=np.float32)

@@ -2,7 +2,7 @@
 
 GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see `session`)
 GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
-GET /metrics   Prometheus text (see `metrics`)
+GET /metrics   Prometheus text (prometheus_client, see `metrics`)
 GET /          the web client (`index.html` of the static directory) and its other files
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import protocol
 from .engine import Engine
 from .metrics import CONTENT_TYPE, Metrics
 from .session import Session, SessionConfig, peer_of
@@ -71,8 +72,13 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=True)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
+    try:
+        telemetry = protocol.telemetry_requested(request.query.get(protocol.TELEMETRY_QUERY))
+    except protocol.ProtocolError as e:
+        return web.Response(status=400, text=f"400: {e.reason}\n")
     await ws.prepare(request)
-    session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info)
+    session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info,
+                      telemetry=telemetry)
     app[SESSIONS].add(session)
     try:
         await session.run()
@@ -92,8 +98,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
-    return web.Response(body=body.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _on_shutdown(app: web.Application) -> None:

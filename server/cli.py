@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import random
-import shutil
 import signal
 import ssl
 import sys
-import tempfile
 import threading
 import time
 import typing as tp
@@ -27,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.config_files import add_checkpoint_args, load_ttt_config
+from moshi_ttt.config_files import add_checkpoint_args
 
 from . import protocol
 from .app import DEFAULT_STATIC, AppConfig, create_app
@@ -36,8 +32,6 @@ from .metrics import Metrics
 from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
-
-DEMO_VERSION = 2  # bump when the demo checkpoint recipe changes (invalidates the cache)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -91,36 +85,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 # -- model ------------------------------------------------------------------------------------------
 
 
-def _cache_root(args) -> Path:
-    root = args.cache_dir or os.environ.get("MOSHI_TTT_CACHE") or Path.home() / ".cache" / "moshi_ttt"
-    return Path(root)
-
-
-def demo_repo(cache_root: Path, ttt=None) -> Path:
-    """The `--demo` checkpoint folder, built once per TTT config (deterministic, ~1 s) and cached."""
-    from moshi_ttt.assets import make_local_repo
-
-    key = json.dumps({"v": DEMO_VERSION, "config": "tiny", "ttt": None if ttt is None else ttt.to_dict()},
-                     sort_keys=True)
-    folder = cache_root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    if (folder / "config.json").exists():
-        return folder
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=cache_root))
-    try:
-        make_local_repo(tmp, config="tiny", ttt=ttt)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # built concurrently by another process: keep theirs
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the demo checkpoint in %s", folder)
-    return folder
-
-
 @dataclass
 class Loaded:
     engine: Engine
@@ -132,56 +96,26 @@ def load(args) -> Loaded:
     """Loads the model described by the flags and starts the engine (blocking; seconds)."""
     import numpy as np
     import torch
-    from moshi.run_inference import get_condition_tensors
 
-    from moshi_ttt.checkpoint import checkpoint_info, load_ttt_moshi
+    from moshi_ttt import runtime
 
     random.seed(args.seed)
     np.random.seed(args.seed % (2 ** 32))
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        dtype = torch.float16 if args.half else torch.bfloat16
-    else:
-        dtype = torch.float32
-        if args.half:
-            log.info("--half is ignored on CPU (float32)")
-    ttt_cfg = load_ttt_config(args.ttt_config) if args.ttt_config else None
-    if args.demo:
-        clash = [f for f in ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path", "lora_weight")
-                 if getattr(args, f)]
-        if clash:
-            raise ValueError("--demo builds its own checkpoint; drop " + ", ".join("--" + f.replace("_", "-")
-                                                                                  for f in clash))
-        repo = demo_repo(_cache_root(args), ttt_cfg)
-        info = checkpoint_info(str(repo))
-        model_name = f"demo (tiny random TTT-Moshi, {repo})"
-        ttt_cfg = None  # it is the checkpoint's own now
-    else:
-        info = checkpoint_info(args.hf_repo, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
-                               tokenizer=args.tokenizer, config_path=args.config_path, lora_weight=args.lora_weight)
-        model_name = args.hf_repo or "moshi default repo"
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(device, half=args.half)
+    if args.half and device.type != "cuda":
+        log.info("--half is ignored on CPU (float32)")
     t = time.perf_counter()
-    lm = load_ttt_moshi(info, ttt_config=ttt_cfg, ttt_weights=args.ttt_weights, device=device, dtype=dtype,
-                        fuse_lora=args.fuse_lora)
-    mimi = info.get_mimi(device=device)
-    tokenizer = info.get_text_tokenizer()
+    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, fuse_lora=args.fuse_lora,
+                          cache_root=args.cache_dir)
+    lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
     log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
              time.perf_counter() - t, lm.ttt_layer_indices)
-
-    gen = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
-    gen.update({k: v for k, v in (info.lm_gen_config or {}).items()})
-    for k in ("temp", "temp_text", "top_k", "top_k_text"):
-        v = getattr(args, k)
-        if v is not None:
-            gen[k] = v
-    if gen.get("temp", 1) <= 0 and gen.get("temp_text", 1) <= 0:
-        gen["use_sampling"] = False
-    if args.cfg_coef != 1.0 and lm.fuser is None and not (gen.get("cfg_is_masked_until") or gen.get("cfg_is_no_text")):
-        raise ValueError(f"--cfg-coef {args.cfg_coef} needs a conditioned model; this checkpoint has no condition "
-                         "fuser (use --cfg-coef 1)")
+    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
+                                top_k_text=args.top_k_text)
     n = args.max_conversations
-    condition_tensors = get_condition_tensors(info.model_type, lm, batch_size=n, cfg_coef=args.cfg_coef)
+    condition_tensors = runtime.condition_tensors(pieces, n, args.cfg_coef, gen)
     threads = args.threads
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 2) - 1) if device.type == "cpu" else 1

@@ -45,16 +45,16 @@ class ChatClient:
         self.errors: list[str] = []
         self.closed = asyncio.Event()
         self.close_code: int | None = None
-        self.first_audio_at: float | None = None
-        self.audio_times: list[tuple[float, int]] = []  # (time, total samples) at each audio message
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, http: aiohttp.ClientSession, url: str, api_key: str | None = None,
-                      handshake_timeout: float = 30.0) -> ChatClient:
+                      handshake_timeout: float = 30.0, telemetry: bool = False) -> ChatClient:
+        """`telemetry`: ask for the 0x04 info and TTT telemetry messages (`?telemetry=1`)."""
         headers = {"X-API-Key": api_key} if api_key else None
-        ws = await http.ws_connect(url, headers=headers, max_msg_size=0, autoping=True)
+        params = {protocol.TELEMETRY_QUERY: "1"} if telemetry else None
+        ws = await http.ws_connect(url, headers=headers, params=params, max_msg_size=0, autoping=True)
         self = cls(ws)
         try:
             msg = await asyncio.wait_for(ws.receive(), handshake_timeout)
@@ -98,11 +98,8 @@ class ChatClient:
                 if kind == protocol.Kind.AUDIO:
                     pcm = self.reader.append_bytes(payload)
                     if pcm.size:
-                        if self.first_audio_at is None:
-                            self.first_audio_at = time.monotonic()
                         self.chunks.append(np.asarray(pcm, np.float32).reshape(-1))
                         self.n_samples += pcm.size
-                        self.audio_times.append((time.monotonic(), self.n_samples))
                 elif kind == protocol.Kind.TEXT:
                     self.text.append(payload)
                 elif kind == protocol.Kind.METADATA:

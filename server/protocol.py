@@ -1,8 +1,12 @@
 """Moshi's websocket wire format: binary messages whose first byte is the kind.
 
-Kinds (DESIGN.md §3): 0x00 handshake (server → client, once the conversation is ready), 0x01 audio
-(Ogg Opus pages, 24 kHz mono, both ways), 0x02 text (UTF-8 piece, server → client), 0x03 control,
-0x04 metadata (UTF-8 JSON), 0x05 error (UTF-8 reason, sent before any server-side close), 0x06 ping.
+Kinds: 0x00 handshake (server → client, once the conversation is ready), 0x01 audio (Ogg Opus pages,
+24 kHz mono, both ways), 0x02 text (UTF-8 piece, server → client), 0x03 control, 0x04 metadata (UTF-8
+JSON), 0x05 error (UTF-8 reason, sent before any server-side close), 0x06 ping.
+
+By default the server sends only what moshi's own server sends (`DEFAULT_SERVER_KINDS`): Kyutai's web
+client rejects our 0x04 messages as malformed metadata. A client that connects with `?telemetry=1` also
+gets 0x04: one "info" message (model, TTT layers) after the handshake and the TTT telemetry.
 
 `parse` validates one client message and raises `ProtocolError` (with a reason fit for a 0x05 and a
 log line) for what the server cannot accept; the encoders build server messages.
@@ -28,9 +32,17 @@ class Kind(enum.IntEnum):
     PING = 6
 
 
-# What a client may send. Handshake/text/metadata/error are server → client only, but a client echoing
-# one is harmless; they are accepted and ignored like control and ping.
-IGNORED_CLIENT_KINDS = frozenset({Kind.HANDSHAKE, Kind.TEXT, Kind.CONTROL, Kind.METADATA, Kind.ERROR, Kind.PING})
+DEFAULT_SERVER_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO, Kind.TEXT, Kind.ERROR})
+TELEMETRY_QUERY = "telemetry"  # ?telemetry=1: also send the 0x04 info and TTT telemetry messages
+
+
+def telemetry_requested(value: str | None) -> bool:
+    """The `telemetry` query parameter: absent or "0" ⇒ False, "1" ⇒ True, anything else is refused."""
+    if value is None or value == "0":
+        return False
+    if value == "1":
+        return True
+    raise ProtocolError(f"query parameter {TELEMETRY_QUERY}={value!r}: expected 0 or 1", 1008)
 
 
 class ProtocolError(ValueError):

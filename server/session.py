@@ -2,7 +2,8 @@
 
 recv: client messages → validated (`protocol.parse`) → Ogg Opus decoded to PCM → 1920-sample frames
       pushed to the engine slot.
-send: engine events → PCM encoded to Ogg Opus (0x01), text pieces (0x02), TTT telemetry (0x04).
+send: engine events → PCM encoded to Ogg Opus (0x01), text pieces (0x02), and only with `telemetry`
+      (`?telemetry=1`) the info message and the TTT telemetry (0x04).
 watchdog: idle timeout (no audio for `idle_timeout` s once the audio received so far is processed)
           and server shutdown.
 
@@ -51,13 +52,14 @@ class End:
 
 class Session:
     def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
-                 peer: str = "?", info: dict | None = None):
+                 peer: str = "?", info: dict | None = None, telemetry: bool = False):
         self.ws = ws
         self.engine = engine
         self.metrics = metrics
         self.cfg = cfg
         self.peer = peer
         self.info = info or {}
+        self.telemetry = telemetry  # send 0x04 info + TTT telemetry (moshi's own server never sends 0x04)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.conv_id: int | None = None
@@ -129,8 +131,9 @@ class Session:
             return End(error=ev.reason, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         assert ev.kind == "ready", ev.kind
         await self.ws.send_bytes(protocol.handshake())
-        await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
-                                                    "slot": self.slot.index, **self.info}))
+        if self.telemetry:
+            await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
+                                                        "slot": self.slot.index, **self.info}))
         await self._send_telemetry(ev)
         log.info("%s started", tag)
         self.last_audio = time.monotonic()
@@ -240,7 +243,7 @@ class Session:
     # -- helpers -----------------------------------------------------------------------------------------
 
     async def _send_telemetry(self, ev: Event) -> None:
-        if not ev.telemetry:
+        if not ev.telemetry or not self.telemetry:
             return
         await self.ws.send_bytes(protocol.metadata({
             "type": "ttt", "conversation": self.conv_id, "frames": ev.frame,

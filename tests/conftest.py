@@ -54,117 +54,152 @@ def stream_calls():
     return _stream_calls
 
 
-# ---- server tests (tests/test_server_*.py) -------------------------------------------------------
+# ---- real speech (espeak-ng through moshi_ttt.speech) -----------------------------------------------
 
-def _server_espeak(path, text: str, voice: str = "en") -> None:
-    import shutil
-    import subprocess
+# name → (voice, espeak speed or None, text); synthesised on first use, once per test session.
+SPEECH_CLIPS = {
+    "a": ("en", None, "Hello there, this is a test of test time training inside Moshi. "
+                      "The weather is nice and the sun is out."),  # ~6 s
+    "b": ("en+f3", None, "Tell me a story about a cat and a dog, please, right now."),  # ~3.5 s
+    "infer": ("en", None, "Hello there. This is a short test of test time training inside Moshi. "
+                          "The weather is nice today."),  # 4 to 6.5 s
+    "web": ("en", 150, "Hello Moshi. I would like to test how your fast weights change while we talk. "
+                       "Tell me about the weather, the sea and the mountains."),
+    "train0": ("en", None, "hello there how are you today"),
+    "train1": ("en", None, "tell me a story about a cat"),
+    "train2": ("en+f3", None, "I am fine thank you and you"),
+}
 
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.fail("espeak-ng is not installed: the server tests need real speech. Run `make sysdeps` "
-                    "(apt-get install -y espeak-ng sox)")
-    subprocess.run([exe, "-v", voice, "-w", str(path), text], check=True, capture_output=True)
+
+class Speech:
+    """Real speech clips of `SPEECH_CLIPS`: `wav(name)` the espeak-ng WAV (its own rate, mono), `pcm(name)`
+    float32 24 kHz mono. Fails the test (with the install hint) when espeak-ng is missing."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._pcm: dict = {}
+
+    def wav(self, name: str):
+        from moshi_ttt.speech import SpeechUnavailable, espeak_wav
+
+        path = self.folder / f"{name}.wav"
+        if not path.exists():
+            voice, speed, text = SPEECH_CLIPS[name]
+            try:
+                espeak_wav(path, text, voice, speed)
+            except SpeechUnavailable as e:
+                pytest.fail(str(e))
+        return path
+
+    def pcm(self, name: str):
+        import sphn
+
+        if name not in self._pcm:
+            pcm, sr = sphn.read(str(self.wav(name)), sample_rate=24000)
+            assert sr == 24000 and pcm.shape[-1] > 12000, (name, sr, pcm.shape)
+            self._pcm[name] = pcm[0].astype("float32")
+        return self._pcm[name]
 
 
 @pytest.fixture(scope="session")
-def server_speech(tmp_path_factory):
-    """Two real speech clips (espeak-ng) as float32 24 kHz mono numpy arrays: {"a": ~6 s, "b": ~3.5 s}."""
-    import sphn
-
-    d = tmp_path_factory.mktemp("server_speech")
-    clips = {"a": ("en", "Hello there, this is a test of test time training inside Moshi. "
-                         "The weather is nice and the sun is out."),
-             "b": ("en+f3", "Tell me a story about a cat and a dog, please, right now.")}
-    out = {}
-    for name, (voice, text) in clips.items():
-        _server_espeak(d / f"{name}.wav", text, voice)
-        pcm, sr = sphn.read(str(d / f"{name}.wav"), sample_rate=24000)
-        assert sr == 24000 and pcm.shape[-1] > 24000, (sr, pcm.shape)
-        out[name] = pcm[0].astype("float32")
-    return out
+def speech(tmp_path_factory) -> Speech:
+    """The one source of real speech in the tests (see `Speech`)."""
+    return Speech(tmp_path_factory.mktemp("speech"))
 
 
-_PROM_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+# ---- server tests (tests/test_server_*.py, tests/test_web_client.py) --------------------------------
+
+@pytest.fixture(scope="session")
+def server_speech(speech):
+    """Two real speech clips as float32 24 kHz mono numpy arrays: {"a": ~6 s, "b": ~3.5 s}."""
+    return {"a": speech.pcm("a"), "b": speech.pcm("b")}
+
+
+@pytest.fixture(scope="session")
+def demo_ttt_yaml(tmp_path_factory):
+    """demo_ttt_yaml(**layer_overrides) → a TTT YAML: the shipped configs/demo_ttt.yaml (next-token init, so the
+    fast weights visibly move), with the given `layer` fields replaced (e.g. chunk_size=8)."""
+    import dataclasses
+
+    import yaml
+
+    from moshi_ttt.config_files import load_ttt_config
+
+    folder = tmp_path_factory.mktemp("demo_ttt")
+
+    def make(**layer):
+        cfg = load_ttt_config("demo_ttt")
+        cfg = dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, **layer))
+        path = folder / ("demo_ttt" + "".join(f"_{k}{v}" for k, v in sorted(layer.items())) + ".yaml")
+        path.write_text(yaml.safe_dump({"ttt": cfg.to_dict()}))
+        return path
+    return make
+
+
+def _health(srv_or_url) -> dict:
+    import json
+    import urllib.request
+
+    url = srv_or_url if isinstance(srv_or_url, str) else srv_or_url.url
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="session")
+def health():
+    """health(server or base URL) → the /health JSON."""
+    return _health
+
+
+async def _wait_active(srv, n: int, timeout: float = 5.0) -> None:
+    import asyncio
+
+    for _ in range(int(timeout / 0.05)):
+        if srv.engine.active_count() == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"expected {n} active conversations, have {srv.engine.active_count()}")
+
+
+@pytest.fixture(scope="session")
+def wait_active():
+    """await wait_active(background_server, n): until exactly n conversations hold a slot (5 s)."""
+    return _wait_active
+
+
+async def _wait_http_free(http, url: str, timeout: float = 10.0) -> None:
+    import asyncio
+
+    for _ in range(int(timeout / 0.05)):
+        async with http.get(url + "/health") as r:
+            if (await r.json())["active"] == 0:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url}: a conversation slot is still taken after {timeout:g} s")
+
+
+@pytest.fixture(scope="session")
+def wait_http_free():
+    """await wait_http_free(aiohttp session, base URL): until /health reports no active conversation."""
+    return _wait_http_free
 
 
 def _parse_prometheus(text: str) -> dict:
-    """Strict parser of the Prometheus text format 0.0.4 → {family: {"type", "help", "samples": [(name,
-    labels dict, value)]}}. Raises AssertionError on any malformed line, a sample without a TYPE, a
-    duplicate TYPE, or an inconsistent histogram."""
-    import math
-    import re
+    """`/metrics` text → {sample name: [(labels, value)]}, parsed by prometheus_client's own parser (which
+    raises on malformed input); each family's type is under the key ("TYPE", family name)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    sample_re = re.compile(rf"^({_PROM_NAME})(\{{(.*)\}})?\s+(\S+)(\s+-?\d+)?$")
-    label_re = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(,|$)')
-    fams: dict = {}
-
-    def family_of(name: str) -> str:
-        if name in fams:
-            return name
-        for suffix in ("_bucket", "_sum", "_count"):
-            base = name[: -len(suffix)]
-            if name.endswith(suffix) and base in fams and fams[base]["type"] in ("histogram", "summary"):
-                return base
-        raise AssertionError(f"sample {name!r} has no preceding # TYPE")
-
-    assert text.endswith("\n"), "exposition must end with a newline"
-    for ln, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                assert re.fullmatch(_PROM_NAME, parts[2]), f"line {ln}: bad metric name {parts[2]!r}"
-                fam = fams.setdefault(parts[2], {"type": None, "help": None, "samples": []})
-                if parts[1] == "TYPE":
-                    assert fam["type"] is None, f"line {ln}: duplicate TYPE for {parts[2]}"
-                    assert len(parts) == 4 and parts[3] in ("counter", "gauge", "histogram", "summary", "untyped"), \
-                        f"line {ln}: bad TYPE line {line!r}"
-                    assert not fam["samples"], f"line {ln}: TYPE after samples of {parts[2]}"
-                    fam["type"] = parts[3]
-                else:
-                    fam["help"] = parts[3] if len(parts) == 4 else ""
-            continue
-        m = sample_re.match(line)
-        assert m, f"line {ln}: not a valid sample line: {line!r}"
-        name, _, label_text, value = m.group(1), m.group(2), m.group(3), m.group(4)
-        labels = {}
-        if label_text:
-            pos = 0
-            while pos < len(label_text):
-                lm = label_re.match(label_text, pos)
-                assert lm and lm.end() > pos, f"line {ln}: bad labels {label_text!r}"
-                labels[lm.group(1)] = lm.group(2)
-                pos = lm.end()
-        try:
-            v = float(value.replace("+Inf", "inf").replace("-Inf", "-inf"))
-        except ValueError:
-            raise AssertionError(f"line {ln}: bad value {value!r}") from None
-        fam = family_of(name)
-        assert fams[fam]["type"] is not None, f"line {ln}: sample of {fam} before its TYPE"
-        fams[fam]["samples"].append((name, labels, v))
-    for fam_name, fam in fams.items():
-        assert fam["type"] is not None, f"{fam_name}: HELP without TYPE"
-        if fam["type"] == "counter":
-            assert all(v >= 0 for _, _, v in fam["samples"]), f"{fam_name}: negative counter"
-        if fam["type"] == "histogram":
-            buckets = [(lb, v) for n, lb, v in fam["samples"] if n == fam_name + "_bucket"]
-            assert buckets and buckets[-1][0].get("le") == "+Inf", f"{fam_name}: missing +Inf bucket"
-            les = [float(lb["le"].replace("+Inf", "inf")) for lb, _ in buckets]
-            assert les == sorted(les), f"{fam_name}: buckets not sorted"
-            counts = [v for _, v in buckets]
-            assert counts == sorted(counts), f"{fam_name}: buckets not cumulative"
-            count = [v for n, _, v in fam["samples"] if n == fam_name + "_count"]
-            total = [v for n, _, v in fam["samples"] if n == fam_name + "_sum"]
-            assert count == [counts[-1]] and len(total) == 1 and not math.isnan(total[0]), \
-                f"{fam_name}: _count/_sum inconsistent with buckets"
-    return fams
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        out[("TYPE", fam.name)] = fam.type
+        for smp in fam.samples:
+            out.setdefault(smp.name, []).append((dict(smp.labels), smp.value))
+    return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def parse_prometheus():
-    """parse_prometheus(text) → {family: {"type", "help", "samples": [(name, labels, value)]}} (strict)."""
+    """parse_prometheus(text) → {sample name: [(labels, value)], ("TYPE", family): type}."""
     return _parse_prometheus
 
 
@@ -181,9 +216,8 @@ def torch_single_thread():
 # ---- training tests (tests/test_train*.py) -------------------------------------------------------
 
 TRAIN_SR = 24000
-# (text, voice): two utterances for the main speaker (left channel), one for the user (right channel)
-_TRAIN_UTTERANCES = [("hello there how are you today", "en"), ("tell me a story about a cat", "en"),
-                     ("I am fine thank you and you", "en+f3")]
+# SPEECH_CLIPS "train0..2": two utterances for the main speaker (left channel), one for the user (right channel)
+_TRAIN_TEXTS = [SPEECH_CLIPS[f"train{i}"][2] for i in range(3)]
 
 
 def write_wav(path, channels, sr: int = TRAIN_SR) -> None:
@@ -209,22 +243,16 @@ def _even_words(text: str, start: float, dur: float, speaker: str) -> list:
 
 
 @pytest.fixture(scope="session")
-def train_dataset(tmp_path_factory):
+def train_dataset(tmp_path_factory, speech):
     """A moshi-finetune dataset: train.jsonl + 2 stereo 24 kHz WAVs of 6.5 s (espeak-ng speech; left = main
     speaker saying two utterances, right = user saying one in between) + alignment JSONs (SPEAKER_MAIN /
     SPEAKER_OTHER, evenly spaced word timings). At 12.5 Hz and 48-frame segments: 4 segments (48 + 34)."""
     import json
 
     import numpy as np
-    import sphn
 
     d = tmp_path_factory.mktemp("train_data")
-    pcms = []
-    for i, (text, voice) in enumerate(_TRAIN_UTTERANCES):
-        _server_espeak(d / f"utt{i}.wav", text, voice)
-        pcm, _ = sphn.read(str(d / f"utt{i}.wav"), sample_rate=TRAIN_SR)
-        (d / f"utt{i}.wav").unlink()
-        pcms.append(pcm[0].astype(np.float32))
+    pcms = [speech.pcm(f"train{i}") for i in range(len(_TRAIN_TEXTS))]
     total = int(6.5 * TRAIN_SR)
     lines = []
     for f, (first, second) in enumerate([(0, 1), (1, 0)]):
@@ -235,7 +263,7 @@ def train_dataset(tmp_path_factory):
             a = int(t * TRAIN_SR)
             seg = pcms[u][: total - a]
             ch[a:a + len(seg)] += seg
-            words += _even_words(_TRAIN_UTTERANCES[u][0], t, len(seg) / TRAIN_SR, spk)
+            words += _even_words(_TRAIN_TEXTS[u], t, len(seg) / TRAIN_SR, spk)
         wav = d / f"conv{f}.wav"
         write_wav(wav, [left, right])
         wav.with_suffix(".json").write_text(json.dumps({"alignments": words}))
@@ -246,10 +274,10 @@ def train_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_repo(tmp_path_factory, train_dataset):
-    """The tiny TTT checkpoint folder (`assets.make_local_repo`, chunk_size 16) whose random Mimi gets
-    speech-fitted codebooks: make_local_repo's Mimi has all-zero codebooks (`embedding_sum` = 0), so it
-    encodes any audio to code 0 in every codebook. moshi's own k-means init (run once on the dataset's
-    latents, 5 iterations instead of 50) gives codes that vary with the audio."""
+    """The tiny TTT checkpoint folder (`assets.make_local_repo`, chunk_size 16) whose random Mimi's codebooks
+    are refitted on the dataset's speech: make_local_repo's Mimi is fitted on synthetic tones and noise, so
+    its codes follow speech only coarsely. moshi's own k-means init (run once on the dataset's latents,
+    5 iterations instead of 50) gives codes that follow this speech."""
     import functools
     from unittest import mock
 

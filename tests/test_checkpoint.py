@@ -406,10 +406,35 @@ def test_folder_without_config_json(repo_copy):
     _raises(["config.json", str(repo_copy)], checkpoint_info, str(repo_copy))
 
 
-def test_no_ttt_config_anywhere(repo_copy):
-    _edit_config(repo_copy, lambda raw: raw.pop("ttt"))
-    _edit_weights(repo_copy, lambda s: [s.pop(k) for k in [k for k in s if TTT_KEY in k]])
-    _raises(["no TTT config"], _load, repo_copy)
-    # ... which an explicit config fixes (source (c): init)
+def _plain_kyutai(folder: Path) -> Path:
+    """`folder` turned into a checkpoint in Kyutai's own layout: no "ttt" in config.json, no TTT tensors."""
+    _edit_config(folder, lambda raw: raw.pop("ttt"))
+    _edit_weights(folder, lambda s: [s.pop(k) for k in [k for k in s if TTT_KEY in k]])
+    return folder
+
+
+def test_plain_kyutai_checkpoint_gets_the_shipped_moshi_ttt_defaults(repo_copy, caplog):
+    """No TTT config anywhere ⇒ configs/moshi7b_ttt.yaml's TTT section (every 6th layer from 0: layer 0 of the
+    4-layer tiny LM; zero init), one log line naming the layers, and outputs bitwise plain moshi's."""
+    import logging
+
+    from moshi_ttt.config_files import load_ttt_config
+
+    _plain_kyutai(repo_copy)
+    with caplog.at_level(logging.INFO, logger="moshi_ttt"):
+        model = _load(repo_copy)
+    default = load_ttt_config("moshi7b_ttt")
+    assert model.ttt_config == default and default.layer.init == "zero"
+    assert model.ttt_layer_indices == [0]
+    lines = [r.getMessage() for r in caplog.records if "TTT layers" in r.getMessage()]
+    assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
+
+    info = checkpoint_info(str(repo_copy))
+    plain = loaders.get_moshi_lm(info.moshi_weights, lm_kwargs=dict(info.lm_config), device="cpu",
+                                 dtype=torch.float32)
+    codes = torch.randint(0, 32, (1, model.num_codebooks, 20))
+    with torch.no_grad():  # NaN marks the positions moshi masks, in both
+        torch.testing.assert_close(model(codes).logits, plain(codes).logits, rtol=0, atol=0, equal_nan=True)
+    # ... and an explicit config still wins (initialised TTT tensors)
     model = _load(repo_copy, ttt_config=load_lm_and_ttt("tiny")[1])
     assert model.ttt_layer_indices == [0, 2]

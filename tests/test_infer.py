@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
 CHUNK = 8
 MAX_DELAY = 1  # max(delays) of configs/tiny.yaml: LMGen needs one extra step to emit the last frame
-TEXT = "Hello there. This is a short test of test time training inside Moshi. The weather is nice today."
 ENV = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
@@ -39,13 +37,8 @@ def _ttt_cfg():
 
 
 @pytest.fixture(scope="module")
-def speech_wav(tmp_path_factory) -> Path:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.fail("espeak-ng is not installed: these tests need real speech. Run `make sysdeps` "
-                    "(apt-get install -y espeak-ng sox)")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([exe, "-w", str(path), TEXT], check=True, capture_output=True, timeout=60)
+def speech_wav(speech) -> Path:
+    path = speech.wav("infer")
     pcm, sr = sphn.read(str(path))
     assert 4.0 <= pcm.shape[-1] / sr <= 6.5, f"espeak-ng speech is {pcm.shape[-1] / sr:.2f} s"
     return path
@@ -168,6 +161,28 @@ def test_bad_ttt_config(speech_wav, tmp_path):
     err = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert "chunk_size" in err and str(cfg) in err
+
+
+@pytest.mark.parametrize("layout", ["folder", "files"])
+def test_plain_kyutai_checkpoint_runs_with_the_default_ttt_layers(layout, speech_wav, tmp_path):
+    """A checkpoint in Kyutai's layout (no "ttt" in config.json, no TTT tensors) and no TTT flag: infer runs the
+    shipped Moshi TTT defaults (every 6th layer from 0 ⇒ layer 0 of the 4-layer tiny LM, chunk 256, zero init)
+    and says so in one log line. As a folder (--hf-repo) or as files (--moshi-weight … --config-path …)."""
+    folder = assets.make_local_repo(tmp_path / "kyutai", seed=0, ttt_in_weights=False, ttt_in_config=False)
+    if layout == "folder":
+        flags = ["--hf-repo", folder]
+    else:
+        flags = ["--hf-repo", folder, "--moshi-weight", folder / "model.safetensors",
+                 "--config-path", folder / "config.json", "--mimi-weight", folder / "mimi.safetensors",
+                 "--tokenizer", next(folder.glob("*.model"))]
+    out = tmp_path / "out.wav"
+    proc = _infer(speech_wav, out, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "TTT layers [" in ln]
+    assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
+    tel = json.loads(out.with_suffix(".ttt.json").read_text())
+    assert tel["ttt_layers"] == [0] and tel["chunk_size"] == 256
+    assert tel["output_frames"] == tel["input_frames"] and out.is_file()
 
 
 def test_transcript_and_output_names():

@@ -11,25 +11,13 @@ import pytest
 from moshi_ttt.server import protocol
 from moshi_ttt.server.cli import BackgroundServer
 from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
-from server_helpers import health, wait_active
-
-TTT_YAML = """\
-ttt:
-  every: 2
-  start: 0
-  layer:
-    chunk_size: 8
-    lr: 0.01
-    init: ntp
-"""
 
 
 @pytest.fixture(scope="module")
-def chat_server(tmp_path_factory):
+def chat_server(tmp_path_factory, demo_ttt_yaml):
     d = tmp_path_factory.mktemp("chat_server")
-    (d / "ttt.yaml").write_text(TTT_YAML)
     srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(d / "cache"), "--max-conversations", "2",
-                            "--temp", "0", "--temp-text", "0", "--ttt-config", str(d / "ttt.yaml"),
+                            "--temp", "0", "--temp-text", "0", "--ttt-config", str(demo_ttt_yaml(chunk_size=8)),
                             "--idle-timeout", "30", "--telemetry-interval", "0.5"])
     yield srv
     srv.stop()
@@ -39,7 +27,7 @@ async def run_conversation(http, srv, pcm, gate: asyncio.Event | None = None, ke
     """Connects, sends `pcm` (if `gate` is given: the first 40 frames, then the rest once it is set),
     waits for as many output frames and for the telemetry taken after the last frame.
     Returns (client, frames sent, final telemetry)."""
-    c = await ChatClient.connect(http, srv.ws_url)
+    c = await ChatClient.connect(http, srv.ws_url, telemetry=True)
     if gate is None:
         n = await c.send_pcm(pcm)
     else:
@@ -96,7 +84,7 @@ def test_handshake_then_audio_and_text_and_fresh_start(chat_server, server_speec
     assert c2.n_samples == c.n_samples and "".join(c2.text) == "".join(c.text)
 
 
-def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech, alone_a):
+def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech, alone_a, health, wait_active):
     _, n_alone, final_alone = alone_a
 
     async def go():
@@ -106,11 +94,11 @@ def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech,
             # everything below, and its audio is interleaved with the other conversations' audio.
             gate = asyncio.Event()
             task_a = asyncio.create_task(run_conversation(http, chat_server, server_speech["a"], gate=gate))
-            cb = await ChatClient.connect(http, chat_server.ws_url)
+            cb = await ChatClient.connect(http, chat_server.ws_url, telemetry=True)
             await wait_active(chat_server, 2)
             # The 3rd client is refused with a 0x05 and a clean close (1013: try again later).
             with pytest.raises(HandshakeError):
-                await ChatClient.connect(http, chat_server.ws_url)
+                await ChatClient.connect(http, chat_server.ws_url, telemetry=True)
             rejected = await http.ws_connect(chat_server.ws_url)
             msg = await rejected.receive(timeout=5)
             assert msg.type == aiohttp.WSMsgType.BINARY and msg.data.startswith(b"\x05server busy"), msg
@@ -124,7 +112,7 @@ def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech,
             await cb.close()
             # After "b" leaves, a new conversation is accepted (and served) while "a" still runs.
             await wait_active(chat_server, 1)
-            cd = await ChatClient.connect(http, chat_server.ws_url)
+            cd = await ChatClient.connect(http, chat_server.ws_url, telemetry=True)
             nd = await cd.send_pcm(server_speech["b"][: 10 * FRAME])
             await cd.wait_output_frames(nd, timeout=30)
             assert cd.ttt()[0]["layers"]["0"]["drift"] == 0

@@ -100,33 +100,86 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
             for _ in range(100):
                 async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
                     after = parse_prometheus(await r.text())
-                if any(lb.get("layer") == "0" and v >= 1 for _, lb, v in
-                       after.get("moshi_ttt_ttt_updates_total", {}).get("samples", [])):
+                if any(lb.get("layer") == "0" and v >= 1 for lb, v in after.get("moshi_ttt_ttt_updates_total", [])):
                     break
                 await asyncio.sleep(0.05)
             return before, after, n
 
     before, after, n = asyncio.run(go())
 
-    def val(fams, fam, **labels):
-        vals = [v for name, lb, v in fams["moshi_ttt_" + fam]["samples"]
-                if lb == labels and name == "moshi_ttt_" + fam]
-        assert len(vals) == 1, (fam, labels, fams["moshi_ttt_" + fam])
+    def val(fams, sample, **labels):
+        vals = [v for lb, v in fams["moshi_ttt_" + sample] if lb == labels]
+        assert len(vals) == 1, (sample, labels, fams["moshi_ttt_" + sample])
         return vals[0]
 
-    listed = {"conversations_active": "gauge", "conversations_total": "counter",
-              "conversations_rejected_total": "counter", "frame_latency_seconds": "histogram",
-              "real_time_factor": "gauge", "ttt_updates_total": "counter", "ttt_clips_total": "counter",
-              "ttt_skipped_total": "counter", "ttt_drift": "gauge", "step_seconds": "histogram"}
+    listed = {"conversations_active": "gauge", "conversations": "counter", "conversations_rejected": "counter",
+              "frame_latency_seconds": "histogram", "real_time_factor": "gauge", "ttt_updates": "counter",
+              "ttt_clips": "counter", "ttt_skipped": "counter", "ttt_drift": "gauge", "step_seconds": "histogram"}
     for fam, kind in listed.items():
-        assert after["moshi_ttt_" + fam]["type"] == kind, fam
+        assert after[("TYPE", "moshi_ttt_" + fam)] == kind, fam
     assert val(before, "conversations_total") == 0 and val(after, "conversations_total") == 1
     assert val(after, "conversations_active") == 0
     assert val(after, "conversations_rejected_total", reason="busy") == 1
     assert val(before, "http_unauthorized_total") == 2 and val(after, "http_unauthorized_total") == 4
     assert val(after, "frames_total") == n
-    lat = [v for name, lb, v in after["moshi_ttt_frame_latency_seconds"]["samples"] if name.endswith("_count")]
-    assert lat == [n]
+    assert val(after, "frame_latency_seconds_count") == n
     assert 0 < val(after, "real_time_factor") < 1e4  # its value depends on the machine's load
     # tiny demo: TTT in layers 0 and 2, chunk 16 ⇒ 20 frames complete one chunk per layer
     assert val(after, "ttt_updates_total", layer="0") == 1 and val(after, "ttt_updates_total", layer="2") == 1
+
+
+def test_0x04_only_with_telemetry_query(cli_server, server_speech, wait_http_free):
+    """Without query parameters a client gets only what moshi's own server sends (0x00, 0x01, 0x02, 0x05):
+    Kyutai's web client rejects 0x04. With ?telemetry=1 it also gets the info and TTT telemetry messages;
+    any other value is refused before the upgrade."""
+    from moshi_ttt.server import protocol
+
+    url = cli_server
+    ws_url = url.replace("http://", "ws://") + "/api/chat"
+
+    async def converse(http, telemetry: bool) -> ChatClient:
+        await wait_http_free(http, url)
+        c = await ChatClient.connect(http, ws_url, api_key=KEY, telemetry=telemetry)
+        n = await c.send_pcm(server_speech["b"][: 15 * FRAME])
+        await c.wait_output_frames(n, timeout=30)
+        if telemetry:
+            await c.wait_for(lambda: c.ttt(), 10, "TTT telemetry")
+        await c.close()
+        return c
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await http.ws_connect(ws_url, headers={"X-API-Key": KEY}, params={"telemetry": "yes"})
+            assert e.value.status == 400
+            return await converse(http, False), await converse(http, True)
+
+    plain, asked = asyncio.run(go())
+    assert set(plain.kinds) <= protocol.DEFAULT_SERVER_KINDS, plain.kinds
+    assert plain.kinds[0] == protocol.Kind.HANDSHAKE and protocol.Kind.AUDIO in plain.kinds and not plain.metadata
+    assert asked.kinds[:2] == [protocol.Kind.HANDSHAKE, protocol.Kind.METADATA], asked.kinds[:5]
+    info = asked.metadata[0]
+    assert info["type"] == "info" and info["ttt_layers"] == [0, 2], info
+    assert asked.ttt() and set(asked.ttt()[0]["layers"]) == {"0", "2"}, asked.metadata
+
+
+def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog, health):
+    """A checkpoint folder in Kyutai's layout with no TTT anywhere and no TTT flag: the server runs the shipped
+    Moshi TTT defaults (layer 0 of the 4-layer tiny LM, chunk 256, zero init) and logs them in one line."""
+    import logging
+
+    from moshi_ttt.server.cli import BackgroundServer
+
+    from moshi_ttt import assets
+
+    folder = assets.make_local_repo(tmp_path / "kyutai", ttt_in_weights=False, ttt_in_config=False)
+    assert "ttt" not in (folder / "config.json").read_text()
+    with caplog.at_level(logging.INFO, logger="moshi_ttt"):
+        srv = BackgroundServer(["--hf-repo", str(folder), "--port", "0", "--max-conversations", "1"])
+    try:
+        h = health(srv)
+    finally:
+        srv.stop()
+    assert h["ttt_layers"] == [0] and h["ttt"]["layer"]["chunk_size"] == 256 and h["ttt"]["layer"]["init"] == "zero"
+    lines = [r.getMessage() for r in caplog.records if "TTT layers [" in r.getMessage() and " of " in r.getMessage()]
+    assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines

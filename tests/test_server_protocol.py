@@ -1,4 +1,4 @@
-"""Wire format and metrics exposition of `server` (no model, fast)."""
+"""Wire format and metrics of `server` (no model, fast); /metrics is parsed by prometheus_client's parser."""
 
 import json
 import math
@@ -46,12 +46,14 @@ def test_server_messages_round_trip():
 def test_metrics_render_parses_and_moves(parse_prometheus):
     m = Metrics(max_conversations=3)
     m.set_ttt_layers([0, 2])
-    fams = parse_prometheus(m.render())
+    text = m.render().decode()
+    fams = parse_prometheus(text)
     for name in ("conversations_active", "conversations_total", "conversations_rejected_total",
-                 "frame_latency_seconds", "real_time_factor", "ttt_updates_total", "ttt_clips_total",
-                 "ttt_skipped_total", "ttt_drift"):
+                 "frame_latency_seconds_count", "real_time_factor", "ttt_updates_total", "ttt_clips_total",
+                 "ttt_skipped_total"):
         assert "moshi_ttt_" + name in fams, name
-    assert fams["moshi_ttt_frame_latency_seconds"]["type"] == "histogram"
+    assert "# TYPE moshi_ttt_ttt_drift gauge" in text  # no sample until a slot reports one
+    assert fams[("TYPE", "moshi_ttt_frame_latency_seconds")] == "histogram"
     m.conversation_started()
     m.rejected_conversation("busy")
     m.set_active(1)
@@ -62,18 +64,36 @@ def test_metrics_render_parses_and_moves(parse_prometheus):
     m.set_drift("0", 1, 0.25)
     m.set_drift("2", 1, None)  # non-finite drift → NaN, still valid exposition
     m.inc_error('odd "reason"\n')
-    fams = parse_prometheus(m.render())
+    fams = parse_prometheus(m.render().decode())
 
-    def value(fam, **labels):
-        return [v for _, lb, v in fams["moshi_ttt_" + fam]["samples"] if lb == labels]
+    def value(sample, **labels):
+        return [v for lb, v in fams["moshi_ttt_" + sample] if lb == labels]
 
     assert value("conversations_total") == [1]
     assert value("conversations_rejected_total", reason="busy") == [1]
+    assert value("conversation_errors_total", reason='odd "reason"\n') == [1]
     assert value("conversations_active") == [1]
     assert value("ttt_updates_total", layer="0") == [5] and value("ttt_updates_total", layer="2") == [0]
     assert value("ttt_drift", layer="0", slot="1") == [0.25]
+    assert math.isnan(value("ttt_drift", layer="2", slot="1")[0])
     assert value("real_time_factor") == [pytest.approx(4.0)]
-    lat = {lb["le"]: v for n, lb, v in fams["moshi_ttt_frame_latency_seconds"]["samples"] if n.endswith("_bucket")}
-    assert lat["0.005"] == 1 and lat["0.08"] == 3 and lat["5"] == 4 and lat["+Inf"] == 5
+    assert value("audio_seconds_total") == [pytest.approx(0.16)] and value("frames_total") == [2]
+    lat = {lb["le"]: v for lb, v in fams["moshi_ttt_frame_latency_seconds_bucket"]}
+    assert lat["0.005"] == 1 and lat["0.08"] == 3 and lat["5.0"] == 4 and lat["+Inf"] == 5
+    snap = m.snapshot()
+    assert snap["steps_total"] == 1 and snap["rejected"] == {"busy": 1} and snap["active"] == 1
     m.clear_drift(1)
-    assert "slot=" not in m.render()
+    assert "slot=" not in m.render().decode()
+
+
+def test_two_servers_keep_separate_metrics(parse_prometheus):
+    a, b = Metrics(), Metrics()
+    a.conversation_started()
+    assert parse_prometheus(b.render().decode())["moshi_ttt_conversations_total"] == [({}, 0.0)]
+
+
+def test_telemetry_query_parameter():
+    assert protocol.telemetry_requested(None) is False and protocol.telemetry_requested("0") is False
+    assert protocol.telemetry_requested("1") is True
+    with pytest.raises(protocol.ProtocolError, match="telemetry='yes': expected 0 or 1"):
+        protocol.telemetry_requested("yes")

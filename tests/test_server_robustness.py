@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from moshi_ttt.server.cli import BackgroundServer
 from moshi_ttt.server.client import FRAME, ChatClient
-from server_helpers import health, wait_active
 
 MAX_MSG = 4096
 IDLE = 1.5
@@ -57,7 +56,8 @@ CASES = {
 }
 
 
-def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speech, parse_prometheus):
+def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speech, parse_prometheus, health,
+                                                    wait_active):
     srv = robust_server
 
     async def go():
@@ -118,14 +118,13 @@ def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speec
     h = health(srv)
     assert h["status"] == "ok" and h["active"] == 0 and h["free"] == 2
     fams = parse_prometheus(metrics_text(srv))
-    active = fams["moshi_ttt_conversations_active"]["samples"]
-    assert active == [("moshi_ttt_conversations_active", {}, 0.0)]
-    errors = {lb["reason"]: v for _, lb, v in fams["moshi_ttt_conversation_errors_total"]["samples"]}
+    assert fams["moshi_ttt_conversations_active"] == [({}, 0.0)]
+    errors = {lb["reason"]: v for lb, v in fams["moshi_ttt_conversation_errors_total"]}
     assert errors.get("protocol_error") == 4 and errors.get("invalid_audio") == 1 and errors.get("idle_timeout") == 1
     assert errors.get("websocket_error") == 1
 
 
-def test_server_side_exception_frees_the_slot(robust_server, server_speech):
+def test_server_side_exception_frees_the_slot(robust_server, server_speech, wait_active):
     """A failing model step ends the conversations of that step with a 0x05; the slot is freed and the
     next conversation is served normally."""
     srv = robust_server
@@ -181,7 +180,7 @@ def test_shutdown_ends_conversations_with_an_error(tmp_path, server_speech):
     assert not srv.engine.alive
 
 
-def test_client_flooding_audio_is_stopped(robust_server, server_speech):
+def test_client_flooding_audio_is_stopped(robust_server, server_speech, wait_active):
     """More than 250 frames (20 s) of audio waiting for the engine ⇒ 0x05 and close, slot freed."""
     srv = robust_server
 

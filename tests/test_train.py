@@ -1,7 +1,7 @@
 """`moshi-ttt train` end to end on the tiny TTT-Moshi (chunk_size 16) and real speech (espeak-ng):
 learning, exported weights, exact resume, and torchrun/DDP (gloo) against a single process.
 
-Segments are 48 frames = 3 TTT chunks, so the target parameters get gradients (DESIGN.md §1).
+Segments are 48 frames = 3 TTT chunks, so the target parameters get gradients (a chunk never sees its own update).
 In-process runs use one intra-op thread (much faster on a busy 2-core box); so does torchrun.
 """
 

@@ -17,6 +17,7 @@ import torch
 from conftest import TRAIN_SR, write_wav
 from moshi.modules.lora import LoRALinear
 
+from moshi_ttt.model import TTT_KEY
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.data import BatchOrder, DataError, Dataset, TokenIds, read_alignments, text_stream
 from moshi_ttt.train.loop import train
@@ -168,7 +169,7 @@ def test_lora_b_is_zero_initialised(train_repo):
     assert loras and all(m.lora_B.weight.abs().max() == 0 for m in loras)
     assert torch.equal(before.logits[before.mask], after.logits[after.mask])
     names = select_trainable(model, "ttt+lora")
-    assert any(".lora_A." in n for n in names) and any(".gating.ttt." in n for n in names)
+    assert any(".lora_A." in n for n in names) and any(TTT_KEY in n for n in names)
     assert not any(n.endswith("frozen_W.weight") for n in names)
     with pytest.raises(ValueError, match="already a LoRA"):
         add_lora(model, rank=4, scaling=2.0)
@@ -180,7 +181,7 @@ def test_trainable_sets(train_repo):
 
     model = load_ttt_moshi(checkpoint_info(str(train_repo)), dtype=torch.bfloat16)
     ttt = select_trainable(model, "ttt")
-    assert ttt and all(".gating.ttt." in n for n in ttt)
+    assert ttt and all(TTT_KEY in n for n in ttt)
     wdown = select_trainable(model, "ttt+wdown")
     assert sorted(set(wdown) - set(ttt)) == ["transformer.layers.0.gating.linear_out.weight",
                                              "transformer.layers.2.gating.linear_out.weight"]
@@ -247,9 +248,10 @@ def test_refuses_mono_wav(train_repo, train_dataset, tmp_path, capsys):
     cfg_file.write_text(json.dumps(cfg_for(tmp_path, train_repo, data).to_dict()))  # JSON is YAML
     parser = argparse.ArgumentParser()
     cli.add_args(parser)
-    assert cli.run(parser.parse_args([str(cfg_file)])) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("moshi-ttt train: error: ") and "conv0.wav has 1 channel(s)" in err
+    assert cli.run(parser.parse_args([str(cfg_file)])) == 2  # after one info line naming the TTT layers
+    err = capsys.readouterr().err.splitlines()
+    errors = [line for line in err if line.startswith("moshi-ttt train: error: ")]
+    assert len(errors) == 1 and "conv0.wav has 1 channel(s)" in errors[0] and "Traceback" not in "".join(err), err
 
 
 def test_refuses_bad_manifest_lines(tmp_path):
@@ -341,3 +343,18 @@ def test_wdown_run_export_loads_alone(train_repo, train_dataset, tmp_path):
         assert torch.equal(loaded[k], v), k
     w = "transformer.layers.2.gating.linear_out.weight"
     assert not torch.equal(load_file(str(train_repo / "model.safetensors"))[w], loaded[w])
+
+
+def test_plain_kyutai_checkpoint_trains_the_default_ttt_layers(train_dataset, tmp_path, caplog):
+    """A checkpoint in Kyutai's layout and no model.ttt_config: training resolves the shipped Moshi TTT defaults
+    (layer 0 of the 4-layer tiny LM, chunk 256), logs them, and then holds the data to that chunk size."""
+    import logging
+
+    from moshi_ttt import assets
+
+    folder = assets.make_local_repo(tmp_path / "kyutai", ttt_in_weights=False, ttt_in_config=False)
+    with caplog.at_level(logging.INFO, logger="moshi_ttt"), pytest.raises(ValueError) as e:
+        train(cfg_for(tmp_path, folder, train_dataset))
+    lines = [r.getMessage() for r in caplog.records if "TTT layers [" in r.getMessage()]
+    assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
+    assert "not longer than one TTT chunk (chunk_size=256)" in str(e.value), e.value

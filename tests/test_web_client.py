@@ -1,19 +1,21 @@
 """The web client (server/static/) end to end: Debian's Chromium, headless, driven by Playwright, against a
-real `moshi-ttt serve --demo` subprocess on loopback, with an espeak-ng WAV as the fake microphone.
+real `moshi-ttt serve --demo` subprocess on loopback (shipped `demo_ttt` config: next-token init, so the
+fast weights visibly move), with an espeak-ng WAV as the fake microphone.
 
-One conversation is checked through the page's own counters (`window.moshiStats`) and its DOM: handshake,
-Ogg Opus pages sent (the server decodes them: it answers frame for frame), server audio decoded by
-WebCodecs and played, transcript text, TTT panel updates; a screenshot is saved and checked non-blank.
-Then: a second page gets the busy message (--max-conversations 1), a page with a wrong API key gets the
-auth message, disconnect frees the slot, and stopping the server shows the shutdown message. Any page
-JavaScript error, console error or unhandled promise rejection fails the test.
+The tests share one server and one browser and run in file order: the page's Ogg muxer/demuxer; one
+conversation checked through the page's own counters (`window.moshiStats`) and its DOM (handshake, Ogg Opus
+pages sent, server audio decoded by WebCodecs and played, transcript, TTT panel fed by the `?telemetry=1`
+0x04 messages) and a screenshot; while it runs, a second page gets the busy message (--max-conversations 1)
+and a page with a wrong API key the auth message; disconnect frees the slot; stopping the server shows the
+shutdown message. Any page JavaScript error, console error or unhandled promise rejection fails a test.
 
-Needs `pip install playwright` (no `playwright install`: the Debian browser is used) and
+Needs `pip install playwright pillow` (no `playwright install`: the Debian browser is used) and
 `apt-get install chromium espeak-ng`. Artefacts (screenshot, server log) go to $MOSHI_TTT_ARTIFACTS or
 <repo>/artifacts/web_client; MOSHI_TTT_DOCS_SCREENSHOT=1 also refreshes docs/screenshot.png.
 """
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -25,7 +27,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "web-client-test-key"
-TTT_YAML = """\
-ttt:
-  every: 2
-  start: 0
-  layer:
-    chunk_size: 16
-    lr: 0.01
-    init: ntp
-"""
-SPEECH = ("Hello Moshi. I would like to test how your fast weights change while we talk. "
-          "Tell me about the weather, the sea and the mountains.")
 
 
 def artifacts_dir() -> Path:
@@ -59,7 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health(url: str) -> dict | None:
+def health_or_none(url: str) -> dict | None:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
             return json.loads(r.read())
@@ -78,81 +68,30 @@ def wait_until(pred, timeout: float, what: str, interval: float = 0.1):
 
 
 def png_pixels(data: bytes) -> np.ndarray:
-    """Decodes an 8-bit non-interlaced RGB/RGBA PNG (what Chromium writes) → [h, w, channels] uint8."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    pos, idat, hdr = 8, [], None
-    while pos < len(data):
-        n, typ = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        pos += 12 + n
-        if typ == b"IHDR":
-            hdr = struct.unpack(">IIBBBBB", body)
-        elif typ == b"IDAT":
-            idat.append(body)
-        elif typ == b"IEND":
-            break
-    w, h, depth, ctype, _, _, interlace = hdr
-    assert depth == 8 and interlace == 0 and ctype in (2, 6), f"unsupported PNG {hdr}"
-    bpp = 3 if ctype == 2 else 4
-    stride = w * bpp
-    raw = zlib.decompress(b"".join(idat))
-    assert len(raw) == h * (stride + 1), "truncated PNG data"
-    rows = np.zeros((h, stride), np.uint8)
-    prev = bytes(stride)
-    for y in range(h):
-        f, line = raw[y * (stride + 1)], raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)]
-        if f == 0:
-            cur = line
-        elif f == 1:  # Sub: a running sum per channel
-            cur = np.cumsum(np.frombuffer(line, np.uint8).reshape(w, bpp), axis=0, dtype=np.uint8).tobytes()
-        elif f == 2:  # Up
-            cur = (np.frombuffer(line, np.uint8) + np.frombuffer(prev, np.uint8)).tobytes()
-        else:  # Average, Paeth: sequential
-            out = bytearray(line)
-            for i in range(stride):
-                a = out[i - bpp] if i >= bpp else 0
-                b = prev[i]
-                if f == 3:
-                    out[i] = (out[i] + ((a + b) >> 1)) & 255
-                else:
-                    c = prev[i - bpp] if i >= bpp else 0
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    out[i] = (out[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-            cur = bytes(out)
-        rows[y] = np.frombuffer(cur, np.uint8)
-        prev = cur
-    return rows.reshape(h, w, bpp)
+    """A PNG (Chromium's screenshot) → [h, w, 3] uint8 RGB, decoded by Pillow."""
+    from PIL import Image
 
-
-@pytest.fixture(scope="module")
-def speech_wav(tmp_path_factory):
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.fail("espeak-ng is not installed: run `make sysdeps` (apt-get install -y espeak-ng)")
-    path = tmp_path_factory.mktemp("web_client") / "speech.wav"
-    subprocess.run([exe, "-v", "en", "-s", "150", "-w", str(path), SPEECH], check=True, capture_output=True)
-    return path
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """`moshi-ttt serve --demo --max-conversations 1 --api-key …` in a subprocess; yields (url, Popen)."""
     d = tmp_path_factory.mktemp("web_server")
-    (d / "ttt.yaml").write_text(TTT_YAML)  # init ntp: the fast weights visibly move (the demo's default is zero)
     exe = Path(sys.executable).with_name("moshi-ttt")
     if not exe.exists():
         exe = shutil.which("moshi-ttt") or pytest.fail("the moshi-ttt command is not installed (pip install -e .)")
     port = free_port()
     log_path = artifacts_dir() / "server.log"
     cmd = [str(exe), "serve", "--demo", "--host", "localhost", "--port", str(port), "--max-conversations", "1",
-           "--api-key", API_KEY, "--ttt-config", str(d / "ttt.yaml"), "--cache-dir", str(d / "cache"),
+           "--api-key", API_KEY, "--ttt-config", "demo_ttt", "--cache-dir", str(d / "cache"),
            "--telemetry-interval", "0.5", "--idle-timeout", "10"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://localhost:{port}"
     try:
-        wait_until(lambda: proc.poll() is not None or health(url), 60, "the server to start")
+        wait_until(lambda: proc.poll() is not None or health_or_none(url), 60, "the server to start")
         if proc.poll() is not None:
             pytest.fail(f"moshi-ttt serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         yield url, proc
@@ -168,7 +107,7 @@ def demo_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(speech_wav):
+def browser(speech):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -179,7 +118,7 @@ def browser(speech_wav):
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={speech_wav}"])
+            f"--use-file-for-fake-audio-capture={speech.wav('web')}"])
         yield b
         b.close()
 
@@ -257,30 +196,40 @@ def mux_in_page(page, sizes: list[int]) -> tuple[bytes, list]:
     return base64.b64decode(out["b64"]), out["back"]
 
 
-def test_web_client_end_to_end(demo_server, browser):
-    url, proc = demo_server
-    t0 = time.monotonic()
-    art = artifacts_dir()
-
-    # -- the page loads offline, in a secure context (localhost), and knows nothing is wrong ---------------
+@pytest.fixture(scope="module")
+def page_a(browser, demo_server):
+    """Page A, loaded with the API key in its URL; closed (with its problems checked) at the end of the module."""
+    url, _ = demo_server
     a = Page(browser, "page A")
     a.page.goto(f"{url}/?api_key={API_KEY}")
-    assert a.stats()["state"] == "idle"
-    assert a.page.locator("#notice").is_hidden(), a.page.locator("#notice").inner_text()
-    assert a.page.input_value("#api-key") == API_KEY
+    yield a
+    problems = list(a.problems)
+    a.close()
+    assert not problems, "page A errors:\n" + "\n".join(problems)
 
-    # Our Ogg demuxer reads sphn's (the server's) pages, CRCs included, fed in odd-sized pieces.
+
+def test_page_loads_offline_in_a_secure_context(page_a):
+    assert page_a.stats()["state"] == "idle"
+    assert page_a.page.locator("#notice").is_hidden(), page_a.page.locator("#notice").inner_text()
+    assert page_a.page.input_value("#api-key") == API_KEY
+
+
+def test_ogg_demuxer_reads_the_servers_pages(page_a):
+    """Our Ogg demuxer reads sphn's (the server's) pages, CRCs included, fed in odd-sized pieces."""
     import sphn
+
     w = sphn.OpusStreamWriter(24000)
     ogg = b"".join(bytes(w.append_pcm(0.1 * np.sin(np.arange(1920) * (0.05 + k / 100)).astype(np.float32)))
                    for k in range(10))
-    dm = demux_in_page(a.page, ogg)
+    dm = demux_in_page(page_a.page, ogg)
     assert dm["pages"] >= 3 and dm["badPages"] == 0 and dm["head"] and dm["tags"] and dm["packets"] >= 3, dm
 
-    # Our Ogg muxer: headers first (BOS), 2 packets per page, 48 kHz granules, lacing of packets > 255
-    # bytes, CRCs as an independent implementation computes them.
+
+def test_ogg_muxer_pages_lacing_and_crc(page_a):
+    """Our Ogg muxer: headers first (BOS), 2 packets per page, 48 kHz granules, lacing of packets > 255
+    bytes, CRCs as an independent implementation computes them."""
     sizes = [80, 300, 255, 510, 7]
-    ogg, back = mux_in_page(a.page, sizes)
+    ogg, back = mux_in_page(page_a.page, sizes)
     pos, pages = 0, []
     while pos < len(ogg):
         assert ogg[pos:pos + 4] == b"OggS", pos
@@ -295,33 +244,45 @@ def test_web_client_end_to_end(demo_server, browser):
     assert pages[3][3] == bytes([255, 0, 255, 255, 0]), pages[3]  # 255 → 255+0, 510 → 255+255+0
     assert back[0][0] == 19 and [b[:2] for b in back[2:]] == [[n, k] for k, n in enumerate(sizes[:4])], back
 
-    # -- a conversation -----------------------------------------------------------------------------------
-    a.page.click("#connect")
-    a.wait_stats("s.handshake", 30, "the 0x00 handshake")
-    s = a.wait_stats("s.decodedSeconds > 6 && s.textPieces > 10 && s.tttUpdates >= 6", 60,
-                     "6 s of decoded server audio, text pieces and TTT telemetry")
+
+@pytest.fixture(scope="module")
+def live(page_a):
+    """Page A in a conversation with 6 s of decoded answer, text and TTT telemetry; its moshiStats then."""
+    page_a.page.click("#connect")
+    page_a.wait_stats("s.handshake", 30, "the 0x00 handshake")
+    return page_a.wait_stats("s.decodedSeconds > 6 && s.textPieces > 10 && s.tttUpdates >= 6", 60,
+                             "6 s of decoded server audio, text pieces and TTT telemetry")
+
+
+def test_conversation_audio_both_ways_and_transcript(page_a, live):
+    s = live
     assert s["state"] == "live" and s["errors"] == [], s
     assert s["sentPackets"] > 200 and s["sentPages"] >= s["sentPackets"] // 2, s  # 20 ms packets, 2 per page
     assert s["receivedPages"] > 50 and s["decodedSamples"] > 6 * 24000, s
-    transcript = a.page.inner_text("#transcript")
-    assert transcript.strip(), "no transcript text shown"
-    info = s["info"]
-    assert info["type"] == "info" and info["ttt_layers"], info
-    layers = a.page.locator("#ttt-layers .layer")
+    assert page_a.page.inner_text("#transcript").strip(), "no transcript text shown"
+
+
+def test_ttt_panel_follows_the_telemetry(page_a, live):
+    """The page asks for ?telemetry=1: the info message lists the TTT layers, the telemetry moves the panel."""
+    info = live["info"]
+    assert info["type"] == "info" and info["ttt_layers"] == [0, 2], info
+    layers = page_a.page.locator("#ttt-layers .layer")
     assert layers.count() == len(info["ttt_layers"]), layers.count()
-    tele = s["lastTelemetry"]
+    tele = live["lastTelemetry"]
     assert tele["frames"] > 50 and all(v["updates"] >= 2 for v in tele["layers"].values()), tele
     assert all(v["drift"] > 0 for v in tele["layers"].values()), tele  # ntp init: the memory forms
     assert "next update in" in layers.first.locator(".clock-text").inner_text()
     assert "update" in layers.first.locator(".counts").inner_text()
-    ticks = a.page.evaluate("Array.from(document.querySelectorAll('#ttt-layers canvas')).map(c => "
-                            "c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0))")
+    ticks = page_a.page.evaluate("Array.from(document.querySelectorAll('#ttt-layers canvas')).map(c => "
+                                 "c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0))")
     assert ticks and all(ticks), "a TTT canvas is empty"
 
-    shot = art / "web_client_conversation.png"
-    png = a.page.screenshot(path=str(shot))
+
+def test_screenshot_shows_the_drift_lines(page_a, live):
+    shot = artifacts_dir() / "web_client_conversation.png"
+    png = page_a.page.screenshot(path=str(shot))
     print(f"screenshot: {shot}")
-    px = png_pixels(png)[..., :3].astype(np.float32)
+    px = png_pixels(png).astype(np.float32)
     assert px.shape[0] >= 800 and px.shape[1] >= 1200, px.shape
     assert px.std() > 10, f"screenshot looks blank (pixel std {px.std():.1f})"
     blue = np.abs(px - np.array([31, 111, 235], np.float32)).max(axis=-1) < 40  # the drift lines (--line)
@@ -331,51 +292,61 @@ def test_web_client_end_to_end(demo_server, browser):
         shutil.copyfile(shot, ROOT / "docs" / "screenshot.png")
         print(f"updated {ROOT / 'docs' / 'screenshot.png'}")
 
-    # -- a second page while the only slot is taken: the busy message ----------------------------------------
+
+def test_second_page_gets_the_busy_message(browser, demo_server, page_a, live):
+    url, _ = demo_server
     b = Page(browser, "page B")
-    b.page.goto(f"{url}/?api_key={API_KEY}")
-    b.page.click("#connect")
-    sb = b.wait_stats("s.state === 'ended'", 20, "the busy refusal")
-    assert not sb["handshake"] and sb["errors"] and sb["errors"][0].startswith("server busy"), sb
-    assert "busy" in b.error_text().lower(), b.error_text()
-    b.close()
+    try:
+        b.page.goto(f"{url}/?api_key={API_KEY}")
+        b.page.click("#connect")
+        sb = b.wait_stats("s.state === 'ended'", 20, "the busy refusal")
+        assert not sb["handshake"] and sb["errors"] and sb["errors"][0].startswith("server busy"), sb
+        assert "busy" in b.error_text().lower(), b.error_text()
+        assert not b.problems, b.problems
+    finally:
+        b.close()
+    before = page_a.stats()["decodedSamples"]
+    page_a.wait_stats(f"s.decodedSamples > {before}", 10, "more audio after the other page was refused")
 
-    # -- a wrong API key: the auth message (the browser logs the 401s itself: expected here) -----------------
+
+def test_wrong_api_key_gets_the_auth_message(browser, demo_server):
+    url, _ = demo_server
     c = Page(browser, "page C")
-    c.page.goto(f"{url}/")
-    c.page.fill("#api-key", "wrong-key")
-    c.page.click("#connect")
-    c.wait_stats("s.state === 'ended'", 20, "the refusal of a wrong API key")
-    c.page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10000)
-    assert "api key" in c.error_text().lower(), c.error_text()
-    c.problems = [p for p in c.problems if "401" not in p and "wrong-key" not in p]
-    c.close()
+    try:
+        c.page.goto(f"{url}/")
+        c.page.fill("#api-key", "wrong-key")
+        c.page.click("#connect")
+        c.wait_stats("s.state === 'ended'", 20, "the refusal of a wrong API key")
+        c.page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10000)
+        assert "api key" in c.error_text().lower(), c.error_text()
+        problems = [p for p in c.problems if "401" not in p and "wrong-key" not in p]  # the browser logs the 401s
+        assert not problems, problems
+    finally:
+        c.close()
 
-    # Page A's conversation went on meanwhile.
-    before = a.stats()["decodedSamples"]
-    a.wait_stats(f"s.decodedSamples > {before}", 10, "more audio after the other pages were refused")
 
-    # -- disconnect frees the slot; reconnecting starts a new conversation ----------------------------------
-    a.page.click("#disconnect")
-    a.wait_stats("s.state === 'idle'", 10, "the disconnect")
-    wait_until(lambda: (health(url) or {}).get("active") == 0, 10, "the slot to be released")
-    a.page.click("#connect")
-    s2 = a.wait_stats("s.handshake && s.tttUpdates >= 1 && s.decodedSamples > 0", 30, "a second conversation")
-    assert s2["info"]["conversation"] != info["conversation"], (s2["info"], info)
+def test_disconnect_frees_the_slot_and_reconnect_starts_anew(demo_server, page_a, live):
+    url, _ = demo_server
+    page_a.page.click("#disconnect")
+    page_a.wait_stats("s.state === 'idle'", 10, "the disconnect")
+    wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 10, "the slot to be released")
+    page_a.page.click("#connect")
+    s2 = page_a.wait_stats("s.handshake && s.tttUpdates >= 1 && s.decodedSamples > 0", 30, "a second conversation")
+    assert s2["info"]["conversation"] != live["info"]["conversation"], (s2["info"], live["info"])
 
-    # -- the server stops: the page says so in plain words ------------------------------------------------------
+
+def test_server_stop_is_shown_in_plain_words(demo_server, page_a):
+    url, proc = demo_server
+    if page_a.stats()["state"] != "live":
+        page_a.page.click("#connect")
+    page_a.wait_stats("s.state === 'live' && s.handshake", 30, "a live conversation")
     proc.send_signal(signal.SIGTERM)
-    a.wait_stats("s.state === 'ended'", 20, "the end of the conversation when the server stops")
-    text = a.error_text().lower()
+    page_a.wait_stats("s.state === 'ended'", 20, "the end of the conversation when the server stops")
+    text = page_a.error_text().lower()
     print(f"after the server stopped, the page says: {text!r}")
     assert "shutting down" in text or "connection to the server was lost" in text, text
-
-    problems = a.problems + b.problems + c.problems
-    foreign = [u for p in (a, b, c) for u in p.requests if not u.startswith((url, url.replace("http", "ws", 1)))]
-    assert any(u.endswith("/app.js") for u in a.requests) and not foreign, (a.requests, foreign)
-    a.close()
-    assert not problems, "page errors:\n" + "\n".join(problems)
-    print(f"web client end to end: {time.monotonic() - t0:.1f} s")
+    foreign = [u for u in page_a.requests if not u.startswith((url, url.replace("http", "ws", 1)))]
+    assert any(u.endswith("/app.js") for u in page_a.requests) and not foreign, (page_a.requests, foreign)
 
 
 def test_insecure_origin_message(browser):

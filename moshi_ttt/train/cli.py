@@ -1,6 +1,6 @@
 """`moshi-ttt train CONFIG.yaml` (and `python -m moshi_ttt.train CONFIG.yaml` for torchrun).
 
-Single process:   moshi-ttt train configs/train_tiny.yaml
+Single process:   moshi-ttt train CONFIG.yaml   (see moshi_ttt/train/example.yaml)
 Data parallel:    torchrun --nproc-per-node N -m moshi_ttt.train CONFIG.yaml   (NCCL on CUDA, gloo on CPU)
 """
 
@@ -48,9 +48,11 @@ def load_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import runtime
     from ..checkpoint import CheckpointError
     from .loop import train
 
+    runtime.log_to_stderr("moshi-ttt train")
     try:
         cfg = load_config(args)
         summary = train(cfg)

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import checkpoint_info, load_ttt_moshi, read_ttt_file
-from ..config import TTTModelConfig
+from .. import runtime
 from ..model import TTT_KEY, TTTLMModel
 from . import checkpointing as ckpt
 from .config import TrainConfig
@@ -36,23 +35,6 @@ from .params import MasterParams, add_lora, select_trainable
 from .telemetry import FastWeightProbe, grad_norm, ttt_layer_params
 
 DEFAULT_FRAME_RATE = 12.5
-
-
-def resolve_ttt_config(cfg: TrainConfig, info) -> TTTModelConfig:
-    """The TTT config the model will get, with `load_ttt_moshi`'s precedence: explicit model.ttt_config,
-    then the one stored in model.ttt_weights, then the checkpoint's config.json "ttt" section."""
-    if cfg.model.ttt_config is not None:
-        from ..config_files import config_path
-        return TTTModelConfig.load(config_path(cfg.model.ttt_config))
-    if cfg.model.ttt_weights is not None:
-        _, file_cfg = read_ttt_file(cfg.model.ttt_weights)
-        if file_cfg is not None:
-            return file_cfg
-    raw = (info.lm_config or {}).get("ttt")
-    if raw is None:
-        raise ValueError("no TTT config: set model.ttt_config (a TTT YAML or a shipped name), or use a checkpoint "
-                         "whose config.json has a 'ttt' section, or TTT weights that carry their config")
-    return TTTModelConfig.from_dict(raw)
 
 
 def check_segment(segment_frames: int, chunk: int, what: str = "data.segment_frames") -> None:
@@ -95,12 +77,12 @@ class Trainer:
         self.env = env
         self.run_dir = Path(cfg.run_dir)
         dev = env.device
-        self.dtype = getattr(torch, cfg.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+        self.dtype = runtime.pick_dtype(dev, cfg.dtype)
         torch.manual_seed(cfg.seed)
 
-        m = cfg.model
-        info = checkpoint_info(m.hf_repo, m.moshi_weight, m.mimi_weight, m.tokenizer, m.config_path)
-        ttt_cfg = resolve_ttt_config(cfg, info)
+        info, name, flags = runtime.open_checkpoint(runtime.CheckpointFlags.from_args(cfg.model))
+        ttt = runtime.resolve_ttt(info, flags.ttt_config, flags.ttt_weights)
+        ttt_cfg = ttt.config
         frame_rate = float((info.mimi_config or {}).get("frame_rate", DEFAULT_FRAME_RATE))
         chunk = ttt_cfg.layer.chunk_size
         self.segment_frames = cfg.data.frames(frame_rate)
@@ -115,14 +97,9 @@ class Trainer:
         self.order = BatchOrder(len(self.dataset), cfg.batch_size, cfg.seed, cfg.data.shuffle)
         self.order.local_batch(0, env.rank, env.world_size)  # batch_size divisible by the world size
 
-        lm_config = dict(info.lm_config if info.lm_config is not None else {})
-        if not lm_config:
-            from moshi.models import loaders
-            lm_config = dict(loaders._lm_kwargs)
-        lm_config["gradient_checkpointing"] = cfg.gradient_checkpointing
-        self.info = dataclasses.replace(info, lm_config=lm_config)
-        model = load_ttt_moshi(self.info, ttt_config=ttt_cfg if m.ttt_config else None, ttt_weights=m.ttt_weights,
-                               device=dev, dtype=self.dtype)
+        pieces = runtime.load_pieces(info, ttt, dev, self.dtype, name=name,
+                                     lm_overrides={"gradient_checkpointing": cfg.gradient_checkpointing})
+        self.info, model = pieces.info, pieces.lm
         _set_clip(model, cfg.ttt_clip_norm)
         if cfg.trainable == "ttt+lora":
             add_lora(model, cfg.lora.rank, cfg.lora.scaling)
@@ -148,8 +125,7 @@ class Trainer:
         if env.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.mimi = self.info.get_mimi(device=dev)
-        self.tokenizer = self.info.get_text_tokenizer()
+        self.mimi, self.tokenizer = pieces.mimi, pieces.tokenizer
         self.probe = FastWeightProbe(model) if cfg.log_fast_weights else None
 
     # -- resume -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 //
 // Wire format (GET /api/chat, binary websocket messages, first byte = kind): 0x00 handshake, 0x01 Ogg
 // Opus audio (both ways), 0x02 text piece, 0x03 control, 0x04 metadata JSON, 0x05 error, 0x06 ping.
+// The server sends 0x04 (model info, TTT telemetry) only when asked with ?telemetry=1, which this page does.
 
 import { Microphone, SAMPLE_RATE } from "./mic.js";
 import { Player } from "./player.js";
@@ -89,6 +90,7 @@ function chatUrl() {
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const key = $("api-key").value.trim();
   if (key) url.searchParams.set("api_key", key);
+  url.searchParams.set("telemetry", "1"); // the TTT panel's data
   return url;
 }
 

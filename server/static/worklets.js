@@ -75,11 +75,6 @@ class PlaybackProcessor extends AudioWorkletProcessor {
   }
 
   receive(msg) {
-    if (msg.type === "reset") {
-      this.written = this.read = 0;
-      this.playing = false;
-      return;
-    }
     const { samples, sampleRate: rate } = msg;
     if (rate !== this.srcRate) {
       this.srcRate = rate;
