@@ -12,9 +12,9 @@ shards, so parameters, gradients and optimizer state all cost 1/world_size per r
 Frozen parameters inside sharded units (e.g. the attention and MLP weights of a `ttt+wdown` layer, next to
 the trainable W_down and TTT target tensors): FSDP2 shards per parameter, not per flat buffer, so one unit may
 mix frozen and trainable tensors; a frozen one is sharded and gathered like the others and simply gets no
-gradient and no reduce-scatter. moshi-finetune (FSDP1, flat parameters) instead has to wrap so that a flat
-buffer never mixes the two; here the units follow the model's layers whatever the trainable set, and the
-frozen tensors are sharded too (memory 1/world_size), which the flat-buffer way cannot do for a unit that mixes.
+gradient and no reduce-scatter. moshi-finetune (FSDP1, whose flat buffers need uniform requires_grad) instead
+wraps its trainable LoRA modules as units of their own; here the units follow the model's layers whatever the
+trainable set, and the frozen tensors are sharded too (memory 1/world_size).
 
 Mixed precision: trainable tensors are cast to fp32 before sharding (their shards are the AdamW masters;
 `MasterParams` then holds no copies), frozen tensors keep the run's `dtype`. `MixedPrecisionPolicy` gathers
