@@ -32,6 +32,7 @@ The export is a full state dict consolidated on rank 0 (`full_state_dict`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -175,7 +176,9 @@ def load_sharded(path, masters: dict[str, torch.Tensor], optimizer: torch.optim.
             if f"optim.{n}.{k}" in meta:
                 st[k] = torch.zeros((), dtype=torch.float32) if k == "step" else torch.zeros_like(m.detach())
         optim[n] = st
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # a single process resuming a sharded checkpoint is intended: DCP warns about it all the same
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load({"trainable": {n: m.detach() for n, m in masters.items()}, "optim": optim},
                  checkpoint_id=str(path), no_dist=not dist.is_initialized())
     for n, m in masters.items():
