@@ -11,13 +11,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test.
-SYSDEPS := espeak-ng sox chromium
-.PHONY: setup sysdeps demo test lint bench experiment
+# System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
+# haproxy the scale-out test (Debian puts it in /usr/sbin).
+SYSDEPS := espeak-ng sox chromium haproxy
+.PHONY: setup sysdeps demo scaleout-demo test lint bench experiment
 setup: $(STAMP)
 
 sysdeps:
-	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || test -x /usr/sbin/$$t || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing with apt-get"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
@@ -27,6 +28,17 @@ sysdeps:
 # The embedded demo: a tiny random TTT-Moshi + reduced Mimi, fully offline. Open http://localhost:8998
 demo: $(STAMP)
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml
+
+# Scale-out on loopback: two demo instances (127.0.0.1:8998 and :8999, 4 conversations each) behind HAProxy
+# with deploy/haproxy.cfg. Open http://localhost:8990 (HAProxy stats: http://localhost:8991). Ctrl-C stops all.
+scaleout-demo: $(STAMP) sysdeps
+	@haproxy=$$(command -v haproxy || echo /usr/sbin/haproxy); \
+	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8998 \
+	  --max-conversations 4 & a=$$!; \
+	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8999 \
+	  --max-conversations 4 & b=$$!; \
+	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
+	$$haproxy -f deploy/haproxy.cfg -db
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests

@@ -65,14 +65,19 @@ def read_ttt_file(path: str | Path) -> tuple[dict[str, torch.Tensor], TTTModelCo
 
 def save_ttt(model: TTTLMModel, path: str | Path) -> Path:
     """Writes the TTT-only safetensors (config in metadata) and a readable `<path>.json` beside it."""
+    return write_ttt(model.ttt_state_dict(), model.ttt_config, path)
+
+
+def write_ttt(tensors: dict[str, torch.Tensor], ttt_config: TTTModelConfig, path: str | Path) -> Path:
+    """`save_ttt` from TTT tensors already gathered (e.g. consolidated from FSDP shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = json.dumps(model.ttt_config.to_dict())
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.ttt_state_dict().items()}
+    cfg = json.dumps(ttt_config.to_dict())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={TTT_METADATA_KEY: cfg})
     tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(model.ttt_config.to_dict(), indent=2) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(ttt_config.to_dict(), indent=2) + "\n")
     return path
 
 

@@ -55,6 +55,19 @@ def run_trainer(cfg: TrainConfig) -> tuple[Trainer, dict]:
         torch.set_num_threads(prev)
 
 
+def run_torchrun(cfg: TrainConfig, cfg_file: Path, nproc: int = 2) -> None:
+    """`torchrun --standalone --nproc-per-node NPROC -m moshi_ttt.train CFG_FILE` (gloo on CPU), 1 thread per rank."""
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1")
+    # `python -m torch.distributed.run` is torchrun (whose script a venv sharing site-packages may lack)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "moshi_ttt.train", str(cfg_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -119,22 +132,21 @@ def test_training_learns_through_ttt_target_params(tiny_run, train_repo):
     torch.testing.assert_close(b.logits[b.mask], a.logits[a.mask], rtol=0, atol=1e-5)
 
 
-def test_export_runs_in_moshi_ttt_infer(tiny_run, train_dataset, tmp_path):
-    """`moshi-ttt infer --hf-repo RUN/export --ttt-weights RUN/export/ttt.safetensors` on 1 s of the speech."""
+def run_infer(export: Path, train_dataset: Path, tmp_path: Path, *flags: str) -> dict:
+    """`moshi-ttt infer in.wav out.wav --hf-repo EXPORT FLAGS` on 1 s of the training speech; returns the
+    telemetry JSON after checking it saw the 13 frames and the tiny model's TTT layers."""
     import argparse
 
     import sphn
 
     from moshi_ttt import infer
 
-    _, summary, _ = tiny_run
-    export = Path(summary["export"])
     pcm, _ = sphn.read(str(train_dataset.parent / "conv0.wav"), sample_rate=24000)
     sphn.write_wav(str(tmp_path / "in.wav"), pcm[0, 4800:28800], 24000)
     parser = argparse.ArgumentParser()
     infer.add_args(parser)
     args = parser.parse_args([str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--hf-repo", str(export),
-                              "--ttt-weights", str(export / "ttt.safetensors"), "--device", "cpu"])
+                              "--device", "cpu", *flags])
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -143,6 +155,13 @@ def test_export_runs_in_moshi_ttt_infer(tiny_run, train_dataset, tmp_path):
         torch.set_num_threads(prev)
     tel = json.loads((tmp_path / "out.ttt.json").read_text())
     assert tel["input_frames"] == 13 and tel["ttt_layers"] == [0, 2]
+    return tel
+
+
+def test_export_runs_in_moshi_ttt_infer(tiny_run, train_dataset, tmp_path):
+    """`moshi-ttt infer --hf-repo RUN/export --ttt-weights RUN/export/ttt.safetensors` on 1 s of the speech."""
+    export = Path(tiny_run[1]["export"])
+    run_infer(export, train_dataset, tmp_path, "--ttt-weights", str(export / "ttt.safetensors"))
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_run, tmp_path):
@@ -169,16 +188,8 @@ def test_torchrun_two_ranks_match_single_process(train_repo, train_dataset, tmp_
     steps = 3
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     run_trainer(make_cfg(single_dir, train_repo, train_dataset, max_steps=steps, log_fast_weights=False))
-    cfg_file = tmp_path / "ddp.yaml"
-    import yaml
-
-    cfg_file.write_text(yaml.safe_dump(make_cfg(ddp_dir, train_repo, train_dataset, max_steps=steps,
-                                                log_fast_weights=False).to_dict()))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1", NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "moshi_ttt.train",
-                           str(cfg_file)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(make_cfg(ddp_dir, train_repo, train_dataset, max_steps=steps, log_fast_weights=False),
+                 tmp_path / "ddp.yaml")
 
     final = json.loads((ddp_dir / "final_params.json").read_text())
     assert final["world_size"] == 2 and len(final["sha256_by_rank"]) == 2

@@ -4,6 +4,9 @@ Checkpoint folder `run_dir/checkpoints/step_0000010/` (written to a temporary fo
   trainable.safetensors   fp32 master copies of the trainable parameters, by model name
   state.pt                step, optimizer, scheduler, data order (+ dataset fingerprint), RNG per rank
   ttt.safetensors(.json)  TTT-only weights at this step (`checkpoint.save_ttt`)
+FSDP runs write `sharded/` (a torch.distributed.checkpoint folder: the fp32 masters and their AdamW state,
+one shard file per rank, see fsdp.py) instead of trainable.safetensors and the optimizer entry of state.pt;
+any world size, or a single process, resumes from it.
 
 Export folder `run_dir/export/` — a Kyutai-layout folder usable as `--hf-repo`:
   config.json             the base checkpoint's config with absolute paths to the base files, the
@@ -24,8 +27,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import TTT_NAME_KEY, save_ttt
-from ..model import TTTLMModel
+from ..checkpoint import TTT_NAME_KEY, save_ttt, write_ttt
+from ..config import TTTModelConfig
+from ..model import TTT_KEY, TTTLMModel
+from . import fsdp
+from .dist import DistEnv
 
 CKPT_PREFIX = "step_"
 
@@ -57,15 +63,42 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(run_dir: Path, step: int, model: TTTLMModel, masters: dict[str, torch.Tensor],
                     state: dict, keep: int) -> Path:
     """Rank 0 only. `state` holds everything but the parameters (optimizer, scheduler, rngs, data...)."""
+    final, tmp = _begin(run_dir, step)
+    save_file({k: v.detach().contiguous().cpu() for k, v in masters.items()}, str(tmp / "trainable.safetensors"))
+    torch.save({**state, "step": step}, tmp / "state.pt")
+    save_ttt(model, tmp / "ttt.safetensors")
+    return _publish(run_dir, tmp, final, keep)
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, env: DistEnv, masters: dict[str, torch.Tensor],
+                            optimizer: torch.optim.Optimizer, ttt: dict[str, torch.Tensor],
+                            ttt_config: TTTModelConfig, state: dict, keep: int) -> None:
+    """Every rank (FSDP): DCP shards of masters + AdamW state; rank 0 adds state.pt (without the optimizer)
+    and the TTT weights `ttt` (already gathered)."""
+    final = tmp = None
+    if env.is_main:
+        final, tmp = _begin(run_dir, step)
+    tmp = Path(env.gather_objects(str(tmp))[0])
+    fsdp.save_sharded(tmp / fsdp.SHARDED_DIR, masters, optimizer)
+    env.barrier()
+    if env.is_main:
+        torch.save({**state, "step": step}, tmp / "state.pt")
+        write_ttt(ttt, ttt_config, tmp / "ttt.safetensors")
+        _publish(run_dir, tmp, final, keep)
+    env.barrier()
+
+
+def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:07d}"
     tmp = root / f".tmp_{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in masters.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    save_ttt(model, tmp / "ttt.safetensors")
+    return final, tmp
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -73,19 +106,26 @@ def save_checkpoint(run_dir: Path, step: int, model: TTTLMModel, masters: dict[s
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """(trainable masters, state); masters None for a sharded (FSDP) checkpoint: see `fsdp.load_sharded`."""
     path = Path(path)
-    if not (path / "state.pt").exists() or not (path / "trainable.safetensors").exists():
-        raise FileNotFoundError(f"not a training checkpoint (needs state.pt and trainable.safetensors): {path}")
-    tensors = load_file(str(path / "trainable.safetensors"))
+    sharded = (path / fsdp.SHARDED_DIR).is_dir()
+    if not (path / "state.pt").exists() or not (sharded or (path / "trainable.safetensors").exists()):
+        raise FileNotFoundError(f"not a training checkpoint (needs state.pt and trainable.safetensors or "
+                                f"{fsdp.SHARDED_DIR}/): {path}")
+    tensors = None if sharded else load_file(str(path / "trainable.safetensors"))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return tensors, state
 
 
-def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None) -> Path:
-    """Writes the export folder (see module docstring); returns its config.json."""
+def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None,
+           state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Writes the export folder (see module docstring); returns its config.json. `state`: the full state dict
+    when `model` is sharded (FSDP, consolidated on rank 0); default `model.state_dict()`."""
     out.mkdir(parents=True, exist_ok=True)
-    save_ttt(model, out / "ttt.safetensors")
+    if state is None:
+        state = model.state_dict()
+    write_ttt({k: v for k, v in state.items() if TTT_KEY in k}, model.ttt_config, out / "ttt.safetensors")
     raw = dict(info.raw_config) if info.raw_config is not None else {}
     if not raw:  # legacy repo without config.json: moshi's defaults
         from moshi.models import loaders
@@ -97,7 +137,6 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
     if info.mimi_config is not None:
         (out / "mimi_config.json").write_text(json.dumps(info.mimi_config, indent=1))
         raw["mimi_config_name"] = "mimi_config.json"
-    state = model.state_dict()
     if trainable in ("ttt+wdown", "full"):
         # every weight, the trained TTT tensors included: `--hf-repo RUN/export` alone loads the trained model
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))

@@ -1,7 +1,8 @@
 """`moshi-ttt train CONFIG.yaml` (and `python -m moshi_ttt.train CONFIG.yaml` for torchrun).
 
 Single process:   moshi-ttt train CONFIG.yaml   (see moshi_ttt/train/example.yaml)
-Data parallel:    torchrun --nproc-per-node N -m moshi_ttt.train CONFIG.yaml   (NCCL on CUDA, gloo on CPU)
+Data parallel:    torchrun --nproc-per-node N -m moshi_ttt.train CONFIG.yaml   (NCCL on CUDA, gloo on CPU;
+                  `parallel:` in the YAML picks DDP or FSDP2)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ EXIT_USER_ERROR = 2
 _epilog = """\
 The YAML holds run_dir, model (hf_repo, ttt_config, ttt_weights, ...), data (train: a moshi-finetune .jsonl,
 segment_frames > ttt chunk_size, main_speaker), optim, trainable (ttt | ttt+lora | ttt+wdown | full),
-batch_size (global), max_steps and the other keys documented in moshi_ttt/train/config.py.
+batch_size (global), max_steps, parallel (auto | ddp | fsdp, for torchrun) and the other keys documented in
+moshi_ttt/train/config.py.
 Outputs in run_dir: metrics.jsonl (one line per step), checkpoints/step_N/ (resumable; resume: auto picks the
 latest), export/ (config.json + ttt.safetensors [+ lora.safetensors / model.safetensors]):
   moshi-ttt infer in.wav out.wav --hf-repo RUN/export --ttt-weights RUN/export/ttt.safetensors"""

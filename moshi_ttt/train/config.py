@@ -7,7 +7,8 @@ Every invalid value raises `ValueError` naming the field (as `section.key`) and 
     data:    {train, segment_frames | duration_sec, main_speaker, min_segment_frames, shuffle}
     optim:   {lr, weight_decay, betas, eps, warmup_steps, schedule, min_lr_ratio}
     lora:    {rank, scaling}        # used by trainable: ttt+lora
-    trainable, batch_size, max_steps, max_grad_norm, text_padding_weight, first_codebook_weight_multiplier,
+    fsdp:    {reduce_dtype, reshard_after_forward}   # used when parallel resolves to fsdp
+    parallel, trainable, batch_size, max_steps, max_grad_norm, text_padding_weight, first_codebook_weight_multiplier,
     ttt_clip_norm, dtype, device, gradient_checkpointing, seed, log_every, ckpt_every, keep_checkpoints,
     resume, progress, log_fast_weights
 """
@@ -26,6 +27,7 @@ from ..config import check_mapping
 TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float64")
+PARALLEL_MODES = ("auto", "ddp", "fsdp")
 
 
 def _bad(field: str, value: tp.Any, why: str) -> ValueError:
@@ -147,11 +149,35 @@ class LoraSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class FsdpSection:
+    """FSDP2 mixed precision and resharding (see fsdp.py). The all-gathered parameters that compute runs
+    with have the run's `dtype`; the sharded parameters of trainable tensors are fp32 (the AdamW masters).
+
+    reduce_dtype: dtype of the gradient reduce-scatter; null = float32 (float64 for float64 runs).
+    reshard_after_forward: free each layer's gathered parameters after its forward (re-gathered in
+        backward): less memory, one more all-gather per layer and step.
+    """
+
+    reduce_dtype: str | None = None
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduce_dtype is not None and self.reduce_dtype not in DTYPES:
+            raise _bad("fsdp.reduce_dtype", self.reduce_dtype, f"must be one of {DTYPES} or null")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise _bad("fsdp.reshard_after_forward", self.reshard_after_forward, "must be true or false")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. See the module docstring for the YAML layout.
 
     trainable: "ttt" (TTT target params only: conv, W_target), "ttt+lora" (+ moshi LoRA adapters on every
         Linear, B zero-initialised), "ttt+wdown" (+ W_down = linear_out of the TTT layers), "full".
+    parallel: how a torchrun job (WORLD_SIZE > 1) splits the work: "ddp" (replicas, gradients all-reduced),
+        "fsdp" (FSDP2: parameters, gradients and AdamW state sharded over the ranks), or "auto" (the
+        default: fsdp for trainable full and ttt+wdown, whose replicated AdamW state would not fit one GPU at
+        7B, ddp otherwise). A single process ignores it.
     batch_size: the *global* batch (split evenly over the ranks of a torchrun job).
     ttt_clip_norm: Frobenius clip τ of each ΔW during training; null (the default) = off. The checkpoint's
         own clip setting is overridden by this value while training.
@@ -168,6 +194,8 @@ class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    fsdp: FsdpSection = dataclasses.field(default_factory=FsdpSection)
+    parallel: str = "auto"
     trainable: str = "ttt"
     batch_size: int = 1
     max_steps: int = 100
@@ -191,6 +219,8 @@ class TrainConfig:
             raise _bad("run_dir", self.run_dir, "must be a folder path")
         if self.trainable not in TRAINABLE_SETS:
             raise _bad("trainable", self.trainable, f"must be one of {TRAINABLE_SETS}")
+        if self.parallel not in PARALLEL_MODES:
+            raise _bad("parallel", self.parallel, f"must be one of {PARALLEL_MODES}")
         _num("batch_size", self.batch_size, lo=1, integer=True)
         _num("max_steps", self.max_steps, lo=1, integer=True)
         _num("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, optional=True)
@@ -222,7 +252,8 @@ class TrainConfig:
         if not isinstance(d, tp.Mapping):
             raise ValueError(f"invalid train config: expected a mapping, got {type(d).__name__}")
         d = dict(d)
-        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "lora": LoraSection}
+        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "lora": LoraSection,
+                    "fsdp": FsdpSection}
         built = {}
         for name, sec_cls in sections.items():
             raw = d.pop(name, None)

@@ -1,14 +1,18 @@
-"""The training loop: one process or one rank of a `torchrun` job (DDP).
+"""The training loop: one process or one rank of a `torchrun` job (DDP or FSDP2, see fsdp.py).
 
 Per step: the rank's slice of the global batch (BatchOrder) → codes [b, 17, T] → `model(codes)` (the
 parallel TTT path: every segment starts from W⁽⁰⁾) → moshi-finetune loss normalised over the global
-batch → backward (DDP all-reduce) → fp32 master grads → clip → AdamW → schedule → one JSONL line.
+batch → backward (DDP all-reduce / FSDP reduce-scatter) → fp32 master grads → clip → AdamW → schedule → one JSONL line.
 
 metrics.jsonl, one object per step (rank 0; values are global over ranks):
   step (optimizer steps done), loss = text_loss + audio_loss, lr (used by this step),
   grad_norm (all trainable params) and ttt_grad_norm (TTT target params; both before clipping),
   ttt_grad_norm_by_layer, ttt_param_drift(_by_layer) = ‖θ_TTT − θ_TTT at the run's start‖,
   fast_drift / last_delta per TTT layer (see telemetry.py), batch (global segment indices), frames, step_time.
+
+final_params.json (rank 0, end of run): parallel (single | ddp | fsdp), world_size, sha256_by_rank (digest of
+the full trainable fp32 weights as each rank sees them), param_bytes_by_rank (parameter bytes each rank holds:
+the whole model under DDP, its shards under FSDP) and param_bytes_total (the unsharded model).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import yaml
 from .. import runtime
 from ..model import TTT_KEY, TTTLMModel
 from . import checkpointing as ckpt
+from . import fsdp
 from .config import TrainConfig
 from .data import BatchOrder, Dataset, TokenIds
 from .dist import DistEnv, setup
@@ -107,7 +112,14 @@ class Trainer:
         self.model = model
         self.ids = TokenIds.of(model)
         self.trainable = select_trainable(model, cfg.trainable)
+        self.parallel = fsdp.choose(cfg, env.world_size)
         named = dict(model.named_parameters())
+        # drift is measured from the TTT parameters the run started with (kept across resumes)
+        ttt_start = {n: named[n].detach().clone().double() for n in named if TTT_KEY in n and n in self.trainable}
+        if self.parallel == "fsdp":  # replaces the parameters: everything below refers to the sharded ones
+            fsdp.shard(model, self.dtype, fsdp.reduce_dtype(cfg, self.dtype), cfg.fsdp.reshard_after_forward)
+            named = dict(model.named_parameters())
+        self.param_bytes_total = sum(p.numel() * p.element_size() for p in model.parameters())  # unsharded
         self.masters = MasterParams([(n, named[n]) for n in self.trainable])
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.masters.masters, lr=o.lr, betas=o.betas, eps=o.eps,
@@ -119,10 +131,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._init_ttt_snapshot: dict[str, torch.Tensor] | None = None
         self._resume()
-        # drift is measured from the TTT parameters the run started with (kept across resumes)
-        self.ttt_init = self._init_ttt_snapshot or {n: named[n].detach().clone().double() for n in self.ttt_names}
+        self.ttt_init = self._init_ttt_snapshot or ttt_start
         self.ddp = None
-        if env.world_size > 1:
+        if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.mimi, self.tokenizer = pieces.mimi, pieces.tokenizer
@@ -151,8 +162,17 @@ class Trainer:
         if state.get("trainable") != cfg.trainable:
             raise ValueError(f"cannot resume from {path}: trained with trainable={state.get('trainable')!r}, "
                              f"this config has {cfg.trainable!r}")
-        self.masters.load(tensors, str(path / "trainable.safetensors"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if tensors is None:  # sharded (FSDP) checkpoint: any world size, or a single process
+            fsdp.load_sharded(path / fsdp.SHARDED_DIR, self.masters.named_masters(), self.optimizer)
+            self.masters.master_to_params()
+            for group, saved in zip(self.optimizer.param_groups, state["param_groups"], strict=True):
+                group.update(saved)
+        elif self.parallel == "fsdp":
+            raise ValueError(f"cannot resume from {path} with parallel: fsdp: it was written by a single-process "
+                             "or DDP run (trainable.safetensors); resume it with parallel: ddp or in one process")
+        else:
+            self.masters.load(tensors, str(path / "trainable.safetensors"))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self._init_ttt_snapshot = {k: v.double() for k, v in state["ttt_init"].items()}
@@ -163,12 +183,19 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         rngs = self.env.gather_objects(ckpt.rng_state())
+        state = {"scheduler": self.scheduler.state_dict(),
+                 "data": {**self.order.state_dict(), "fingerprint": self.dataset.fingerprint()},
+                 "rng": rngs, "trainable": self.cfg.trainable, "world_size": self.env.world_size,
+                 "parallel": self.parallel, "ttt_init": self.ttt_init, "config": self.cfg.to_dict()}
+        if self.parallel == "fsdp":
+            ttt = {n: fsdp.full(p).detach().cpu() for n, p in self.model.named_parameters() if TTT_KEY in n}
+            state["param_groups"] = [{k: v for k, v in g.items() if k != "params"}
+                                     for g in self.optimizer.param_groups]
+            ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.env, self.masters.named_masters(),
+                                         self.optimizer, ttt, self.model.ttt_config, state, self.cfg.keep_checkpoints)
+            return
         if self.env.is_main:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "data": {**self.order.state_dict(), "fingerprint": self.dataset.fingerprint()},
-                     "rng": rngs, "trainable": self.cfg.trainable, "world_size": self.env.world_size,
-                     "ttt_init": self.ttt_init,
-                     "config": self.cfg.to_dict()}
+            state["optimizer"] = self.optimizer.state_dict()
             ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.masters.named_masters(), state,
                                  self.cfg.keep_checkpoints)
         self.env.barrier()
@@ -191,11 +218,17 @@ class Trainer:
         (loss * env.world_size).backward()
         self.masters.grads_to_master()
         named = self.masters.named_masters()
-        ttt_norm = grad_norm([named[n] for n in self.ttt_names])
-        by_layer = {str(i): grad_norm([named[n] for n, _ in ps if n in named]) for i, ps in self.ttt_by_layer.items()}
-        total = grad_norm(self.masters.masters)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.masters.masters, cfg.max_grad_norm)
+        groups = [[named[n] for n in self.ttt_names], self.masters.masters]
+        groups += [[named[n] for n, _ in ps if n in named] for ps in self.ttt_by_layer.values()]
+        if self.parallel == "fsdp":  # sharded gradients: norms from the local shards, one all-reduce
+            ttt_norm, total, *layer_norms = fsdp.grad_norms(groups, env)
+            if cfg.max_grad_norm is not None:
+                fsdp.clip_(self.masters.masters, cfg.max_grad_norm, total)
+        else:
+            ttt_norm, total, *layer_norms = [grad_norm(g) for g in groups]
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.masters.masters, cfg.max_grad_norm)
+        by_layer = {str(i): v for i, v in zip(self.ttt_by_layer, layer_norms, strict=True)}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,7 +242,8 @@ class Trainer:
                "ttt_grad_norm_by_layer": by_layer}
         drift_by_layer = {}
         for i, ps in self.ttt_by_layer.items():
-            sq = sum(float((p.detach().double() - self.ttt_init[n]).pow(2).sum()) for n, p in ps if n in self.ttt_init)
+            sq = sum(float((fsdp.full(p).detach().double() - self.ttt_init[n]).pow(2).sum())
+                     for n, p in ps if n in self.ttt_init)
             drift_by_layer[str(i)] = math.sqrt(sq)
         rec["ttt_param_drift"] = math.sqrt(sum(v * v for v in drift_by_layer.values()))
         rec["ttt_param_drift_by_layer"] = drift_by_layer
@@ -227,12 +261,12 @@ class Trainer:
         return rec
 
     def param_digest(self) -> str:
-        """sha256 of the trainable parameters' bytes (fp32 masters, model order): equal on all ranks iff the
-        replicas hold bit-identical trainable weights."""
+        """sha256 of the trainable parameters' bytes (fp32 masters, model order; all-gathered under FSDP):
+        equal on all ranks iff the replicas hold bit-identical trainable weights."""
         h = hashlib.sha256()
         for n, m in self.masters.named_masters().items():
             h.update(n.encode())
-            h.update(m.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(fsdp.full(m).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     # -- the run ----------------------------------------------------------------------------------
@@ -266,15 +300,22 @@ class Trainer:
         finally:
             bar.close()
         digests = env.gather_objects(self.param_digest())
+        held = env.gather_objects(fsdp.local_param_bytes(self.model))
         if env.is_main:
             (self.run_dir / "final_params.json").write_text(json.dumps(
-                {"step": self.step, "world_size": env.world_size, "sha256_by_rank": digests}, indent=1) + "\n")
+                {"step": self.step, "parallel": self.parallel, "world_size": env.world_size,
+                 "sha256_by_rank": digests, "param_bytes_by_rank": held,
+                 "param_bytes_total": self.param_bytes_total}, indent=1) + "\n")
         if len(set(digests)) != 1:
             raise RuntimeError(f"data-parallel replicas diverged: trainable-parameter digests per rank {digests}")
         export_cfg = None
+        state = None
+        if self.parallel == "fsdp":  # consolidated on rank 0, in the run's dtype (the sharded masters are fp32)
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v
+                     for k, v in fsdp.full_state_dict(self.model).items()}
         if env.is_main:
             lora = dataclasses.asdict(cfg.lora) if cfg.trainable == "ttt+lora" else None
-            export_cfg = ckpt.export(self.run_dir / "export", self.model, self.info, cfg.trainable, lora)
+            export_cfg = ckpt.export(self.run_dir / "export", self.model, self.info, cfg.trainable, lora, state)
         env.barrier()
         return {"step": self.step, "rank": env.rank, "last": last, "export": str(self.run_dir / "export"),
                 "export_config": str(export_cfg) if export_cfg else None, "metrics": str(metrics_path)}
