@@ -75,11 +75,11 @@ class _Layer(torch.nn.Module):
         self.layer.gating.fold(items)
 
 
-def bench_mlp(chunk: int, batch: int, chunks: int = 2) -> dict:
+def bench_mlp(chunk: int, batch: int, chunks: int = 2, d: int = D, ff: int = FF) -> dict:
     torch.manual_seed(0)
-    base = ActivationGating(D, FF, F.silu).eval()
+    base = ActivationGating(d, ff, F.silu).eval()
     ttt = TTTGating.from_gating(base, TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp")).eval()  # same weights
-    x = torch.randn(batch, 4 * chunk, D)
+    x = torch.randn(batch, 4 * chunk, d)
     with torch.no_grad(), ttt.streaming(batch):
         ttt._streaming_state.host_folds = True
         clock = FoldClock(batch, chunk)
@@ -87,22 +87,23 @@ def bench_mlp(chunk: int, batch: int, chunks: int = 2) -> dict:
         _timed_frames(base, m, clock, x, chunk, f"7B MLP warm-up B={batch}")  # one whole chunk, one fold
         tb, tt = _timed_frames(base, m, clock, x, chunks * chunk, f"7B MLP B={batch}")
         state_bytes = ttt._streaming_state.bytes
+        updates = int(ttt._streaming_state.updates.min())
     med = statistics.median(tb)
-    return {"ratio": statistics.fmean(tt) / statistics.fmean(tb), "max_step_ratio": max(tt) / med,
+    return {"ratio": statistics.fmean(tt) / statistics.fmean(tb), "max_step_ratio": max(tt) / med, "updates": updates,
             "base_ms": 1e3 * statistics.fmean(tb), "ttt_ms": 1e3 * statistics.fmean(tt), "state_bytes": state_bytes}
 
 
-def bench_layer(chunk: int, filled: int, chunks: int = 2) -> dict:
+def bench_layer(chunk: int, filled: int, chunks: int = 2, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
     """B = 1, whole layer, KV cache holding `filled` frames (prefilled once on the base layer, copied)."""
     torch.manual_seed(0)
-    kw = dict(d_model=D, num_heads=HEADS, dim_feedforward=FF, causal=True, context=CONTEXT,
+    kw = dict(d_model=d, num_heads=heads, dim_feedforward=ff, causal=True, context=CONTEXT,
               rope=RotaryEmbedding(10000), norm="rms_norm_f32", gating="silu")
     base = StreamingTransformerLayer(**kw).eval()
     ttt = TTTTransformerLayer(**kw, ttt_config=TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp")).eval()
     ttt.load_state_dict(base.state_dict(), strict=False)
-    x = torch.randn(1, 4 * chunk, D)
+    x = torch.randn(1, 4 * chunk, d)
     with torch.no_grad(), base.streaming(1), ttt.streaming(1):
-        base(torch.randn(1, filled, D))
+        base(torch.randn(1, filled, d))
         ttt.self_attn._streaming_state = copy.deepcopy(base.self_attn._streaming_state)
         ttt._streaming_state.offset_cpu = base._streaming_state.offset_cpu
         ttt.gating._streaming_state.host_folds = True
@@ -134,18 +135,20 @@ def bytes_per_frame(batch: int, chunk: int = 256, ttt_layers: int = 6) -> dict:
             "per_frame_fold_model_ratio": (rest * base + ttt_layers * old) / (LAYERS * base)}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
     """Quick: C = 32 (the amortised fold FLOPs per frame do not depend on C; its pass over the fast
-    weight does, as 1/C), KV 1000 frames; full: C = 256 and a KV cache of 2000 frames."""
+    weight does, as 1/C), KV 1000 frames; full: C = 256 and a KV cache of 2000 frames. Other shapes
+    than Moshi 7B's are for tests only (the computed bytes are always Moshi 7B's)."""
     C = 32 if quick else 256
-    res: dict = {"moshi7b_d": D, "moshi7b_h": H, "moshi7b_chunk": C}
-    b1 = bench_mlp(C, 1)
+    res: dict = {"moshi7b_d": d, "moshi7b_h": 2 * ff // 3, "moshi7b_chunk": C}
+    b1 = bench_mlp(C, 1, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b1=b1["ratio"], moshi7b_mlp_max_step_ratio_b1=b1["max_step_ratio"],
-               moshi7b_mlp_ms_base_b1=b1["base_ms"], moshi7b_mlp_ms_ttt_b1=b1["ttt_ms"])
-    b4 = bench_mlp(C, 4)
+               moshi7b_mlp_ms_base_b1=b1["base_ms"], moshi7b_mlp_ms_ttt_b1=b1["ttt_ms"],
+               moshi7b_mlp_updates_b1=b1["updates"])
+    b4 = bench_mlp(C, 4, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b4=b4["ratio"], moshi7b_mlp_ms_base_b4=b4["base_ms"],
                moshi7b_mlp_ms_ttt_b4=b4["ttt_ms"])
-    layer = bench_layer(C, 1000 if quick else 2000)
+    layer = bench_layer(C, 1000 if quick else 2000, d=d, ff=ff, heads=heads)
     res.update(moshi7b_layer_ratio_b1=layer["ratio"], moshi7b_layer_ms_base_b1=layer["base_ms"],
                moshi7b_layer_ms_ttt_b1=layer["ttt_ms"], moshi7b_layer_kv_frames=layer["kv_frames"])
     # Per-conversation state of Moshi 7B (bf16 weights: fp32 fast weight + bf16 copy + one chunk of Z

@@ -11,14 +11,16 @@ import subprocess
 import sys
 
 REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
-            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4",
-            "moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1", "moshi7b_layer_ratio_b1",
-            "moshi7b_state_bytes_per_conversation"]
+            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4"]
+REQUIRED_7B = ["moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1",
+               "moshi7b_layer_ratio_b1", "moshi7b_state_bytes_per_conversation"]
 
 
 def test_bench_quick_json(tmp_path):
     env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", MOSHI_TTT_CACHE=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "bench", "--quick", "--json"], env=env,
+    # The moshi7b section (minutes at d 4096 on 2 cores, GBs of weights) is checked below at small shapes.
+    out = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "bench", "--quick", "--json",
+                          "--sections", "layer,model,server"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
@@ -31,6 +33,17 @@ def test_bench_quick_json(tmp_path):
     assert res["stream_vs_parallel_max_abs"] < 1e-4 and res["stream_vs_parallel_drift"] > 0
     # per-conversation state is allocated once: no growth over a long streaming run
     assert res["long_run_state_bytes_growth"] == 0
+
+
+def test_moshi7b_section_keys_and_computed_bytes():
+    """The moshi7b section at a small width (same code path: folds on the host clock, KV cache copied),
+    and its computed Moshi 7B figures."""
+    from moshi_ttt.bench_moshi7b import run
+
+    res = run(quick=True, d=64, ff=int(4.125 * 64), heads=4)
+    for k in REQUIRED_7B:
+        assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res.get(k))
+    assert res["moshi7b_mlp_updates_b1"] == 3  # warm-up chunk + the 2 timed chunks: every fold really ran
     # computed GPU bytes at 7B: a TTT layer moves the base layer's bytes at B = 1 (+ the fold amortised
     # over the chunk); the per-frame-fold design it replaced moved more than twice as much
     assert 1 < res["moshi7b_bytes_ttt_layer_ratio_b1"] < 1.01
