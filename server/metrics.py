@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import typing as tp
 
 PREFIX = "moshi_ttt_"
@@ -86,6 +87,9 @@ class Metrics:
         self.rejected: dict[str, int] = {"busy": 0}
         self.errors: dict[str, int] = {}
         self.unauthorized_total = 0
+        self.over_budget: dict[str, int] = {}  # conversations ended for breaking a budget, by budget
+        self.http_refused: dict[str, int] = {}  # connections aborted by the HTTP guard, by reason
+        self._last_step = 0.0  # monotonic time of the last step
         self.frame_latency = _Histogram(LATENCY_BUCKETS)
         self.step_time = _Histogram(STEP_BUCKETS)
         self.steps_total = 0
@@ -133,6 +137,15 @@ class Metrics:
             a = 0.1
             self._step_ema = seconds if self._step_ema is None else (1 - a) * self._step_ema + a * seconds
             self._rows_ema = rows if self._rows_ema is None else (1 - a) * self._rows_ema + a * rows
+            self._last_step = time.monotonic()
+
+    def inc_over_budget(self, budget: str) -> None:
+        with self._lock:
+            self.over_budget[budget] = self.over_budget.get(budget, 0) + 1
+
+    def inc_http_refused(self, reason: str) -> None:
+        with self._lock:
+            self.http_refused[reason] = self.http_refused.get(reason, 0) + 1
 
     def observe_frame_latency(self, seconds: float) -> None:
         with self._lock:
@@ -160,6 +173,15 @@ class Metrics:
             if not self._step_ema:
                 return None
             return self.frame_seconds / self._step_ema
+
+    def behind_real_time(self, recent: float = 2.0) -> str | None:
+        """None while the model keeps up; else why not ("step 120 ms > frame 80 ms"). Behind = the step
+        EMA exceeds the frame duration, judged only while steps run (the last one < `recent` s ago)."""
+        with self._lock:
+            ema, frame = self._step_ema, self.frame_seconds
+            if ema is None or ema <= frame or time.monotonic() - self._last_step > recent:
+                return None
+        return f"model step {1000 * ema:.0f} ms > frame {1000 * frame:.0f} ms"
 
     def snapshot(self) -> dict:
         rtf = self.real_time_factor()
@@ -194,6 +216,15 @@ class Metrics:
                 [({"reason": r}, n) for r, n in sorted(self.errors.items())])
             fam("http_unauthorized_total", "counter", "Requests refused for a missing or wrong API key.",
                 [({}, self.unauthorized_total)])
+            fam("over_budget_total", "counter", "Conversations closed for exceeding a per-connection budget.",
+                [({"budget": b}, n) for b, n in sorted(self.over_budget.items())])
+            fam("http_connections_refused_total", "counter",
+                "Connections aborted before a request (over the pending-connection cap, header timeout).",
+                [({"reason": r}, n) for r, n in sorted(self.http_refused.items())])
+            overloaded = (self._step_ema is not None and self._step_ema > self.frame_seconds
+                          and time.monotonic() - self._last_step <= 2.0)
+            fam("overloaded", "gauge", "1 while the batched step (EMA) is longer than a frame: behind real time.",
+                [({}, float(overloaded))])
             fam("frame_latency_seconds", "histogram",
                 "Input frame complete (1920 samples received) to its output frame ready, per frame.",
                 raw=self.frame_latency.lines(PREFIX + "frame_latency_seconds"))
