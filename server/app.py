@@ -93,7 +93,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     transport = request.transport
     session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info,
-                      on_claimed=lambda: app[GUARD].conversation(transport))
+                      on_claimed=lambda: app[GUARD].conversation(transport),
+                      drop_input=lambda: app[GUARD].drop_input(transport))
     app[SESSIONS].add(session)
     try:
         await session.run()

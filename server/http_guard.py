@@ -60,9 +60,10 @@ class HttpLimits:
 
 
 class _Conn:
-    __slots__ = ("timer", "pending", "dispatched")
+    __slots__ = ("timer", "pending", "dispatched", "protocol")
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: _GuardedProtocol) -> None:
+        self.protocol = protocol
         self.timer: asyncio.TimerHandle | None = None
         self.pending = True
         self.dispatched = False
@@ -78,12 +79,12 @@ class ConnectionGuard:
         self.conns: dict[asyncio.BaseTransport, _Conn] = {}
         self.pending = 0
 
-    def opened(self, transport: asyncio.BaseTransport) -> bool:
+    def opened(self, transport: asyncio.BaseTransport, protocol: _GuardedProtocol) -> bool:
         """A new connection; False if it must be refused (too many pending connections)."""
         if self.pending >= self.limits.max_pending:
             self.on_refused("over_cap")
             return False
-        conn = _Conn()
+        conn = _Conn(protocol)
         self.conns[transport] = conn
         self.pending += 1
         conn.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout, self._expire, transport)
@@ -114,6 +115,13 @@ class ConnectionGuard:
             conn.pending = False
             self.pending -= 1
 
+    def drop_input(self, transport: asyncio.BaseTransport | None) -> None:
+        """From now on the connection's incoming bytes are discarded unparsed (a client being cut off for
+        flooding: what it already sent must not cost more parsing while its close goes out)."""
+        conn = self.conns.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.protocol.feeding = False
+
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         conn = self.conns.get(transport)
         if conn is None or conn.dispatched:
@@ -122,6 +130,8 @@ class ConnectionGuard:
         self.on_refused("header_timeout")
         transport.abort()
 
+
+FEED_SLICE = 4096  # bytes handed to aiohttp's parser per event-loop iteration
 
 _TOO_MANY_HEADERS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n%s")
@@ -138,9 +148,10 @@ class _GuardedProtocol(asyncio.Protocol):
         self.head_lines = 0  # newlines seen in the first request's head (request line + headers)
         self.head_done = False
         self.last = b""  # the previous chunk's last 3 bytes (a blank line split across chunks)
+        self.backlog = bytearray()  # bytes read but not yet handed to aiohttp (see `_feed`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.guard.opened(transport):
+        if not self.guard.opened(transport, self):
             transport.abort()
             return
         self.transport = transport
@@ -168,7 +179,28 @@ class _GuardedProtocol(asyncio.Protocol):
                 self.transport.close()
                 self.feeding = False
                 return
+        if self.backlog or len(data) > FEED_SLICE:
+            # aiohttp parses a whole read (up to 256 KB: ~37k tiny websocket frames, a second of pure
+            # Python) before the session sees the first message. Hand it over in slices, one per loop
+            # iteration, so a session's budget check runs in between and can stop the rest unparsed.
+            self.backlog += data
+            self.transport.pause_reading()
+            if len(self.backlog) == len(data):
+                asyncio.get_running_loop().call_soon(self._feed)
+            return
         self.inner.data_received(data)
+
+    def _feed(self) -> None:
+        if self.transport is None or self.transport.is_closing() or not self.feeding:
+            self.backlog.clear()
+            return
+        chunk = bytes(self.backlog[:FEED_SLICE])
+        del self.backlog[:FEED_SLICE]
+        self.inner.data_received(chunk)
+        if self.backlog:
+            asyncio.get_running_loop().call_soon(self._feed)
+        elif not getattr(self.inner, "_reading_paused", False):  # aiohttp's own flow control may hold it
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self.transport is not None else None

@@ -64,7 +64,8 @@ class End:
 
 class Session:
     def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
-                 peer: str = "?", info: dict | None = None, on_claimed: tp.Callable[[], None] | None = None):
+                 peer: str = "?", info: dict | None = None, on_claimed: tp.Callable[[], None] | None = None,
+                 drop_input: tp.Callable[[], None] | None = None):
         self.ws = ws
         self.engine = engine
         self.metrics = metrics
@@ -72,6 +73,7 @@ class Session:
         self.peer = peer
         self.info = info or {}
         self.on_claimed = on_claimed
+        self.drop_input = drop_input  # stops parsing the client's bytes (refused / over-budget clients)
         self.budget = ConnectionBudget(cfg.budget, min_bytes=cfg.max_message_bytes)
         self.first_audio: float | None = None
         self.loop = asyncio.get_running_loop()
@@ -300,6 +302,8 @@ class Session:
         websocket's own close timeout); then the connection is closed regardless."""
         if self.ws.closed:
             return
+        if wait is not None and self.drop_input is not None:
+            self.drop_input()
         with contextlib.suppress(Exception):  # a client that does not read must not hang us here
             await asyncio.wait_for(self.ws.send_bytes(protocol.error(reason)), 5 if wait is None else 1)
         with contextlib.suppress(Exception):

@@ -95,7 +95,7 @@ def raw_request(url: str, data: bytes, timeout: float = 10.0) -> bytes:
                 if not chunk:
                     break
                 out += chunk
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return out
 
