@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import threading
+import time
 import urllib.request
 
 
@@ -123,3 +125,45 @@ def ws_frame(opcode: int, payload: bytes) -> bytes:
     """One masked client frame (payload < 126 bytes), mask 0 (payload unchanged)."""
     assert len(payload) < 126
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def flood(url: str, frame: bytes, wait_for: bytes, limit: float = 10.0, headers: str = "") -> tuple[float, bytes]:
+    """Upgrades to a websocket, waits for `wait_for` from the server (the 0x00 handshake, or the busy
+    0x05), then sends `frame` as fast as the socket drains. Returns (seconds from the first flood byte
+    until the server dropped the connection, everything the server sent)."""
+    s, line, rest = ws_handshake(url, headers)
+    assert " 101 " in line + " ", line
+    got = bytearray(rest)
+    seen = threading.Event()
+    eof = threading.Event()
+
+    def reader():
+        try:
+            while True:
+                if wait_for in got:
+                    seen.set()
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got.extend(chunk)
+        except OSError:
+            pass
+        finally:
+            seen.set()
+            eof.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert seen.wait(10), "no handshake / busy message"
+    chunk = frame * 20000
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < limit and not eof.is_set():
+            s.sendall(chunk)
+    except OSError:
+        pass
+    eof.wait(max(0.0, limit - (time.monotonic() - t0)))
+    dt = time.monotonic() - t0
+    s.close()
+    t.join(5)
+    return dt, bytes(got)

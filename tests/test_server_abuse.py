@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
-from server_helpers import host_port, rss_mb, start_cli_server, stop_cli_server, ws_frame, ws_handshake
+from server_helpers import flood, host_port, rss_mb, start_cli_server, stop_cli_server, ws_frame
 
 
 @pytest.fixture(scope="module")
@@ -36,48 +36,6 @@ def mean_step_ms(url: str) -> float:
     s = float(re.search(r"^moshi_ttt_step_seconds_sum (\S+)", text, re.M).group(1))
     n = float(re.search(r"^moshi_ttt_step_seconds_count (\S+)", text, re.M).group(1))
     return 1000 * s / max(n, 1)
-
-
-def flood(url: str, frame: bytes, wait_for: bytes, limit: float = 10.0) -> tuple[float, bytes]:
-    """Upgrades to a websocket, waits for `wait_for` from the server (the 0x00 handshake, or the busy
-    0x05), then sends `frame` as fast as the socket drains. Returns (seconds from the first flood byte
-    until the server dropped the connection, everything the server sent)."""
-    s, line, rest = ws_handshake(url)
-    assert " 101 " in line + " ", line
-    got = bytearray(rest)
-    seen = threading.Event()
-    eof = threading.Event()
-
-    def reader():
-        try:
-            while True:
-                if wait_for in got:
-                    seen.set()
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                got.extend(chunk)
-        except OSError:
-            pass
-        finally:
-            seen.set()
-            eof.set()
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    assert seen.wait(10), "no handshake / busy message"
-    chunk = frame * 20000
-    t0 = time.monotonic()
-    try:
-        while time.monotonic() - t0 < limit and not eof.is_set():
-            s.sendall(chunk)
-    except OSError:
-        pass
-    eof.wait(max(0.0, limit - (time.monotonic() - t0)))
-    dt = time.monotonic() - t0
-    s.close()
-    t.join(5)
-    return dt, bytes(got)
 
 
 def pipelined(url: str, pid: int, n: int = 100_000) -> tuple[float, int]:
@@ -162,8 +120,10 @@ def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, serv
     cut, growth, answered, (rt, gap), errors, step0 = asyncio.run(go())
     for name, (dt, _) in cut.items():
         assert dt < 2.0, (name, dt)
-    assert b"too many messages" in cut["messages"][1], cut["messages"][1][-300:]
-    assert b"too many pings" in cut["pings"][1], cut["pings"][1][-300:]
+    # In a conversation the budget cuts the flooder; on a machine too slow for real time the server may
+    # refuse it as overloaded first (the budgets are then covered by test_server_limits.py).
+    assert re.search(rb"too many messages|\x05server overloaded", cut["messages"][1]), cut["messages"][1][-300:]
+    assert re.search(rb"too many pings|\x05server overloaded", cut["pings"][1]), cut["pings"][1][-300:]
     assert re.search(rb"\x05server (busy|overloaded)", cut["busy"][1]), cut["busy"][1][-300:]
     assert growth <= 100 and answered == 1, (growth, answered)
     assert not errors, errors

@@ -9,7 +9,16 @@ import threading
 import time
 
 import pytest
-from server_helpers import host_port, raw_request, rss_mb, start_cli_server, stop_cli_server, ws_handshake
+from server_helpers import (
+    flood,
+    host_port,
+    raw_request,
+    rss_mb,
+    start_cli_server,
+    stop_cli_server,
+    ws_frame,
+    ws_handshake,
+)
 
 KEY = "k3y-from-a-file"
 HEADER_TIMEOUT = 1.0
@@ -145,6 +154,16 @@ def test_api_key_from_file_and_non_ascii_key(limited):
     resp = get(url, "/metrics?api_key=%C3%A9")
     assert status(resp) == 401
     assert "Traceback" not in (d / "stderr.txt").read_text()
+
+
+def test_flooders_are_cut_by_their_budget(limited):
+    _, url, _ = limited
+    key = f"X-API-Key: {KEY}\r\n"
+    for frame, reason in ((ws_frame(2, b"\x06"), b"too many messages"), (ws_frame(9, b"p"), b"too many pings"),
+                          (ws_frame(2, b"\x03" + b"x" * 120), b"too many messages")):
+        dt, got = flood(url, frame, b"\x82\x01\x00", headers=key)
+        assert dt < 2.0 and reason in got, (reason, dt, got[-200:])
+        time.sleep(0.3)  # the single slot is released
 
 
 # ---- one-line errors at start ----------------------------------------------------------------------
