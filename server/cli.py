@@ -66,6 +66,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
                    help="seconds of a conversation's audio that may wait for the model before it is ended "
                         f"(default {SessionConfig.max_delay:g})")
+    g.add_argument("--admit-lag", type=float, default=SessionConfig.admit_lag,
+                   help="while the model is slower than real time, refuse new conversations once some "
+                        f"conversation's audio has waited this many seconds (default {SessionConfig.admit_lag:g})")
     g.add_argument("--max-messages-per-s", type=float, default=limits.DEFAULT_MESSAGES_PER_S,
                    help=f"per-connection message budget (default {limits.DEFAULT_MESSAGES_PER_S:g}/s, "
                         f"burst {limits.DEFAULT_BURST_S:g} s of it)")
@@ -296,6 +299,8 @@ async def start(args) -> RunningServer:
         raise ValueError(f"--max-message-bytes must be >= 1024, got {args.max_message_bytes}")
     if not args.max_delay > 0:
         raise ValueError(f"--max-delay must be > 0 seconds, got {args.max_delay}")
+    if not args.admit_lag > 0:
+        raise ValueError(f"--admit-lag must be > 0 seconds, got {args.admit_lag}")
     if not 0 < args.gil_switch_ms <= 100:
         raise ValueError(f"--gil-switch-ms must be in (0, 100], got {args.gil_switch_ms}")
     api_key = resolve_api_key(args.api_key, args.api_key_file)
@@ -311,7 +316,7 @@ async def start(args) -> RunningServer:
     loaded.engine.cfg.step_delay = args.step_delay_ms / 1000
     cfg = AppConfig(api_key=api_key, static_dir=static,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
-                                          max_delay=args.max_delay, budget=budget),
+                                          max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
                     info=loaded.info, access=access, http=http)
     switch = sys.getswitchinterval()
     try:
