@@ -154,18 +154,37 @@ class TTTModelConfig:
     def load(cls, path: str | Path) -> TTTModelConfig:
         """Reads a YAML or JSON file; a top-level `ttt:` key is accepted too."""
         path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = read_config_file(path)
         if isinstance(data, dict) and "ttt" in data:
             data = data["ttt"]
         try:
             return cls.from_dict(data)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def read_config_file(path: str | Path) -> tp.Any:
+    """Parses a config file: JSON if it ends in .json, else YAML. Every failure (missing, unreadable,
+    not UTF-8, a syntax error) is a one-line ValueError that starts with the file's path."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise ValueError(f"{path}: not a UTF-8 text file ({bad})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
 
 
 def check_mapping(cls, d: tp.Any, where: str, kind: str = "TTT config") -> None:

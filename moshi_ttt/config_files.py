@@ -6,9 +6,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from .config import TTTModelConfig
+from .config import TTTModelConfig, read_config_file
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -32,7 +30,7 @@ def config_path(name_or_path: str | Path) -> Path:
 def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConfig]:
     """Reads a YAML with an optional `lm` section (moshi LMModel kwargs) and a `ttt` section."""
     path = config_path(name_or_path)
-    data = yaml.safe_load(path.read_text())
+    data = read_config_file(path)
     if not isinstance(data, dict) or "ttt" not in data:
         raise ValueError(f"{path}: expected a mapping with a 'ttt' section")
     unknown = sorted(set(data) - {"lm", "ttt"})
@@ -50,12 +48,8 @@ def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConf
 
 def load_ttt_config(name_or_path: str | Path) -> TTTModelConfig:
     """The TTT section of a YAML/JSON file (a top-level `ttt:` key or the mapping itself) or of a
-    shipped config name. Invalid YAML raises ValueError naming the file."""
-    path = config_path(name_or_path)
-    try:
-        return TTTModelConfig.load(path)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    shipped config name. Any error raises ValueError naming the file."""
+    return TTTModelConfig.load(config_path(name_or_path))
 
 
 def add_checkpoint_args(g) -> None:

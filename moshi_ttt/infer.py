@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,19 @@ def output_paths(outfile: str | Path, batch_size: int, transcript: str | None = 
     return wavs, txts, tel
 
 
+def check_outputs(paths: list[Path]) -> None:
+    """Fails before the (long) run if an output cannot be written: a directory, or a parent that is a
+    file or a folder without write permission. Missing parent folders are created later."""
+    for p in paths:
+        if p.is_dir():
+            raise UserError(f"output {p} is a directory: give a file name (e.g. {p / 'reply.wav'})")
+        parent = next((a for a in p.absolute().parents if a.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UserError(f"output {p}: {parent} is a file, not a folder")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"output {p}: no permission to write in {parent}")
+
+
 def read_audio(path: str | Path) -> np.ndarray:
     """Mono float32 PCM at 24 kHz (resampled by sphn, channels averaged)."""
     import sphn
@@ -144,6 +158,7 @@ def _prepare(args: argparse.Namespace) -> dict:
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(device, args.dtype)
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
+    check_outputs([*wavs, *txts, tel])
     pcm = read_audio(args.infile)
     pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype)
     gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)

@@ -4,12 +4,14 @@ GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see
 GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
 GET /metrics   Prometheus text (prometheus_client, see `metrics`)
 GET /          the web client (`index.html` of the static directory) and its other files
+
+Middlewares, outermost first: the connection guard (`http_guard`: header deadline, no pipelining),
+Host and Origin checks (`access`, 403), the API key (401).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,9 @@ from pathlib import Path
 from aiohttp import web
 
 from . import protocol
+from .access import AccessPolicy, key_matches
 from .engine import Engine
+from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .metrics import CONTENT_TYPE, Metrics
 from .session import Session, SessionConfig, peer_of
 
@@ -36,6 +40,8 @@ class AppConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     info: dict = field(default_factory=dict)  # model description: /health and the 0x04 "info" message
     shutdown_grace: float = 3.0
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    http: HttpLimits = field(default_factory=HttpLimits)
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -50,7 +56,19 @@ def _key_ok(request: web.Request, key: str) -> bool:
         auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-    return given is not None and hmac.compare_digest(given.encode(), key.encode())
+    return key_matches(given, key)
+
+
+@web.middleware
+async def _access(request: web.Request, handler):
+    policy = request.app[CONFIG].access
+    why = policy.host_refusal(request.headers.get("Host"), request.secure)
+    if why is None and request.path == "/api/chat":
+        why = policy.origin_refusal(request.headers.get("Origin"), request.headers.get("Host"), request.secure)
+    if why is not None:
+        log.warning("403 for %s %s from %s: %s", request.method, request.path, peer_of(request), why)
+        return web.Response(status=403, text=f"403: {why}\n")
+    return await handler(request)
 
 
 @web.middleware
@@ -69,7 +87,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     cfg = app[CONFIG]
     # aiohttp's own limit is a hard backstop (it closes with 1009 and no 0x05); our limit is checked
     # in `protocol.parse`, which sends a 0x05 first.
-    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=True)
+    # autoping off: the session answers (and budgets) the client's pings itself.
+    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=False)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
     try:
@@ -77,8 +96,10 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     except protocol.ProtocolError as e:
         return web.Response(status=400, text=f"400: {e.reason}\n")
     await ws.prepare(request)
+    transport = request.transport
     session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info,
-                      telemetry=telemetry)
+                      telemetry=telemetry, on_claimed=lambda: app[GUARD].conversation(transport),
+                      drop_input=lambda: app[GUARD].drop_input(transport))
     app[SESSIONS].add(session)
     try:
         await session.run()
@@ -114,7 +135,8 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def create_app(engine: Engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[guard_middleware, _access, _auth])
+    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused)
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[CONFIG] = cfg

@@ -25,13 +25,20 @@ from aiohttp import web
 
 from moshi_ttt.config_files import add_checkpoint_args
 
-from . import protocol
-from .app import DEFAULT_STATIC, AppConfig, create_app
+from . import limits, protocol
+from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
+from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
 from .engine import Engine, EngineConfig
+from .http_guard import GuardedSite, HttpLimits
 from .metrics import Metrics
 from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
+
+# The event loop and the model thread share the GIL; torch releases it around every op and must win it
+# back, which takes up to one switch interval while the loop is busy. Python's 5 ms is kept: 0.5 ms
+# measured no better under a flood (README, Exposing the server); the budgets are what helps.
+DEFAULT_SWITCH_MS = 5.0
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -41,9 +48,42 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssl", metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
     g.add_argument("--static", metavar="DIR",
                    help="web client folder served at / (default: the bundled page; 'none' to disable)")
-    g.add_argument("--api-key", default=os.environ.get("MOSHI_TTT_API_KEY"),
+    g.add_argument("--api-key", default=None,
                    help="require this key (header X-API-Key or query ?api_key=) on /api/chat and /metrics; "
-                        "default $MOSHI_TTT_API_KEY")
+                        f"default ${API_KEY_ENV}. Visible to other local users in the process list: prefer "
+                        "--api-key-file or the environment variable")
+    g.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="read the API key from this file (surrounding whitespace stripped)")
+    g.add_argument("--allowed-origins", nargs="+", action="extend", default=[], metavar="ORIGIN",
+                   help="websocket Origins accepted besides the server's own (e.g. https://chat.example.com); "
+                        "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
+
+    g = p.add_argument_group("limits (see README, Exposing the server)")
+    g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
+                   help="seconds of a conversation's audio that may wait for the model before it is ended "
+                        f"(default {SessionConfig.max_delay:g})")
+    g.add_argument("--admit-lag", type=float, default=SessionConfig.admit_lag,
+                   help="while the model is slower than real time, refuse new conversations once some "
+                        f"conversation's audio has waited this many seconds (default {SessionConfig.admit_lag:g})")
+    g.add_argument("--max-messages-per-s", type=float, default=limits.DEFAULT_MESSAGES_PER_S,
+                   help=f"per-connection message budget (default {limits.DEFAULT_MESSAGES_PER_S:g}/s, "
+                        f"burst {limits.DEFAULT_BURST_S:g} s of it)")
+    g.add_argument("--max-bytes-per-s", type=float, default=limits.DEFAULT_BYTES_PER_S,
+                   help=f"per-connection byte budget (default {limits.DEFAULT_BYTES_PER_S:g}/s)")
+    g.add_argument("--max-pings-per-s", type=float, default=limits.DEFAULT_PINGS_PER_S,
+                   help=f"per-connection websocket ping/pong budget (default {limits.DEFAULT_PINGS_PER_S:g}/s)")
+    g.add_argument("--header-timeout", type=float, default=HttpLimits.header_timeout,
+                   help="seconds a new connection has to send its request headers (default "
+                        f"{HttpLimits.header_timeout:g})")
+    g.add_argument("--keepalive-timeout", type=float, default=HttpLimits.keepalive_timeout,
+                   help=f"idle seconds of a keep-alive HTTP connection (default {HttpLimits.keepalive_timeout:g})")
+    g.add_argument("--max-pending-connections", type=int, default=HttpLimits.max_pending,
+                   help="concurrent connections that are not a running conversation (default "
+                        f"{HttpLimits.max_pending})")
+    g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
+                   help="Python's thread switch interval while serving (default "
+                        f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
+    g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
 
     g = p.add_argument_group("model (as moshi.server)")
     add_checkpoint_args(g)
@@ -157,11 +197,15 @@ class RunningServer:
     def ws_url(self) -> str:
         return ("wss" if self.scheme == "https" else "ws") + self.url[len(self.scheme):] + "/api/chat"
 
+    switch_interval: float | None = None  # sys.getswitchinterval() before start (restored by close)
+
     async def close(self) -> None:
         try:
             await self.runner.cleanup()
         finally:
             await asyncio.to_thread(self.engine.close)
+            if self.switch_interval is not None:
+                sys.setswitchinterval(self.switch_interval)
 
 
 def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
@@ -189,25 +233,40 @@ async def start(args) -> RunningServer:
         raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
     if args.max_message_bytes < 1024:
         raise ValueError(f"--max-message-bytes must be >= 1024, got {args.max_message_bytes}")
+    if not args.max_delay > 0:
+        raise ValueError(f"--max-delay must be > 0 seconds, got {args.max_delay}")
+    if not args.admit_lag > 0:
+        raise ValueError(f"--admit-lag must be > 0 seconds, got {args.admit_lag}")
+    if not 0 < args.gil_switch_ms <= 100:
+        raise ValueError(f"--gil-switch-ms must be in (0, 100], got {args.gil_switch_ms}")
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    access = AccessPolicy.from_flags(args.allowed_origins, args.host)
+    budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
+    http = HttpLimits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+                      max_pending=args.max_pending_connections)
+    if api_key is None and not is_loopback_host(args.host):
+        log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
+                    "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
+                    "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
     loaded = await asyncio.to_thread(load, args)
-    cfg = AppConfig(api_key=args.api_key or None, static_dir=static,
-                    session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes),
-                    info=loaded.info)
+    loaded.engine.cfg.step_delay = args.step_delay_ms / 1000
+    cfg = AppConfig(api_key=api_key, static_dir=static,
+                    session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
+                                          max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
+                    info=loaded.info, access=access, http=http)
+    switch = sys.getswitchinterval()
     try:
         app = create_app(loaded.engine, loaded.metrics, cfg)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **http.handler_kwargs())
         await runner.setup()
-        site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_ctx)
+        site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
         await site.start()
     except BaseException:
         loaded.engine.close()
         raise
-    port = args.port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        port = server.sockets[0].getsockname()[1]
-    running = RunningServer(runner, loaded.engine, loaded.metrics, args.host, port,
-                            "https" if ssl_ctx else "http")
+    sys.setswitchinterval(args.gil_switch_ms / 1000)
+    running = RunningServer(runner, loaded.engine, loaded.metrics, args.host, site.port,
+                            "https" if ssl_ctx else "http", switch_interval=switch)
     log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
              loaded.engine.n, ", API key required" if cfg.api_key else "")
     return running

@@ -91,6 +91,7 @@ class EngineConfig:
     telemetry_interval: float = 1.0  # seconds; <= 0 disables periodic telemetry
     telemetry_duty: float = 0.05  # at most this fraction of the worker's time goes to telemetry
     warmup_steps: int = 4  # ≥ 3 so that on CUDA every graph (encoder, LM, depformer, decoder) is captured
+    step_delay: float = 0.0  # test hook: seconds added to every step (a model slower than real time)
 
 
 class EngineClosed(RuntimeError):
@@ -224,6 +225,12 @@ class Engine:
 
     def queued_frames(self, slot: Slot) -> int:
         return len(slot.inbox)
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest queued input frame (any conversation) has been waiting; 0 if none."""
+        now = time.monotonic()
+        with self._cond:
+            return max((now - s.inbox[0][1] for s in self.slots if s.conv_id is not None and s.inbox), default=0.0)
 
     # -- worker --------------------------------------------------------------------------------------
 
@@ -389,6 +396,8 @@ class Engine:
             pcm[slot.index, 0] = torch.from_numpy(frame)
         try:
             pcm_out, text_ids, gen = self._compute(exec_mask.to(self.device), pcm, first)
+            if self.cfg.step_delay > 0:
+                time.sleep(self.cfg.step_delay)
         except Exception as e:  # noqa: BLE001 — fail the conversations of this step, keep serving
             log.exception("step failed for slots %s", [s.index for s, *_ in batch])
             for slot, conv_id, *_ in batch:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import typing as tp
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +33,7 @@ class Metrics:
         self._lock = threading.Lock()  # guards the EMAs and frame_seconds
         self.max_conversations = max_conversations
         self.frame_seconds = frame_seconds
+        self._last_step = 0.0  # monotonic time of the last step
         self._step_ema: float | None = None
         self._rows_ema: float | None = None
 
@@ -51,6 +53,13 @@ class Metrics:
                                ["reason"], registry=reg)
         self._unauthorized = Counter(name("http_unauthorized_total"),
                                      "Requests refused for a missing or wrong API key.", registry=reg)
+        self._over_budget = Counter(name("over_budget_total"),
+                                    "Conversations closed for exceeding a per-connection budget.", ["budget"],
+                                    registry=reg)
+        self._http_refused = Counter(name("http_connections_refused_total"), "Connections aborted before a request "
+                                     "(over the pending-connection cap, header timeout).", ["reason"], registry=reg)
+        Gauge(name("overloaded"), "1 while the batched step (EMA) is longer than a frame: behind real time.",
+              registry=reg).set_function(lambda: float(self.behind_real_time() is not None))
         self._latency = Histogram(name("frame_latency_seconds"), "Input frame complete (1920 samples received) to "
                                   "its output frame ready, per frame.", buckets=LATENCY_BUCKETS, registry=reg)
         self._step = Histogram(name("step_seconds"), "Compute time of one batched step (Mimi encode, LM, Mimi "
@@ -101,6 +110,13 @@ class Metrics:
             self.frame_seconds = frame_seconds
             self._step_ema = seconds if self._step_ema is None else (1 - _EMA) * self._step_ema + _EMA * seconds
             self._rows_ema = rows if self._rows_ema is None else (1 - _EMA) * self._rows_ema + _EMA * rows
+            self._last_step = time.monotonic()
+
+    def inc_over_budget(self, budget: str) -> None:
+        self._over_budget.labels(budget=budget).inc()
+
+    def inc_http_refused(self, reason: str) -> None:
+        self._http_refused.labels(reason=reason).inc()
 
     def observe_frame_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
@@ -132,6 +148,15 @@ class Metrics:
     def _throughput(self) -> float | None:
         rtf = self.real_time_factor()
         return None if rtf is None or self._rows_ema is None else rtf * self._rows_ema
+
+    def behind_real_time(self, recent: float = 2.0) -> str | None:
+        """None while the model keeps up; else why not ("step 120 ms > frame 80 ms"). Behind = the step
+        EMA exceeds the frame duration, judged only while steps run (the last one < `recent` s ago)."""
+        with self._lock:
+            ema, frame = self._step_ema, self.frame_seconds
+            if ema is None or ema <= frame or time.monotonic() - self._last_step > recent:
+                return None
+        return f"model step {1000 * ema:.0f} ms > frame {1000 * frame:.0f} ms"
 
     def _value(self, sample: str, **labels: str) -> float:
         return self.registry.get_sample_value(PREFIX + sample, labels) or 0.0

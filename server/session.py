@@ -1,14 +1,22 @@
 """One websocket conversation: claims an engine slot, then receives and sends concurrently.
 
-recv: client messages → validated (`protocol.parse`) → Ogg Opus decoded to PCM → 1920-sample frames
-      pushed to the engine slot.
+recv: client messages → charged to the connection's budget (`limits`) → validated (`protocol.parse`)
+      → Ogg Opus decoded to PCM → 1920-sample frames pushed to the engine slot.
 send: engine events → PCM encoded to Ogg Opus (0x01), text pieces (0x02), and only with `telemetry`
       (`?telemetry=1`) the info message and the TTT telemetry (0x04).
 watchdog: idle timeout (no audio for `idle_timeout` s once the audio received so far is processed)
           and server shutdown.
 
 Whichever of the three finishes first ends the conversation; a server-side end sends 0x05 with the
-reason and then closes the websocket; the slot is released in every case (`finally`).
+reason and then closes the websocket; the slot is released in every case (`finally`). A client that
+broke a budget, or that was refused (busy, overloaded), is not waited for: its connection is closed
+right after the close frame, so it cannot keep the event loop busy during a close handshake.
+
+Overload: one batched step serves every conversation, so the server is behind real time when its
+step time (EMA) exceeds the frame duration. While it is, and some conversation's audio has waited
+more than `admit_lag`, new conversations are refused ("server overloaded"). A conversation whose
+audio waits longer than `max_delay` is ended with "server overloaded" — unless the client itself
+sent audio faster than real time, which is then named.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import contextlib
 import logging
 import time
 import typing as tp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
@@ -27,6 +35,7 @@ from aiohttp import web
 
 from . import protocol
 from .engine import Engine, EngineClosed, Event
+from .limits import Budget, ConnectionBudget
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.session")
@@ -38,7 +47,10 @@ class SessionConfig:
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
     ready_timeout: float = 30.0  # claim → slot reset by the engine
     max_output_backlog: int = 250  # output frames waiting for a client that does not read (20 s)
-    max_input_backlog: int = 250  # input frames waiting for the engine (client sends faster than real time)
+    max_delay: float = 20.0  # seconds of input audio waiting for the engine before the conversation ends
+    admit_lag: float = 1.0  # refuse new conversations while behind and a queued frame waited this long
+    budget: Budget = field(default_factory=Budget)
+    refused_close_wait: float = 0.2  # seconds a refused / over-budget client gets to answer our close frame
 
 
 @dataclass
@@ -48,11 +60,13 @@ class End:
     error: str | None = None
     code: int = aiohttp.WSCloseCode.OK
     detail: str = ""
+    hostile: bool = False  # over a budget: close without waiting for the client's close frame
 
 
 class Session:
     def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
-                 peer: str = "?", info: dict | None = None, telemetry: bool = False):
+                 peer: str = "?", info: dict | None = None, telemetry: bool = False,
+                 on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None):
         self.ws = ws
         self.engine = engine
         self.metrics = metrics
@@ -60,6 +74,10 @@ class Session:
         self.peer = peer
         self.info = info or {}
         self.telemetry = telemetry  # send 0x04 info + TTT telemetry (moshi's own server never sends 0x04)
+        self.on_claimed = on_claimed
+        self.drop_input = drop_input  # stops parsing the client's bytes (refused / over-budget clients)
+        self.budget = ConnectionBudget(cfg.budget, min_bytes=cfg.max_message_bytes)
+        self.first_audio: float | None = None
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.conv_id: int | None = None
@@ -81,6 +99,13 @@ class Session:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def run(self) -> None:
+        behind = self.metrics.behind_real_time()
+        if behind is not None and self.engine.oldest_wait() > self.cfg.admit_lag:
+            self.metrics.rejected_conversation("overloaded")
+            log.warning("conversation from %s refused: server overloaded (%s)", self.peer, behind)
+            await self._end_with_error(f"server overloaded: {behind}; try again later",
+                                       aiohttp.WSCloseCode.TRY_AGAIN_LATER, wait=self.cfg.refused_close_wait)
+            return
         try:
             claimed = self.engine.claim(self._sink)
         except EngineClosed as e:
@@ -91,9 +116,12 @@ class Session:
             log.info("conversation from %s refused: server busy (%d/%d slots in use)", self.peer,
                      self.engine.active_count(), self.engine.n)
             await self._end_with_error(f"server busy: all {self.engine.n} conversation slots are in use, "
-                                       "try again later", aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+                                       "try again later", aiohttp.WSCloseCode.TRY_AGAIN_LATER,
+                                       wait=self.cfg.refused_close_wait)
             return
         self.slot, self.conv_id = claimed
+        if self.on_claimed is not None:
+            self.on_claimed()
         self.metrics.conversation_started()
         tag = f"conversation #{self.conv_id} (slot {self.slot.index}, {self.peer})"
         end = End(error="internal error", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
@@ -114,8 +142,9 @@ class Session:
                 self.metrics.inc_error(_reason_label(end.error))
                 log.warning("%s ended after %.1f s, %d frames in / %d out: %s%s", tag, dur, self.frames_in,
                             self.frames_out, end.error, f" ({end.detail})" if end.detail else "")
+                wait = self.cfg.refused_close_wait if end.hostile else None
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._end_with_error(end.error, end.code))
+                    await asyncio.shield(self._end_with_error(end.error, end.code, wait=wait))
             else:
                 log.info("%s ended by the client after %.1f s, %d frames in / %d out%s", tag, dur,
                          self.frames_in, self.frames_out, f" ({end.detail})" if end.detail else "")
@@ -157,7 +186,17 @@ class Session:
         reader = sphn.OpusStreamReader(self.engine.sample_rate)
         pending = np.zeros(0, dtype=np.float32)
         fs = self.engine.frame_size
-        async for msg in self.ws:
+        max_backlog = max(1, round(self.cfg.max_delay / self.engine.frame_seconds))
+        async for msg in self.ws:  # autoping is off: PING/PONG frames arrive here and are charged too
+            control = msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG)
+            if control or msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                over = self.budget.charge(len(msg.data) if msg.data else 0, control=control)
+                if over is not None:
+                    self.metrics.inc_over_budget(over.split(":", 1)[0].replace(" ", "_"))
+                    return End(error=over, code=aiohttp.WSCloseCode.POLICY_VIOLATION, hostile=True)
+            if msg.type == aiohttp.WSMsgType.PING:
+                await self.ws.pong(msg.data)
+                continue
             if msg.type == aiohttp.WSMsgType.ERROR:
                 # aiohttp has already closed the connection (e.g. 1009 above its hard size limit).
                 err = msg.data if msg.data is not None else self.ws.exception()
@@ -183,6 +222,8 @@ class Session:
                 return End(error=f"invalid audio: not an Ogg Opus stream ({e})",
                            code=aiohttp.WSCloseCode.INVALID_TEXT)
             self.last_audio = time.monotonic()
+            if self.first_audio is None:
+                self.first_audio = self.last_audio
             pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
             if pcm.size == 0:
                 continue
@@ -194,10 +235,8 @@ class Session:
                 frames = [pending[i * fs:(i + 1) * fs].copy() for i in range(n)]
                 pending = pending[n * fs:]
                 self.frames_in += n
-                if self.engine.queued_frames(self.slot) + n > self.cfg.max_input_backlog:
-                    return End(error=f"too much audio queued: more than {self.cfg.max_input_backlog} frames "
-                                     "waiting (the client sends faster than real time)",
-                               code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+                if self.engine.queued_frames(self.slot) + n > max_backlog:
+                    return self._backlog_end(max_backlog)
                 if not self.engine.push(self.slot, self.conv_id, frames):
                     return End(error="internal error: conversation slot lost", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         # The loop ends when the client closes (CLOSE/CLOSING/CLOSED); a partial frame is dropped.
@@ -242,6 +281,18 @@ class Session:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
+    def _backlog_end(self, max_backlog: int) -> End:
+        """More than `max_delay` of audio waits for the engine: whose fault is it? A client at 1× has sent
+        about as much audio as time passed since its first audio; then the engine is behind."""
+        fsec = self.engine.frame_seconds
+        ahead = self.frames_in * fsec - (time.monotonic() - (self.first_audio or self.started))
+        waiting = f"{max_backlog * fsec:g} s of audio waiting"
+        if ahead > self.cfg.max_delay / 2:
+            return End(error=f"too much audio queued: {waiting} (the client sends faster than real time: "
+                             f"{ahead:.1f} s ahead of the clock)", code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+        behind = self.metrics.behind_real_time() or "it cannot keep up with real time"
+        return End(error=f"server overloaded: {waiting} ({behind})", code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+
     async def _send_telemetry(self, ev: Event) -> None:
         if not ev.telemetry or not self.telemetry:
             return
@@ -249,13 +300,19 @@ class Session:
             "type": "ttt", "conversation": self.conv_id, "frames": ev.frame,
             "seconds": round(ev.frame * self.engine.frame_seconds, 3), "layers": ev.telemetry}))
 
-    async def _end_with_error(self, reason: str, code: int) -> None:
+    async def _end_with_error(self, reason: str, code: int, wait: float | None = None) -> None:
+        """0x05 + close frame. `wait`: seconds the client gets to answer the close frame (None: the
+        websocket's own close timeout); then the connection is closed regardless."""
         if self.ws.closed:
             return
+        if wait is not None and self.drop_input is not None:
+            self.drop_input()
         with contextlib.suppress(Exception):  # a client that does not read must not hang us here
-            await asyncio.wait_for(self.ws.send_bytes(protocol.error(reason)), 5)
+            await asyncio.wait_for(self.ws.send_bytes(protocol.error(reason)), 5 if wait is None else 1)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode("utf-8")[:120]), 10)
+            # aiohttp closes the transport when the wait is cut short (abnormal closure on our side).
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode("utf-8")[:120]),
+                                   10 if wait is None else wait)
 
 
 def _reason_label(reason: str) -> str:

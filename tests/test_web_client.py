@@ -86,7 +86,10 @@ def demo_server(tmp_path_factory):
     log_path = artifacts_dir() / "server.log"
     cmd = [str(exe), "serve", "--demo", "--host", "localhost", "--port", str(port), "--max-conversations", "1",
            "--api-key", API_KEY, "--ttt-config", "demo_ttt", "--cache-dir", str(d / "cache"),
-           "--telemetry-interval", "0.5", "--idle-timeout", "10"]
+           "--telemetry-interval", "0.5", "--idle-timeout", "10",
+           # the second page must see "busy": on a machine too slow for real time the server would
+           # (rightly) answer "overloaded" first
+           "--admit-lag", "1e9"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://localhost:{port}"

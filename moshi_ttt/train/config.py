@@ -20,9 +20,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-import yaml
-
-from ..config import check_mapping
+from ..config import check_mapping, read_config_file
 
 TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")
@@ -291,10 +289,7 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"train config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+        data = read_config_file(path)
         try:
             return cls.from_dict(data, base_dir=path.resolve().parent)
         except (ValueError, TypeError) as e:
