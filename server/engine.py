@@ -130,6 +130,9 @@ class Engine:
         self._last_telemetry = 0.0
         self._telemetry_every = config.telemetry_interval  # raised if telemetry is slow (large models)
         self.steps = 0
+        self.step_seconds = 0.0  # wall time of all steps (benchmarks: mean step = step_seconds / steps)
+        self.step_cpu_seconds = 0.0  # the worker thread's CPU time in them
+        self.rows_stepped = 0  # conversation frames processed by all steps
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -378,7 +381,7 @@ class Engine:
         return pcm_out.float().cpu(), out[:, 0, 0].cpu(), gen.cpu()
 
     def _step(self, batch: list[tuple[Slot, int, np.ndarray, float, bool]]) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         exec_mask = torch.zeros(self.n, dtype=torch.bool)
         first = torch.zeros(self.n, dtype=torch.bool)
         pcm = torch.zeros(self.n, 1, self.frame_size)
@@ -395,6 +398,9 @@ class Engine:
             return
         dt = time.perf_counter() - t0
         self.steps += 1
+        self.step_seconds += dt
+        self.step_cpu_seconds += time.thread_time() - c0
+        self.rows_stepped += len(batch)
         self.metrics.observe_step(dt, len(batch), self.n, self.frame_seconds)
         now = time.monotonic()
         pcm_np = pcm_out.numpy()
