@@ -233,7 +233,9 @@ class Engine:
         if self.device.type == "cpu" and self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         try:
-            with torch.no_grad(), self.mimi.streaming(self.n), self.lm_gen.streaming(self.n):
+            # inference_mode, not no_grad: no version counters or view tracking on the many small ops
+            # of a step (≈ 12 % of the demo's CPU time per step). Every tensor of the worker stays on it.
+            with torch.inference_mode(), self.mimi.streaming(self.n), self.lm_gen.streaming(self.n):
                 self._warmup()
                 self._started.set()
                 self._loop()
