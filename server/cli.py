@@ -37,7 +37,7 @@ from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
 
-DEMO_VERSION = 2  # bump when the demo checkpoint recipe changes (invalidates the cache)
+DEMO_VERSION = 3  # bump when the demo checkpoint recipe changes (invalidates the cache)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
