@@ -4,5 +4,6 @@ Data flows one way: websocket bytes → `session` (Ogg Opus → 1920-sample PCM 
 (one batched Mimi + LMGen with TTT, one slot per conversation, stepped on a dedicated thread) →
 `session` (PCM → Ogg Opus, text pieces, TTT telemetry) → websocket. `protocol` is the wire format,
 `metrics` the Prometheus exposition, `app` the aiohttp routes, `cli` the command line (and
-`BackgroundServer`), `client` a small protocol client for tests and benchmarks.
+`BackgroundServer`), `client` a small protocol client for tests and benchmarks, `bench` the server
+section of `moshi-ttt bench`.
 """
