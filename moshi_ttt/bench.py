@@ -4,7 +4,8 @@ Sections: Moshi 7B shapes (`bench_moshi7b`: the MLP and a whole layer at d 4096,
 computed bytes per frame), the layer alone at d 512 (streaming step and parallel forward+backward vs
 moshi's ActivationGating), the whole dim-512 Moshi-shaped LM (TTTLMGen.step latency,
 LMModel.forward+backward, activation memory), per-conversation state bytes and flat memory over a
-long streaming run, streaming-vs-parallel error.
+long streaming run, streaming-vs-parallel error; the `server` section lives with the server
+(`moshi_ttt.server.bench`).
 CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared.
 """
 
@@ -18,7 +19,6 @@ import statistics
 import time
 import typing as tp
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMGen, LMModel
@@ -36,6 +36,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--sections", default="moshi7b,layer,model,server",
                    help="comma list of: moshi7b, layer, model, server")
+    p.add_argument("--profile", action="store_true",
+                   help="server section: also sample where a demo step goes (ms per step by stage)")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -218,52 +220,6 @@ def bench_model(quick: bool) -> dict:
     return res
 
 
-# -- server ---------------------------------------------------------------------------------------
-
-def _speech(text: str) -> np.ndarray:
-    from .speech import SpeechUnavailable, espeak_pcm
-
-    try:
-        return espeak_pcm(text)
-    except SpeechUnavailable as e:
-        raise SystemExit(f"moshi-ttt bench: the server section needs real speech: {e}") from None
-
-
-def bench_server(quick: bool) -> dict:
-    """Real-time factor of `moshi-ttt serve --demo` with 1 and 4 loopback clients streaming real speech
-    at 1× real time: frame duration / batched step time (EMA over the run), and per-client latency."""
-    import asyncio
-
-    import aiohttp
-
-    from moshi_ttt.server.cli import BackgroundServer
-    from moshi_ttt.server.client import ChatClient
-
-    text = "Hello there, this is a test of test time training inside Moshi." + (
-        "" if quick else " The weather is nice and the sun is out. Tell me a story about a cat and a dog.")
-    pcm = _speech(text)
-    frames = -(-pcm.size // 1920)
-    srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "4", "--log-level", "warning",
-                            "--idle-timeout", "30"])
-    res: dict[str, float] = {"server_clip_seconds": pcm.size / 24000}
-    try:
-        async def session(n: int) -> None:
-            async with aiohttp.ClientSession() as http:
-                clients = [await ChatClient.connect(http, srv.ws_url) for _ in range(n)]
-                await asyncio.gather(*(c.send_pcm(pcm, realtime=1.0) for c in clients))
-                await asyncio.gather(*(c.wait_output_frames(frames, timeout=120) for c in clients))
-                for c in clients:
-                    await c.close()
-
-        for n in (1, 4):
-            asyncio.run(session(n))
-            res[f"server_rtf_{n}"] = float(srv.engine.metrics.real_time_factor() or float("nan"))
-            res[f"server_step_ms_{n}"] = 1000 * 0.08 / res[f"server_rtf_{n}"]
-    finally:
-        srv.stop()
-    return res
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -291,12 +247,18 @@ def run(args: argparse.Namespace) -> int:
     if "model" in sections:
         res.update(bench_model(args.quick))
     if "server" in sections:
-        res.update(bench_server(args.quick))
+        from .server.bench import bench_server
+
+        res.update(bench_server(args.quick, profile=args.profile))
     res["bench_seconds"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(res))
     else:
+        table = res.pop("server_profile_table", None)
+        res.pop("server_profile", None)
         width = max(len(k) for k in res)
         for k, v in res.items():
             print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        if table:
+            print(table)
     return 0
