@@ -255,7 +255,7 @@ class Engine:
             self._started.set()
 
     def _warmup(self) -> None:
-        everyone = torch.ones(self.n, dtype=torch.bool, device=self.device)
+        everyone = torch.ones(self.n, dtype=torch.bool)  # host masks; moshi moves them to the device
         t = time.perf_counter()
         for _ in range(self.cfg.warmup_steps):
             self._compute(everyone, torch.zeros(self.n, 1, self.frame_size), torch.zeros(self.n, dtype=torch.bool))
@@ -268,7 +268,7 @@ class Engine:
                  1000 * (time.perf_counter() - t) / max(1, self.cfg.warmup_steps))
 
     def _idle_masks(self) -> None:
-        none = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        none = torch.zeros(self.n, dtype=torch.bool)
         self.mimi.set_exec_mask(none)
         self.lm_gen.set_exec_mask(none)
 
@@ -367,17 +367,19 @@ class Engine:
                     batch.append((s, s.conv_id, pcm, t_push, s.frames_in == 0))
             return batch
 
-    def _compute(self, exec_mask: torch.Tensor, pcm: torch.Tensor, first: torch.Tensor
+    def _compute(self, host_mask: torch.Tensor, pcm: torch.Tensor, first: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batched step. pcm [N, 1, frame] (CPU). Returns (pcm_out [N, frame] CPU, text ids [N] CPU,
-        generated [N] bool CPU) — rows with generated False carry no audio yet (acoustic delay)."""
+        """One batched step. host_mask [N] bool, pcm [N, 1, frame], first [N] (all CPU). Returns (pcm_out
+        [N, frame] CPU, text ids [N] CPU, generated [N] bool CPU) — rows with generated False carry no
+        audio yet (acoustic delay)."""
+        exec_mask = host_mask.to(self.device)
         self.mimi.set_exec_mask(exec_mask)
         codes = self.mimi.encode(pcm.to(self.device))
         if bool(first.any()):
             # As moshi: the first encoded frame carries the left-padding artefact; re-apply padding
             # on that conversation's next frame. Only the rows that just started are reset.
             self.mimi.reset_streaming(first.to(self.device))
-        self.lm_gen.set_exec_mask(exec_mask)
+        self.lm_gen.set_exec_mask(host_mask)  # a CPU mask: TTTLMGen's fold clock reads it without a sync
         out = self.lm_gen.step(codes)
         assert out is not None  # support_out_of_sync=True: never None
         audio = out[:, 1:, :]
@@ -400,7 +402,7 @@ class Engine:
             first[slot.index] = is_first
             pcm[slot.index, 0] = torch.from_numpy(frame)
         try:
-            pcm_out, text_ids, gen = self._compute(exec_mask.to(self.device), pcm, first)
+            pcm_out, text_ids, gen = self._compute(exec_mask, pcm, first)
             if self.cfg.step_delay > 0:
                 time.sleep(self.cfg.step_delay)
         except Exception as e:  # noqa: BLE001 — fail the conversations of this step, keep serving
