@@ -40,6 +40,7 @@ class ChatClient:
         self.kinds: list[protocol.Kind] = []
         self.chunks: list[np.ndarray] = []
         self.n_samples = 0
+        self.audio_times: list[tuple[float, int]] = []  # (monotonic time, total samples) per audio message
         self.text: list[str] = []
         self.metadata: list[dict] = []
         self.errors: list[str] = []
@@ -100,6 +101,7 @@ class ChatClient:
                     if pcm.size:
                         self.chunks.append(np.asarray(pcm, np.float32).reshape(-1))
                         self.n_samples += pcm.size
+                        self.audio_times.append((time.monotonic(), self.n_samples))
                 elif kind == protocol.Kind.TEXT:
                     self.text.append(payload)
                 elif kind == protocol.Kind.METADATA:

@@ -165,6 +165,6 @@ def test_overload_is_named_and_stops_admission(tmp_path, server_speech):
     finally:
         assert stop_cli_server(proc) == 0
     assert refused is not None and "server overloaded: model step" in refused, refused
-    assert overloaded == "1"
+    assert float(overloaded) == 1
     assert a.errors and a.errors[0].startswith("server overloaded: 4 s of audio waiting (model step"), a.errors
     assert "client" not in a.errors[0] and a.close_code == 1013, (a.errors, a.close_code)
