@@ -136,10 +136,10 @@ def bytes_per_frame(batch: int, chunk: int = 256, ttt_layers: int = 6) -> dict:
 
 
 def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
-    """Quick: C = 32 (the amortised fold FLOPs per frame do not depend on C; its pass over the fast
+    """Quick: C = 64 (the amortised fold FLOPs per frame do not depend on C; its pass over the fast
     weight does, as 1/C), KV 1000 frames; full: C = 256 and a KV cache of 2000 frames. Other shapes
     than Moshi 7B's are for tests only (the computed bytes are always Moshi 7B's)."""
-    C = 32 if quick else 256
+    C = 64 if quick else 256
     res: dict = {"moshi7b_d": d, "moshi7b_h": 2 * ff // 3, "moshi7b_chunk": C}
     b1 = bench_mlp(C, 1, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b1=b1["ratio"], moshi7b_mlp_max_step_ratio_b1=b1["max_step_ratio"],

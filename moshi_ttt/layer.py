@@ -151,7 +151,7 @@ class TTTGating(StreamingModule[TTTState]):
 
     def fold(self, items: tp.Sequence[int]) -> None:
         """Folds the completed chunks of the listed streaming items (host side, between steps)."""
-        fold(self._require_state(), items, self.ttt.w_target, self.cfg)
+        fold(self._require_state(), items, self.cfg)
 
     def _base_weight(self) -> torch.Tensor:
         """W⁽⁰⁾ [d, h] as the base MLP applies it (a LoRA-wrapped linear_out is merged)."""
@@ -163,7 +163,7 @@ class TTTGating(StreamingModule[TTTState]):
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
         return TTTState.create(batch_size, self.cfg.chunk_size, self._base_weight,
-                               self._acc_dtype(self._base_weight().dtype))
+                               self._acc_dtype(self._base_weight().dtype), self.ttt.w_target)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 

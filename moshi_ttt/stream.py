@@ -68,6 +68,9 @@ class TTTState(State):
     last_norm: [B] ‖V̂ᵀZ‖_F of the last folded chunk (0 if it was skipped or η = 0).
     updates / clips / skipped / lost: [B] counters (lost: frames that arrived before a due fold).
     base_weight: returns W⁽⁰⁾ [d, h] (the module's current down-projection), for resets.
+    w_t_rows: W_targetᵀ [d, d] in the accumulation dtype, contiguous (None without W_target): the fold's
+        V̂ᵀ = W_targetᵀ cᵀ. Read from the module when streaming starts (slow weights are fixed while
+        streaming); row-major this way round is also the faster GEMM on CPU.
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
     """
 
@@ -83,12 +86,13 @@ class TTTState(State):
     skipped: torch.Tensor = None  # type: ignore[assignment]
     lost: torch.Tensor = None  # type: ignore[assignment]
     base_weight: tp.Callable[[], torch.Tensor] | None = None
+    w_t_rows: torch.Tensor | None = None
     host_folds: bool = False
 
     @classmethod
     def create(cls, batch_size: int, chunk: int, base_weight: tp.Callable[[], torch.Tensor],
-               acc_dtype: torch.dtype) -> TTTState:
-        """W⁽⁰⁾ = base_weight() [d, h] gives the device, the shapes and the apply dtype."""
+               acc_dtype: torch.dtype, w_target: torch.Tensor | None = None) -> TTTState:
+        """W⁽⁰⁾ = base_weight() [d, h] gives the device, the shapes and the apply dtype; w_target [d, d]."""
         w0 = base_weight()
         (d, h), device = w0.shape, w0.device
 
@@ -101,7 +105,8 @@ class TTTState(State):
                    z_buf=z(batch_size, chunk, h), c_buf=z(batch_size, chunk, d), pos=z(batch_size, **long),
                    cur_bad=z(batch_size, dt=torch.bool), last_norm=z(batch_size),
                    updates=z(batch_size, **long), clips=z(batch_size, **long), skipped=z(batch_size, **long),
-                   lost=z(batch_size, **long), base_weight=base_weight)
+                   lost=z(batch_size, **long), base_weight=base_weight,
+                   w_t_rows=None if w_target is None else w_target.detach().T.to(acc_dtype).contiguous())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every per-item state tensor (`w_apply` only when it is not `w` itself)."""
@@ -210,7 +215,7 @@ def due_items(state: TTTState) -> list[int]:
 
 
 @torch.no_grad()
-def fold(state: TTTState, items: tp.Sequence[int], w_t: torch.Tensor | None, cfg: TTTConfig) -> None:
+def fold(state: TTTState, items: tp.Sequence[int], cfg: TTTConfig) -> None:
     """Folds the completed chunk of each listed item into its fast weight and starts its next chunk:
     w += a · (c W_t)ᵀ Z with a = η · clip · finite. Items must have a complete chunk (`pos` = C);
     others are untouched. Host-driven, outside any captured step."""
@@ -218,8 +223,8 @@ def fold(state: TTTState, items: tp.Sequence[int], w_t: torch.Tensor | None, cfg
         return
     idx = torch.as_tensor(list(items), dtype=torch.long, device=state.w.device)
     zc, cc = state.z_buf[idx], state.c_buf[idx]  # [n, C, h], [n, C, d]
-    v = cc if w_t is None else cc @ w_t.to(cc.dtype)
-    sq = ((zc @ zc.transpose(1, 2)) * (v @ v.transpose(1, 2))).sum((1, 2))
+    vt = cc.transpose(1, 2) if state.w_t_rows is None else state.w_t_rows @ cc.transpose(1, 2)  # V̂ᵀ [n, d, C]
+    sq = ((zc @ zc.transpose(1, 2)) * (vt.transpose(1, 2) @ vt)).sum((1, 2))
     norm = frobenius_from_gram(sq)
     ok = ~state.cur_bad[idx] & torch.isfinite(norm)
     a = torch.full_like(norm, float(cfg.lr))
@@ -228,7 +233,7 @@ def fold(state: TTTState, items: tp.Sequence[int], w_t: torch.Tensor | None, cfg
         clipped = ok & (norm > cfg.clip_norm)
         a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
     a = torch.where(ok, a, 0.)
-    va = (v * a[:, None, None]).transpose(1, 2)  # [n, d, C]
+    va = vt * a[:, None, None]  # [n, d, C]
     for r, b in enumerate(items):
         state.w[b].addmm_(va[r], zc[r])
         if state.w_apply is not state.w:

@@ -37,8 +37,8 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
     conv = torch.randn(d, 1, 3)
     wt = torch.eye(d) + 0.1 * torch.randn(d, d)
     w0 = torch.randn(d, h)
-    eager = TTTState.create(B, C, lambda: w0, torch.float32)
-    comp = TTTState.create(B, C, lambda: w0, torch.float32)
+    eager = TTTState.create(B, C, lambda: w0, torch.float32, wt)
+    comp = TTTState.create(B, C, lambda: w0, torch.float32, wt)
     step = torch.compile(stream_step, fullgraph=True, dynamic=False)
 
     t0 = time.perf_counter()
@@ -55,8 +55,8 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         done = due_items(eager)
         assert due_items(comp) == done
-        fold(eager, done, wt, cfg)
-        fold(comp, done, wt, cfg)
+        fold(eager, done, cfg)
+        fold(comp, done, cfg)
         for k, v in eager.tensors().items():
             torch.testing.assert_close(comp.tensors()[k], v, rtol=1e-5, atol=1e-6, msg=k)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
