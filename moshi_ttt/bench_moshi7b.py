@@ -148,7 +148,7 @@ def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
     b4 = bench_mlp(C, 4, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b4=b4["ratio"], moshi7b_mlp_ms_base_b4=b4["base_ms"],
                moshi7b_mlp_ms_ttt_b4=b4["ttt_ms"])
-    layer = bench_layer(C, 1000 if quick else 2000, d=d, ff=ff, heads=heads)
+    layer = bench_layer(C, 1000 if quick else 2000, chunks=3, d=d, ff=ff, heads=heads)
     res.update(moshi7b_layer_ratio_b1=layer["ratio"], moshi7b_layer_ms_base_b1=layer["base_ms"],
                moshi7b_layer_ms_ttt_b1=layer["ttt_ms"], moshi7b_layer_kv_frames=layer["kv_frames"])
     # Per-conversation state of Moshi 7B (bf16 weights: fp32 fast weight + bf16 copy + one chunk of Z
