@@ -35,7 +35,7 @@ class Task:
     """T: frames per sequence; window: attention context (frames); pairs: queried pairs per sequence;
     n_keys / n_vals / n_fill: vocabulary sizes (chance = 1 / n_vals)."""
 
-    T: int = 128
+    T: int = 96
     window: int = 16
     pairs: int = 8
     n_keys: int = 16
