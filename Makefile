@@ -37,7 +37,7 @@ test: $(STAMP) sysdeps lint
 bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench
 
-# Memory beyond the attention window (≈ 25 min on 2 idle cores; resumable: finished runs are cached in
+# Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
 # docs/memory_experiment/runs/): results.json, the plot and the README table.
 experiment: $(STAMP)
 	$(VENV)/bin/pip install --quiet matplotlib

@@ -140,8 +140,8 @@ def run_all(out: Path, settings: Settings, variants: tuple[str, ...], seeds: int
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], dict] = {}
     todo = []
-    for v in variants:
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed-major: an interrupted experiment has whole seeds of every variant
+        for v in variants:
             rec = load_run(out, v, seed, settings)
             if rec is None:
                 todo.append((v, seed))

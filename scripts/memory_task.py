@@ -28,6 +28,9 @@ from moshi_ttt.config import TTTConfig, TTTModelConfig
 from moshi_ttt.model import TTTLMModel
 
 PAD = 3
+# The generation loop the server runs (one `step` per frame). Any LMGen subclass with the same
+# `step` / `on_text_logits_hook` contract can stand here.
+GENERATOR: tp.Callable[..., LMGen] = LMGen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,7 @@ def answer_hits(logits: torch.Tensor, codes: torch.Tensor, ans: torch.Tensor) ->
 class Budget:
     """Training budget, identical for every variant: AdamW, linear warm-up, grad-norm clip 1."""
 
-    steps: int = 300
+    steps: int = 200
     batch: int = 32
     lr: float = 3e-3
     warmup: int = 30
@@ -177,7 +180,7 @@ def train(model: LMModel, task: Task, budget: Budget, seed: int,
 # -- the streaming path ----------------------------------------------------------------------------
 
 def streaming_text_logits(model: LMModel, codes: torch.Tensor,
-                          gen_cls: tp.Callable[..., LMGen] = LMGen) -> torch.Tensor:
+                          gen_cls: tp.Callable[..., LMGen] | None = None) -> torch.Tensor:
     """Teacher-forced text logits through moshi's `LMGen`, one frame per `step`, as the server runs it.
     [B, T, card], aligned like `parallel_text_logits`.
 
@@ -202,7 +205,7 @@ def streaming_text_logits(model: LMModel, codes: torch.Tensor,
         forced.scatter_(-1, target["tok"].view(B, 1, 1, 1), 0.0)
         text_logits.copy_(forced)
 
-    gen = gen_cls(model, use_sampling=False, on_text_logits_hook=force)
+    gen = (gen_cls or GENERATOR)(model, use_sampling=False, on_text_logits_hook=force)
     lag = max(model.delays)  # LMGen returns the text token of step s at step s + max delay
     with gen.streaming(B):
         for s in range(T):
@@ -224,7 +227,7 @@ def eval_set(task: Task, n: int, seed: int = 12345) -> tuple[torch.Tensor, torch
 @torch.no_grad()
 def evaluate(model: LMModel, task: Task, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
              batch: int = 64, streaming: bool = True,
-             gen_cls: tp.Callable[..., LMGen] = LMGen) -> dict:
+             gen_cls: tp.Callable[..., LMGen] | None = None) -> dict:
     """Accuracy at the answer frames, by the parallel forward and (if `streaming`) through LMGen.
 
     Returns {"hits": [N, P] bool, "dist": [N, P], "hits_streaming": [N, P] bool | None,

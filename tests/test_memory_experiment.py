@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moshi.models.lm import LMGen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -51,6 +52,13 @@ def test_streaming_teacher_forcing_matches_parallel_logits():
         stream = mt.streaming_text_logits(model, codes)
     assert stream.shape == par.shape == (3, task.T, task.card)
     torch.testing.assert_close(stream, par, rtol=1e-4, atol=1e-4)
+
+    class CopyingHookLMGen(LMGen):  # hands the hook a copy: the forcing cannot take effect
+        def __init__(self, *args, on_text_logits_hook, **kwargs):
+            super().__init__(*args, on_text_logits_hook=lambda x: on_text_logits_hook(x.clone()), **kwargs)
+
+    with pytest.raises(RuntimeError, match="teacher forcing"):
+        mt.streaming_text_logits(model, codes, CopyingHookLMGen)
 
 
 def test_tiny_experiment_end_to_end_and_resumes(tmp_path, monkeypatch):
