@@ -238,14 +238,18 @@ def update_readme(readme: Path, table: str) -> None:
 
 
 def plot(runs: dict[tuple[str, int], dict], settings: Settings, path: Path, bin_width: int = 4) -> None:
-    """Accuracy vs key→query distance (mean over seeds of per-bin accuracy, shaded ± std)."""
+    """Accuracy vs key→query distance (mean over seeds of per-bin accuracy, shaded ± std).
+
+    Bins end at the window so none mixes reachable and unreachable distances: with the 1-frame audio
+    delay the key's partner frame is one frame later, so attention reaches distances ≤ window."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     T, W, C = settings.task.T, settings.task.window, settings.chunk
-    edges = list(range(2, T, bin_width))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    first = W % bin_width + 1
+    edges = list(range(first, T - 1, bin_width))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for v in VARIANTS:
         recs = [r for (name, _), r in sorted(runs.items()) if name == v]
         if not recs:
@@ -265,21 +269,19 @@ def plot(runs: dict[tuple[str, int], dict], settings: Settings, path: Path, bin_
         x = [lo + (bin_width - 1) / 2 for lo in edges]
         style = "--" if v.startswith("base") else "-"
         (line,) = ax.plot(x, mean, style, marker=".", label=f"{v} ({len(recs)} seeds)")
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.15, lw=0)
-    ax.axvline(W, color="black", lw=1.2)
-    ax.text(W + 1, 0.5, f"attention window\n({W} frames)", fontsize=8)
-    for k in range(1, T // C):
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    ax.axvline(W + 0.5, color="black", lw=1.2)
+    for k in range(1, (T - 1) // C + 1):
         ax.axvline(k * C, color="gray", lw=0.6, ls=":")
-    ax.text(C * (T // C - 1) - 1, 0.3, f"TTT chunk = {C} frames\n(dotted: multiples)", fontsize=8, ha="right")
     ax.axhline(settings.task.chance, color="gray", ls="--", lw=1)
     ax.text(T - 2, settings.task.chance + 0.02, "chance", fontsize=8, ha="right")
-    ax.set_xlabel("distance key → query (frames)")
+    ax.set_xlabel(f"distance key → query (frames).  Solid line: attention window ({W} frames); "
+                  f"dotted: multiples of the TTT chunk ({C} frames)", fontsize=9)
     ax.set_ylabel("recall accuracy (parallel forward)")
     ax.set_xlim(0, T)
     ax.set_ylim(-0.02, 1.05)
-    ax.legend(fontsize=7, loc="center right")
-    ax.set_title(f"key→value recall by distance: mean ± std over seeds ({bin_width}-frame bins)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"key→value recall by distance: mean ± std over seeds ({bin_width}-frame bins)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=d.task.pairs)
     p.add_argument("--dim", type=int, default=d.dim)
     p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--ttt-layer", type=int, default=None, help="layer holding TTT (default: the last)")
     p.add_argument("--chunk", type=int, default=d.chunk)
     p.add_argument("--eta", type=float, default=d.eta)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
@@ -325,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown variant(s) {bad}; known: {list(VARIANTS)}")
     settings = Settings(task=Task(T=a.T, window=a.window, pairs=a.pairs),
                         budget=dataclasses.replace(d.budget, steps=a.steps, batch=a.batch, lr=a.lr),
-                        dim=a.dim, layers=a.layers, ttt_layer=a.layers - 1, chunk=a.chunk, eta=a.eta,
+                        dim=a.dim, layers=a.layers,
+                        ttt_layer=a.layers - 1 if a.ttt_layer is None else a.ttt_layer, chunk=a.chunk, eta=a.eta,
                         n_eval=a.n_eval)
     out = Path(a.out)
     t0 = time.time()
