@@ -213,7 +213,7 @@ def _ms(xs: list[float]) -> str:
 def render_table(res: dict) -> str:
     """The README table (markdown) from a results.json dict: mean ± std over seeds."""
     lines = ["| model | inside window | beyond window | beyond window, LMGen streaming | "
-             "max \\|parallel − streaming\\| | seeds |", "|---|---|---|---|---|---|"]
+             "max \\|Δ\\| parallel vs streaming (over seeds) | seeds |", "|---|---|---|---|---|---|"]
     for name in VARIANTS:
         if name not in res["variants"]:
             continue
