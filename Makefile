@@ -52,5 +52,4 @@ bench: $(STAMP) sysdeps
 # Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
 # docs/memory_experiment/runs/): results.json, the plot and the README table.
 experiment: $(STAMP)
-	$(VENV)/bin/pip install --quiet matplotlib
 	OMP_NUM_THREADS=1 $(VENV)/bin/python scripts/memory_experiment.py --out docs/memory_experiment --jobs 2
