@@ -137,7 +137,7 @@ class TTTGating(StreamingModule[TTTState]):
             raise ValueError(f"with a folding driver (TTTLMGen) the TTT layer steps one frame per call, got {T}")
         outs = []
         for t in range(T):
-            outs.append(stream_step(state, z[:, t:t + 1], src[:, t:t + 1], self.ttt.conv_weight, self.cfg))
+            outs.append(stream_step(state, z[:, t:t + 1], src[:, t:t + 1]))
             if not state.host_folds:
                 self._self_fold(state)
         return outs[0] if T == 1 else torch.cat(outs, dim=1)
@@ -163,7 +163,8 @@ class TTTGating(StreamingModule[TTTState]):
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
         return TTTState.create(batch_size, self.cfg.chunk_size, self._base_weight,
-                               self._acc_dtype(self._base_weight().dtype), self.ttt.w_target)
+                               self._acc_dtype(self._base_weight().dtype), self.ttt.w_target,
+                               self.ttt.conv_weight, self.cfg.past_frames)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 

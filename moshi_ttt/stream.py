@@ -71,6 +71,8 @@ class TTTState(State):
     w_t_rows: W_targetᵀ [d, d] in the accumulation dtype, contiguous (None without W_target): the fold's
         V̂ᵀ = W_targetᵀ cᵀ. Read from the module when streaming starts (slow weights are fixed while
         streaming); row-major this way round is also the faster GEMM on CPU.
+    taps: [K, d] the target conv's taps in the accumulation dtype (one identity tap without conv), and
+        `past` the number of past frames it sees; read when streaming starts, like `w_t_rows`.
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
     """
 
@@ -87,12 +89,16 @@ class TTTState(State):
     lost: torch.Tensor = None  # type: ignore[assignment]
     base_weight: tp.Callable[[], torch.Tensor] | None = None
     w_t_rows: torch.Tensor | None = None
+    taps: torch.Tensor = None  # type: ignore[assignment]
+    past: int = 0
     host_folds: bool = False
 
     @classmethod
     def create(cls, batch_size: int, chunk: int, base_weight: tp.Callable[[], torch.Tensor],
-               acc_dtype: torch.dtype, w_target: torch.Tensor | None = None) -> TTTState:
-        """W⁽⁰⁾ = base_weight() [d, h] gives the device, the shapes and the apply dtype; w_target [d, d]."""
+               acc_dtype: torch.dtype, w_target: torch.Tensor | None = None,
+               conv_weight: torch.Tensor | None = None, past: int = 0) -> TTTState:
+        """W⁽⁰⁾ = base_weight() [d, h] gives the device, the shapes and the apply dtype; w_target [d, d];
+        conv_weight [d, 1, K] (None: no conv) seeing `past` past frames."""
         w0 = base_weight()
         (d, h), device = w0.shape, w0.device
 
@@ -106,7 +112,10 @@ class TTTState(State):
                    cur_bad=z(batch_size, dt=torch.bool), last_norm=z(batch_size),
                    updates=z(batch_size, **long), clips=z(batch_size, **long), skipped=z(batch_size, **long),
                    lost=z(batch_size, **long), base_weight=base_weight,
-                   w_t_rows=None if w_target is None else w_target.detach().T.to(acc_dtype).contiguous())
+                   w_t_rows=None if w_target is None else w_target.detach().T.to(acc_dtype).contiguous(),
+                   taps=(torch.ones(1, d, device=device, dtype=acc_dtype) if conv_weight is None
+                         else conv_weight.detach()[:, 0, :].T.to(acc_dtype).contiguous()),
+                   past=0 if conv_weight is None else past)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every per-item state tensor (`w_apply` only when it is not `w` itself)."""
@@ -141,13 +150,6 @@ class TTTState(State):
         return sum(t.numel() * t.element_size() for t in self.tensors().values()) // self.batch_size
 
 
-def _taps(conv_w: torch.Tensor | None, past: int, d: int, dtype, device) -> tuple[torch.Tensor, int]:
-    """Conv taps as [K, d] (identity tap without conv) and the number of past frames."""
-    if conv_w is None:
-        return torch.ones(1, d, dtype=dtype, device=device), 0
-    return conv_w[:, 0, :].T.to(dtype), past
-
-
 def _rows(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """buf [B, N, X], idx [B, R] ⇒ [B, R, X]."""
     return buf.gather(1, idx[..., None].expand(-1, -1, buf.shape[-1]))
@@ -172,18 +174,16 @@ def apply_fast_weight(state: TTTState, z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, w.transpose(1, 2))
 
 
-def record_frame(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | None,
-                 cfg: TTTConfig) -> None:
+def record_frame(state: TTTState, z: torch.Tensor, src: torch.Tensor) -> None:
     """Appends one frame to every executing item's current chunk. z [B, h], src [B, d] in the
     accumulation dtype. Graph-safe: no host reads, no branches on values, in-place updates only."""
     C = state.chunk_size
-    d = src.shape[1]
     room = state.pos < C
     ex = state.exec_mask & room
     state.lost.add_((state.exec_mask & ~room).long())
     pos = state.pos.clamp(max=C - 1)
 
-    taps, past = _taps(conv_w, cfg.past_frames, d, z.dtype, z.device)
+    taps, past = state.taps, state.past
     K = taps.shape[0]
     k = torch.arange(K, device=z.device)
     tgt = pos[:, None] + past - k[None]  # [B, K] rows of the current chunk this frame feeds
@@ -199,13 +199,12 @@ def record_frame(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: to
     state.pos.add_(ex.long())
 
 
-def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor, conv_w: torch.Tensor | None,
-                cfg: TTTConfig) -> torch.Tensor:
+def stream_step(state: TTTState, z: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """The per-frame step: z [B, 1, h] (model dtype), src [B, 1, d] ⇒ the MLP output z · W⁽ⁱ⁾ᵀ
     [B, 1, d], and the frame recorded into the current chunk (see `record_frame`)."""
     out = apply_fast_weight(state, z)
     acc = state.w.dtype
-    record_frame(state, z[:, 0].to(acc), src[:, 0].to(acc), conv_w, cfg)
+    record_frame(state, z[:, 0].to(acc), src[:, 0].to(acc))
     return out
 
 

@@ -15,33 +15,14 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
-
-
-def start_server(extra: list[str], cache: str) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "moshi_ttt.cli", "serve", "--demo", "--port", "0",
-                             "--cache-dir", cache, "--max-conversations", "2", "--idle-timeout", "30",
-                             "--log-level", "error", *extra], stdout=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (http://\S+)", line or "")
-        if m:
-            return proc, m.group(1)
-        if not line:
-            break
-    proc.kill()
-    raise RuntimeError("server did not start")
+from moshi_ttt.server.probe import start_cli_server, stop_cli_server
 
 
 def step_stats(url: str) -> tuple[float, float]:
@@ -139,7 +120,8 @@ def main() -> int:
     pcm = espeak_pcm("Hello there, this is a test of test time training inside Moshi. "
                      "The weather is nice and the sun is out, so we talk for a while.")
     with tempfile.TemporaryDirectory() as d:
-        proc, url = start_server(args.server_args, os.path.join(d, "cache"))
+        proc, url = start_cli_server(["--max-conversations", "2", "--idle-timeout", "30", "--log-level", "error",
+                                      *args.server_args], Path(d))
         try:
             s0, n0 = step_stats(url)
             q = mp.get_context("spawn").Queue()
@@ -151,8 +133,7 @@ def main() -> int:
             cuts = q.get(timeout=5) if not atk.is_alive() else None
             s1, n1 = step_stats(url)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            stop_cli_server(proc)
     res.update({"attack": args.attack, "server_args": args.server_args, "attacker_rounds": cuts,
                 "mean_step_ms": round(1000 * (s1 - s0) / max(1, n1 - n0), 1), "steps": int(n1 - n0)})
     print(json.dumps(res), flush=True)

@@ -37,8 +37,8 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
     conv = torch.randn(d, 1, 3)
     wt = torch.eye(d) + 0.1 * torch.randn(d, d)
     w0 = torch.randn(d, h)
-    eager = TTTState.create(B, C, lambda: w0, torch.float32, wt)
-    comp = TTTState.create(B, C, lambda: w0, torch.float32, wt)
+    eager = TTTState.create(B, C, lambda: w0, torch.float32, wt, conv, cfg.past_frames)
+    comp = TTTState.create(B, C, lambda: w0, torch.float32, wt, conv, cfg.past_frames)
     step = torch.compile(stream_step, fullgraph=True, dynamic=False)
 
     t0 = time.perf_counter()
@@ -50,8 +50,8 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
         mask = torch.tensor([True, i != 2])  # item 1 exec-masked once: its chunk ends a step later
         eager.set_exec_mask(mask)
         comp.set_exec_mask(mask)
-        want = stream_step(eager, z, src, conv, cfg)
-        got = step(comp, z, src, conv, cfg)
+        want = stream_step(eager, z, src)
+        got = step(comp, z, src)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         done = due_items(eager)
         assert due_items(comp) == done
