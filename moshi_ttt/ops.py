@@ -49,7 +49,8 @@ def frame_finite(*xs: torch.Tensor) -> torch.Tensor:
 
     Tested on the sum over features — one read pass instead of four for `isfinite(x).all(-1)`; NaN and
     Inf always propagate into the sum. (A sum could overflow only for values ~1e38, whose ΔW would
-    overflow too.) The streaming step uses the same test, so both paths skip the same chunks."""
+    overflow too.) The streaming fold applies the same test to a chunk's Z and c rows, so both paths
+    skip the same chunks."""
     ok = torch.isfinite(xs[0].sum(-1))
     for x in xs[1:]:
         ok = ok & torch.isfinite(x.sum(-1))

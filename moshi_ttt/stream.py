@@ -9,18 +9,21 @@ Design (why it is shaped like this):
   of the plain MLP. A bf16 model applies a bf16 copy (`w_apply`, refreshed at each fold) so the
   per-frame bytes stay those of the bf16 base weight, while deltas still accumulate in fp32.
 * The per-frame step (`stream_step`) only appends the frame to the current chunk: Z into `z_buf`
-  [C, h] and the frame's contributions to the chunk-confined target conv into `c_buf` [C, d] (frame p
-  adds w_k ⊙ src_p to the K rows p + past − k it touches, dropped outside the chunk: exactly the zero
-  padding at chunk edges, so a chunk's conv is complete when its last frame arrives). It never branches
-  on tensor values and never reads the device from the host: on CUDA, moshi's `LMGen` replays
-  `forward_text` as a CUDA graph, in which Python runs only at capture time. Items whose `exec_mask` is
-  False are left exactly unchanged.
+  [C + 1, h] and the target source into `s_buf` [C + 1, d], each one `index_copy_` of one row. Row C
+  is a scratch row: an item whose `exec_mask` is False (or whose chunk is full) writes there instead of
+  being masked, so no row is gathered, blended or scattered; scratch rows are never read. The step
+  never branches on tensor values and never reads the device from the host: on CUDA, moshi's `LMGen`
+  replays `forward_text` as a CUDA graph, in which Python runs only at capture time. Items whose
+  `exec_mask` is False are left exactly unchanged (outside their scratch rows).
 * The fold (`fold`) is data-dependent work — a chunk completes on a different frame for every
   conversation — so it is *not* part of the per-frame step. It runs once per completed chunk, for
-  exactly the items whose chunk completed, between two steps: ΔW = a · V̂ᵀZ with V̂ = c · W_target, one
-  C·d·h product and one pass over that item's `w`, then its chunk buffer restarts. `a = η · clip ·
+  exactly the items whose chunk completed, between two steps: c = the chunk-confined target conv of the
+  chunk's sources (`ops.chunk_conv`, the parallel path's own function: zero padding at chunk edges, so
+  a chunk's conv needs only its own frames), ΔW = a · V̂ᵀZ with V̂ = c · W_target, one C·d·h product
+  and one pass over that item's `w`; then its chunk restarts. `a = η · clip ·
   finite` is decided there (clip norm from C×C Gram matrices; a chunk with a non-finite frame is
-  skipped and counted).
+  skipped and counted). The finiteness test runs there too, once per chunk, on the chunk's Z, sources
+  and c (`ops.frame_finite`, the parallel path's test), so the per-frame step does not pay for it.
 * Who folds, and why that is safe under CUDA graphs. The host decides every exec mask and every reset,
   so it knows each conversation's frame count without reading the device: `generate.TTTLMGen` (moshi's
   `LMGen` plus a host-side `FoldClock`) calls `TTTLMModel.ttt_fold(items)` right after each step,
@@ -35,9 +38,10 @@ Design (why it is shaped like this):
   is counted in `lost`.
 
 Per-frame cost of a TTT layer: the base MLP's own reads with W⁽⁰⁾ replaced by each item's `w_apply`
-(one d×h read per conversation, none written), plus O(K·d + h) buffer writes. Per chunk: the fold
+(one d×h read per conversation, none written), plus two row writes (h + d values). Per chunk: the fold
 (C·d² + C·d·h FLOPs and one read+write of `w`). State per conversation and layer: `w` [d, h] fp32
-(+ `w_apply` [d, h] in the model dtype for bf16/fp16 models) + one chunk of Z and c (C·(h + d) fp32).
+(+ `w_apply` [d, h] in the model dtype for bf16/fp16 models) + one chunk of Z and sources plus their
+scratch rows ((C + 1)·(h + d) fp32).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from moshi.modules.streaming import State
 from torch.nn import functional as F
 
 from .config import TTTConfig
-from .ops import frame_finite, frobenius_from_gram
+from .ops import chunk_conv, frame_finite, frobenius_from_gram
 
 COUNTERS = ("updates", "clips", "skipped", "lost")
 
@@ -62,26 +66,27 @@ class TTTState(State):
     w: [B, d, h] fast weight W⁽ⁱ⁾ (accumulation dtype: fp32, fp64 for fp64 models).
     w_apply: [B, d, h] the weight the per-frame step multiplies by: `w` itself, or its copy in the
         model dtype (bf16/fp16 models), refreshed at every fold and reset.
-    z_buf: [B, C, h], c_buf: [B, C, d]: Z and the (unscaled) target conv of the current chunk; finite.
+    z_buf: [B, C + 1, h], s_buf: [B, C + 1, d]: Z and the target source (X0 or the MLP input) of the
+        current chunk's frames in rows 0..pos−1, as they came (non-finite values are caught by the
+        fold); row C is scratch, never read.
     pos: [B] frames already in the current chunk (C = complete, waiting for its fold).
-    cur_bad: [B] the current chunk saw a non-finite value.
     last_norm: [B] ‖V̂ᵀZ‖_F of the last folded chunk (0 if it was skipped or η = 0).
     updates / clips / skipped / lost: [B] counters (lost: frames that arrived before a due fold).
     base_weight: returns W⁽⁰⁾ [d, h] (the module's current down-projection), for resets.
     w_t_rows: W_targetᵀ [d, d] in the accumulation dtype, contiguous (None without W_target): the fold's
         V̂ᵀ = W_targetᵀ cᵀ. Read from the module when streaming starts (slow weights are fixed while
         streaming); row-major this way round is also the faster GEMM on CPU.
-    taps: [K, d] the target conv's taps in the accumulation dtype (one identity tap without conv), and
-        `past` the number of past frames it sees; read when streaming starts, like `w_t_rows`.
+    conv: the target conv weight [d, 1, K] in the accumulation dtype (None: no conv), seeing `past`
+        past frames; read when streaming starts, like `w_t_rows`.
+    row0: [B] b·(C + 1), item b's first row in the flattened buffers [B·(C + 1), ·].
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
     """
 
     w: torch.Tensor = None  # type: ignore[assignment]
     w_apply: torch.Tensor = None  # type: ignore[assignment]
     z_buf: torch.Tensor = None  # type: ignore[assignment]
-    c_buf: torch.Tensor = None  # type: ignore[assignment]
+    s_buf: torch.Tensor = None  # type: ignore[assignment]
     pos: torch.Tensor = None  # type: ignore[assignment]
-    cur_bad: torch.Tensor = None  # type: ignore[assignment]
     last_norm: torch.Tensor = None  # type: ignore[assignment]
     updates: torch.Tensor = None  # type: ignore[assignment]
     clips: torch.Tensor = None  # type: ignore[assignment]
@@ -89,9 +94,10 @@ class TTTState(State):
     lost: torch.Tensor = None  # type: ignore[assignment]
     base_weight: tp.Callable[[], torch.Tensor] | None = None
     w_t_rows: torch.Tensor | None = None
-    taps: torch.Tensor = None  # type: ignore[assignment]
+    conv: torch.Tensor | None = None
     past: int = 0
     host_folds: bool = False
+    row0: torch.Tensor = None  # type: ignore[assignment]
 
     @classmethod
     def create(cls, batch_size: int, chunk: int, base_weight: tp.Callable[[], torch.Tensor],
@@ -108,28 +114,31 @@ class TTTState(State):
         w_apply = w if w0.dtype == acc_dtype else w0[None].repeat(batch_size, 1, 1)
         long = dict(dt=torch.long)
         return cls(batch_size, torch.device(device), w=w, w_apply=w_apply,
-                   z_buf=z(batch_size, chunk, h), c_buf=z(batch_size, chunk, d), pos=z(batch_size, **long),
-                   cur_bad=z(batch_size, dt=torch.bool), last_norm=z(batch_size),
+                   z_buf=z(batch_size, chunk + 1, h), s_buf=z(batch_size, chunk + 1, d), pos=z(batch_size, **long),
+                   last_norm=z(batch_size),
                    updates=z(batch_size, **long), clips=z(batch_size, **long), skipped=z(batch_size, **long),
                    lost=z(batch_size, **long), base_weight=base_weight,
                    w_t_rows=None if w_target is None else w_target.detach().T.to(acc_dtype).contiguous(),
-                   taps=(torch.ones(1, d, device=device, dtype=acc_dtype) if conv_weight is None
-                         else conv_weight.detach()[:, 0, :].T.to(acc_dtype).contiguous()),
-                   past=0 if conv_weight is None else past)
+                   conv=None if conv_weight is None else conv_weight.detach().to(acc_dtype).contiguous(),
+                   past=past, row0=torch.arange(batch_size, device=device) * (chunk + 1))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every per-item state tensor (`w_apply` only when it is not `w` itself)."""
-        names = ["w", "z_buf", "c_buf", "pos", "cur_bad", "last_norm", *COUNTERS]
+    def tensors(self, scratch: bool = False) -> dict[str, torch.Tensor]:
+        """Every per-item state tensor (`w_apply` only when it is not `w` itself); the chunk buffers as
+        views of their chunk rows, unless `scratch` (then whole, scratch rows included)."""
+        names = ["w", "z_buf", "s_buf", "pos", "last_norm", *COUNTERS]
         if self.w_apply is not self.w:
             names.insert(1, "w_apply")
-        return {k: getattr(self, k) for k in names}
+        out = {k: getattr(self, k) for k in names}
+        if not scratch:
+            out["z_buf"], out["s_buf"] = out["z_buf"][:, :-1], out["s_buf"][:, :-1]
+        return out
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.
         Host-driven (moshi calls it eagerly, never inside a captured step)."""
         super().reset(reset_mask)
         m = reset_mask.to(self.w.device, torch.bool)
-        for k, t in self.tensors().items():
+        for k, t in self.tensors(scratch=True).items():
             if k not in ("w", "w_apply"):
                 t.masked_fill_(m.view(-1, *([1] * (t.dim() - 1))), 0)
         items = m.nonzero().flatten().tolist()
@@ -142,23 +151,12 @@ class TTTState(State):
 
     @property
     def chunk_size(self) -> int:
-        return self.z_buf.shape[1]
+        return self.z_buf.shape[1] - 1
 
     @property
     def bytes(self) -> int:
         """Bytes of per-conversation state (all items / batch)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values()) // self.batch_size
-
-
-def _rows(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """buf [B, N, X], idx [B, R] ⇒ [B, R, X]."""
-    return buf.gather(1, idx[..., None].expand(-1, -1, buf.shape[-1]))
-
-
-def _put_rows(buf: torch.Tensor, idx: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> None:
-    """buf[b, idx[b, r]] = value[b, r] where mask[b, r], in place (idx distinct per item)."""
-    full = idx[..., None].expand(-1, -1, buf.shape[-1])
-    buf.scatter_(1, full, torch.where(mask[..., None], value, buf.gather(1, full)))
+        return sum(t.numel() * t.element_size() for t in self.tensors(scratch=True).values()) // self.batch_size
 
 
 def apply_fast_weight(state: TTTState, z: torch.Tensor) -> torch.Tensor:
@@ -176,26 +174,15 @@ def apply_fast_weight(state: TTTState, z: torch.Tensor) -> torch.Tensor:
 
 def record_frame(state: TTTState, z: torch.Tensor, src: torch.Tensor) -> None:
     """Appends one frame to every executing item's current chunk. z [B, h], src [B, d] in the
-    accumulation dtype. Graph-safe: no host reads, no branches on values, in-place updates only."""
+    accumulation dtype, stored as they come (a non-finite chunk is detected and skipped by its fold).
+    Graph-safe: no host reads, no branches on values, in-place updates only."""
     C = state.chunk_size
     room = state.pos < C
     ex = state.exec_mask & room
     state.lost.add_((state.exec_mask & ~room).long())
-    pos = state.pos.clamp(max=C - 1)
-
-    taps, past = state.taps, state.past
-    K = taps.shape[0]
-    k = torch.arange(K, device=z.device)
-    tgt = pos[:, None] + past - k[None]  # [B, K] rows of the current chunk this frame feeds
-    valid = (tgt >= 0) & (tgt < C) & ex[:, None]
-    first = (k[None] == 0) | (pos[:, None] == 0)  # the first frame touching that row
-    idx = tgt % C  # distinct rows since K ≤ C (scatter needs that); invalid ones are masked
-    contrib = taps[None] * src[:, None, :]  # [B, K, d]
-    new_c = torch.where(first[..., None], contrib, _rows(state.c_buf, idx) + contrib)
-    frame_ok = frame_finite(z, new_c.flatten(1))
-    _put_rows(state.c_buf, idx, torch.nan_to_num(new_c, 0., 0., 0.), valid)
-    _put_rows(state.z_buf, pos[:, None], torch.nan_to_num(z, 0., 0., 0.)[:, None], ex[:, None])
-    state.cur_bad.copy_(state.cur_bad | (ex & ~frame_ok))
+    row = torch.where(ex, state.pos, C) + state.row0  # [B]; idle / full items write their scratch row
+    state.z_buf.view(-1, z.shape[-1]).index_copy_(0, row, z)
+    state.s_buf.view(-1, src.shape[-1]).index_copy_(0, row, src)
     state.pos.add_(ex.long())
 
 
@@ -220,19 +207,24 @@ def fold(state: TTTState, items: tp.Sequence[int], cfg: TTTConfig) -> None:
     others are untouched. Host-driven, outside any captured step."""
     if not len(items):
         return
+    C = state.chunk_size
     idx = torch.as_tensor(list(items), dtype=torch.long, device=state.w.device)
-    zc, cc = state.z_buf[idx], state.c_buf[idx]  # [n, C, h], [n, C, d]
+    zc, sc = state.z_buf[idx, :C], state.s_buf[idx, :C]  # [n, C, h], [n, C, d]
+    cc = chunk_conv(sc, state.conv, C, state.past)  # [n, C, d]: the chunk's target conv
+    finite = frame_finite(zc, sc, cc).all(-1)  # [n]: the parallel path's per-frame test, on the whole chunk
+    zc = torch.where(finite[:, None, None], zc, 0.)
+    cc = torch.where(finite[:, None, None], cc, 0.)
     vt = cc.transpose(1, 2) if state.w_t_rows is None else state.w_t_rows @ cc.transpose(1, 2)  # V̂ᵀ [n, d, C]
     sq = ((zc @ zc.transpose(1, 2)) * (vt.transpose(1, 2) @ vt)).sum((1, 2))
     norm = frobenius_from_gram(sq)
-    ok = ~state.cur_bad[idx] & torch.isfinite(norm)
+    ok = finite & torch.isfinite(norm)
     a = torch.full_like(norm, float(cfg.lr))
     clipped = torch.zeros_like(ok)
     if cfg.clip_norm is not None:
         clipped = ok & (norm > cfg.clip_norm)
         a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
     a = torch.where(ok, a, 0.)
-    va = vt * a[:, None, None]  # [n, d, C]
+    va = torch.where(ok[:, None, None], vt * a[:, None, None], 0.)  # [n, d, C], finite
     for r, b in enumerate(items):
         state.w[b].addmm_(va[r], zc[r])
         if state.w_apply is not state.w:
@@ -242,7 +234,6 @@ def fold(state: TTTState, items: tp.Sequence[int], cfg: TTTConfig) -> None:
     state.clips[idx] += clipped.long()
     state.skipped[idx] += (~ok).long()
     state.pos[idx] = 0
-    state.cur_bad[idx] = False
 
 
 @torch.no_grad()

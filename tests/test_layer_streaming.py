@@ -133,7 +133,7 @@ def test_reset_gives_fresh_item_state_and_leaves_others_untouched(make_ttt_layer
         g.set_exec_mask(~mask)  # the reset item is exec-masked: moshi's reset re-enables it
         before = {k: v.clone() for k, v in st.tensors().items()}
         fresh = g._init_streaming_state(B).tensors()
-        for k in ("w", "z_buf", "c_buf", "pos", "last_norm", "updates"):
+        for k in ("w", "z_buf", "s_buf", "pos", "last_norm", "updates"):
             assert not torch.equal(before[k][1], fresh[k][1]), k  # the reset is not vacuous
         g.reset_streaming(mask)
         for k, v in st.tensors().items():

@@ -57,10 +57,10 @@ def test_moshi7b_meta_shapes_params_and_state_bytes():
     assert sum(v.numel() for v in sd.values()) - n_base == expected_added
 
     # Per-conversation fast state (stream.TTTState) of a bf16 model, per TTT layer: the fast weight
-    #   w [d, h] fp32 + its bf16 copy w_apply [d, h] + z_buf [C, h] + c_buf [C, d] (fp32)
-    #   + pos, updates, clips, skipped, lost (int64) + last_norm (fp32) + cur_bad (bool).
+    #   w [d, h] fp32 + its bf16 copy w_apply [d, h] + z_buf [C + 1, h] + s_buf [C + 1, d] (fp32; one
+    #   chunk plus a scratch row) + pos, updates, clips, skipped, lost (int64) + last_norm (fp32).
     C = ttt.layer.chunk_size
-    per_layer = (4 + 2) * D7B * H7B + 4 * (C * H7B + C * D7B) + 5 * 8 + 4 + 1
+    per_layer = (4 + 2) * D7B * H7B + 4 * (C + 1) * (H7B + D7B) + 5 * 8 + 4
     expected_bytes = len(m.ttt_layer_indices) * per_layer
     with m.streaming(1):
         state = m.ttt_gatings()[0]._streaming_state
