@@ -39,7 +39,7 @@ PROFILE_INTERVAL = 0.002
 # (stage, file name ending, function name[, source text on the sampled line]); first match from the
 # innermost frame outwards wins, so nested stages (depformer inside the LM step) come first.
 ENGINE_STAGES: list[tuple[str, str, str, str | None]] = [
-    ("LM depformer (8 codebooks)", "moshi/models/lm.py", "depformer_step", None),
+    ("LM depformer (one step per codebook)", "moshi/models/lm.py", "depformer_step", None),
     ("LM forward_text (main transformer)", "", "forward_text", None),
     ("TTT telemetry read", "server/engine.py", "_telemetry_rows", None),
     ("TTT telemetry read", "server/engine.py", "_periodic_telemetry", None),
