@@ -5,6 +5,10 @@ the MLP alone (`TTTGating` vs moshi's `ActivationGating`, same weights) at B = 1
 whole transformer layer (moshi's `StreamingTransformerLayer` vs `TTTTransformerLayer`) with its KV
 cache filled. Folds run the way `TTTLMGen` runs them: after the step, on the host's `FoldClock`.
 
+Each measurement runs in a fresh spawned process (same torch thread count): at these shapes one
+measurement's allocations (B = 4 keeps four 184 MB fast weights) measurably slowed the next one in the
+same process (whole-layer ratio 1.054 after the MLP runs vs 1.025 alone, C = 256).
+
 Computed (not measured): the bytes one frame moves through a layer with bf16 weights — what a
 memory-bound GPU decode step costs — for the base layer, the TTT layer, and the per-frame
 fast-weight design this project replaced (three fp32 passes over the fast state per frame).
@@ -12,9 +16,12 @@ fast-weight design this project replaced (three fp32 passes over the fast state 
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import multiprocessing
 import statistics
 import time
+import typing as tp
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +122,14 @@ def bench_layer(chunk: int, filled: int, chunks: int = 2, d: int = D, ff: int = 
             "ttt_ms": 1e3 * statistics.fmean(tt), "kv_frames": filled}
 
 
+def isolated(fn: tp.Callable, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh spawned process with this process's torch thread count; its result."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=torch.set_num_threads,
+                                                initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def bytes_per_frame(batch: int, chunk: int = 256, ttt_layers: int = 6) -> dict:
     """Computed bytes moved per frame, bf16 weights (2 B) and fp32 fast state (4 B), KV window full.
 
@@ -141,14 +156,14 @@ def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
     than Moshi 7B's are for tests only (the computed bytes are always Moshi 7B's)."""
     C = 64 if quick else 256
     res: dict = {"moshi7b_d": d, "moshi7b_h": 2 * ff // 3, "moshi7b_chunk": C}
-    b1 = bench_mlp(C, 1, d=d, ff=ff)
+    b1 = isolated(bench_mlp, C, 1, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b1=b1["ratio"], moshi7b_mlp_max_step_ratio_b1=b1["max_step_ratio"],
                moshi7b_mlp_ms_base_b1=b1["base_ms"], moshi7b_mlp_ms_ttt_b1=b1["ttt_ms"],
                moshi7b_mlp_updates_b1=b1["updates"])
-    b4 = bench_mlp(C, 4, d=d, ff=ff)
+    b4 = isolated(bench_mlp, C, 4, d=d, ff=ff)
     res.update(moshi7b_mlp_ratio_b4=b4["ratio"], moshi7b_mlp_ms_base_b4=b4["base_ms"],
                moshi7b_mlp_ms_ttt_b4=b4["ttt_ms"])
-    layer = bench_layer(C, 1000 if quick else 2000, chunks=3, d=d, ff=ff, heads=heads)
+    layer = isolated(bench_layer, C, 1000 if quick else 2000, chunks=3, d=d, ff=ff, heads=heads)
     res.update(moshi7b_layer_ratio_b1=layer["ratio"], moshi7b_layer_ms_base_b1=layer["base_ms"],
                moshi7b_layer_ms_ttt_b1=layer["ttt_ms"], moshi7b_layer_kv_frames=layer["kv_frames"])
     # Per-conversation state of Moshi 7B (bf16 weights: fp32 fast weight + bf16 copy + one chunk of Z

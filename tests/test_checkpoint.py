@@ -438,3 +438,37 @@ def test_plain_kyutai_checkpoint_gets_the_shipped_moshi_ttt_defaults(repo_copy, 
     # ... and an explicit config still wins (initialised TTT tensors)
     model = _load(repo_copy, ttt_config=load_lm_and_ttt("tiny")[1])
     assert model.ttt_layer_indices == [0, 2]
+
+
+def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
+    """`--demo` is configs/tiny.yaml with `assets.DEMO_LM_OVERRIDES` only (4 Moshi + 4 user codebooks, Moshi's
+    delays), and it streams through Mimi and moshi's LMGen with 4 codebooks: Mimi uses as many as the LM
+    generates, and a step produces a text token and 4 audio tokens per conversation."""
+    from moshi_ttt import runtime
+    from moshi_ttt.generate import make_lm_gen
+
+    repo = assets.demo_repo(cache_root=tmp_path)
+    raw = json.loads((repo / "config.json").read_text())
+    tiny_lm, tiny_ttt = load_lm_and_ttt("tiny")
+    over = assets.DEMO_LM_OVERRIDES
+    assert {k: raw[k] for k in tiny_lm} == {**tiny_lm, **over}
+    assert (raw["n_q"], raw["dep_q"]) == (8, 4) and len(raw["delays"]) == raw["n_q"] + 1
+    assert raw["delays"][0] == raw["delays"][1] == raw["delays"][1 + raw["dep_q"]] == 0  # text, semantic
+    assert TTTModelConfig.from_dict(raw["ttt"]) == tiny_ttt
+
+    pieces = runtime.load(runtime.CheckpointFlags(demo=True), torch.device("cpu"), torch.float32, cache_root=tmp_path)
+    assert pieces.mimi.num_codebooks == pieces.lm.dep_q == 4 and pieces.lm.ttt_layer_indices == [0, 2]
+    gen = make_lm_gen(pieces.lm, **runtime.lm_gen_kwargs(pieces.info))
+    pcm = 0.1 * torch.randn(2, 1, 1920, generator=torch.Generator().manual_seed(0))
+    outs = []
+    with torch.no_grad(), pieces.mimi.streaming(2), gen.streaming(2):
+        for _ in range(4):
+            codes = pieces.mimi.encode(pcm)
+            assert codes.shape == (2, 4, 1)
+            out = gen.step(codes)
+            if out is not None:
+                outs.append(out)
+    assert outs and all(o.shape == (2, 1 + 4, 1) for o in outs)
+    audio = outs[-1][:, 1:]
+    assert ((audio >= 0) & (audio < raw["card"])).all()
+    assert pieces.mimi.decode(audio).shape == (2, 1, 1920)
