@@ -42,6 +42,7 @@ scaleout-demo: $(STAMP) sysdeps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP) sysdeps lint
 	$(VENV)/bin/python -m pytest -q tests
@@ -52,4 +53,4 @@ bench: $(STAMP) sysdeps
 # Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
 # docs/memory_experiment/runs/): results.json, the plot and the README table.
 experiment: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/python scripts/memory_experiment.py --out docs/memory_experiment --jobs 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2

@@ -1,1 +1,1 @@
-"""Shipped configs (YAML package data); read them with `moshi_ttt.config_files`."""
+"""Shipped configs (YAML package data); read them with `moshi_ttt.ttt.config`."""

@@ -1,13 +1,7 @@
-"""Checkpoint flags → the loaded pieces (TTT-Moshi LM, Mimi, tokenizer, LMGen kwargs), the device/dtype
-policy, and which TTT config wins. `moshi-ttt infer`, `serve` and `train` all load through here.
+"""What `infer`, `serve` and `train` share: the checkpoint flags, the device/dtype policy, and flags →
+the loaded pieces (TTT-Moshi LM, Mimi, tokenizer, LMGen kwargs) through `models.loaders`.
 
-TTT-config precedence, written only in `resolve_ttt`:
-  1. explicit: `--ttt-config` / the training YAML's `model.ttt_config`;
-  2. the config stored in the TTT weights file (`--ttt-weights`, or config.json's `ttt_name`);
-  3. config.json's `"ttt"` section;
-  4. the shipped Moshi default, `configs/moshi7b_ttt.yaml` (every 6th layer from 0, zero init: exactly
-     Moshi until trained), so a plain Kyutai checkpoint runs as "Moshi with TTT layers".
-The TTT weights file is read once, here; `checkpoint.load_ttt_moshi` gets its tensors from the result.
+It is its own layer, below the three apps and above the models, so that none of the apps imports another.
 """
 
 from __future__ import annotations
@@ -17,19 +11,17 @@ import logging
 import sys
 import typing as tp
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from moshi.models import loaders
 
-from .checkpoint import TTT_NAME_KEY, CheckpointError, checkpoint_info, load_ttt_moshi, read_ttt_file, require_agreement
-from .config import TTTModelConfig
-from .config_files import load_ttt_config
+from moshi_ttt.models.loaders import CheckpointError, ResolvedTTT, checkpoint_info, load_ttt_moshi, resolve_ttt
+from moshi_ttt.ttt.config import load_ttt_config
 
 log = logging.getLogger("moshi_ttt.runtime")
 
-DEFAULT_TTT = "moshi7b_ttt"  # shipped config whose `ttt` section applies when nothing else gives one
 _CHECKPOINT_FLAGS = ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path", "lora_weight")
 
 
@@ -108,7 +100,7 @@ def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None
 
     moshi warns "no config.json, assuming Moshi 7B" whenever config.json cannot be fetched, also when the
     repo is simply not in the offline cache: its warnings are passed on only once loading succeeded."""
-    from .assets import demo_repo
+    from moshi_ttt.models.demo import demo_repo
 
     if flags.demo:
         clash = [f for f in _CHECKPOINT_FLAGS if getattr(flags, f)]
@@ -137,65 +129,6 @@ def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None
     for w in caught:
         log.warning("%s", " ".join(str(w.message).split()))
     return info, repo or loaders.DEFAULT_REPO, flags
-
-
-@dataclass
-class ResolvedTTT:
-    """The TTT config the model gets and where it came from, plus what was read on the way.
-
-    file_tensors / file_config: the TTT weights file's content (None without one); repo_config: config.json's
-    "ttt" section (needed to check an explicit config against TTT tensors stored in the Moshi weights)."""
-
-    config: TTTModelConfig
-    source: str
-    explicit: bool = False
-    file: str | None = None
-    file_tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    file_config: TTTModelConfig | None = None
-    repo_config: TTTModelConfig | None = None
-
-
-def _num_layers(info: loaders.CheckpointInfo) -> int:
-    return int((info.lm_config if info.lm_config is not None else loaders._lm_kwargs).get("num_layers", 0))
-
-
-def resolve_ttt(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | str | Path | None = None,
-                ttt_weights: str | Path | None = None) -> ResolvedTTT:
-    """The one TTT-config precedence (see the module docstring). `ttt_config` is a config, a file or a shipped
-    name. An explicit config must agree with the one stored in the TTT weights file. Logs one line naming the
-    TTT layers and the source."""
-    lm = info.lm_config if info.lm_config is not None else {}
-    if ttt_weights is None and lm.get(TTT_NAME_KEY) is not None:
-        ttt_weights = lm[TTT_NAME_KEY]  # resolved to a path by checkpoint_info
-    file = None if ttt_weights is None else str(ttt_weights)
-    file_tensors, file_config = read_ttt_file(file) if file is not None else (None, None)
-    repo_config = None
-    if lm.get("ttt") is not None:
-        try:
-            repo_config = TTTModelConfig.from_dict(lm["ttt"])
-        except ValueError as e:
-            raise CheckpointError(f"config.json 'ttt' section: {e}") from e
-    n_layers = _num_layers(info)
-    if ttt_config is not None:
-        given = isinstance(ttt_config, TTTModelConfig)
-        config = ttt_config if given else load_ttt_config(ttt_config)
-        source = "the given TTT config" if given else f"--ttt-config {ttt_config}"
-        if file_config is not None:
-            require_agreement(config, file_config, f"the TTT weights file {file}", n_layers)
-    elif file_config is not None:
-        config, source = file_config, f"the TTT weights file {file}"
-    elif repo_config is not None:
-        config, source = repo_config, "config.json's 'ttt' section"
-    else:
-        config = load_ttt_config(DEFAULT_TTT)
-        source = f"no TTT config given, so the shipped Moshi TTT defaults ({DEFAULT_TTT}, {config.layer.init} init)"
-    out = ResolvedTTT(config, source, ttt_config is not None, file, file_tensors, file_config, repo_config)
-    try:
-        layers = out.config.layer_indices(n_layers)
-    except ValueError as e:
-        raise CheckpointError(f"{out.source}: {e}") from None
-    log.info("TTT layers %s of %d (chunk %d frames): %s", layers, n_layers, out.config.layer.chunk_size, out.source)
-    return out
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -275,3 +208,18 @@ def condition_tensors(pieces: Pieces, batch_size: int, cfg_coef: float, gen: dic
         raise ValueError(f"--cfg-coef {cfg_coef}: this model has no condition fuser (CFG needs a conditioned "
                          "model); use --cfg-coef 1")
     return get_condition_tensors(pieces.info.model_type, lm, batch_size, cfg_coef)
+
+
+def add_checkpoint_args(g) -> None:
+    """The checkpoint flags shared by `infer` and `serve` (moshi's names, plus the TTT ones)."""
+    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in Kyutai's layout "
+                                     "(default: moshi's default repo)")
+    g.add_argument("--moshi-weight", help="local Moshi weights (overrides the repo's)")
+    g.add_argument("--mimi-weight", help="local Mimi weights (overrides the repo's)")
+    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer (overrides the repo's)")
+    g.add_argument("--config-path", help="config.json to use instead of the repo's")
+    g.add_argument("--lora-weight", help="LoRA weights (the config must have 'lora': true)")
+    g.add_argument("--ttt-config", help="TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping itself) or "
+                                        "a shipped config name (tiny, demo_ttt, moshi7b_ttt); must agree with the "
+                                        "config stored with the TTT weights")
+    g.add_argument("--ttt-weights", help="TTT safetensors written by `moshi-ttt train` / checkpoint.save_ttt")

@@ -22,7 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-from moshi_ttt.server.probe import start_cli_server, stop_cli_server
+
+from moshi_ttt.testing.probe import start_cli_server, stop_cli_server
 
 
 def step_stats(url: str) -> tuple[float, float]:
@@ -115,7 +116,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("server_args", nargs="*", help="extra `serve` flags (after --)")
     args = p.parse_args()
-    from moshi_ttt.speech import espeak_pcm
+    from moshi_ttt.testing.speech import espeak_pcm
 
     pcm = espeak_pcm("Hello there, this is a test of test time training inside Moshi. "
                      "The weather is nice and the sun is out, so we talk for a while.")

@@ -1,6 +1,6 @@
 """`moshi-ttt serve`: flags, model loading (a Kyutai checkpoint + TTT, or the offline `--demo`), startup.
 
-`add_args(parser)` and `run(args)` are what `moshi_ttt.cli` calls. `start(args)` (async) returns a
+`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.cli` calls. `start(args)` (async) returns a
 running server (tests use it with `--port 0`).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.config_files import add_checkpoint_args
+from moshi_ttt.runtime import add_checkpoint_args
 
 from . import limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moshi_ttt.generate import make_lm_gen
+from moshi_ttt.models.lm import make_lm_gen
 
 from .metrics import Metrics
 

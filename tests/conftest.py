@@ -17,8 +17,8 @@ def _make_ttt_layer(dtype=torch.float64, perturb=True, seed=0, **cfg_kw):
     """A TTTGating (d=16, h=40) with `chunk_size=8, lr=0.05, init="ntp"` unless overridden in cfg_kw.
     perturb=True adds random noise to the target params (conv, W_target) so no test relies on the
     special structure of the `ntp` init."""
-    from moshi_ttt.config import TTTConfig
-    from moshi_ttt.layer import TTTGating
+    from moshi_ttt.modules.gating import TTTGating
+    from moshi_ttt.ttt.config import TTTConfig
 
     torch.manual_seed(seed)
     cfg = TTTConfig(**{"chunk_size": LAYER_CHUNK, "lr": 0.05, "init": "ntp", **cfg_kw})
@@ -54,7 +54,7 @@ def stream_calls():
     return _stream_calls
 
 
-# ---- real speech (espeak-ng through moshi_ttt.speech) -----------------------------------------------
+# ---- real speech (espeak-ng through moshi_ttt.testing.speech) -----------------------------------------------
 
 # name → (voice, espeak speed or None, text); synthesised on first use, once per test session.
 SPEECH_CLIPS = {
@@ -80,7 +80,7 @@ class Speech:
         self._pcm: dict = {}
 
     def wav(self, name: str):
-        from moshi_ttt.speech import SpeechUnavailable, espeak_wav
+        from moshi_ttt.testing.speech import SpeechUnavailable, espeak_wav
 
         path = self.folder / f"{name}.wav"
         if not path.exists():
@@ -123,7 +123,7 @@ def demo_ttt_yaml(tmp_path_factory):
 
     import yaml
 
-    from moshi_ttt.config_files import load_ttt_config
+    from moshi_ttt.ttt.config import load_ttt_config
 
     folder = tmp_path_factory.mktemp("demo_ttt")
 
@@ -285,8 +285,8 @@ def train_repo(tmp_path_factory, train_dataset):
     from moshi.quantization import core_vq
     from safetensors.torch import save_file
 
-    from moshi_ttt.assets import make_local_repo
-    from moshi_ttt.checkpoint import checkpoint_info
+    from moshi_ttt.models.demo import make_local_repo
+    from moshi_ttt.models.loaders import checkpoint_info
 
     repo = make_local_repo(tmp_path_factory.mktemp("train_repo"))
     mimi = checkpoint_info(str(repo)).get_mimi()

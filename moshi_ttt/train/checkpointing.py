@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import TTT_NAME_KEY, save_ttt, write_ttt
-from ..config import TTTModelConfig
-from ..model import TTT_KEY, TTTLMModel
-from . import fsdp
-from .dist import DistEnv
+from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.models.loaders import TTT_NAME_KEY, save_ttt, write_ttt
+from moshi_ttt.modules.transformer import TTT_KEY
+from moshi_ttt.train import fsdp
+from moshi_ttt.train.dist import DistEnv
+from moshi_ttt.ttt.config import TTTModelConfig
 
 CKPT_PREFIX = "step_"
 

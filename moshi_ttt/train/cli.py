@@ -36,7 +36,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace):
     import dataclasses
 
-    from .config import TrainConfig
+    from moshi_ttt.train.config import TrainConfig
 
     cfg = TrainConfig.load(args.config)
     over = {}
@@ -50,9 +50,9 @@ def load_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import runtime
-    from ..checkpoint import CheckpointError
-    from .loop import train
+    from moshi_ttt import runtime
+    from moshi_ttt.models.loaders import CheckpointError
+    from moshi_ttt.train.loop import train
 
     runtime.log_to_stderr("moshi-ttt train")
     try:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    if not os.path.exists("/dev/nvidia0"):  # as moshi_ttt.cli: torch.compile only helps on CUDA
+    if not os.path.exists("/dev/nvidia0"):  # as moshi_ttt.apps.cli: torch.compile only helps on CUDA
         os.environ.setdefault("NO_TORCH_COMPILE", "1")
     parser = argparse.ArgumentParser(prog="python -m moshi_ttt.train")
     add_args(parser)

@@ -20,7 +20,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-from ..config import check_mapping, read_config_file
+from moshi_ttt.ttt.config import check_mapping, read_config_file
 
 TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")

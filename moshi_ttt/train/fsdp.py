@@ -43,8 +43,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard import _fully_shard as _fully_shard_impl
 from torch.distributed.tensor import DTensor
 
-from .config import TrainConfig
-from .dist import DistEnv
+from moshi_ttt.train.config import TrainConfig
+from moshi_ttt.train.dist import DistEnv
 
 FSDP_BY_DEFAULT = ("full", "ttt+wdown")
 SHARDED_DIR = "sharded"

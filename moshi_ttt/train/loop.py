@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import runtime
-from ..model import TTT_KEY, TTTLMModel
-from . import checkpointing as ckpt
-from . import fsdp
-from .config import TrainConfig
-from .data import BatchOrder, Dataset, TokenIds
-from .dist import DistEnv, setup
-from .loss import global_loss, loss_parts
-from .params import MasterParams, add_lora, select_trainable
-from .telemetry import FastWeightProbe, grad_norm, ttt_layer_params
+from moshi_ttt import runtime
+from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.modules.transformer import TTT_KEY
+from moshi_ttt.train import checkpointing as ckpt
+from moshi_ttt.train import fsdp
+from moshi_ttt.train.config import TrainConfig
+from moshi_ttt.train.data import BatchOrder, Dataset, TokenIds
+from moshi_ttt.train.dist import DistEnv, setup
+from moshi_ttt.train.loss import global_loss, loss_parts
+from moshi_ttt.train.params import MasterParams, add_lora, select_trainable
+from moshi_ttt.train.telemetry import FastWeightProbe, grad_norm, ttt_layer_params
 
 DEFAULT_FRAME_RATE = 12.5
 

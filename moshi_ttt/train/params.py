@@ -8,7 +8,8 @@ import torch
 from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 from torch import nn
 
-from ..model import TTT_KEY, TTTLMModel
+from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.modules.transformer import TTT_KEY
 
 
 def add_lora(model: TTTLMModel, rank: int, scaling: float) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layer import TTTGating
-from ..model import TTT_KEY, TTTLMModel
-from ..ops import chunk_coefficients, chunk_conv, frame_finite
+from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.modules.gating import TTTGating
+from moshi_ttt.modules.transformer import TTT_KEY
+from moshi_ttt.ttt.chunk import chunk_coefficients, chunk_conv, frame_finite
 
 
 def grad_norm(tensors: list[torch.Tensor]) -> float:

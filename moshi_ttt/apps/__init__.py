@@ -1,0 +1,1 @@
+"""The `moshi-ttt` commands that are not the server or training: the CLI dispatcher, `infer` and `bench`."""

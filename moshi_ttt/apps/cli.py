@@ -1,0 +1,42 @@
+"""`moshi-ttt` command line: one subcommand per module, each exposing `add_args(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand → module providing add_args / run (imported lazily: torch start-up is slow)
+COMMANDS = {
+    "bench": ("moshi_ttt.apps.bench", "measure what TTT costs (latency, memory, exactness)"),
+    "infer": ("moshi_ttt.apps.infer", "offline WAV → WAV + transcript + TTT telemetry"),
+    "serve": ("moshi_ttt.server.cli", "real-time full-duplex websocket server"),
+    "train": ("moshi_ttt.train.cli", "TTT-aware finetuning on conversation audio"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not _has_cuda_hint():
+        os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    parser = argparse.ArgumentParser(prog="moshi-ttt", description="In-Place Test-Time Training for Moshi")
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    modules = {}
+    for name, (modname, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == wanted:
+            modules[name] = importlib.import_module(modname)
+            modules[name].add_args(p)
+    args = parser.parse_args(argv)
+    return int(modules[args.command].run(args) or 0)
+
+
+def _has_cuda_hint() -> bool:
+    """torch.compile helps on CUDA only; on CPU it costs seconds per first call."""
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""`moshi-ttt infer`: offline WAV → WAV + transcript + TTT telemetry, like `python -m moshi.run_inference`.
+
+The input is read and resampled to Mimi's 24 kHz with sphn, downmixed to mono, zero-padded to whole
+1920-sample frames and streamed frame by frame: Mimi encode → `TTTLMGen` (moshi's `LMGen`, folding
+per chunk) on the TTT model → Mimi decode. As moshi's server does, Mimi's streaming state is reset
+after the very first encoded frame (that frame carries the encoder's left-padding artefact; its codes
+are still fed to the LM).
+`LMGen` emits nothing during its first `max_delay` steps, so `max_delay` frames of silence are fed after
+the input: the output has exactly as many frames as the padded input.
+
+Outputs: the WAV, a transcript (SentencePiece pieces, "▁" → space, text ids 0 and 3 skipped) and a
+telemetry JSON (see `_telemetry_doc`). User errors (missing or unreadable files, bad configs, broken
+checkpoints) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moshi_ttt.runtime import add_checkpoint_args
+
+SAMPLE_RATE = 24000
+EXIT_USER_ERROR = 2
+
+_telemetry_doc = """\
+telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size,
+batch_size, ttt_layers, sample_every, realtime_factor (wall time / audio time, < 1 is faster than real
+time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates /
+clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last
+completed chunk), one entry per sample (a list over batch items) at the LM steps in series_frames."""
+
+
+class UserError(Exception):
+    """A problem with the command line or the user's files: reported in one line, exit code 2."""
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Offline inference: stream a WAV through Mimi → LMGen (TTT-Moshi) → Mimi and write "
+                          "the answer WAV, its transcript and the TTT telemetry.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _telemetry_doc
+    parser.add_argument("infile", help="input audio (any sample rate / channels: resampled to 24 kHz mono)")
+    parser.add_argument("outfile", help="output WAV (24 kHz mono, as many 80 ms frames as the input)")
+    parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
+    parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
+    g = parser.add_argument_group("checkpoint")
+    add_checkpoint_args(g)
+    g.add_argument("--demo", action="store_true",
+                   help="no checkpoint: the tiny random demo checkpoint of `serve --demo` (configs/tiny.yaml, or "
+                        "the LM of tiny with --ttt-config's TTT section), built once in $MOSHI_TTT_CACHE or "
+                        "~/.cache/moshi_ttt")
+    r = parser.add_argument_group("run")
+    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="LM dtype (default: float32 on cpu, bfloat16 on cuda)")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help="run the input as N independent conversations in one batch; with N > 1 every item "
+                        "is written, with suffix _i (out_0.wav, out_0.txt, ...); the telemetry file holds "
+                        "per-item lists")
+    r.add_argument("--seed", type=int, default=4242, help="random seed for sampling (default 4242, as moshi)")
+    r.add_argument("--temp", type=float, default=None, help="audio sampling temperature (LMGen default 0.8)")
+    r.add_argument("--temp-text", type=float, default=None, help="text sampling temperature (LMGen default 0.7)")
+    r.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient "
+                                                                "(needs a conditioned model)")
+    r.add_argument("--telemetry-every", type=int, default=0, metavar="N",
+                   help="sample the drift series every N LM steps (default: every chunk boundary)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moshi_ttt import runtime
+    from moshi_ttt.models.loaders import CheckpointError
+
+    runtime.log_to_stderr("moshi-ttt infer")
+    try:
+        setup = _prepare(args)
+    except (UserError, CheckpointError, OSError, ValueError) as e:
+        _fail(e)
+        return EXIT_USER_ERROR
+    _infer(args, **setup)
+    return 0
+
+
+def _fail(e: BaseException) -> None:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"moshi-ttt infer: error: {msg}", file=sys.stderr)
+
+
+def _with_suffix(path: Path, suffix: str) -> Path:
+    return path.with_name(path.stem + suffix)
+
+
+def output_paths(outfile: str | Path, batch_size: int, transcript: str | None = None,
+                 telemetry: str | None = None) -> tuple[list[Path], list[Path], Path]:
+    """WAV and transcript paths per batch item (suffix _i when batch_size > 1) and the telemetry path."""
+    out = Path(outfile)
+    txt = Path(transcript) if transcript else out.with_suffix(".txt")
+    tel = Path(telemetry) if telemetry else out.with_suffix(".ttt.json")
+    if batch_size == 1:
+        return [out], [txt], tel
+    wavs = [_with_suffix(out, f"_{i}{out.suffix}") for i in range(batch_size)]
+    txts = [_with_suffix(txt, f"_{i}{txt.suffix}") for i in range(batch_size)]
+    return wavs, txts, tel
+
+
+def check_outputs(paths: list[Path]) -> None:
+    """Fails before the (long) run if an output cannot be written: a directory, or a parent that is a
+    file or a folder without write permission. Missing parent folders are created later."""
+    for p in paths:
+        if p.is_dir():
+            raise UserError(f"output {p} is a directory: give a file name (e.g. {p / 'reply.wav'})")
+        parent = next((a for a in p.absolute().parents if a.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UserError(f"output {p}: {parent} is a file, not a folder")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"output {p}: no permission to write in {parent}")
+
+
+def read_audio(path: str | Path) -> np.ndarray:
+    """Mono float32 PCM at 24 kHz (resampled by sphn, channels averaged)."""
+    import sphn
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"input is not a file: {path}")
+    try:
+        pcm, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)
+    except Exception as e:  # sphn raises ValueError / OSError with the decoder's message
+        raise UserError(f"{path}: not a readable audio file ({e})") from None
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if pcm.ndim == 2:
+        pcm = pcm.mean(axis=0)
+    if pcm.size == 0:
+        raise UserError(f"{path}: the audio file has no samples")
+    if not np.isfinite(pcm).all():
+        raise UserError(f"{path}: the audio contains non-finite samples")
+    return pcm
+
+
+def _prepare(args: argparse.Namespace) -> dict:
+    """Everything that can fail because of the user's input, before the (long) streaming loop."""
+    from moshi_ttt import runtime
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.telemetry_every < 0:
+        raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(device, args.dtype)
+    wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
+    check_outputs([*wavs, *txts, tel])
+    pcm = read_audio(args.infile)
+    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype)
+    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    conditions = runtime.condition_tensors(pieces, args.batch_size, args.cfg_coef, gen)
+    if pieces.lm.dep_q == 0:
+        raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
+    for p in [*wavs, *txts, tel]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return dict(model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
+                conditions=conditions, pcm=pcm, device=device, dtype=dtype, wavs=wavs, txts=txts, tel=tel)
+
+
+def _make_lm_gen(args, model, gen_kwargs: dict, conditions):
+    from moshi_ttt.models.lm import make_lm_gen
+
+    return make_lm_gen(model, cfg_coef=args.cfg_coef, condition_tensors=conditions, **gen_kwargs)
+
+
+def _to_list(t: torch.Tensor, n: int) -> list:
+    vals = t[:n].detach().float().cpu().tolist() if t.is_floating_point() else t[:n].cpu().tolist()
+    return [v if not isinstance(v, float) or math.isfinite(v) else None for v in vals]
+
+
+@torch.no_grad()
+def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray, device, dtype, wavs, txts,
+           tel) -> None:
+    import sphn
+    from moshi.run_inference import seed_all
+    from tqdm import tqdm
+
+    B = args.batch_size
+    seed_all(args.seed)
+    lm_gen = _make_lm_gen(args, model, gen_kwargs, conditions)
+    frame = int(mimi.sample_rate / mimi.frame_rate)
+    n_in = math.ceil(pcm.shape[0] / frame)
+    padded = np.zeros(n_in * frame, dtype=np.float32)
+    padded[: pcm.shape[0]] = pcm
+    x = torch.from_numpy(padded).to(device)[None, None].expand(B, 1, -1)
+    chunk = model.ttt_config.layer.chunk_size
+    every = args.telemetry_every or chunk
+    layers = list(model.ttt_layer_indices)
+    series: dict[int, dict[str, list]] = {i: {"drift": [], "last_delta_norm": []} for i in layers}
+    series_frames: list[int] = []
+    out_pcm: list[list[np.ndarray]] = [[] for _ in range(B)]
+    text_ids: list[list[int]] = [[] for _ in range(B)]
+    steps = 0
+
+    def sample() -> None:
+        series_frames.append(steps)
+        for i, t in model.ttt_telemetry().items():
+            series[i]["drift"].append(_to_list(t["drift"], B))
+            series[i]["last_delta_norm"].append(_to_list(t["last_delta_norm"], B))
+
+    n_steps = n_in + lm_gen.max_delay
+    start = time.perf_counter()
+    with mimi.streaming(B), lm_gen.streaming(B):
+        for f in tqdm(range(n_steps), desc="frames", unit="frame", file=sys.stderr, dynamic_ncols=True):
+            if f < n_in:
+                codes = mimi.encode(x[:, :, f * frame:(f + 1) * frame])
+            else:  # flush the LM's delay with silence
+                codes = mimi.encode(torch.zeros(B, 1, frame, device=device))
+            if f == 0:
+                mimi.reset_streaming()  # the first frame carries the encoder's left padding (as moshi's server)
+            for c in range(codes.shape[-1]):
+                tokens = lm_gen.step(codes[:, :, c:c + 1])
+                steps += 1
+                if layers and steps % every == 0:
+                    sample()
+                if tokens is None:
+                    continue
+                audio = mimi.decode(tokens[:, 1:]).float().cpu().numpy()  # [B, 1, frame]
+                for b in range(B):
+                    out_pcm[b].append(audio[b, 0])
+                    text_ids[b].append(int(tokens[b, 0, 0]))
+        if layers and (not series_frames or series_frames[-1] != steps):
+            sample()
+        final = model.ttt_telemetry() if layers else {}
+    elapsed = time.perf_counter() - start
+
+    for b in range(B):
+        sphn.write_wav(str(wavs[b]), np.concatenate(out_pcm[b]) if out_pcm[b] else np.zeros(0, np.float32),
+                       sample_rate=mimi.sample_rate)
+        txts[b].write_text(transcript(tokenizer, text_ids[b]) + "\n")
+    audio_seconds = pcm.shape[0] / mimi.sample_rate
+    report = {
+        "infile": str(args.infile), "outfiles": [str(w) for w in wavs], "transcripts": [str(t) for t in txts],
+        "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(pcm.shape[0]),
+        "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
+        "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_factor": elapsed / audio_seconds,
+        "ms_per_frame": 1000 * elapsed / max(steps, 1),
+        "series_frames": series_frames,
+        "layers": {str(i): {"updates": _to_list(final[i]["updates"], B), "clips": _to_list(final[i]["clips"], B),
+                            "skipped": _to_list(final[i]["skipped"], B), **series[i]} for i in layers},
+    }
+    tel.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {', '.join(map(str, wavs))} ({len(out_pcm[0])} frames), transcript {', '.join(map(str, txts))}, "
+          f"telemetry {tel}; {steps} LM steps in {elapsed:.1f} s (realtime factor {elapsed / audio_seconds:.2f})",
+          file=sys.stderr)
+
+
+def transcript(tokenizer, ids: list[int]) -> str:
+    """SentencePiece pieces joined, "▁" → space, ids 0 and 3 (moshi's text padding) skipped."""
+    return "".join(tokenizer.id_to_piece(i).replace("▁", " ") for i in ids if i not in (0, 3)).strip()

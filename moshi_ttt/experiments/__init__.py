@@ -1,0 +1,1 @@
+"""Research experiments run from the repository (`make experiment`): the memory-beyond-the-window study."""

@@ -1,0 +1,209 @@
+"""Small, deterministic stand-ins for Kyutai's assets, built locally (no download):
+a SentencePiece text tokenizer, a reduced-size Mimi config, and a complete local checkpoint folder in
+Kyutai's Hugging Face repo layout (config.json + model.safetensors + Mimi + tokenizer).
+
+Used by the tests, the embedded demo and `moshi-ttt infer --demo`. The weights are random: the speech
+such a model produces is not meaningful; the point is exercising the real formats and code paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from moshi.models import loaders
+from safetensors.torch import load_file, save_file
+
+from moshi_ttt.models.lm import build_ttt_lm
+from moshi_ttt.modules.transformer import TTT_KEY
+from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt
+
+_CORPUS = """hello there how are you today
+I am fine thank you and you
+the weather is nice and the sun is out
+tell me a story about a cat and a dog
+what time is it now please
+memory is what lets a model remember the whole conversation
+test time training updates fast weights every chunk
+moshi speaks and listens at the same time
+""".strip().splitlines()
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 64) -> Path:
+    """Trains a tiny SentencePiece model (ids 0..3 = unk, <s>, </s>, pad as Kyutai's). Deterministic."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / "tokenizer_tiny"
+    model = prefix.with_suffix(".model")
+    if model.exists():
+        return model
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text("\n".join(_CORPUS * 4) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, seed_sentencepiece_size=1000,
+        minloglevel=2)
+    return model
+
+
+def tiny_mimi_config() -> dict:
+    """Mimi with the real architecture at reduced size: SEANet 8 filters, latent 128, 1-layer 128-wide
+    transformers, 8 codebooks of 2048 — every stage of Mimi's encode/decode runs, cheap enough for the
+    demo to keep real time with margin on 2 CPU cores (a step is dominated by per-op overhead, so
+    fewer layers matter more than width)."""
+    cfg = copy.deepcopy(loaders._mimi_config)
+    cfg["seanet"].update(n_filters=8, dimension=128)
+    cfg["quantizer"].update(dimension=64, n_q=8, input_dimension=128, output_dimension=128)
+    cfg["transformer"].update(d_model=128, num_heads=4, num_layers=1, dim_feedforward=256,
+                              input_dimension=128, output_dimensions=[128])
+    return cfg
+
+
+def _varied_audio(seconds: float, seed: int, sample_rate: int = 24000) -> torch.Tensor:
+    """Deterministic audio whose spectrum changes every 120 ms (tones, glides, noise bursts, silence),
+    [1, 1, N]: material for fitting the random Mimi's codebooks."""
+    gen = torch.Generator().manual_seed(seed)
+    seg = int(0.12 * sample_rate)
+    t = torch.arange(seg) / sample_rate
+    parts = []
+    for _ in range(int(seconds / 0.12)):
+        f0, f1 = 80 + 2500 * torch.rand(2, generator=gen)
+        phase = 2 * torch.pi * (f0 * t + (f1 - f0) * t**2 / (2 * t[-1]))
+        x = torch.sin(phase) + 0.5 * torch.sin(2.7 * phase) * torch.rand(1, generator=gen)
+        x = x + torch.randn(seg, generator=gen) * torch.rand(1, generator=gen) ** 2
+        parts.append(0.3 * torch.rand(1, generator=gen) * x)
+    return torch.cat(parts)[None, None]
+
+
+@torch.no_grad()
+def fit_codebooks(mimi, pcm: torch.Tensor) -> None:
+    """Initialises a random Mimi's codebooks with moshi's own k-means on `pcm` [1, 1, N] latents.
+
+    A freshly built Mimi has all-zero codebooks and encodes any audio to code 0; fitted codebooks give
+    codes that follow the audio, so tests and the demo exercise real, varying token streams."""
+    latent = mimi._encode_to_unquantized_latent(pcm)
+    mimi.quantizer.train()
+    for _ in range(mimi.quantizer.total_codebooks):  # one RVQ level initialises per pass
+        mimi.quantizer(latent, mimi.frame_rate)
+    mimi.eval()
+
+
+MIMI_RECIPE = 2  # bump when the tiny Mimi recipe changes (invalidates cached weights)
+
+
+def cache_dir() -> Path:
+    """moshi-ttt's cache: $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt."""
+    return Path(os.environ.get("MOSHI_TTT_CACHE") or Path.home() / ".cache" / "moshi_ttt")
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
+    """The demo Mimi's weights: random, codebooks fitted on varied audio. Fitting takes ~10 s, so the
+    result is cached on disk (deterministic given the seed and recipe)."""
+    path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
+    mimi = loaders.get_mimi(None, mimi_config=tiny_mimi_config())
+    fit_codebooks(mimi, _varied_audio(10.0, seed))
+    torch.random.set_rng_state(rng)
+    state = {k: v.contiguous() for k, v in mimi.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return state
+
+
+DEMO_VERSION = 4  # bump when the demo checkpoint recipe changes (invalidates the cache)
+
+# The `--demo` LM is configs/tiny.yaml (the tests' model) with these changes: 4 Moshi + 4 user audio
+# codebooks instead of 8 + 8 (Moshi's delays: text and each side's semantic codebook 0, acoustic ones 1).
+# Per-op overhead, not arithmetic, sets a demo step's time on CPU, and the depformer runs once per
+# generated codebook: 8 → 4 codebook steps (and half the RVQ levels in Mimi) take ≈ 20 % off a demo
+# step, which is what keeps `make demo` real time with margin on 2 cores. Every code path is the same.
+DEMO_LM_OVERRIDES = {"n_q": 8, "dep_q": 4, "delays": [0, 0, 1, 1, 1, 0, 1, 1, 1]}
+
+
+def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None = None) -> Path:
+    """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml with `DEMO_LM_OVERRIDES`, and
+    `ttt` instead of tiny's TTT section if given), built once per TTT config in `cache_root` (default
+    `cache_dir()`) and reused."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    root = Path(cache_root) if cache_root is not None else cache_dir()
+    key = json.dumps({"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES,
+                      "ttt": None if ttt is None else ttt.to_dict()}, sort_keys=True)
+    folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        make_local_repo(tmp, config="tiny", ttt=ttt, lm_overrides=DEMO_LM_OVERRIDES)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # built concurrently by another process: keep theirs
+            if not (folder / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
+                    ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
+                    ttt_in_config: bool = True, lm_overrides: dict | None = None) -> Path:
+    """Writes a Kyutai-style checkpoint folder: config.json (with a "ttt" section), model.safetensors
+    (base + TTT tensors), a Mimi checkpoint + its config, and a SentencePiece tokenizer.
+
+    Load it with `CheckpointInfo.from_hf_repo(..., config_path=out/"config.json", moshi_weights=...)`
+    or `moshi_ttt.models.loaders.checkpoint_info(str(folder))`. Deterministic given `seed`. `lm_overrides`
+    replace LMModel kwargs of `config` (Mimi then uses max(dep_q, n_q − dep_q) of its codebooks, as
+    moshi's loader decides).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_kwargs, ttt_default = load_lm_and_ttt(config)
+    lm_kwargs = {**lm_kwargs, **(lm_overrides or {})}
+    ttt = ttt or ttt_default
+    torch.manual_seed(seed)
+    model = build_ttt_lm(lm_kwargs, ttt)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if ttt_in_weights or TTT_KEY not in k}
+    save_file(state, str(out / "model.safetensors"))
+    mimi_cfg = tiny_mimi_config()
+    save_file(_tiny_mimi_state(seed), str(out / "mimi.safetensors"))
+    (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
+    tok = build_tokenizer(out)
+    raw = {"moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
+           "mimi_config_name": "mimi_config.json", "tokenizer_name": tok.name, "model_type": "moshi",
+           "lm_gen_config": {}, **lm_kwargs}
+    if ttt_in_config:
+        raw["ttt"] = ttt.to_dict()
+    (out / "config.json").write_text(json.dumps(raw, indent=1))
+    return out
+
+
+def install_in_hf_cache(folder: str | Path, repo_id: str, cache_dir: str | Path,
+                        revision: str = "0" * 40) -> Path:
+    """Places `folder`'s files in a huggingface_hub cache as repo `repo_id` (refs/main → revision), so
+    `hf_hub_download(repo_id, ...)` resolves them offline exactly as for a downloaded Kyutai repo."""
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / revision
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            (snap / f.name).write_bytes(f.read_bytes())
+    return snap

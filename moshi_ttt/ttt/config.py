@@ -1,0 +1,249 @@
+"""TTT configuration: one validated dataclass per concern, loadable from dicts / YAML / JSON.
+
+`TTTConfig` configures one In-Place TTT gated MLP (see `layer.py`); `TTTModelConfig` says which
+layers of Moshi's main transformer get one. Every invalid value raises `ValueError` naming the field
+and the value, at construction time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing as tp
+from importlib import resources
+from pathlib import Path
+
+INIT_MODES = ("zero", "ntp")
+TARGET_SOURCES = ("x0", "mlp_input")
+
+
+def _bad(field: str, value: tp.Any, why: str) -> ValueError:
+    return ValueError(f"invalid TTT config: {field}={value!r}: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """In-Place TTT hyper-parameters of one gated MLP.
+
+    chunk_size: C, frames per fast-weight update (256 frames = 20.48 s at 12.5 Hz).
+    lr: η, the fast-weight learning rate; W⁽ⁱ⁺¹⁾ = W⁽ⁱ⁾ + η·clip(ΔW_i).
+    kernel_size: K, taps of the depthwise Conv1D producing the target.
+    future_frames: how many of the K taps look ahead (K=5, 2 ⇒ centred). Always < K. The conv never
+        crosses a chunk edge, so looking ahead inside a chunk leaks no future into earlier updates.
+    init: "zero" (conv = 0 ⇒ V̂ = 0 ⇒ exactly the base MLP) or "ntp" (W_target = I, the kernel picks
+        frame t+1 for frame t: the paper's next-token target; needs future_frames ≥ 1).
+    target: "x0" (token embeddings, the sum fed to the transformer) or "mlp_input" (the layer's own
+        normalised MLP input).
+    use_conv: ablation switch; False ⇒ V̂ = src · W_target (no temporal conv, no conv parameter).
+    use_target_proj: ablation switch; False ⇒ W_target fixed to I (no parameter).
+    clip_norm: τ, Frobenius clip of each ΔW (None = off, the default; the paper clips at inference
+        only, and a tiny τ makes TTT numerically inert unless trained with it).
+    """
+
+    chunk_size: int = 256
+    lr: float = 1e-3
+    kernel_size: int = 5
+    future_frames: int = 2
+    init: str = "zero"
+    target: str = "x0"
+    use_conv: bool = True
+    use_target_proj: bool = True
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "kernel_size", "future_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _bad(name, v, "must be an integer")
+        if self.chunk_size <= 0:
+            raise _bad("chunk_size", self.chunk_size, "must be > 0")
+        if self.kernel_size < 1:
+            raise _bad("kernel_size", self.kernel_size, "must be >= 1")
+        if self.kernel_size > self.chunk_size:
+            raise _bad("kernel_size", self.kernel_size, f"must be <= chunk_size={self.chunk_size}")
+        if not 0 <= self.future_frames < self.kernel_size:
+            raise _bad("future_frames", self.future_frames,
+                       f"must be in [0, kernel_size={self.kernel_size})")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr):
+            raise _bad("lr", self.lr, "must be a finite number")
+        if self.init not in INIT_MODES:
+            raise _bad("init", self.init, f"must be one of {INIT_MODES}")
+        if self.target not in TARGET_SOURCES:
+            raise _bad("target", self.target, f"must be one of {TARGET_SOURCES}")
+        for name in ("use_conv", "use_target_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be true or false")
+        if self.clip_norm is not None:
+            c = self.clip_norm
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise _bad("clip_norm", c, "must be a finite number > 0, or null to disable")
+        if self.init == "zero" and not (self.use_conv or self.use_target_proj):
+            raise _bad("init", self.init, "needs a conv or a W_target to zero (use_conv and use_target_proj "
+                       "are both false, so V̂ = src cannot start at 0)")
+        if self.init == "ntp" and self.use_conv and self.future_frames < 1:
+            raise _bad("future_frames", self.future_frames, "init='ntp' needs at least 1 future frame")
+
+    @property
+    def past_frames(self) -> int:
+        return self.kernel_size - 1 - self.future_frames
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: tp.Mapping[str, tp.Any]) -> TTTConfig:
+        return _from_dict(cls, d, "ttt.layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTModelConfig:
+    """Which main-transformer layers get TTT, and with what `TTTConfig`.
+
+    layers: explicit list of layer indices, or None to use every `every`-th layer from `start`.
+    """
+
+    layer: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+    layers: tuple[int, ...] | None = None
+    every: int = 6
+    start: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, TTTConfig):
+            raise _bad("layer", self.layer, "must be a TTTConfig")
+        for name in ("every", "start"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _bad(name, v, "must be an integer")
+        if self.every < 1:
+            raise _bad("every", self.every, "must be >= 1")
+        if self.start < 0:
+            raise _bad("start", self.start, "must be >= 0")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                    raise _bad("layers", list(layers), f"entry {i!r} is not a layer index >= 0")
+            if len(set(layers)) != len(layers):
+                raise _bad("layers", list(layers), "has duplicates")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The TTT layer indices for a transformer of `num_layers` layers (errors if out of range)."""
+        if self.layers is None:
+            return list(range(self.start, num_layers, self.every))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"invalid TTT config: layers={list(self.layers)!r}: indices {bad} are out of "
+                             f"range for a transformer with {num_layers} layers")
+        return list(self.layers)
+
+    def to_dict(self) -> dict:
+        return {"layers": None if self.layers is None else list(self.layers), "every": self.every,
+                "start": self.start, "layer": self.layer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: tp.Mapping[str, tp.Any]) -> TTTModelConfig:
+        if not isinstance(d, tp.Mapping):
+            raise ValueError(f"invalid TTT config: expected a mapping, got {type(d).__name__}: {d!r}")
+        d = dict(d)
+        layer = TTTConfig.from_dict(d.pop("layer", {}) or {})
+        cfg = _from_dict(cls, d, "ttt")
+        return dataclasses.replace(cfg, layer=layer)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TTTModelConfig:
+        """Reads a YAML or JSON file; a top-level `ttt:` key is accepted too."""
+        path = Path(path)
+        data = read_config_file(path)
+        if isinstance(data, dict) and "ttt" in data:
+            data = data["ttt"]
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def read_config_file(path: str | Path) -> tp.Any:
+    """Parses a config file: JSON if it ends in .json, else YAML. Every failure (missing, unreadable,
+    not UTF-8, a syntax error) is a one-line ValueError that starts with the file's path."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise ValueError(f"{path}: not a UTF-8 text file ({bad})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+
+
+def check_mapping(cls, d: tp.Any, where: str, kind: str = "TTT config") -> None:
+    """`d` is a mapping whose keys are all fields of dataclass `cls`, else ValueError naming them."""
+    if not isinstance(d, tp.Mapping):
+        raise ValueError(f"invalid {kind}: {where} must be a mapping, got {d!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"invalid {kind}: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+
+
+def _from_dict(cls, d: tp.Mapping[str, tp.Any], where: str):
+    check_mapping(cls, d, where)
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+# -- shipped configs (`configs/`, installed as package data `moshi_ttt.configs`) --------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name → path of every shipped config (`configs/*.yaml`, installed as `moshi_ttt.configs`)."""
+    root = resources.files("moshi_ttt.configs")
+    return {e.name[:-5]: Path(str(e)) for e in root.iterdir() if e.name.endswith(".yaml")}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a shipped config ("tiny", "moshi7b_ttt")."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = shipped_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise FileNotFoundError(f"no config file {str(name_or_path)!r} (and no shipped config of that name: "
+                            f"{sorted(shipped)})")
+
+
+def load_lm_and_ttt(name_or_path: str | Path) -> tuple[dict | None, TTTModelConfig]:
+    """Reads a YAML with an optional `lm` section (moshi LMModel kwargs) and a `ttt` section."""
+    path = config_path(name_or_path)
+    data = read_config_file(path)
+    if not isinstance(data, dict) or "ttt" not in data:
+        raise ValueError(f"{path}: expected a mapping with a 'ttt' section")
+    unknown = sorted(set(data) - {"lm", "ttt"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected 'lm' and 'ttt'")
+    try:
+        ttt = TTTModelConfig.from_dict(data["ttt"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    lm = data.get("lm")
+    if lm is not None and not isinstance(lm, dict):
+        raise ValueError(f"{path}: 'lm' must be a mapping of LMModel kwargs")
+    return lm, ttt
+
+
+def load_ttt_config(name_or_path: str | Path) -> TTTModelConfig:
+    """The TTT section of a YAML/JSON file (a top-level `ttt:` key or the mapping itself) or of a
+    shipped config name. Any error raises ValueError naming the file."""
+    return TTTModelConfig.load(config_path(name_or_path))

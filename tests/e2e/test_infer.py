@@ -1,0 +1,198 @@
+"""`moshi-ttt infer` end to end: real speech (espeak-ng) → Mimi → LMGen on the TTT model → Mimi, run as a
+subprocess on a tiny random checkpoint built by the test, with chunk_size 8 so several fast-weight
+updates happen. Checks the output WAV length, the transcript, the telemetry (updates = ⌊frames / C⌋,
+finite drift series), batching, and one-line user errors with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sphn
+import yaml
+
+from moshi_ttt.apps.infer import output_paths, transcript
+from moshi_ttt.models import demo as assets
+from moshi_ttt.ttt.config import load_lm_and_ttt
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
+CHUNK = 8
+MAX_DELAY = 1  # max(delays) of configs/tiny.yaml: LMGen needs one extra step to emit the last frame
+ENV = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _ttt_cfg():
+    """tiny's TTT section with chunk_size 8 and the next-token init (non-zero target ⇒ non-zero drift)."""
+    _, ttt = load_lm_and_ttt("tiny")
+    return dataclasses.replace(ttt, layer=dataclasses.replace(ttt.layer, chunk_size=CHUNK, init="ntp"))
+
+
+@pytest.fixture(scope="module")
+def speech_wav(speech) -> Path:
+    path = speech.wav("infer")
+    pcm, sr = sphn.read(str(path))
+    assert 4.0 <= pcm.shape[-1] / sr <= 6.5, f"espeak-ng speech is {pcm.shape[-1] / sr:.2f} s"
+    return path
+
+
+@pytest.fixture(scope="module")
+def stereo_wav(speech_wav) -> Path:
+    """The same speech as a 2-channel file at its native (non-24 kHz) rate."""
+    pcm, sr = sphn.read(str(speech_wav))
+    path = speech_wav.with_name("stereo.wav")
+    sphn.write_wav(str(path), np.concatenate([pcm[:1], 0.5 * pcm[:1]]).astype(np.float32), sample_rate=sr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ttt_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "ttt8.yaml"
+    path.write_text(yaml.safe_dump({"ttt": _ttt_cfg().to_dict()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return assets.make_local_repo(tmp_path_factory.mktemp("repo"), seed=0, ttt=_ttt_cfg())
+
+
+def _moshi_ttt() -> list[str]:
+    script = Path(sys.executable).parent / "moshi-ttt"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moshi_ttt"]
+
+
+def _infer(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*_moshi_ttt(), "infer", *map(str, args)], cwd=ROOT, env=dict(ENV, **(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _samples_24k(path: Path) -> int:
+    """Length of the input as infer sees it: resampled to 24 kHz by sphn."""
+    return sphn.read(str(path), sample_rate=24000)[0].shape[-1]
+
+
+def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path, batch: int) -> dict:
+    n_in = _samples_24k(infile)
+    in_frames = math.ceil(n_in / FRAME)
+    for wav, txt in zip(wavs, txts):
+        pcm, sr = sphn.read(str(wav))
+        assert sr == 24000 and pcm.shape[0] == 1
+        assert abs(pcm.shape[-1] - n_in) < FRAME, (pcm.shape, n_in)
+        assert pcm.shape[-1] == in_frames * FRAME
+        assert np.isfinite(pcm).all() and np.abs(pcm).max() > 0
+        assert txt.is_file()  # random weights: the text itself is meaningless
+        assert "▁" not in txt.read_text()
+    tel = json.loads(tel_path.read_text())
+    frames = tel["frames"]
+    assert tel["input_frames"] == in_frames
+    assert frames == in_frames + MAX_DELAY  # LM steps
+    assert tel["output_frames"] == in_frames
+    assert tel["chunk_size"] == CHUNK and tel["batch_size"] == batch
+    assert frames // CHUNK >= 5  # several chunks happened
+    assert tel["ttt_layers"] == [0, 2] and sorted(tel["layers"]) == ["0", "2"]
+    assert tel["realtime_factor"] > 0 and tel["ms_per_frame"] > 0
+    n_samples = len(tel["series_frames"])
+    assert n_samples >= frames // CHUNK
+    assert tel["series_frames"][: frames // CHUNK] == [CHUNK * (i + 1) for i in range(frames // CHUNK)]
+    for layer in tel["layers"].values():
+        assert layer["updates"] == [frames // CHUNK] * batch
+        assert layer["clips"] == [0] * batch and layer["skipped"] == [0] * batch
+        for name in ("drift", "last_delta_norm"):
+            series = layer[name]
+            assert len(series) == n_samples and all(len(s) == batch for s in series)
+            assert all(isinstance(v, float) and math.isfinite(v) for s in series for v in s), name
+        assert max(v for s in layer["drift"] for v in s) > 0  # ntp init: the fast weights did move
+    return tel
+
+
+def test_infer_speech(speech_wav, repo, ttt_yaml, tmp_path):
+    """B=1 on espeak-ng speech, the checkpoint given as a Hugging Face repo id resolved offline from a
+    local huggingface_hub cache, and an explicit --ttt-config that agrees with the checkpoint's."""
+    cache = tmp_path / "hf-cache"
+    assets.install_in_hf_cache(repo, "kyutai-test/tiny-ttt-c8", cache)
+    out = tmp_path / "out" / "answer.wav"
+    proc = _infer(speech_wav, out, "--hf-repo", "kyutai-test/tiny-ttt-c8", "--ttt-config", ttt_yaml, "--seed", 1,
+                  env={"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_run(speech_wav, [out], [out.with_suffix(".txt")], out.with_suffix(".ttt.json"), batch=1)
+
+
+def test_infer_batch_of_two_stereo_demo(stereo_wav, ttt_yaml, tmp_path):
+    """--batch-size 2 on a stereo, non-24 kHz file with the built-in demo checkpoint: every item written
+    with suffix _i, per-item telemetry."""
+    out = tmp_path / "b" / "x.wav"
+    proc = _infer(stereo_wav, out, "--demo", "--ttt-config", ttt_yaml, "--batch-size", 2,
+                  "--transcript", tmp_path / "t.txt", "--telemetry", tmp_path / "tel.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wavs = [tmp_path / "b" / "x_0.wav", tmp_path / "b" / "x_1.wav"]
+    txts = [tmp_path / "t_0.txt", tmp_path / "t_1.txt"]
+    assert not out.exists()
+    _check_run(stereo_wav, wavs, txts, tmp_path / "tel.json", batch=2)
+
+
+@pytest.mark.parametrize("kind", ["not_a_wav", "missing"])
+def test_bad_input_file(kind, tmp_path):
+    infile = tmp_path / "notes.wav"
+    if kind == "not_a_wav":
+        infile.write_text("these are meeting notes, not audio\n" * 20)
+    proc = _infer(infile, tmp_path / "out.wav", "--demo", timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert str(infile) in err
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_bad_ttt_config(speech_wav, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("ttt:\n  layer:\n    chunk_size: 0\n")
+    proc = _infer(speech_wav, tmp_path / "out.wav", "--demo", "--ttt-config", cfg, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "chunk_size" in err and str(cfg) in err
+
+
+@pytest.mark.parametrize("layout", ["folder", "files"])
+def test_plain_kyutai_checkpoint_runs_with_the_default_ttt_layers(layout, speech_wav, tmp_path):
+    """A checkpoint in Kyutai's layout (no "ttt" in config.json, no TTT tensors) and no TTT flag: infer runs the
+    shipped Moshi TTT defaults (every 6th layer from 0 ⇒ layer 0 of the 4-layer tiny LM, chunk 256, zero init)
+    and says so in one log line. As a folder (--hf-repo) or as files (--moshi-weight … --config-path …)."""
+    folder = assets.make_local_repo(tmp_path / "kyutai", seed=0, ttt_in_weights=False, ttt_in_config=False)
+    if layout == "folder":
+        flags = ["--hf-repo", folder]
+    else:
+        flags = ["--hf-repo", folder, "--moshi-weight", folder / "model.safetensors",
+                 "--config-path", folder / "config.json", "--mimi-weight", folder / "mimi.safetensors",
+                 "--tokenizer", next(folder.glob("*.model"))]
+    out = tmp_path / "out.wav"
+    proc = _infer(speech_wav, out, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "TTT layers [" in ln]
+    assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
+    tel = json.loads(out.with_suffix(".ttt.json").read_text())
+    assert tel["ttt_layers"] == [0] and tel["chunk_size"] == 256
+    assert tel["output_frames"] == tel["input_frames"] and out.is_file()
+
+
+def test_transcript_and_output_names():
+    class Tok:
+        pieces = {0: "<unk>", 3: "<pad>", 5: "▁hello", 6: "▁the", 7: "re"}
+
+        def id_to_piece(self, i):
+            return self.pieces[i]
+    assert transcript(Tok(), [3, 0, 5, 3, 6, 7, 0]) == "hello there"
+    wavs, txts, tel = output_paths("d/out.wav", 1)
+    assert (wavs, txts, tel) == ([Path("d/out.wav")], [Path("d/out.txt")], Path("d/out.ttt.json"))
+    wavs, txts, tel = output_paths("d/out.wav", 2, transcript="t.txt")
+    assert wavs == [Path("d/out_0.wav"), Path("d/out_1.wav")] and txts == [Path("t_0.txt"), Path("t_1.txt")]

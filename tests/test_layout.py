@@ -1,0 +1,85 @@
+"""The package's import layers (pyproject's import-linter contracts, run by `make lint`) hold, and breaking
+them fails: an upward import in a copy of the tree breaks the contract."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+# grimp reads server/ as the top-level package `server`, so imports spelled `moshi_ttt.server...` are not in its
+# graph: this test owns that rule. Only these layers (above the server) may import it.
+MAY_IMPORT_SERVER = ("moshi_ttt/apps/", "moshi_ttt/testing/", "moshi_ttt/experiments/")
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    if not LINT.exists():
+        pytest.fail(f"{LINT} missing: install the dev extras (import-linter)")
+    return subprocess.run([str(LINT), "--config", str(root / "pyproject.toml")], cwd=root, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def _copy_tree(dst: Path) -> Path:
+    for name in ("moshi_ttt", "server", "configs"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
+    return dst
+
+
+def test_import_contracts_are_kept():
+    out = _lint(ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 kept, 0 broken" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("module,upward", [
+    ("moshi_ttt/ttt/chunk.py", "from moshi_ttt.models import lm"),          # math importing a model
+    ("moshi_ttt/models/lm.py", "from moshi_ttt import runtime"),            # a model importing app glue
+    ("server/protocol.py", "from moshi_ttt.apps import infer"),              # the server importing an app
+])
+def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
+    root = _copy_tree(tmp_path)
+    path = root / module
+    path.write_text(path.read_text() + f"\n{upward}  # noqa: E402,F401\n")
+    out = _lint(root)
+    assert out.returncode != 0, out.stdout
+    assert "BROKEN" in out.stdout and module.replace("/", ".").removesuffix(".py").split("moshi_ttt.")[-1] in \
+        out.stdout, out.stdout
+
+
+def _imports_of(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def test_only_the_layers_above_the_server_import_it():
+    offenders = []
+    for path in sorted((ROOT / "moshi_ttt").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(MAY_IMPORT_SERVER):
+            continue
+        offenders += [f"{rel}: {m}" for m in _imports_of(path) if m == "moshi_ttt.server" or
+                      m.startswith("moshi_ttt.server.")]
+    assert not offenders, offenders
+
+
+def test_the_public_api_imports_lazily():
+    code = ("import sys, moshi_ttt; assert 'torch' not in sys.modules, 'import moshi_ttt loaded torch'; "
+            "print(sorted(moshi_ttt.__all__)); print(moshi_ttt.TTTLMGen.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    api, where = out.stdout.splitlines()
+    assert api == str(sorted(["TTTConfig", "TTTModelConfig", "TTTGating", "TTTLMModel", "TTTLMGen",
+                              "load_ttt_moshi"]))
+    assert where == "moshi_ttt.models.lm"
