@@ -5,7 +5,9 @@ computed bytes per frame), the layer alone at d 512 (streaming step and parallel
 moshi's ActivationGating), the whole dim-512 Moshi-shaped LM (TTTLMGen.step latency,
 LMModel.forward+backward, activation memory), per-conversation state bytes and flat memory over a
 long streaming run, streaming-vs-parallel error; the `server` section lives with the server
-(`moshi_ttt.apps.bench.server`).
+(`moshi_ttt.apps.bench.server`). `gpu` (CUDA only, not in the default list; `moshi_ttt.apps.bench.gpu`):
+Moshi 7B under moshi's CUDA graphs — a graphs-vs-eager check first, then base vs TTT step, frame,
+fold and memory by batch size.
 CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared.
 """
 
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import sys
 import time
 import typing as tp
 
@@ -35,7 +38,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--sections", default="moshi7b,layer,model,server",
-                   help="comma list of: moshi7b, layer, model, server")
+                   help="comma list of: moshi7b, layer, model, server, gpu (CUDA only)")
     p.add_argument("--profile", action="store_true",
                    help="server section: also sample where a demo step goes (ms per step by stage)")
 
@@ -234,9 +237,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"moshi7b", "layer", "model", "server"}
+    unknown = set(sections) - {"moshi7b", "layer", "model", "server", "gpu"}
     if unknown:
         raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
+    if "gpu" in sections:
+        from moshi_ttt.apps.bench import gpu
+
+        gpu.require_cuda()  # refused before any other section runs
     res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick)}
     t0 = time.perf_counter()
     if "moshi7b" in sections:
@@ -250,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         from moshi_ttt.apps.bench.server import bench_server
 
         res.update(bench_server(args.quick, profile=args.profile))
+    if "gpu" in sections:
+        res.update(gpu.run(args.quick, log=lambda line: print(line, file=sys.stderr, flush=True)))
     res["bench_seconds"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(res))
