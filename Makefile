@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 # System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
 # haproxy the scale-out test (Debian puts it in /usr/sbin).
 SYSDEPS := espeak-ng sox chromium haproxy
-.PHONY: setup sysdeps demo scaleout-demo test lint bench experiment
+.PHONY: setup sysdeps demo scaleout-demo test lint bench experiment gpu-check
 setup: $(STAMP)
 
 sysdeps:
@@ -49,6 +49,11 @@ test: $(STAMP) sysdeps lint
 
 bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench
+
+# On a fresh GPU machine: the check under CUDA graphs + the GPU bench at Moshi 7B shapes -> docs/bench_gpu.json
+# (docs/gpu.md). Installs what is missing itself; GPU_CHECK_ARGS=--full for the full sweep, --dry-run to see the steps.
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
 # docs/memory_experiment/runs/): results.json, the plot and the README table.

@@ -276,7 +276,7 @@ def run(quick: bool, log=print) -> dict:
     res: dict[str, tp.Any] = {
         "gpu_device": torch.cuda.get_device_name(device), "gpu_torch": torch.__version__,
         "gpu_cuda": torch.version.cuda, "gpu_cuda_graphs": True,
-        "gpu_torch_compile": os.environ.get("NO_TORCH_COMPILE", "") in ("", "0"),
+        "gpu_torch_compile": not os.environ.get("NO_TORCH_COMPILE"),  # moshi: any value turns it off
         "gpu_build_seconds": time.perf_counter() - t}
     log(f"gpu: built Moshi 7B + TTT + Mimi in {res['gpu_build_seconds']:.0f} s on {res['gpu_device']}")
     res.update(measure(models, shapes, device, **sizes, log=log))
