@@ -31,6 +31,7 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMGen, LMModel
 
+from moshi_ttt.apps.bench import _pct
 from moshi_ttt.apps.bench.gpu_check import check
 from moshi_ttt.models.lm import TTTLMGen, TTTLMModel, build_ttt_lm
 from moshi_ttt.modules.transformer import TTT_KEY
@@ -133,14 +134,10 @@ def _peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def lm_block(gen: LMGen, B: int, steps: int, device: torch.device, warm: int = 4) -> dict:
     """`steps` timed LM steps after `warm` (≥ 2: moshi captures its graphs on the 2nd call). A TTTLMGen
-    window is placed over the first chunk boundary, whose step is the fold step."""
+    window is placed over the first chunk boundary, whose step is the fold step. moshi's ring KV cache
+    attends over its whole capacity every step, so the longer TTT warm-up does not change a step's cost."""
     lm = gen.lm_model
     user = torch.randint(0, lm.card, (B, lm.n_q - lm.dep_q, 1), device=device)
     ttt = isinstance(gen, TTTLMGen)
