@@ -116,7 +116,7 @@ class Engine:
         self.lm_gen = make_lm_gen(lm, cfg_coef=cfg_coef, condition_tensors=condition_tensors,
                             support_out_of_sync=True, **(lm_gen_kwargs or {}))
         self.n = config.max_conversations
-        self.frame_size = int(mimi.sample_rate / mimi.frame_rate)
+        self.frame_size = int(mimi.frame_size)
         self.sample_rate = int(mimi.sample_rate)
         self.frame_seconds = self.frame_size / self.sample_rate
         self.ttt_layers: list[int] = list(getattr(lm, "ttt_layer_indices", []))

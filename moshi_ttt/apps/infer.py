@@ -190,7 +190,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
     B = args.batch_size
     seed_all(args.seed)
     lm_gen = _make_lm_gen(args, model, gen_kwargs, conditions)
-    frame = int(mimi.sample_rate / mimi.frame_rate)
+    frame = mimi.frame_size
     n_in = math.ceil(pcm.shape[0] / frame)
     padded = np.zeros(n_in * frame, dtype=np.float32)
     padded[: pcm.shape[0]] = pcm
