@@ -11,40 +11,78 @@ import logging
 import sys
 import typing as tp
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from moshi.models import loaders
 
-from moshi_ttt.models.loaders import CheckpointError, ResolvedTTT, checkpoint_info, load_ttt_moshi, resolve_ttt
+from moshi_ttt.models.loaders import (
+    CheckpointError,
+    ResolvedTTT,
+    base_lm_kwargs,
+    checkpoint_info,
+    load_ttt_moshi,
+    resolve_ttt,
+)
 from moshi_ttt.ttt.config import load_ttt_config
+from moshi_ttt.utils.validate import Checks
 
 log = logging.getLogger("moshi_ttt.runtime")
 
-_CHECKPOINT_FLAGS = ("hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "config_path", "lora_weight")
+_check = Checks("checkpoint flags")
+
+
+def _flag(help: str, moshi: bool = True) -> tp.Any:
+    """A path-valued flag; `moshi`: one of moshi's own checkpoint flags (refused with `demo`)."""
+    return field(default=None, metadata={"help": help, "moshi": moshi})
 
 
 @dataclass(frozen=True)
 class CheckpointFlags:
     """Where the model comes from: moshi's checkpoint flags, the TTT ones, and `demo` (the tiny random
-    checkpoint built and cached by `assets.demo_repo`; excludes the other checkpoint flags)."""
+    checkpoint built and cached by `models.demo.demo_repo`; excludes moshi's flags). The one owner of these
+    names: `add_checkpoint_args` makes the `infer` / `serve` flags from the fields (`--hf-repo` ...) and the
+    training YAML's `model:` section is this dataclass (`hf_repo:` ...)."""
 
-    hf_repo: str | None = None
-    moshi_weight: str | None = None
-    mimi_weight: str | None = None
-    tokenizer: str | None = None
-    config_path: str | None = None
-    lora_weight: str | None = None
-    ttt_config: str | None = None
-    ttt_weights: str | None = None
+    hf_repo: str | None = _flag("Hugging Face repo id or local folder in Kyutai's layout (default: moshi's "
+                                "default repo)")
+    moshi_weight: str | None = _flag("local Moshi weights (overrides the repo's)")
+    mimi_weight: str | None = _flag("local Mimi weights (overrides the repo's)")
+    tokenizer: str | None = _flag("local SentencePiece text tokenizer (overrides the repo's)")
+    config_path: str | None = _flag("config.json to use instead of the repo's")
+    lora_weight: str | None = _flag("LoRA weights (the config must have 'lora': true)")
+    ttt_config: str | None = _flag("TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping itself) or "
+                                   "a shipped config name (tiny, demo_ttt, moshi7b_ttt); must agree with the "
+                                   "config stored with the TTT weights", moshi=False)
+    ttt_weights: str | None = _flag("TTT safetensors written by `moshi-ttt train` / checkpoint.save_ttt",
+                                    moshi=False)
     demo: bool = False
+
+    def __post_init__(self) -> None:
+        for name in PATH_FLAGS:
+            _check.path(name, getattr(self, name))
+        _check.flag("demo", self.demo)
 
     @classmethod
     def from_args(cls, args: tp.Any) -> CheckpointFlags:
         """From an argparse namespace (or any object) with these attribute names; missing ones are None."""
-        return cls(**{f: getattr(args, f, None) for f in cls.__dataclass_fields__ if f != "demo"},
-                     demo=bool(getattr(args, "demo", False)))
+        return cls(**{f: getattr(args, f, None) for f in PATH_FLAGS}, demo=bool(getattr(args, "demo", False)))
+
+
+PATH_FLAGS = tuple(f.name for f in fields(CheckpointFlags) if f.name != "demo")
+MOSHI_FLAGS = tuple(f.name for f in fields(CheckpointFlags) if f.metadata.get("moshi"))
+
+
+def add_checkpoint_args(g, demo_help: str) -> None:
+    """The `CheckpointFlags` as command-line flags (`--hf-repo` ...; `--demo` with the command's `demo_help`),
+    on an argparse parser or group. `CheckpointFlags.from_args` reads them back."""
+    for f in fields(CheckpointFlags):
+        name = "--" + f.name.replace("_", "-")
+        if f.name == "demo":
+            g.add_argument(name, action="store_true", help=demo_help)
+        else:
+            g.add_argument(name, help=f.metadata["help"])
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -103,7 +141,7 @@ def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None
     from moshi_ttt.models.demo import demo_repo
 
     if flags.demo:
-        clash = [f for f in _CHECKPOINT_FLAGS if getattr(flags, f)]
+        clash = [f for f in MOSHI_FLAGS if getattr(flags, f)]
         if clash:
             raise ValueError("--demo builds its own checkpoint; drop " + ", ".join("--" + f.replace("_", "-")
                                                                                   for f in clash))
@@ -155,8 +193,7 @@ def load_pieces(info: loaders.CheckpointInfo, ttt: ResolvedTTT, device: torch.de
     if lm_overrides:
         import dataclasses
 
-        lm_config = dict(info.lm_config if info.lm_config is not None else loaders._lm_kwargs)
-        info = dataclasses.replace(info, lm_config={**lm_config, **lm_overrides})
+        info = dataclasses.replace(info, lm_config={**base_lm_kwargs(info), **lm_overrides})
     lm = load_ttt_moshi(info, ttt=ttt, device=device, dtype=dtype, fuse_lora=fuse_lora)
     try:
         mimi = info.get_mimi(device=device)
@@ -208,18 +245,3 @@ def condition_tensors(pieces: Pieces, batch_size: int, cfg_coef: float, gen: dic
         raise ValueError(f"--cfg-coef {cfg_coef}: this model has no condition fuser (CFG needs a conditioned "
                          "model); use --cfg-coef 1")
     return get_condition_tensors(pieces.info.model_type, lm, batch_size, cfg_coef)
-
-
-def add_checkpoint_args(g) -> None:
-    """The checkpoint flags shared by `infer` and `serve` (moshi's names, plus the TTT ones)."""
-    g.add_argument("--hf-repo", help="Hugging Face repo id or local folder in Kyutai's layout "
-                                     "(default: moshi's default repo)")
-    g.add_argument("--moshi-weight", help="local Moshi weights (overrides the repo's)")
-    g.add_argument("--mimi-weight", help="local Mimi weights (overrides the repo's)")
-    g.add_argument("--tokenizer", help="local SentencePiece text tokenizer (overrides the repo's)")
-    g.add_argument("--config-path", help="config.json to use instead of the repo's")
-    g.add_argument("--lora-weight", help="LoRA weights (the config must have 'lora': true)")
-    g.add_argument("--ttt-config", help="TTT config: a YAML/JSON file (a 'ttt' section or the TTT mapping itself) or "
-                                        "a shipped config name (tiny, demo_ttt, moshi7b_ttt); must agree with the "
-                                        "config stored with the TTT weights")
-    g.add_argument("--ttt-weights", help="TTT safetensors written by `moshi-ttt train` / checkpoint.save_ttt")

@@ -103,7 +103,7 @@ async def good_client(url: str, pcm, seconds: float) -> dict:
         times = [t for t, _ in c.audio_times]
         first = c.first_audio_at or time.monotonic()
         gaps = [b - a for a, b in zip([first, *times], times)] or [elapsed]
-        got = c.n_samples / 24000
+        got = c.n_samples / c.sample_rate
         errors = list(c.errors)
         await c.close()
     return {"received_rt": round(got / (elapsed - (first - t0)), 3), "max_gap_s": round(max(gaps), 3),

@@ -86,14 +86,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
 
     g = p.add_argument_group("model (as moshi.server)")
-    add_checkpoint_args(g)
+    add_checkpoint_args(g, demo_help="no checkpoint: build the tiny random TTT-Moshi + reduced Mimi + tokenizer "
+                                     "in the cache and serve it, fully offline (its speech is not meaningful)")
     g.add_argument("--no-fuse-lora", action="store_false", dest="fuse_lora", help="keep LoRA layers unfused")
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")
-    g.add_argument("--demo", action="store_true",
-                   help="no checkpoint: build the tiny random TTT-Moshi + reduced Mimi + tokenizer in the cache "
-                        "and serve it, fully offline (its speech is not meaningful)")
     g.add_argument("--cache-dir", default=None,
                    help="where --demo keeps its checkpoint (default $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt)")
 

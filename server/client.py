@@ -21,10 +21,9 @@ import aiohttp
 import numpy as np
 import sphn
 
-from . import protocol
+from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
 
-SAMPLE_RATE = 24000
-FRAME = 1920
+from . import protocol
 
 
 class HandshakeError(RuntimeError):

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from moshi_ttt.models.lm import make_lm_gen
+from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.engine")
 
-SKIP_TEXT_IDS = (0, 3)  # as moshi's server: end-of-text padding / padding
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Engine:
         self.lm_gen = make_lm_gen(lm, cfg_coef=cfg_coef, condition_tensors=condition_tensors,
                             support_out_of_sync=True, **(lm_gen_kwargs or {}))
         self.n = config.max_conversations
-        self.frame_size = int(mimi.sample_rate / mimi.frame_rate)
+        self.frame_size = int(mimi.frame_size)
         self.sample_rate = int(mimi.sample_rate)
         self.frame_seconds = self.frame_size / self.sample_rate
         self.ttt_layers: list[int] = list(getattr(lm, "ttt_layer_indices", []))
@@ -219,7 +219,7 @@ class Engine:
             return []
         out: list[str | None] = []
         for i in range(int(tokenizer.vocab_size())):
-            skip = i in SKIP_TEXT_IDS or tokenizer.is_control(i) or tokenizer.is_unknown(i)
+            skip = i in TEXT_PADDING_IDS or tokenizer.is_control(i) or tokenizer.is_unknown(i)
             out.append(None if skip else tokenizer.id_to_piece(i).replace("▁", " "))
         return out
 

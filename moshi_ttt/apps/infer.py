@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS
 from moshi_ttt.runtime import add_checkpoint_args
 
-SAMPLE_RATE = 24000
 EXIT_USER_ERROR = 2
 
 _telemetry_doc = """\
@@ -53,11 +53,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
     g = parser.add_argument_group("checkpoint")
-    add_checkpoint_args(g)
-    g.add_argument("--demo", action="store_true",
-                   help="no checkpoint: the tiny random demo checkpoint of `serve --demo` (configs/tiny.yaml, or "
-                        "the LM of tiny with --ttt-config's TTT section), built once in $MOSHI_TTT_CACHE or "
-                        "~/.cache/moshi_ttt")
+    add_checkpoint_args(g, demo_help="no checkpoint: the tiny random demo checkpoint of `serve --demo` "
+                                     "(configs/tiny.yaml, or the LM of tiny with --ttt-config's TTT section), built "
+                                     "once in $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt")
     r = parser.add_argument_group("run")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -192,7 +190,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
     B = args.batch_size
     seed_all(args.seed)
     lm_gen = _make_lm_gen(args, model, gen_kwargs, conditions)
-    frame = int(mimi.sample_rate / mimi.frame_rate)
+    frame = mimi.frame_size
     n_in = math.ceil(pcm.shape[0] / frame)
     padded = np.zeros(n_in * frame, dtype=np.float32)
     padded[: pcm.shape[0]] = pcm
@@ -262,5 +260,5 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
 
 
 def transcript(tokenizer, ids: list[int]) -> str:
-    """SentencePiece pieces joined, "▁" → space, ids 0 and 3 (moshi's text padding) skipped."""
-    return "".join(tokenizer.id_to_piece(i).replace("▁", " ") for i in ids if i not in (0, 3)).strip()
+    """SentencePiece pieces joined, "▁" → space, the text padding ids (0 and 3) skipped."""
+    return "".join(tokenizer.id_to_piece(i).replace("▁", " ") for i in ids if i not in TEXT_PADDING_IDS).strip()

@@ -28,7 +28,6 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import multiprocessing
-import os
 import re
 import statistics
 import sys
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from moshi_ttt.experiments.memory_task import Budget, Task, build_model, eval_set, evaluate, train
 from moshi_ttt.ttt.config import TTTConfig
+from moshi_ttt.utils.io import atomic_write
 
 VARIANTS = ("base", "base_full_window", "ttt", "ttt_noconv", "ttt_noproj", "ttt_mlp_input")
 TTT_ABLATIONS = {"ttt": {}, "ttt_noconv": {"use_conv": False}, "ttt_noproj": {"use_target_proj": False},
@@ -126,9 +126,7 @@ def load_run(out: Path, variant: str, seed: int, settings: Settings) -> dict | N
 def _work(variant: str, seed: int, settings: Settings, out: str, progress_every: int) -> dict:
     rec = run_one(variant, seed, settings, progress_every)
     p = _run_path(Path(out), variant, seed)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, p)  # atomic: an interrupted run leaves no half-written record
+    atomic_write(p, lambda tmp: tmp.write_text(json.dumps(rec, indent=1)))  # an interrupted run leaves no half record
     return rec
 
 

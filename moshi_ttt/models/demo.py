@@ -8,7 +8,6 @@ such a model produces is not meaningful; the point is exercising the real format
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -20,8 +19,10 @@ from moshi.models import loaders
 from safetensors.torch import load_file, save_file
 
 from moshi_ttt.models.lm import build_ttt_lm
+from moshi_ttt.models.loaders import moshi_private
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt
+from moshi_ttt.utils.io import atomic_dir, atomic_write
 
 _CORPUS = """hello there how are you today
 I am fine thank you and you
@@ -56,7 +57,7 @@ def tiny_mimi_config() -> dict:
     transformers, 8 codebooks of 2048 — every stage of Mimi's encode/decode runs, cheap enough for the
     demo to keep real time with margin on 2 CPU cores (a step is dominated by per-op overhead, so
     fewer layers matter more than width)."""
-    cfg = copy.deepcopy(loaders._mimi_config)
+    cfg = moshi_private().mimi_config
     cfg["seanet"].update(n_filters=8, dimension=128)
     cfg["quantizer"].update(dimension=64, n_q=8, input_dimension=128, output_dimension=128)
     cfg["transformer"].update(d_model=128, num_heads=4, num_layers=1, dim_feedforward=256,
@@ -64,7 +65,7 @@ def tiny_mimi_config() -> dict:
     return cfg
 
 
-def _varied_audio(seconds: float, seed: int, sample_rate: int = 24000) -> torch.Tensor:
+def _varied_audio(seconds: float, seed: int, sample_rate: int) -> torch.Tensor:
     """Deterministic audio whose spectrum changes every 120 ms (tones, glides, noise bursts, silence),
     [1, 1, N]: material for fitting the random Mimi's codebooks."""
     gen = torch.Generator().manual_seed(seed)
@@ -111,13 +112,11 @@ def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     rng = torch.random.get_rng_state()
     torch.manual_seed(seed + 1)
     mimi = loaders.get_mimi(None, mimi_config=tiny_mimi_config())
-    fit_codebooks(mimi, _varied_audio(10.0, seed))
+    fit_codebooks(mimi, _varied_audio(10.0, seed, mimi.sample_rate))
     torch.random.set_rng_state(rng)
     state = {k: v.contiguous() for k, v in mimi.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     return state
 
 
@@ -136,8 +135,6 @@ def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None =
     `ttt` instead of tiny's TTT section if given), built once per TTT config in `cache_root` (default
     `cache_dir()`) and reused."""
     import hashlib
-    import shutil
-    import tempfile
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
     key = json.dumps({"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES,
@@ -145,18 +142,8 @@ def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None =
     folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
-    try:
+    with atomic_dir(folder) as tmp:  # built concurrently by another process: theirs is kept
         make_local_repo(tmp, config="tiny", ttt=ttt, lm_overrides=DEMO_LM_OVERRIDES)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # built concurrently by another process: keep theirs
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -12,9 +12,11 @@ else from initialisation. Errors name the offending key, shape or value.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from moshi_ttt.models.lm import TTTLMModel
 from moshi_ttt.modules.gating import TTTTarget
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.ttt.config import TTTModelConfig, load_ttt_config
+from moshi_ttt.utils.io import atomic_write
 
 log = logging.getLogger("moshi_ttt.loaders")
 
@@ -39,6 +42,34 @@ TTT_NAME_KEY = "ttt_name"  # config.json: TTT safetensors shipped with the check
 
 class CheckpointError(ValueError):
     """A checkpoint or TTT weights file does not fit the model or its config."""
+
+
+@dataclass(frozen=True)
+class MoshiPrivate:
+    """What moshi keeps private and this package needs (copies: changing them changes nothing in moshi).
+
+    lm_kwargs: Moshi 7B's LMModel kwargs, what moshi uses for a checkpoint without config.json.
+    mimi_config: Mimi's config, what moshi uses for a checkpoint without a Mimi config.
+    is_safetensors: moshi's test of a weights path (safetensors, else a torch pickle)."""
+
+    lm_kwargs: dict
+    mimi_config: dict
+    is_safetensors: tp.Callable[[str | Path], bool]
+
+
+def moshi_private() -> MoshiPrivate:
+    """The one reader of moshi's private names. Written against moshi 0.2.13 (pinned in pyproject.toml):
+    `moshi.models.loaders._lm_kwargs`, `_mimi_config` and `_is_safetensors`, none public in that version."""
+    return MoshiPrivate(copy.deepcopy(loaders._lm_kwargs), copy.deepcopy(loaders._mimi_config),
+                        loaders._is_safetensors)
+
+
+def base_lm_kwargs(info: loaders.CheckpointInfo | None = None) -> dict:
+    """A copy of the LMModel kwargs of the checkpoint `info` describes: its config.json, or Moshi 7B's when it
+    has none (and for `info` None), as moshi's own loader decides."""
+    if info is not None and info.lm_config is not None:
+        return dict(info.lm_config)
+    return moshi_private().lm_kwargs
 
 
 def _layer_of(key: str) -> int | None:
@@ -79,10 +110,9 @@ def write_ttt(tensors: dict[str, torch.Tensor], ttt_config: TTTModelConfig, path
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = json.dumps(ttt_config.to_dict())
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={TTT_METADATA_KEY: cfg})
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(ttt_config.to_dict(), indent=2) + "\n")
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={TTT_METADATA_KEY: cfg}))
+    text = json.dumps(ttt_config.to_dict(), indent=2) + "\n"
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text))
     return path
 
 
@@ -141,24 +171,9 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt: ResolvedTTT | None = None,
     """
     if ttt is None:
         ttt = resolve_ttt(info)
-    lm_kwargs = dict(info.lm_config if info.lm_config is not None else loaders._lm_kwargs)
-    lm_kwargs.pop("ttt", None)
-    lm_kwargs.pop(TTT_NAME_KEY, None)
+    lm_kwargs, lora = _model_kwargs(info, device)
     cfg, file_tensors, ttt_weights = ttt.config, ttt.file_tensors, ttt.file
     n_layers = lm_kwargs.get("num_layers", 0)
-
-    # The same kwargs handling as loaders.get_moshi_lm, then our model class.
-    if "conditioners" in lm_kwargs:
-        lm_kwargs["condition_provider"] = loaders.get_conditioner_provider(lm_kwargs["dim"], device, lm_kwargs)
-        del lm_kwargs["conditioners"]
-    if lm_kwargs.get("fuser", None) is not None:
-        lm_kwargs["fuser"] = loaders.get_condition_fuser(lm_kwargs)
-    lm_kwargs.pop("depformer_causal", None)
-    if "demux_second_stream" in lm_kwargs:
-        lm_kwargs["demux_second_text_stream"] = lm_kwargs.pop("demux_second_stream")
-    lora = lm_kwargs.pop("lora", False)
-    lora_rank = lm_kwargs.pop("lora_rank", 128)
-    lora_scaling = lm_kwargs.pop("lora_scaling", 2.0)
     try:
         cfg.layer_indices(lm_kwargs["num_layers"])
     except ValueError as e:
@@ -195,11 +210,11 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt: ResolvedTTT | None = None,
     elif file_tensors is not None:
         check_ttt_tensors(model, file_tensors, str(ttt_weights))
         model.load_state_dict(file_tensors, strict=False)
-    if lora:
+    if lora["lora"]:
         if info.lora_weights is None:
             raise CheckpointError("the config says 'lora': true but no LoRA weights were given (--lora-weight or "
                                   "the config's lora_name): moshi's fresh LoRA layers are random, not a no-op")
-        model = loaders.get_lora_moshi(model=model, lora_rank=lora_rank, lora_scaling=lora_scaling,
+        model = loaders.get_lora_moshi(model=model, lora_rank=lora["lora_rank"], lora_scaling=lora["lora_scaling"],
                                        lora_weights=info.lora_weights, device=device, dtype=dtype,
                                        fuse_lora=fuse_lora)
     elif info.lora_weights is not None:
@@ -207,11 +222,38 @@ def load_ttt_moshi(info: loaders.CheckpointInfo, ttt: ResolvedTTT | None = None,
     return model.eval()
 
 
+def _model_kwargs(info: loaders.CheckpointInfo, device) -> tuple[dict, dict]:
+    """(TTTLMModel kwargs less `ttt`, LoRA settings {lora, lora_rank, lora_scaling}) for the checkpoint.
+
+    moshi 0.2.13's `get_moshi_lm` prepares the kwargs this way and then builds `LMModel` itself (it takes no
+    model class), so the preparation is repeated here for our class, through moshi's public helpers:
+    conditioners and fuser built, the deprecated `depformer_causal` dropped, `demux_second_stream` renamed,
+    the LoRA keys split off (moshi's defaults). config.json's TTT keys are ours and dropped too."""
+    kw = base_lm_kwargs(info)
+    kw.pop("ttt", None)
+    kw.pop(TTT_NAME_KEY, None)
+    if "conditioners" in kw:
+        kw["condition_provider"] = loaders.get_conditioner_provider(kw["dim"], device, kw)
+        del kw["conditioners"]
+    if kw.get("fuser", None) is not None:
+        kw["fuser"] = loaders.get_condition_fuser(kw)
+    kw.pop("depformer_causal", None)
+    if "demux_second_stream" in kw:
+        kw["demux_second_text_stream"] = kw.pop("demux_second_stream")
+    lora = {"lora": kw.pop("lora", False), "lora_rank": kw.pop("lora_rank", 128),
+            "lora_scaling": kw.pop("lora_scaling", 2.0)}
+    return kw, lora
+
+
 def _read_moshi_weights(path: Path, device, dtype) -> dict[str, torch.Tensor]:
+    """The Moshi weights file's state dict, cast as moshi 0.2.13's `get_moshi_lm` casts it (floating tensors
+    to `dtype`, condition_provider.* / fuser.* to float32), which it does only while loading into its own
+    `LMModel`. Unlike moshi: TTT tensors keep their stored dtype (checked, then cast by the caller) and a
+    torch-pickle checkpoint is cast too."""
     if not path.exists():
         raise CheckpointError(f"Moshi weights not found: {path}")
     try:
-        if loaders._is_safetensors(path):
+        if moshi_private().is_safetensors(path):
             state = load_file(str(path), device=str(device))
         else:
             state = torch.load(path, "cpu")["fsdp_best_state"]["model"]
@@ -305,7 +347,7 @@ class ResolvedTTT:
 
 
 def _num_layers(info: loaders.CheckpointInfo) -> int:
-    return int((info.lm_config if info.lm_config is not None else loaders._lm_kwargs).get("num_layers", 0))
+    return int(base_lm_kwargs(info).get("num_layers", 0))
 
 
 def resolve_ttt(info: loaders.CheckpointInfo, ttt_config: TTTModelConfig | str | Path | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 24000
+from moshi_ttt.models.streams import SAMPLE_RATE
 
 
 class SpeechUnavailable(RuntimeError):

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moshi_ttt.models.lm import TTTLMModel
-from moshi_ttt.models.loaders import TTT_NAME_KEY, save_ttt, write_ttt
+from moshi_ttt.models.loaders import TTT_NAME_KEY, base_lm_kwargs, save_ttt, write_ttt
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.train import fsdp
 from moshi_ttt.train.dist import DistEnv
@@ -129,8 +129,7 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
     write_ttt({k: v for k, v in state.items() if TTT_KEY in k}, model.ttt_config, out / "ttt.safetensors")
     raw = dict(info.raw_config) if info.raw_config is not None else {}
     if not raw:  # legacy repo without config.json: moshi's defaults
-        from moshi.models import loaders
-        raw = dict(loaders._lm_kwargs)
+        raw = base_lm_kwargs()
     raw.pop("lora_name", None)
     raw["mimi_name"] = str(Path(info.mimi_weights).resolve())
     raw["tokenizer_name"] = str(Path(info.tokenizer).resolve())

@@ -3,7 +3,8 @@
 Every invalid value raises `ValueError` naming the field (as `section.key`) and the value. Layout:
 
     run_dir: runs/tiny              # checkpoints/, metrics.jsonl, export/ (relative: to the YAML's folder)
-    model:   {hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, ttt_config, ttt_weights}
+    model:   {hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight, ttt_config, ttt_weights,
+              demo}                 # runtime.CheckpointFlags: the same names and meaning as `infer`'s flags
     data:    {train, segment_frames | duration_sec, main_speaker, min_segment_frames, shuffle}
     optim:   {lr, weight_decay, betas, eps, warmup_steps, schedule, min_lr_ratio}
     lora:    {rank, scaling}        # used by trainable: ttt+lora
@@ -20,7 +21,9 @@ import math
 import typing as tp
 from pathlib import Path
 
-from moshi_ttt.ttt.config import check_mapping, read_config_file
+from moshi_ttt.runtime import PATH_FLAGS, CheckpointFlags
+from moshi_ttt.ttt.config import read_config_file
+from moshi_ttt.utils.validate import Checks
 
 TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")
@@ -28,46 +31,8 @@ DTYPES = ("float32", "bfloat16", "float64")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
 
 
-def _bad(field: str, value: tp.Any, why: str) -> ValueError:
-    return ValueError(f"invalid train config: {field}={value!r}: {why}")
-
-
-def _num(field: str, v: tp.Any, *, lo: float | None = None, lo_open: bool = False, integer: bool = False,
-         optional: bool = False) -> None:
-    if v is None and optional:
-        return
-    ok_type = (int,) if integer else (int, float)
-    if isinstance(v, bool) or not isinstance(v, ok_type) or (not integer and not math.isfinite(v)):
-        raise _bad(field, v, "must be an integer" if integer else "must be a finite number")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise _bad(field, v, f"must be {'>' if lo_open else '>='} {lo}")
-
-
-def _opt_str(field: str, v: tp.Any) -> None:
-    if v is not None and not isinstance(v, str):
-        raise _bad(field, v, "must be a string (a path) or null")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """Where the base checkpoint comes from (same meaning as `moshi-ttt infer`'s flags).
-
-    hf_repo: Hugging Face repo id or a local folder in Kyutai's layout (config.json naming the files).
-    ttt_config: TTT config (YAML/JSON path or shipped name) when the checkpoint has none / to override.
-    ttt_weights: TTT safetensors (from `save_ttt` or a previous run) to start from.
-    """
-
-    hf_repo: str | None = None
-    moshi_weight: str | None = None
-    mimi_weight: str | None = None
-    tokenizer: str | None = None
-    config_path: str | None = None
-    ttt_config: str | None = None
-    ttt_weights: str | None = None
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _opt_str(f"model.{f.name}", getattr(self, f.name))
+_check = Checks("train config")
+_bad, _num = _check.error, _check.number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +63,7 @@ class DataSection:
         _num("data.min_segment_frames", self.min_segment_frames, lo=1, integer=True, optional=True)
         if not isinstance(self.main_speaker, str) or not self.main_speaker:
             raise _bad("data.main_speaker", self.main_speaker, "must be a non-empty speaker label")
-        if not isinstance(self.shuffle, bool):
-            raise _bad("data.shuffle", self.shuffle, "must be true or false")
+        _check.flag("data.shuffle", self.shuffle)
 
     def frames(self, frame_rate: float) -> int:
         """Segment length in Mimi frames."""
@@ -132,8 +96,7 @@ class OptimSection:
         if not isinstance(b, tuple) or len(b) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float))
                                                           or not 0 <= x < 1 for x in b):
             raise _bad("optim.betas", b, "must be two numbers in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            raise _bad("optim.schedule", self.schedule, f"must be one of {SCHEDULES}")
+        _check.choice("optim.schedule", self.schedule, SCHEDULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +123,8 @@ class FsdpSection:
     reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
-        if self.reduce_dtype is not None and self.reduce_dtype not in DTYPES:
-            raise _bad("fsdp.reduce_dtype", self.reduce_dtype, f"must be one of {DTYPES} or null")
-        if not isinstance(self.reshard_after_forward, bool):
-            raise _bad("fsdp.reshard_after_forward", self.reshard_after_forward, "must be true or false")
+        _check.choice("fsdp.reduce_dtype", self.reduce_dtype, DTYPES, optional=True)
+        _check.flag("fsdp.reshard_after_forward", self.reshard_after_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +150,7 @@ class TrainConfig:
 
     run_dir: str
     data: DataSection
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    model: CheckpointFlags = dataclasses.field(default_factory=CheckpointFlags)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     fsdp: FsdpSection = dataclasses.field(default_factory=FsdpSection)
@@ -215,19 +176,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise _bad("run_dir", self.run_dir, "must be a folder path")
-        if self.trainable not in TRAINABLE_SETS:
-            raise _bad("trainable", self.trainable, f"must be one of {TRAINABLE_SETS}")
-        if self.parallel not in PARALLEL_MODES:
-            raise _bad("parallel", self.parallel, f"must be one of {PARALLEL_MODES}")
+        _check.choice("trainable", self.trainable, TRAINABLE_SETS)
+        _check.choice("parallel", self.parallel, PARALLEL_MODES)
         _num("batch_size", self.batch_size, lo=1, integer=True)
         _num("max_steps", self.max_steps, lo=1, integer=True)
         _num("max_grad_norm", self.max_grad_norm, lo=0, lo_open=True, optional=True)
         _num("text_padding_weight", self.text_padding_weight, lo=0)
         _num("first_codebook_weight_multiplier", self.first_codebook_weight_multiplier, lo=0)
         _num("ttt_clip_norm", self.ttt_clip_norm, lo=0, lo_open=True, optional=True)
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise _bad("dtype", self.dtype, f"must be one of {DTYPES} or null")
-        _opt_str("device", self.device)
+        _check.choice("dtype", self.dtype, DTYPES, optional=True)
+        _check.path("device", self.device)
         _num("seed", self.seed, integer=True)
         _num("log_every", self.log_every, lo=1, integer=True)
         _num("ckpt_every", self.ckpt_every, lo=0, integer=True)
@@ -235,8 +193,7 @@ class TrainConfig:
         if not isinstance(self.resume, str) or not self.resume:
             raise _bad("resume", self.resume, "must be 'auto', 'never' or a checkpoint folder")
         for name in ("gradient_checkpointing", "progress", "log_fast_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, getattr(self, name), "must be true or false")
+            _check.flag(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -250,7 +207,7 @@ class TrainConfig:
         if not isinstance(d, tp.Mapping):
             raise ValueError(f"invalid train config: expected a mapping, got {type(d).__name__}")
         d = dict(d)
-        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "lora": LoraSection,
+        sections = {"model": CheckpointFlags, "data": DataSection, "optim": OptimSection, "lora": LoraSection,
                     "fsdp": FsdpSection}
         built = {}
         for name, sec_cls in sections.items():
@@ -259,10 +216,10 @@ class TrainConfig:
                 if name == "data":
                     raise _bad("data", None, "the 'data' section is required (data.train, data.segment_frames)")
                 continue
-            built[name] = _build(sec_cls, raw, name)
+            built[name] = _check.build(sec_cls, raw, name)
         if "run_dir" not in d:
             raise _bad("run_dir", None, "is required")
-        cfg = _build(cls, d, "top level", extra=built)
+        cfg = _check.build(cls, d, "top level", **built)
         if base_dir is not None:
             cfg = cfg.resolve_paths(Path(base_dir))
         return cfg
@@ -278,8 +235,7 @@ class TrainConfig:
             cand = base / p
             return str(cand) if cand.exists() else p
 
-        model = dataclasses.replace(self.model, **{f.name: rel_if_exists(getattr(self.model, f.name))
-                                                   for f in dataclasses.fields(self.model)})
+        model = dataclasses.replace(self.model, **{f: rel_if_exists(getattr(self.model, f)) for f in PATH_FLAGS})
         resume = self.resume if self.resume in ("auto", "never") else rel(self.resume)
         return dataclasses.replace(self, run_dir=rel(self.run_dir), data=dataclasses.replace(
             self.data, train=rel(self.data.train)), model=model, resume=resume)
@@ -295,22 +251,3 @@ class TrainConfig:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from None
 
-
-def _build(cls, raw: tp.Any, where: str, extra: dict | None = None):
-    check_mapping(cls, raw, where, kind="train config")
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    kw = {k: _coerce(v, types[k]) for k, v in raw.items()}
-    kw.update(extra or {})
-    return cls(**kw)
-
-
-def _coerce(v: tp.Any, type_str: str) -> tp.Any:
-    """YAML 1.1 reads `1e-4` (no dot) as a string: numeric strings become floats for float fields."""
-    if isinstance(v, list):
-        return tuple(_coerce(x, type_str) for x in v)
-    if isinstance(v, str) and "float" in type_str:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v

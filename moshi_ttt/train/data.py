@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 24000
+from moshi_ttt.models.streams import FRAME_RATE, SAMPLE_RATE
 
 
 class DataError(ValueError):
@@ -202,7 +202,7 @@ class Dataset:
     """
 
     def __init__(self, manifest: str | Path, segment_frames: int, min_segment_frames: int,
-                 main_speaker: str, frame_rate: float = 12.5):
+                 main_speaker: str, frame_rate: float = FRAME_RATE):
         if segment_frames < 1:
             raise ValueError(f"segment_frames={segment_frames} must be >= 1")
         self.manifest = Path(manifest)

@@ -30,6 +30,7 @@ import yaml
 
 from moshi_ttt import runtime
 from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.models.streams import FRAME_RATE
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.train import checkpointing as ckpt
 from moshi_ttt.train import fsdp
@@ -39,8 +40,6 @@ from moshi_ttt.train.dist import DistEnv, setup
 from moshi_ttt.train.loss import global_loss, loss_parts
 from moshi_ttt.train.params import MasterParams, add_lora, select_trainable
 from moshi_ttt.train.telemetry import FastWeightProbe, grad_norm, ttt_layer_params
-
-DEFAULT_FRAME_RATE = 12.5
 
 
 def check_segment(segment_frames: int, chunk: int, what: str = "data.segment_frames") -> None:
@@ -86,10 +85,10 @@ class Trainer:
         self.dtype = runtime.pick_dtype(dev, cfg.dtype)
         torch.manual_seed(cfg.seed)
 
-        info, name, flags = runtime.open_checkpoint(runtime.CheckpointFlags.from_args(cfg.model))
+        info, name, flags = runtime.open_checkpoint(cfg.model)
         ttt = runtime.resolve_ttt(info, flags.ttt_config, flags.ttt_weights)
         ttt_cfg = ttt.config
-        frame_rate = float((info.mimi_config or {}).get("frame_rate", DEFAULT_FRAME_RATE))
+        frame_rate = float((info.mimi_config or {}).get("frame_rate", FRAME_RATE))
         chunk = ttt_cfg.layer.chunk_size
         self.segment_frames = cfg.data.frames(frame_rate)
         check_segment(self.segment_frames, chunk,

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing as tp
 from importlib import resources
 from pathlib import Path
 
+from moshi_ttt.utils.validate import Checks, is_int, is_number
+
 INIT_MODES = ("zero", "ntp")
 TARGET_SOURCES = ("x0", "mlp_input")
 
-
-def _bad(field: str, value: tp.Any, why: str) -> ValueError:
-    return ValueError(f"invalid TTT config: {field}={value!r}: {why}")
+_check = Checks("TTT config")
+_bad = _check.error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,31 +53,22 @@ class TTTConfig:
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "kernel_size", "future_frames"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise _bad(name, v, "must be an integer")
-        if self.chunk_size <= 0:
-            raise _bad("chunk_size", self.chunk_size, "must be > 0")
-        if self.kernel_size < 1:
-            raise _bad("kernel_size", self.kernel_size, "must be >= 1")
+            _check.number(name, getattr(self, name), integer=True)
+        _check.number("chunk_size", self.chunk_size, integer=True, lo=0, lo_open=True)
+        _check.number("kernel_size", self.kernel_size, integer=True, lo=1)
         if self.kernel_size > self.chunk_size:
             raise _bad("kernel_size", self.kernel_size, f"must be <= chunk_size={self.chunk_size}")
         if not 0 <= self.future_frames < self.kernel_size:
             raise _bad("future_frames", self.future_frames,
                        f"must be in [0, kernel_size={self.kernel_size})")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr):
-            raise _bad("lr", self.lr, "must be a finite number")
-        if self.init not in INIT_MODES:
-            raise _bad("init", self.init, f"must be one of {INIT_MODES}")
-        if self.target not in TARGET_SOURCES:
-            raise _bad("target", self.target, f"must be one of {TARGET_SOURCES}")
+        _check.number("lr", self.lr)
+        _check.choice("init", self.init, INIT_MODES)
+        _check.choice("target", self.target, TARGET_SOURCES)
         for name in ("use_conv", "use_target_proj"):
-            if not isinstance(getattr(self, name), bool):
-                raise _bad(name, getattr(self, name), "must be true or false")
-        if self.clip_norm is not None:
-            c = self.clip_norm
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
-                raise _bad("clip_norm", c, "must be a finite number > 0, or null to disable")
+            _check.flag(name, getattr(self, name))
+        c = self.clip_norm
+        if c is not None and not (is_number(c) and c > 0):
+            raise _bad("clip_norm", c, "must be a finite number > 0, or null to disable")
         if self.init == "zero" and not (self.use_conv or self.use_target_proj):
             raise _bad("init", self.init, "needs a conv or a W_target to zero (use_conv and use_target_proj "
                        "are both false, so V̂ = src cannot start at 0)")
@@ -93,7 +84,7 @@ class TTTConfig:
 
     @classmethod
     def from_dict(cls, d: tp.Mapping[str, tp.Any]) -> TTTConfig:
-        return _from_dict(cls, d, "ttt.layer")
+        return _check.build(cls, d, "ttt.layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +103,13 @@ class TTTModelConfig:
         if not isinstance(self.layer, TTTConfig):
             raise _bad("layer", self.layer, "must be a TTTConfig")
         for name in ("every", "start"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise _bad(name, v, "must be an integer")
-        if self.every < 1:
-            raise _bad("every", self.every, "must be >= 1")
-        if self.start < 0:
-            raise _bad("start", self.start, "must be >= 0")
+            _check.number(name, getattr(self, name), integer=True)
+        _check.number("every", self.every, integer=True, lo=1)
+        _check.number("start", self.start, integer=True, lo=0)
         if self.layers is not None:
             layers = tuple(self.layers)
             for i in layers:
-                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                if not is_int(i) or i < 0:
                     raise _bad("layers", list(layers), f"entry {i!r} is not a layer index >= 0")
             if len(set(layers)) != len(layers):
                 raise _bad("layers", list(layers), "has duplicates")
@@ -148,8 +135,7 @@ class TTTModelConfig:
             raise ValueError(f"invalid TTT config: expected a mapping, got {type(d).__name__}: {d!r}")
         d = dict(d)
         layer = TTTConfig.from_dict(d.pop("layer", {}) or {})
-        cfg = _from_dict(cls, d, "ttt")
-        return dataclasses.replace(cfg, layer=layer)
+        return _check.build(cls, d, "ttt", layer=layer)
 
     @classmethod
     def load(cls, path: str | Path) -> TTTModelConfig:
@@ -186,21 +172,6 @@ def read_config_file(path: str | Path) -> tp.Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
-
-
-def check_mapping(cls, d: tp.Any, where: str, kind: str = "TTT config") -> None:
-    """`d` is a mapping whose keys are all fields of dataclass `cls`, else ValueError naming them."""
-    if not isinstance(d, tp.Mapping):
-        raise ValueError(f"invalid {kind}: {where} must be a mapping, got {d!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"invalid {kind}: unknown key(s) {unknown} in {where}; known: {sorted(names)}")
-
-
-def _from_dict(cls, d: tp.Mapping[str, tp.Any], where: str):
-    check_mapping(cls, d, where)
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 # -- shipped configs (`configs/`, installed as package data `moshi_ttt.configs`) --------------------------

@@ -21,10 +21,10 @@ import yaml
 
 from moshi_ttt.apps.infer import output_paths, transcript
 from moshi_ttt.models import demo as assets
+from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
 from moshi_ttt.ttt.config import load_lm_and_ttt
 
 ROOT = Path(__file__).resolve().parents[2]
-FRAME = 1920  # samples per 80 ms Mimi frame at 24 kHz
 CHUNK = 8
 MAX_DELAY = 1  # max(delays) of configs/tiny.yaml: LMGen needs one extra step to emit the last frame
 ENV = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -77,7 +77,7 @@ def _infer(*args: str, timeout: float = 120, env: dict | None = None) -> subproc
 
 def _samples_24k(path: Path) -> int:
     """Length of the input as infer sees it: resampled to 24 kHz by sphn."""
-    return sphn.read(str(path), sample_rate=24000)[0].shape[-1]
+    return sphn.read(str(path), sample_rate=SAMPLE_RATE)[0].shape[-1]
 
 
 def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path, batch: int) -> dict:
@@ -85,7 +85,7 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
     in_frames = math.ceil(n_in / FRAME)
     for wav, txt in zip(wavs, txts):
         pcm, sr = sphn.read(str(wav))
-        assert sr == 24000 and pcm.shape[0] == 1
+        assert sr == SAMPLE_RATE and pcm.shape[0] == 1
         assert abs(pcm.shape[-1] - n_in) < FRAME, (pcm.shape, n_in)
         assert pcm.shape[-1] == in_frames * FRAME
         assert np.isfinite(pcm).all() and np.abs(pcm).max() > 0

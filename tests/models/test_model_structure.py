@@ -10,11 +10,11 @@ import textwrap
 
 import pytest
 import torch
-from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 
 from moshi_ttt.models.lm import TTTLMModel, build_ttt_lm
+from moshi_ttt.models.loaders import base_lm_kwargs
 from moshi_ttt.modules.gating import TTTGating
 from moshi_ttt.modules.transformer import TTT_KEY, TTTTransformerLayer
 from moshi_ttt.ttt.config import TTTModelConfig, config_path, load_lm_and_ttt
@@ -27,7 +27,7 @@ H7B = 2 * int(4.125 * D7B) // 3  # moshi's ActivationGating: hidden = 2·dim_fee
 
 def test_moshi7b_meta_shapes_params_and_state_bytes():
     ttt = TTTModelConfig.load(config_path("moshi7b_ttt"))
-    kw = loaders._lm_kwargs
+    kw = base_lm_kwargs()
     assert (kw["dim"], kw["num_layers"]) == (D7B, LAYERS7B)
     m = TTTLMModel(ttt=ttt, device="meta", dtype=torch.bfloat16, **kw)
     base = LMModel(device="meta", dtype=torch.bfloat16, **kw)

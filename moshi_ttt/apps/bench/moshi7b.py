@@ -178,11 +178,10 @@ def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
 def state_bytes_7b() -> int:
     """Fast-state bytes per conversation of Moshi 7B with the shipped TTT config (6 layers, C = 256),
     bf16 weights, counted on the meta device (nothing is allocated)."""
-    from moshi.models import loaders
-
     from moshi_ttt.models.lm import TTTLMModel
+    from moshi_ttt.models.loaders import base_lm_kwargs
     from moshi_ttt.ttt.config import load_ttt_config
 
-    m = TTTLMModel(ttt=load_ttt_config("moshi7b_ttt"), device="meta", dtype=torch.bfloat16, **loaders._lm_kwargs)
+    m = TTTLMModel(ttt=load_ttt_config("moshi7b_ttt"), device="meta", dtype=torch.bfloat16, **base_lm_kwargs())
     with m.streaming(1):
         return m.ttt_state_bytes()

@@ -32,8 +32,8 @@ import typing as tp
 
 import numpy as np
 
-FRAME = 1920
-SAMPLE_RATE = 24000
+from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
+
 PROFILE_INTERVAL = 0.002
 
 # (stage, file name ending, function name[, source text on the sampled line]); first match from the
@@ -202,7 +202,7 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
     pcm = speech(quick)
     srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "4", "--log-level", "warning",
                             "--idle-timeout", "30"])
-    res: dict[str, tp.Any] = {"server_clip_seconds": pcm.size / SAMPLE_RATE}
+    res: dict[str, tp.Any] = {"server_clip_seconds": pcm.size / SAMPLE_RATE}  # espeak_pcm's rate
     try:
         fs = srv.engine.frame_seconds
         for n in (1, 4):
