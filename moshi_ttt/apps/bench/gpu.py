@@ -34,6 +34,7 @@ from moshi.models.lm import LMGen, LMModel
 from moshi_ttt.apps.bench import _pct
 from moshi_ttt.apps.bench.gpu_check import check
 from moshi_ttt.models.lm import TTTLMGen, TTTLMModel, build_ttt_lm
+from moshi_ttt.models.loaders import base_lm_kwargs
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.server.engine import Engine, EngineConfig
 from moshi_ttt.ttt.config import TTTModelConfig, load_ttt_config
@@ -54,7 +55,7 @@ class Shapes:
 
 
 def moshi7b() -> Shapes:
-    return Shapes(dict(loaders._lm_kwargs), load_ttt_config("moshi7b_ttt"))
+    return Shapes(base_lm_kwargs(), load_ttt_config("moshi7b_ttt"))
 
 
 @dataclasses.dataclass
