@@ -35,9 +35,8 @@ from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
 
-# The event loop and the model thread share the GIL; torch releases it around every op and must win it
-# back, which takes up to one switch interval while the loop is busy. Python's 5 ms is kept: 0.5 ms
-# measured no better under a flood (README, Exposing the server); the budgets are what helps.
+# The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
+# docs/design.md, "Serving engine").
 DEFAULT_SWITCH_MS = 5.0
 
 
@@ -314,7 +313,7 @@ class BackgroundServer:
         asyncio.set_event_loop(self.loop)
         try:
             self.server = self.loop.run_until_complete(start(self.args))
-        except BaseException as e:  # noqa: BLE001 — surfaced in __init__
+        except BaseException as e:  # surfaced in __init__
             self._error = e
             self._ready.set()
             return

@@ -1,31 +1,13 @@
 """N conversation slots sharing one batched Mimi + LMGen (`TTTLMGen`), stepped on one dedicated thread.
 
-Slot i is batch row i of Mimi and of LMGen (LMGen doubles the LM batch itself when cfg_coef ≠ 1).
-A conversation *claims* a free slot; the worker then resets exactly that row (`reset_streaming(mask)`:
-Mimi's conv/transformer state, the LM's KV cache, offsets and the TTT fast weights back to W⁽⁰⁾) and
-reports it ready. Frames of 1920 samples are pushed into the slot's inbox; each step takes at most one
-frame from every slot that has one, runs encode → LM step → decode for the whole batch with
-`exec_mask` selecting those rows (the others stay exactly unchanged), and hands each stepped slot one
-output frame (1920 samples, silence while the LM's acoustic delay is not yet filled) plus its text
-piece. One input frame ⇒ one output frame, so a reply is exactly as long as its input.
-
-Only the worker thread touches torch state; other threads talk to it through the slot inboxes and a
-command queue under one lock/condition. Results go back through each slot's `sink` callback (called
-on the worker thread; the session forwards them to its event loop).
-
-Batching: a step costs the same whatever number of rows execute, so the worker waits — at most
-`batch_wait` after the oldest pending frame — until every slot that is currently streaming has a
-frame, unless some slot is behind (more than one frame queued), in which case it steps at once.
-
-Telemetry (TTT counters and fast-weight drift per layer) is read host-side every `telemetry_interval`
-seconds for slots that advanced, right after a claim's reset (drift 0: the conversation starts from
-W⁽⁰⁾), and at release (so counters are accounted completely). Never per frame: drift reads every
-conversation's d×h fast weight per layer, as much as a step's weight reads on a 7B model; the
-interval grows when a read takes more than `telemetry_duty` of the time.
-
-LMGen is built with `support_out_of_sync=True`: its `_LMGenState.reset` zeroes the *global*
-`offset_cpu`, and without that flag `step` returns None for every row for the next `max_delay`
-steps — resetting one slot would drop output frames of the other conversations.
+Slot i is batch row i of Mimi and of LMGen (LMGen doubles the LM batch itself when cfg_coef ≠ 1). A claim
+resets exactly that row (`reset_streaming(mask)`: Mimi, KV cache, offsets, TTT fast weights back to W⁽⁰⁾).
+A step takes at most one 1920-sample frame from every slot that has one and runs encode → LM step → decode
+for the whole batch, `exec_mask` selecting those rows: the other rows stay exactly unchanged. One input
+frame ⇒ one output frame (silence while the acoustic delay fills) plus its text piece. Only the worker
+thread touches torch state; other threads use the slot inboxes and a command queue under one condition,
+and results go back through each slot's `sink` (on the worker thread). TTT telemetry is read host-side,
+never per frame. Batching, telemetry and reset choices: docs/design.md, "Serving engine".
 """
 
 from __future__ import annotations
@@ -113,6 +95,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.device = torch.device(device)
         self.cfg_coef = cfg_coef
+        # support_out_of_sync: resetting one slot must not mute the others (docs/design.md, "Serving engine")
         self.lm_gen = make_lm_gen(lm, cfg_coef=cfg_coef, condition_tensors=condition_tensors,
                             support_out_of_sync=True, **(lm_gen_kwargs or {}))
         self.n = config.max_conversations
@@ -241,13 +224,13 @@ class Engine:
         if self.device.type == "cpu" and self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         try:
-            # inference_mode, not no_grad: no version counters or view tracking on the many small ops
-            # of a step (≈ 12 % of the demo's CPU time per step). Every tensor of the worker stays on it.
+            # inference_mode, not no_grad (docs/design.md, "Serving engine"); every tensor of the worker
+            # stays in it.
             with torch.inference_mode(), self.mimi.streaming(self.n), self.lm_gen.streaming(self.n):
                 self._warmup()
                 self._started.set()
                 self._loop()
-        except BaseException as e:  # noqa: BLE001 — reported to every conversation, then re-raised in start()
+        except BaseException as e:  # reported to every conversation, then re-raised in start()
             self._fatal = e
             log.exception("engine worker crashed")
             self._fail_all(f"internal error: engine stopped ({type(e).__name__}: {e})")
@@ -313,7 +296,7 @@ class Engine:
                 slot.dirty = False
                 try:
                     self._account_ttt(slot, self._telemetry_rows(), final=True)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("slot %d: final telemetry failed", index)
             self.metrics.clear_drift(index)
             return
@@ -328,7 +311,7 @@ class Engine:
             self.lm_gen.reset_streaming(mask)
             self._idle_masks()
             rows = self._telemetry_rows() if self.ttt_layers else None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.exception("slot %d: reset failed", index)
             self._emit(slot, conv_id, Event("error", reason=f"internal error: slot reset failed ({e})"))
             return
@@ -405,7 +388,7 @@ class Engine:
             pcm_out, text_ids, gen = self._compute(exec_mask, pcm, first)
             if self.cfg.step_delay > 0:
                 time.sleep(self.cfg.step_delay)
-        except Exception as e:  # noqa: BLE001 — fail the conversations of this step, keep serving
+        except Exception as e:  # fail the conversations of this step, keep serving
             log.exception("step failed for slots %s", [s.index for s, *_ in batch])
             for slot, conv_id, *_ in batch:
                 self._emit(slot, conv_id, Event("error", reason=f"internal error during step: {type(e).__name__}"))
@@ -480,7 +463,7 @@ class Engine:
         self._last_telemetry = t
         try:
             rows = self._telemetry_rows()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("telemetry failed")
             return
         # Drift costs O(d²·h) per conversation and layer: on a 7B model that is far from free, and it
@@ -509,7 +492,7 @@ class Engine:
             return
         try:
             sink(event)
-        except Exception:  # noqa: BLE001 — e.g. the session's loop is closed
+        except Exception:  # e.g. the session's loop is closed
             log.debug("slot %d: dropping %s event (sink failed)", slot.index, event.kind, exc_info=True)
 
     def _fail_all(self, reason: str) -> None:

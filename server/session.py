@@ -132,7 +132,7 @@ class Session:
             raise
         except ConnectionError as e:
             end = End(detail=f"connection lost ({type(e).__name__})")
-        except Exception as e:  # noqa: BLE001 — one conversation's bug must not take the server down
+        except Exception as e:  # one conversation's bug must not take the server down
             log.exception("%s: unexpected error", tag)
             end = End(error=f"internal error: {type(e).__name__}", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         finally:
@@ -218,7 +218,7 @@ class Session:
                 continue
             try:
                 pcm = reader.append_bytes(m.payload)
-            except Exception as e:  # noqa: BLE001 — sphn raises ValueError/RuntimeError for bad streams
+            except Exception as e:  # sphn raises ValueError/RuntimeError for bad streams
                 return End(error=f"invalid audio: not an Ogg Opus stream ({e})",
                            code=aiohttp.WSCloseCode.INVALID_TEXT)
             self.last_audio = time.monotonic()

@@ -5,9 +5,9 @@ import os
 # moshi reads this at import time; without it its gating kernel is compiled by Inductor on CPU.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import pytest
+import torch
+from torch.nn import functional as F
 
 # Small TTT layer used by tests/test_layer_*.py: d = 16, dim_feedforward 60 ⇒ h = 40, C = 8.
 LAYER_DIM, LAYER_FF, LAYER_CHUNK = 16, 60, 8

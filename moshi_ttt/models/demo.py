@@ -123,10 +123,8 @@ def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
 DEMO_VERSION = 4  # bump when the demo checkpoint recipe changes (invalidates the cache)
 
 # The `--demo` LM is configs/tiny.yaml (the tests' model) with these changes: 4 Moshi + 4 user audio
-# codebooks instead of 8 + 8 (Moshi's delays: text and each side's semantic codebook 0, acoustic ones 1).
-# Per-op overhead, not arithmetic, sets a demo step's time on CPU, and the depformer runs once per
-# generated codebook: 8 → 4 codebook steps (and half the RVQ levels in Mimi) take ≈ 20 % off a demo
-# step, which is what keeps `make demo` real time with margin on 2 cores. Every code path is the same.
+# codebooks instead of 8 + 8 (Moshi's delays: text and each side's semantic codebook 0, acoustic ones 1),
+# to keep `make demo` real time on 2 cores (docs/design.md, "Demo checkpoint"). Every code path is the same.
 DEMO_LM_OVERRIDES = {"n_q": 8, "dep_q": 4, "delays": [0, 0, 1, 1, 1, 0, 1, 1, 1]}
 
 

@@ -1,14 +1,8 @@
-"""Moshi with In-Place TTT layers: subclasses of moshi's transformer pieces plus explicit X0 plumbing.
+"""The TTT-Moshi model and its generator: `TTTLMModel` (moshi's `LMModel` with TTT layers in the main
+transformer), `TTTLMGen` (a drop-in `LMGen` that folds completed chunks between steps) and `FoldClock`.
 
-X0 — the TTT target source — is exactly the tensor `LMModel.forward_text` feeds the main transformer:
-the sum of the 16 audio-codebook embeddings and the text embedding, plus `sum_condition` when the
-model is conditioned by summation (that sum *is* the transformer input, so conditioning is part of
-X0), before any sinusoidal positional embedding the transformer adds itself. `TTTStreamingTransformer`
-takes its own input as X0 and passes it to its TTT layers only, so `forward_text`, `LMModel.forward`
-(training), gradient checkpointing and moshi's unchanged `LMGen` all deliver it with no extra wiring.
-
-Nothing here modifies a moshi class: non-TTT layers are moshi's `StreamingTransformerLayer`, the
-depformer never gets TTT, and importing this module changes nothing for code that does not use it.
+Invariant kept by `TTTLMGen`: after every step, each conversation whose chunk that step completed has been
+folded in every TTT layer, from the host's frame count alone (the captured step holds no host logic).
 """
 
 from __future__ import annotations
@@ -54,7 +48,7 @@ class TTTLMModel(LMModel):
         return {i: self.transformer.layers[i].gating for i in self.ttt_layer_indices}
 
     def ttt_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the TTT slow parameters (what `checkpoint.save_ttt` writes)."""
+        """Only the TTT slow parameters (what `loaders.save_ttt` writes)."""
         return {k: v for k, v in self.state_dict().items() if TTT_KEY in k}
 
     def ttt_parameters(self) -> list[nn.Parameter]:
@@ -66,7 +60,7 @@ class TTTLMModel(LMModel):
 
     def ttt_fold(self, items: tp.Sequence[int]) -> None:
         """Folds the completed chunk of each listed streaming item in every TTT layer (host side, between
-        steps; see `stream`). `generate.TTTLMGen` calls it; other drivers let the layers fold themselves."""
+        steps; see `TTTState.fold`). `TTTLMGen` calls it; other drivers let the layers fold themselves."""
         for g in self.ttt_gatings().values():
             g.fold(items)
 

@@ -4,12 +4,12 @@ Parameters keep moshi's names and shapes — `linear_in.weight` = [W_gate; W_up]
 `linear_out.weight` = W⁽⁰⁾ = W_down (d×h) — so a Kyutai state dict loads strictly. TTT's slow
 parameters live in `ttt` (`ttt.conv.weight` [d, 1, K] depthwise, `ttt.w_target` [d, d]).
 
-Two paths compute the same function (checked against `reference.naive_ttt_mlp` in tests):
+Two paths compute the same function (checked against `moshi_ttt.ttt.naive.naive_ttt_mlp` in tests):
 * parallel (no streaming state): whole sequences, any T, autograd — training and prefill. It adds the
   TTT term in fp32 (fp64 for fp64 models) to the base output and casts the sum back to the model dtype;
 * streaming (inside `with module.streaming(B)`): 1+ frames per call; the down-projection uses each
   conversation's fast weight W⁽ⁱ⁾ (accumulated in fp32, applied in the model dtype) instead of W⁽⁰⁾,
-  and completed chunks are folded between frames (see `stream`).
+  and completed chunks are folded between frames (`moshi_ttt.ttt.stream.TTTState` owns that state).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from moshi_ttt.ttt.chunk import parallel_extra
 from moshi_ttt.ttt.config import TTTConfig
-from moshi_ttt.ttt.stream import TTTState, due_items, fast_weight_delta, fold, stream_step
+from moshi_ttt.ttt.stream import TTTState
 
 
 class TTTTarget(nn.Module):
@@ -137,7 +137,7 @@ class TTTGating(StreamingModule[TTTState]):
             raise ValueError(f"with a folding driver (TTTLMGen) the TTT layer steps one frame per call, got {T}")
         outs = []
         for t in range(T):
-            outs.append(stream_step(state, z[:, t:t + 1], src[:, t:t + 1]))
+            outs.append(state.step(z[:, t:t + 1], src[:, t:t + 1]))
             if not state.host_folds:
                 self._self_fold(state)
         return outs[0] if T == 1 else torch.cat(outs, dim=1)
@@ -147,11 +147,11 @@ class TTTGating(StreamingModule[TTTState]):
             raise RuntimeError("a TTT layer is being captured in a CUDA graph without a folding driver: its "
                                "per-chunk fold would be frozen into the graph. Drive the model with "
                                "moshi_ttt.models.lm.TTTLMGen (a drop-in LMGen), or set NO_CUDA_GRAPH=1")
-        self.fold(due_items(state))
+        self.fold(state.due())
 
     def fold(self, items: tp.Sequence[int]) -> None:
         """Folds the completed chunks of the listed streaming items (host side, between steps)."""
-        fold(self._require_state(), items, self.cfg)
+        self._require_state().fold(items, self.cfg)
 
     def _base_weight(self) -> torch.Tensor:
         """W⁽⁰⁾ [d, h] as the base MLP applies it (a LoRA-wrapped linear_out is merged)."""
@@ -162,15 +162,15 @@ class TTTGating(StreamingModule[TTTState]):
         return (w + lo.scaling * (lo.lora_B.weight @ lo.lora_A.weight).to(w.dtype)).detach()
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
-        return TTTState.create(batch_size, self.cfg.chunk_size, self._base_weight,
-                               self._acc_dtype(self._base_weight().dtype), self.ttt.w_target,
-                               self.ttt.conv_weight, self.cfg.past_frames)
+        w0 = self._base_weight()
+        return TTTState(batch_size, self.cfg.chunk_size, w0, self._acc_dtype(w0.dtype), self.ttt.w_target,
+                        self.ttt.conv_weight, self.cfg.past_frames)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 
     def fast_weight_delta(self) -> torch.Tensor:
         """W − W⁽⁰⁾ per streaming item, [B, d, h]."""
-        return fast_weight_delta(self._require_state())
+        return self._require_state().delta()
 
     def telemetry(self) -> dict[str, torch.Tensor]:
         """Per item [B]: updates applied, clips, skipped non-finite deltas, ‖last ΔW‖ (raw), drift

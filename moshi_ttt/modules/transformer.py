@@ -37,7 +37,7 @@ class TTTTransformerLayer(StreamingTransformerLayer):
                              f"(got gating={type(self.gating).__name__})")
         self.gating = TTTGating.from_gating(self.gating, ttt_config)
 
-    def _ff_block(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def _ff_block(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
         x_orig = x
         update = self.gating(self.norm2(x), x0)
         return x_orig.to(update) + self.layer_scale_2(update)

@@ -9,19 +9,14 @@ depformer, output heads). Every parameter becomes a DTensor sharded on dim 0 ove
 all-gathers one layer at a time, the backward reduce-scatters its gradients, and AdamW steps on the local
 shards, so parameters, gradients and optimizer state all cost 1/world_size per rank.
 
-Frozen parameters inside sharded units (e.g. the attention and MLP weights of a `ttt+wdown` layer, next to
-the trainable W_down and TTT target tensors): FSDP2 shards per parameter, not per flat buffer, so one unit may
-mix frozen and trainable tensors; a frozen one is sharded and gathered like the others and simply gets no
-gradient and no reduce-scatter. moshi-finetune (FSDP1, whose flat buffers need uniform requires_grad) instead
-wraps its trainable LoRA modules as units of their own; here the units follow the model's layers whatever the
-trainable set, and the frozen tensors are sharded too (memory 1/world_size).
+Frozen parameters inside sharded units are sharded and gathered like the others and get no gradient (why
+the units follow the layers whatever the trainable set: docs/design.md, "FSDP").
 
 Mixed precision: trainable tensors are cast to fp32 before sharding (their shards are the AdamW masters;
 `MasterParams` then holds no copies), frozen tensors keep the run's `dtype`. `MixedPrecisionPolicy` gathers
 every parameter in `dtype` (bf16 on CUDA by default) for compute and reduce-scatters gradients in
-`fsdp.reduce_dtype` (fp32 by default): bf16 params, fp32 reduce. `gradient_checkpointing: true` (moshi's
-non-reentrant activation checkpointing per transformer layer) composes with it: the recomputed forward in the
-backward runs on the layer's parameters that are gathered for the backward anyway.
+`fsdp.reduce_dtype` (fp32 by default): bf16 params, fp32 reduce; `gradient_checkpointing: true` composes
+with it.
 
 Checkpoints (`save_sharded` / `load_sharded`): DCP folder with {"trainable": fqn → fp32 master,
 "optim": fqn → AdamW state}, each rank writing its own shards. Loading reshards to whatever the loading job

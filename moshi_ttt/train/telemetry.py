@@ -4,7 +4,7 @@ Fast-weight drift of one training forward (parallel path), per TTT layer, averag
   fast_drift      ‖W⁽ⁿ⁻¹⁾ − W⁽⁰⁾‖_F = ‖Σ_{j<n-1} a_j ΔW_j‖, the fast-weight change the segment's last chunk
                   is computed with (a_j = η·clip·finite, n chunks);
   last_delta      ‖ΔW_last‖_F, the raw update of the segment's last chunk (as `infer`'s last_delta_norm).
-Computed by a forward hook from the layer's inputs with `ops` (chunk-confined conv, coefficients).
+Computed by a forward hook from the layer's inputs with `moshi_ttt.ttt.chunk` (chunk-confined conv, coefficients).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class FastWeightProbe:
 
     def _hook(self, index: int):
         def hook(module: TTTGating, args, output):
-            if module._streaming_state is not None or len(args) < 1:
+            if module.is_streaming or len(args) < 1:
                 return
             x = args[0]
             x0 = args[1] if len(args) > 1 else None

@@ -1,6 +1,6 @@
 """TTT configuration: one validated dataclass per concern, loadable from dicts / YAML / JSON.
 
-`TTTConfig` configures one In-Place TTT gated MLP (see `layer.py`); `TTTModelConfig` says which
+`TTTConfig` configures one In-Place TTT gated MLP (`moshi_ttt.modules.gating.TTTGating`); `TTTModelConfig` says which
 layers of Moshi's main transformer get one. Every invalid value raises `ValueError` naming the field
 and the value, at construction time.
 """

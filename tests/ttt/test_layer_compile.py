@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from moshi_ttt.ttt.config import TTTConfig
-from moshi_ttt.ttt.stream import TTTState, due_items, fold, stream_step
+from moshi_ttt.ttt.stream import TTTState
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def test_stream_step_compiles_fullgraph_and_matches_eager():
-    """`torch.compile(stream_step, fullgraph=True)` must capture the whole per-frame step as a single graph.
+    """`torch.compile(TTTState.step, fullgraph=True)` must capture the whole per-frame step as a single graph.
 
     Why this proves the step is CUDA-graph safe: on CUDA, moshi's LMGen records `forward_text` once
     and from then on only replays the recorded kernels, so any Python-side logic that depends on
@@ -37,9 +37,9 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
     conv = torch.randn(d, 1, 3)
     wt = torch.eye(d) + 0.1 * torch.randn(d, d)
     w0 = torch.randn(d, h)
-    eager = TTTState.create(B, C, lambda: w0, torch.float32, wt, conv, cfg.past_frames)
-    comp = TTTState.create(B, C, lambda: w0, torch.float32, wt, conv, cfg.past_frames)
-    step = torch.compile(stream_step, fullgraph=True, dynamic=False)
+    eager = TTTState(B, C, w0, torch.float32, wt, conv, cfg.past_frames)
+    comp = TTTState(B, C, w0, torch.float32, wt, conv, cfg.past_frames)
+    step = torch.compile(TTTState.step, fullgraph=True, dynamic=False)
 
     t0 = time.perf_counter()
     n_steps = 2 * C + 2
@@ -50,18 +50,18 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
         mask = torch.tensor([True, i != 2])  # item 1 exec-masked once: its chunk ends a step later
         eager.set_exec_mask(mask)
         comp.set_exec_mask(mask)
-        want = stream_step(eager, z, src)
+        want = eager.step(z, src)
         got = step(comp, z, src)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        done = due_items(eager)
-        assert due_items(comp) == done
-        fold(eager, done, cfg)
-        fold(comp, done, cfg)
+        done = eager.due()
+        assert comp.due() == done
+        eager.fold(done, cfg)
+        comp.fold(done, cfg)
         for k, v in eager.tensors().items():
             # equal_nan: a chunk's buffers hold its frames as they came (the bad frame too) until its fold
             torch.testing.assert_close(comp.tensors()[k], v, rtol=1e-5, atol=1e-6, equal_nan=True, msg=k)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames == 1, f"{frames} graphs compiled for stream_step (recompiles / graph splits)"
+    assert frames == 1, f"{frames} graphs compiled for TTTState.step (recompiles / graph splits)"
     # The run crossed a boundary for both items, clipped at least once and skipped item 1's bad chunk.
     assert eager.updates.tolist() == [2, 1] and eager.skipped.tolist() == [0, 1]
     assert int(eager.clips[0]) >= 1

@@ -4,14 +4,11 @@ Measured (fp32, this machine; interleaved base/TTT frames, mean over whole chunk
 the MLP alone (`TTTGating` vs moshi's `ActivationGating`, same weights) at B = 1 and B = 4, and a
 whole transformer layer (moshi's `StreamingTransformerLayer` vs `TTTTransformerLayer`) with its KV
 cache filled. Folds run the way `TTTLMGen` runs them: after the step, on the host's `FoldClock`.
-
-Each measurement runs in a fresh spawned process (same torch thread count): at these shapes one
-measurement's allocations (B = 4 keeps four 184 MB fast weights) measurably slowed the next one in the
-same process (whole-layer ratio 1.054 after the MLP runs vs 1.025 alone, C = 256).
+Each measurement runs in a fresh spawned process (same torch thread count; why: docs/design.md).
 
 Computed (not measured): the bytes one frame moves through a layer with bf16 weights — what a
 memory-bound GPU decode step costs — for the base layer, the TTT layer, and the per-frame
-fast-weight design this project replaced (three fp32 passes over the fast state per frame).
+fast-weight design this project replaced.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ async def _conversations(ws_url: str, pcm: np.ndarray, n: int, timeout: float) -
 def _clients_main(ws_url: str, pcm: np.ndarray, n: int, timeout: float, errors) -> None:
     try:
         asyncio.run(_conversations(ws_url, pcm, n, timeout))
-    except BaseException as e:  # noqa: BLE001 — reported to the parent, which fails the bench
+    except BaseException as e:  # reported to the parent, which fails the bench
         errors.put(f"{type(e).__name__}: {e}")
 
 
