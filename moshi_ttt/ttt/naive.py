@@ -17,7 +17,9 @@ def naive_ttt_mlp(z: torch.Tensor, src: torch.Tensor, w_down: torch.Tensor, conv
                   w_t: torch.Tensor | None, cfg: TTTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """z [B, T, h] gated activations, src [B, T, d] target source, w_down [d, h] = W⁽⁰⁾.
 
-    Returns (out [B, T, d], final fast weights [B, d, h]), all in z's dtype.
+    Returns (out [B, T, d], final fast weights [B, d, h]), all in z's dtype. The final W has the ragged
+    last chunk (T mod C frames) folded as a short chunk, its conv confined to those frames: W after every
+    frame heard, the definition of a saved conversation memory (`moshi_ttt.ttt.memory.close`).
     """
     B, T, _ = z.shape
     C = cfg.chunk_size

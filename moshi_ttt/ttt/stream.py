@@ -40,6 +40,7 @@ class TTTState(State):
         past frames.
     row0: [B] b·(C + 1), item b's first row in the flattened buffers [B·(C + 1), ·].
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
+    factors: None, or per item the log of its folded chunks as factors (see `keep_factors`).
     """
 
     def __init__(self, batch_size: int, chunk: int, w0: torch.Tensor, acc_dtype: torch.dtype,
@@ -68,6 +69,7 @@ class TTTState(State):
         self.conv = None if conv_weight is None else conv_weight.detach().to(acc_dtype).contiguous()
         self.past = past
         self.host_folds = False
+        self.factors: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
         self.row0 = torch.arange(batch_size, device=device) * (chunk + 1)
 
     def tensors(self, scratch: bool = False) -> dict[str, torch.Tensor]:
@@ -134,37 +136,42 @@ class TTTState(State):
     @torch.no_grad()
     def fold(self, items: tp.Sequence[int], cfg: TTTConfig) -> None:
         """Folds the completed chunk of each listed item into its fast weight and starts its next chunk:
-        w += a · (c W_t)ᵀ Z with a = η · clip · finite. Items must have a complete chunk (`pos` = C);
-        others are untouched."""
+        w += a · (c W_t)ᵀ Z with a = η · clip · finite (`chunk_update`). Items must have a complete chunk
+        (`pos` = C); others are untouched. With `factors` on, each fold's (a·V̂ [C, d], Z [C, h]) is logged."""
         if not len(items):
             return
         C = self.chunk_size
         idx = torch.as_tensor(list(items), dtype=torch.long, device=self.w.device)
-        zc, sc = self.z_buf[idx, :C], self.s_buf[idx, :C]  # [n, C, h], [n, C, d]
-        cc = chunk_conv(sc, self.conv, C, self.past)  # [n, C, d]: the chunk's target conv
-        finite = frame_finite(zc, sc, cc).all(-1)  # [n]: the parallel path's per-frame test, on the whole chunk
-        zc = torch.where(finite[:, None, None], zc, 0.)
-        cc = torch.where(finite[:, None, None], cc, 0.)
-        vt = cc.transpose(1, 2) if self.w_t_rows is None else self.w_t_rows @ cc.transpose(1, 2)  # V̂ᵀ [n, d, C]
-        sq = ((zc @ zc.transpose(1, 2)) * (vt.transpose(1, 2) @ vt)).sum((1, 2))
-        norm = frobenius_from_gram(sq)
-        ok = finite & torch.isfinite(norm)
-        a = torch.full_like(norm, float(cfg.lr))
-        clipped = torch.zeros_like(ok)
-        if cfg.clip_norm is not None:
-            clipped = ok & (norm > cfg.clip_norm)
-            a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
-        a = torch.where(ok, a, 0.)
-        va = torch.where(ok[:, None, None], vt * a[:, None, None], 0.)  # [n, d, C], finite
+        va, zc, norm, a, ok, clipped = chunk_update(self.z_buf[idx, :C], self.s_buf[idx, :C], self, cfg)
         for r, b in enumerate(items):
             self.w[b].addmm_(va[r], zc[r])
             if self.w_apply is not self.w:
                 self.w_apply[b].copy_(self.w[b])
+            self.log_factors(b, va[r], zc[r])
         self.last_norm[idx] = torch.where(a != 0, norm, 0.)
         self.updates[idx] += ok.long()
         self.clips[idx] += clipped.long()
         self.skipped[idx] += (~ok).long()
         self.pos[idx] = 0
+
+    # -- the factor log (opt-in, host side: conversation memory) ---------------------------------
+
+    def keep_factors(self, enabled: bool = True) -> None:
+        """Starts (or stops) logging every item's folded chunks as factors: `factors[b]` is a list of
+        (a·V̂ [L, d], Z [L, h]) whose Σ (a·V̂)ᵀ Z is W⁽ⁱ⁾ − W⁽⁰⁾, or None once that log would hold more values
+        than the d×h delta itself (or after a `restore`, whose history is unknown). Reset empties it."""
+        self.factors = [[] for _ in range(self.batch_size)] if enabled else None
+
+    def log_factors(self, item: int, va: torch.Tensor, z: torch.Tensor) -> None:
+        """Appends one folded chunk (va [d, L] = a·V̂ᵀ, z [L, h]) to item's log, if it keeps one."""
+        log = None if self.factors is None else self.factors[item]
+        if log is None:
+            return
+        d, h = self.w.shape[1:]
+        if (sum(f[1].shape[0] for f in log) + z.shape[0]) * (d + h) >= d * h:
+            self.factors[item] = None
+            return
+        log.append((va.T.clone(), z.clone()))
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.
@@ -178,6 +185,8 @@ class TTTState(State):
             self.w[b].copy_(self.w0)
             if self.w_apply is not self.w:
                 self.w_apply[b].copy_(self.w0)
+            if self.factors is not None:
+                self.factors[b] = []
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -207,8 +216,36 @@ class TTTState(State):
             t.copy_(s)
         if self.w_apply is not self.w:
             self.w_apply[b].copy_(self.w[b])
+        if self.factors is not None:
+            self.factors[b] = None
 
     def _item(self, item: int) -> int:
         if not 0 <= item < self.batch_size:
             raise IndexError(f"TTT state item {item} out of range for a batch of {self.batch_size}")
         return int(item)
+
+
+@torch.no_grad()
+def chunk_update(zc: torch.Tensor, sc: torch.Tensor, state: TTTState, cfg: TTTConfig
+                 ) -> tuple[torch.Tensor, ...]:
+    """The update of one chunk of L frames per row, in the accumulation dtype: zc [n, L, h] and sc [n, L, d]
+    (the sources) ⇒ (va [n, d, L] = a·V̂ᵀ, Z [n, L, h] zeroed if non-finite, ‖V̂ᵀZ‖_F [n], a [n], ok [n], clipped [n])
+    with ΔW = va @ Z. The conv sees only the L frames (`chunk_conv` with chunk L): L < C is the short chunk
+    that ends a conversation, as the parallel path confines the conv to a ragged last chunk. The state gives
+    the layer's constants (conv taps, W_targetᵀ, past frames)."""
+    cc = chunk_conv(sc, state.conv, sc.shape[1], state.past)  # [n, L, d]: the chunk's target conv
+    finite = frame_finite(zc, sc, cc).all(-1)  # [n]: the parallel path's per-frame test, on the whole chunk
+    zc = torch.where(finite[:, None, None], zc, 0.)
+    cc = torch.where(finite[:, None, None], cc, 0.)
+    vt = cc.transpose(1, 2) if state.w_t_rows is None else state.w_t_rows @ cc.transpose(1, 2)  # V̂ᵀ [n, d, L]
+    sq = ((zc @ zc.transpose(1, 2)) * (vt.transpose(1, 2) @ vt)).sum((1, 2))
+    norm = frobenius_from_gram(sq)
+    ok = finite & torch.isfinite(norm)
+    a = torch.full_like(norm, float(cfg.lr))
+    clipped = torch.zeros_like(ok)
+    if cfg.clip_norm is not None:
+        clipped = ok & (norm > cfg.clip_norm)
+        a = a * torch.where(clipped, cfg.clip_norm / torch.where(clipped, norm, 1.), 1.)
+    a = torch.where(ok, a, 0.)
+    va = torch.where(ok[:, None, None], vt * a[:, None, None], 0.)  # [n, d, L], finite
+    return va, zc, norm, a, ok, clipped
