@@ -73,6 +73,13 @@ def fingerprint(model: TTTLMModel) -> str:
     return h.hexdigest()
 
 
+def keep_factors(model: TTTLMModel, enabled: bool = True) -> None:
+    """Streaming mode: every TTT layer logs its folded chunks as factors (`TTTState.keep_factors`), so that an
+    `exact` memory of a short conversation can be stored as factors, smaller than the dense delta."""
+    for g in model.ttt_gatings().values():
+        g._require_state().keep_factors(enabled)
+
+
 Taken = dict[int, tuple[dict[str, torch.Tensor], list | None]]
 
 
