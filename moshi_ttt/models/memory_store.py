@@ -1,0 +1,265 @@
+"""Encrypted conversation memories in a local directory (one file per memory id), keyed by client tokens.
+
+A `Token` is `<id>.<key>`: a random 128-bit id (hex) and a random 256-bit key (base64url), issued to the
+client and never written. A stored memory is `MAGIC`, a u32 length, a JSON header (id, fingerprint, format
+version, sizes, times, a key check) and the memory file's bytes sealed with AES-256-GCM in segments (16 MiB by
+default) (nonce = 8 random bytes + the u32 segment index; associated data = `associated_data(...)` +
+header + index + last flag, so segments cannot be reordered, cut or moved to another id, model or format).
+Every way a token can fail (malformed, unknown id, wrong key, tampered, expired, another model) raises the
+same `MemoryUnavailable`; its `cause` (for the server log only) says which. Writes are atomic
+(`utils.io.atomic_write`); `gc` drops expired memories, then the least recently used until `max_bytes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import re
+import struct
+import time
+import typing as tp
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from moshi_ttt.models.memory_format import FORMAT_VERSION
+from moshi_ttt.utils.io import atomic_write
+
+MAGIC = b"MTTMEM1\n"
+SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)
+TAG = 16
+DAY = 86400.0
+_ID = re.compile(r"[0-9a-f]{32}")
+SUFFIX = ".mem"
+
+
+class MemoryUnavailable(Exception):
+    """The one refusal for a token that does not open a memory; `cause` is for logs, never for clients."""
+
+    def __init__(self, cause: str):
+        super().__init__("memory not available")
+        self.cause = cause
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    id: str
+    key: bytes
+
+    @classmethod
+    def new(cls, memory_id: str | None = None) -> Token:
+        """A fresh 256-bit key, for a new id or (a resumed conversation) for `memory_id`."""
+        return cls(memory_id or os.urandom(16).hex(), AESGCM.generate_key(bit_length=256))
+
+    @classmethod
+    def parse(cls, text: str) -> Token:
+        mid, _, k = str(text).partition(".")
+        try:
+            key = base64.urlsafe_b64decode(k + "=" * (-len(k) % 4))
+        except (binascii.Error, ValueError):
+            key = b""
+        if not _ID.fullmatch(mid) or len(key) != 32:
+            raise MemoryUnavailable(f"malformed token ({len(text)} characters)")
+        return cls(mid, key)
+
+    def __str__(self) -> str:
+        return f"{self.id}.{base64.urlsafe_b64encode(self.key).rstrip(b'=').decode()}"
+
+    def __repr__(self) -> str:  # never the key
+        return f"Token(id={self.id!r})"
+
+
+def associated_data(memory_id: str, fp: str) -> bytes:
+    return f"moshi-ttt-memory|{FORMAT_VERSION}|{memory_id}|{fp}".encode()
+
+
+def _check(key: bytes, memory_id: str) -> str:
+    return hmac.new(key, b"moshi-ttt-memory-check|" + memory_id.encode(), hashlib.sha256).hexdigest()
+
+
+def seal(token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any], segment: int = SEGMENT) -> list[bytes]:
+    """The stored bytes of `data` (a memory file), as parts to write in order."""
+    nonce = os.urandom(8)
+    n = max(1, -(-len(data) // segment))
+    head = json.dumps(dict(meta, id=token.id, fingerprint=fp, version=FORMAT_VERSION, plain_bytes=len(data),
+                           segment=segment, segments=n, nonce=nonce.hex(), check=_check(token.key, token.id)),
+                      sort_keys=True).encode()
+    ad = associated_data(token.id, fp) + b"|" + head
+    aes = AESGCM(token.key)
+    parts = [MAGIC, struct.pack("<I", len(head)), head]
+    for i in range(n):
+        seg = data[i * segment:(i + 1) * segment]
+        parts.append(aes.encrypt(nonce + struct.pack("<I", i), seg, ad + struct.pack("<I?", i, i == n - 1)))
+    return parts
+
+
+def read_header(blob: bytes) -> tuple[dict, int]:
+    """(header, offset of the first segment); ValueError for a file that is not a stored memory."""
+    if blob[:len(MAGIC)] != MAGIC:
+        raise ValueError("no memory-store magic")
+    (n,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    return json.loads(blob[start:start + n]), start + n
+
+
+def unseal(token: Token, fp: str, blob: bytes) -> bytes:
+    """The memory file inside `blob`; `MemoryUnavailable` for any failure."""
+    try:
+        head, off = read_header(blob)
+    except (ValueError, struct.error) as e:
+        raise MemoryUnavailable(f"tampered: unreadable header ({e})") from None
+    if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
+        raise MemoryUnavailable("wrong key")
+    if head.get("fingerprint") != fp:
+        raise MemoryUnavailable(f"another model (fingerprint {str(head.get('fingerprint'))[:16]}…)")
+    ad = associated_data(token.id, fp) + b"|" + blob[len(MAGIC) + 4:off]
+    aes, out = AESGCM(token.key), []
+    try:
+        nonce, n, size = bytes.fromhex(head["nonce"]), int(head["segments"]), int(head["plain_bytes"])
+        step = int(head["segment"])
+        for i in range(n):
+            seg = min(step, size - i * step) + TAG
+            out.append(aes.decrypt(nonce + struct.pack("<I", i), blob[off:off + seg],
+                                   ad + struct.pack("<I?", i, i == n - 1)))
+            off += seg
+    except (InvalidTag, KeyError, ValueError, TypeError) as e:
+        raise MemoryUnavailable(f"tampered: {type(e).__name__}") from None
+    if off != len(blob):
+        raise MemoryUnavailable("tampered: trailing bytes")
+    return b"".join(out)
+
+
+class MemoryStore:
+    """Memories in `root` (`<id>.mem`), `ttl` seconds after their last save, at most `max_bytes` in all
+    (None: unbounded), the least recently used (file mtime: saved or loaded) evicted first; sealed in
+    `segment`-byte segments."""
+
+    def __init__(self, root: str | Path, ttl: float = 30 * DAY, max_bytes: int | None = None,
+                 clock: tp.Callable[[], float] = time.time, segment: int = SEGMENT):
+        if not ttl > 0:
+            raise ValueError(f"memory store: ttl must be > 0 seconds, got {ttl!r}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"memory store: max_bytes must be >= 0, got {max_bytes!r}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not 0 < segment < 1 << 31:
+            raise ValueError(f"memory store: segment must be in (0, 2**31) bytes, got {segment!r}")
+        self.ttl, self.max_bytes, self.clock, self.segment = float(ttl), max_bytes, clock, segment
+
+    def path(self, memory_id: str) -> Path:
+        if not _ID.fullmatch(memory_id):
+            raise MemoryUnavailable(f"malformed id {memory_id[:40]!r}")
+        return self.root / f"{memory_id}{SUFFIX}"
+
+    def save(self, token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any] | None = None) -> float:
+        """Seals and stores `data` under `token.id` (replacing any older version: its key stops working);
+        returns the expiry time. `meta`: extra non-secret header fields (frames, compression)."""
+        now = self.clock()
+        parts = seal(token, fp, data, dict(meta or {}, saved=now), self.segment)
+        self._write(self.path(token.id), parts)
+        self.gc(keep=token.id)
+        return now + self.ttl
+
+    def _write(self, path: Path, parts: tp.Sequence[bytes]) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    f.write(p)
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write(path, write)
+
+    def load(self, token: Token | str, fp: str) -> bytes:
+        """The memory file of `token`; marks it used (LRU). `MemoryUnavailable` for every failure."""
+        token = Token.parse(token) if isinstance(token, str) else token
+        path = self.path(token.id)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise MemoryUnavailable("unknown id") from None
+        data = unseal(token, fp, blob)
+        if self._expired(path, read_header(blob)[0]):
+            raise MemoryUnavailable("expired")
+        os.utime(path)
+        return data
+
+    def delete(self, token: Token | str) -> None:
+        """Removes the memory of `token` at once; `MemoryUnavailable` unless the token's key is its key."""
+        token = Token.parse(token) if isinstance(token, str) else token
+        path = self.path(token.id)
+        try:
+            head, _ = read_header(path.read_bytes())
+        except FileNotFoundError:
+            raise MemoryUnavailable("unknown id") from None
+        except (ValueError, struct.error) as e:
+            raise MemoryUnavailable(f"tampered: unreadable header ({e})") from None
+        if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
+            raise MemoryUnavailable("wrong key")
+        path.unlink(missing_ok=True)
+
+    # -- operator side (`moshi-ttt memory`): metadata only --------------------------------------------------
+
+    def entries(self) -> list[dict]:
+        """Per stored memory: its header without the key check, plus bytes, last_used (mtime), expires."""
+        out = []
+        for p in sorted(self.root.glob(f"*{SUFFIX}")):
+            try:
+                with open(p, "rb") as f:
+                    st, head = os.fstat(f.fileno()), read_header(f.read(1 << 16))[0]
+            except (OSError, ValueError, struct.error):
+                continue
+            head = {k: v for k, v in head.items() if k not in ("check", "nonce")}
+            out.append(dict(head, bytes=st.st_size, last_used=st.st_mtime, expires=head["saved"] + self.ttl))
+        return out
+
+    def show(self, memory_id: str) -> dict:
+        for e in self.entries():
+            if e["id"] == memory_id:
+                return e
+        raise KeyError(f"no memory {memory_id!r} in {self.root}")
+
+    def remove(self, memory_id: str) -> bool:
+        """Operator removal, without a token."""
+        path = self.path(memory_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed
+
+    def _expired(self, path: Path, head: dict) -> bool:
+        return self.clock() > float(head.get("saved", 0)) + self.ttl
+
+    def gc(self, keep: str | None = None) -> list[str]:
+        """Removes expired memories, then the least recently used until the total fits `max_bytes` (never
+        `keep`, the one just saved), and temporaries left by killed writers (older than an hour). Returns
+        the removed ids."""
+        now, removed = self.clock(), []
+        for tmp in self.root.glob(f"*{SUFFIX}.*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
+            except OSError:
+                pass
+        live = []
+        for e in self.entries():
+            if now > e["expires"] and e["id"] != keep:
+                self.remove(e["id"])
+                removed.append(e["id"])
+            else:
+                live.append(e)
+        if self.max_bytes is not None:
+            total = sum(e["bytes"] for e in live)
+            for e in sorted(live, key=lambda e: e["last_used"]):
+                if total <= self.max_bytes:
+                    break
+                if e["id"] == keep:
+                    continue
+                self.remove(e["id"])
+                removed.append(e["id"])
+                total -= e["bytes"]
+        return removed
