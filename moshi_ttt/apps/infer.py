@@ -36,7 +36,9 @@ telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_fra
 batch_size, ttt_layers, sample_every, realtime_factor (wall time / audio time, < 1 is faster than real
 time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates /
 clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last
-completed chunk), one entry per sample (a list over batch items) at the LM steps in series_frames."""
+completed chunk), one entry per sample (a list over batch items) at the LM steps in series_frames. With --memory or
+--save-memory, "memory": loaded (the memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates
+of item 0 as it starts) and end (the saved memory's header and the same per-layer stats)."""
 
 
 class UserError(Exception):
@@ -71,6 +73,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                                                                 "(needs a conditioned model)")
     r.add_argument("--telemetry-every", type=int, default=0, metavar="N",
                    help="sample the drift series every N LM steps (default: every chunk boundary)")
+    m = parser.add_argument_group("memory (docs/memory.md)")
+    m.add_argument("--memory", metavar="M.safetensors",
+                   help="start from this conversation memory (every batch item), not from W⁽⁰⁾")
+    m.add_argument("--save-memory", metavar="M.safetensors",
+                   help="save the conversation's memory at the end (every frame heard; --batch-size 1)")
+    m.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,6 +161,7 @@ def _prepare(args: argparse.Namespace) -> dict:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.telemetry_every < 0:
         raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
+    memory_args = _memory_args(args)
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(device, args.dtype)
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
@@ -163,10 +172,55 @@ def _prepare(args: argparse.Namespace) -> dict:
     conditions = runtime.condition_tensors(pieces, args.batch_size, args.cfg_coef, gen)
     if pieces.lm.dep_q == 0:
         raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
+    memory = _check_memory(pieces.lm, **memory_args)
     for p in [*wavs, *txts, tel]:
         p.parent.mkdir(parents=True, exist_ok=True)
-    return dict(model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
+    return dict(memory=memory, model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
                 conditions=conditions, pcm=pcm, device=device, dtype=dtype, wavs=wavs, txts=txts, tel=tel)
+
+
+def _memory_args(args) -> dict:
+    from moshi_ttt.models import memory_format as mf
+    from moshi_ttt.models.memory import MemoryRefused
+    from moshi_ttt.ttt.memory import Compression
+
+    if not (args.memory or args.save_memory):
+        return {}
+    if args.cfg_coef != 1.0:
+        raise UserError(f"--memory / --save-memory need --cfg-coef 1 (got {args.cfg_coef})")
+    if args.save_memory and args.batch_size != 1:
+        raise UserError(f"--save-memory saves one conversation: needs --batch-size 1, got {args.batch_size}")
+    if args.save_memory:
+        check_outputs([Path(args.save_memory)])
+    try:
+        comp = Compression.parse(args.memory_format)
+        loaded = mf.load(args.memory) if args.memory else None
+    except (ValueError, MemoryRefused) as e:
+        raise UserError(str(e)) from None
+    return {"loaded": loaded, "comp": comp}
+
+
+def _check_memory(model, loaded=None, comp=None) -> dict | None:
+    """The memory plan ({loaded, comp, fp}), or None; refuses a memory of another model up front."""
+    from moshi_ttt.models import memory as mem
+    from moshi_ttt.models.lm import TTTLMModel
+
+    if comp is None:
+        return None
+    if not isinstance(model, TTTLMModel):
+        raise UserError("--memory / --save-memory need a model with TTT layers")
+    fp = mem.fingerprint(model)
+    if loaded is not None and loaded.fingerprint != fp:
+        raise UserError(f"--memory: this memory was made by another model or TTT config (fingerprint "
+                        f"{loaded.fingerprint[:16]}…, this model is {fp[:16]}…): refusing to load it")
+    return {"loaded": loaded, "comp": comp, "fp": fp}
+
+
+def _memory_stats(layers) -> dict:
+    """Per layer (str): drift ‖ΔW‖_F, the sum of ΔW's entries (a second fingerprint of the weights) and the
+    updates, from `{layer: (delta [d, h], updates)}`."""
+    return {str(i): {"drift": float(torch.linalg.matrix_norm(d.float())), "delta_sum": float(d.double().sum()),
+                     "updates": int(u)} for i, (d, u) in sorted(layers.items())}
 
 
 def _make_lm_gen(args, model, gen_kwargs: dict, conditions):
@@ -182,7 +236,7 @@ def _to_list(t: torch.Tensor, n: int) -> list:
 
 @torch.no_grad()
 def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray, device, dtype, wavs, txts,
-           tel) -> None:
+           tel, memory: dict | None = None) -> None:
     import sphn
     from moshi.run_inference import seed_all
     from tqdm import tqdm
@@ -212,7 +266,10 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
 
     n_steps = n_in + lm_gen.max_delay
     start = time.perf_counter()
+    memory_report: dict = {}
     with mimi.streaming(B), lm_gen.streaming(B):
+        if memory is not None:
+            memory_report = _memory_start(model, B, memory)
         for f in tqdm(range(n_steps), desc="frames", unit="frame", file=sys.stderr, dynamic_ncols=True):
             if f < n_in:
                 codes = mimi.encode(x[:, :, f * frame:(f + 1) * frame])
@@ -234,6 +291,8 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
         if layers and (not series_frames or series_frames[-1] != steps):
             sample()
         final = model.ttt_telemetry() if layers else {}
+        if memory is not None and args.save_memory:
+            memory_report["end"] = _memory_save(model, memory, args.save_memory)
     elapsed = time.perf_counter() - start
 
     for b in range(B):
@@ -249,7 +308,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_factor": elapsed / audio_seconds,
         "ms_per_frame": 1000 * elapsed / max(steps, 1),
-        "series_frames": series_frames,
+        "series_frames": series_frames, **({"memory": memory_report} if memory_report else {}),
         "layers": {str(i): {"updates": _to_list(final[i]["updates"], B), "clips": _to_list(final[i]["clips"], B),
                             "skipped": _to_list(final[i]["skipped"], B), **series[i]} for i in layers},
     }
@@ -257,6 +316,32 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
     print(f"wrote {', '.join(map(str, wavs))} ({len(out_pcm[0])} frames), transcript {', '.join(map(str, txts))}, "
           f"telemetry {tel}; {steps} LM steps in {elapsed:.1f} s (realtime factor {elapsed / audio_seconds:.2f})",
           file=sys.stderr)
+
+
+def _memory_start(model, B: int, memory: dict) -> dict:
+    """Streaming, before the first step: every item resumed from the loaded memory (if any); the factor log on
+    for an exact save. Returns the telemetry's `memory` entry with `start` (the fast weights as resumed)."""
+    from moshi_ttt.models import memory as mem
+
+    if memory["comp"].kind == "exact":
+        mem.keep_factors(model)
+    if memory["loaded"] is not None:
+        for b in range(B):
+            mem.resume(model, b, memory["loaded"], memory["fp"])
+    states = {i: g._require_state() for i, g in model.ttt_gatings().items()}
+    return {"loaded": memory["loaded"].meta() if memory["loaded"] is not None else None,
+            "start": _memory_stats({i: (st.delta()[0], st.updates[0]) for i, st in states.items()})}
+
+
+def _memory_save(model, memory: dict, path: str) -> dict:
+    """Saves item 0's memory (every frame heard, the last chunk closed) to `path`; returns its `end` stats."""
+    from moshi_ttt.models import memory as mem
+    from moshi_ttt.models import memory_format as mf
+
+    m = mem.capture(model, 0, memory["fp"], base=memory["loaded"])
+    mf.save(path, m, memory["comp"])
+    return dict(m.meta(), path=str(path), compression=str(memory["comp"]),
+                layers=_memory_stats({i: (lm.delta, lm.counters["updates"]) for i, lm in m.layers.items()}))
 
 
 def transcript(tokenizer, ids: list[int]) -> str:

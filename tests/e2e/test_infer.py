@@ -196,3 +196,41 @@ def test_transcript_and_output_names():
     assert (wavs, txts, tel) == ([Path("d/out.wav")], [Path("d/out.txt")], Path("d/out.ttt.json"))
     wavs, txts, tel = output_paths("d/out.wav", 2, transcript="t.txt")
     assert wavs == [Path("d/out_0.wav"), Path("d/out_1.wav")] and txts == [Path("t_0.txt"), Path("t_1.txt")]
+
+
+def test_infer_memory_chains_conversations_and_refuses_another_model(speech_wav, stereo_wav, ttt_yaml, tmp_path):
+    """A.wav with --save-memory, then B.wav with --memory: B starts from exactly the fast weights A ended
+    with (every frame of A, its last partial chunk included); a memory of another TTT config is refused."""
+    m_a, m_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    proc = _infer(speech_wav, tmp_path / "a.wav", "--demo", "--ttt-config", ttt_yaml, "--save-memory", m_a)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _infer(stereo_wav, tmp_path / "b.wav", "--demo", "--ttt-config", ttt_yaml, "--memory", m_a,
+                  "--save-memory", m_b, "--memory-format", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tel_a = json.loads((tmp_path / "a.ttt.json").read_text())
+    tel_b = json.loads((tmp_path / "b.ttt.json").read_text())
+    end_a, start_b = tel_a["memory"]["end"], tel_b["memory"]["start"]
+    assert tel_a["memory"]["start"] == {k: {"drift": 0.0, "delta_sum": 0.0, "updates": 0} for k in ("0", "2")}
+    assert end_a["frames"] == tel_a["frames"] and end_a["chunks"] == -(-tel_a["frames"] // CHUNK)
+    assert tel_a["frames"] % CHUNK  # A ends inside a chunk: that partial chunk is in the memory
+    for k, layer in end_a["layers"].items():
+        assert layer["updates"] == -(-tel_a["frames"] // CHUNK) == tel_a["layers"][k]["updates"][0] + 1
+        assert layer["drift"] > 0
+        assert math.isclose(start_b[k]["drift"], layer["drift"], rel_tol=1e-6), (k, start_b[k], layer)
+        assert math.isclose(start_b[k]["delta_sum"], layer["delta_sum"], rel_tol=1e-5, abs_tol=1e-7)
+        assert start_b[k]["updates"] == layer["updates"]
+    assert tel_b["memory"]["loaded"]["frames"] == end_a["frames"]
+    end_b = tel_b["memory"]["end"]
+    assert end_b["frames"] == tel_a["frames"] + tel_b["frames"] and end_b["compression"] == "bf16"
+    assert end_b["created"] == end_a["created"]
+
+    other = tmp_path / "other.yaml"
+    cfg = _ttt_cfg()
+    other.write_text(yaml.safe_dump({"ttt": dataclasses.replace(cfg, layer=dataclasses.replace(
+        cfg.layer, lr=cfg.layer.lr * 2)).to_dict()}))
+    proc = _infer(speech_wav, tmp_path / "c.wav", "--demo", "--ttt-config", other, "--memory", m_a)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    errors = [line for line in err.splitlines() if "error:" in line]  # (an INFO line names the TTT config source)
+    assert "Traceback" not in err and len(errors) == 1 and "another model or TTT config" in errors[0], err
+    assert not (tmp_path / "c.wav").exists()
