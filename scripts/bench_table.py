@@ -1,4 +1,4 @@
-"""Markdown table for the README from `moshi-ttt bench --json` output.
+"""Markdown tables for docs/cost.md from `moshi-ttt bench --json` output.
 
     moshi-ttt bench --json > docs/bench.json && python scripts/bench_table.py docs/bench.json
 """

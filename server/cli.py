@@ -37,7 +37,7 @@ log = logging.getLogger("moshi_ttt.server")
 
 # The event loop and the model thread share the GIL; torch releases it around every op and must win it
 # back, which takes up to one switch interval while the loop is busy. Python's 5 ms is kept: 0.5 ms
-# measured no better under a flood (README, Exposing the server); the budgets are what helps.
+# measured no better under a flood (docs/serving.md, Exposing the server); the budgets are what helps.
 DEFAULT_SWITCH_MS = 5.0
 
 
@@ -58,7 +58,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="websocket Origins accepted besides the server's own (e.g. https://chat.example.com); "
                         "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
 
-    g = p.add_argument_group("limits (see README, Exposing the server)")
+    g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
     g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
                    help="seconds of a conversation's audio that may wait for the model before it is ended "
                         f"(default {SessionConfig.max_delay:g})")
