@@ -40,6 +40,7 @@ scaleout-demo: $(STAMP) sysdeps
 	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
 	$$haproxy -f deploy/haproxy.cfg -db
 
+# ruff, then the import layers (pyproject.toml's [tool.importlinter]; docs/design.md, Package layout).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
 	$(VENV)/bin/lint-imports
@@ -55,7 +56,8 @@ bench: $(STAMP) sysdeps
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
-# Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
-# docs/memory_experiment/runs/): results.json, the plot and the README table.
+# Memory beyond the attention window (moshi_ttt/experiments/memory_experiment.py; ≈ 15 min on 2 idle cores;
+# resumable: finished runs are cached in docs/memory_experiment/runs/): results.json, the plot, and the table
+# in docs/memory-experiment.md.
 experiment: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2

@@ -114,7 +114,7 @@ async def handle_health(request: web.Request) -> web.Response:
     ok = engine.alive
     body = {"status": "ok" if ok else "error", "active": engine.active_count(), "max_conversations": engine.n,
             "free": engine.n - engine.active_count(), "steps": snap["steps_total"],
-            "real_time_factor": snap["real_time_factor"], **request.app[CONFIG].info}
+            "realtime_speed": snap["realtime_speed"], **request.app[CONFIG].info}
     return web.json_response(body, status=200 if ok else 503)
 
 

@@ -36,7 +36,7 @@ from .session import SessionConfig
 log = logging.getLogger("moshi_ttt.server")
 
 # The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
-# docs/design.md, "Serving engine").
+# docs/design.md, "Serving engine"; the flood figures: docs/serving.md).
 DEFAULT_SWITCH_MS = 5.0
 
 
@@ -57,7 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="websocket Origins accepted besides the server's own (e.g. https://chat.example.com); "
                         "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
 
-    g = p.add_argument_group("limits (see README, Exposing the server)")
+    g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
     g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
                    help="seconds of a conversation's audio that may wait for the model before it is ended "
                         f"(default {SessionConfig.max_delay:g})")

@@ -67,10 +67,12 @@ class Metrics:
         self._steps = Counter(name("steps_total"), "Batched steps run.", registry=reg)
         self._frames = Counter(name("frames_total"), "Conversation frames processed (80 ms each).", registry=reg)
         self._audio = Counter(name("audio_seconds_total"), "Seconds of conversation audio processed.", registry=reg)
-        Gauge(name("real_time_factor"), "Frame duration / batched step time (EMA); >= 1 means every conversation "
-              "keeps up.", registry=reg).set_function(lambda: _nan_if_none(self.real_time_factor()))
-        Gauge(name("throughput_real_time_factor"), "Audio seconds processed per compute second, summed over the "
-              "conversations of a step (EMA).", registry=reg).set_function(lambda: _nan_if_none(self._throughput()))
+        Gauge(name("realtime_speed"), "Audio seconds per wall second of each conversation: frame duration / batched "
+              "step time (EMA); >= 1 means every conversation keeps up (2 = twice real time).",
+              registry=reg).set_function(lambda: _nan_if_none(self.realtime_speed()))
+        Gauge(name("throughput_realtime_speed"), "Audio seconds per wall second summed over the conversations of a "
+              "step: realtime_speed x conversations per step (EMA).",
+              registry=reg).set_function(lambda: _nan_if_none(self._throughput()))
         self._ttt = {what: Counter(name(f"ttt_{what}_total"), help_ + " Summed over conversations, per TTT layer.",
                                    ["layer"], registry=reg) for what, help_ in TTT_COUNTERS.items()}
         self._drift = Gauge(name("ttt_drift"), "Fast-weight drift ||W - W0||_F per TTT layer and active slot.",
@@ -137,17 +139,17 @@ class Metrics:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def real_time_factor(self) -> float | None:
-        """Frame duration / step time (EMA): ≥ 1 means every conversation keeps up with real time
-        (each one needs one batched step per frame)."""
+    def realtime_speed(self) -> float | None:
+        """Audio seconds per wall second of each conversation = frame duration / step time (EMA): ≥ 1 means
+        every conversation keeps up with real time (each one needs one batched step per frame)."""
         with self._lock:
             if not self._step_ema:
                 return None
             return self.frame_seconds / self._step_ema
 
     def _throughput(self) -> float | None:
-        rtf = self.real_time_factor()
-        return None if rtf is None or self._rows_ema is None else rtf * self._rows_ema
+        speed = self.realtime_speed()
+        return None if speed is None or self._rows_ema is None else speed * self._rows_ema
 
     def behind_real_time(self, recent: float = 2.0) -> str | None:
         """None while the model keeps up; else why not ("step 120 ms > frame 80 ms"). Behind = the step
@@ -175,7 +177,7 @@ class Metrics:
             "errors": self._by_label("conversation_errors_total", "reason"),
             "steps_total": int(self._value("steps_total")), "frames_total": int(self._value("frames_total")),
             "step_ms_ema": None if step_ema is None else 1000 * step_ema,
-            "real_time_factor": self.real_time_factor(),
+            "realtime_speed": self.realtime_speed(),
         }
 
     def render(self) -> bytes:

@@ -99,7 +99,10 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
     assert tel["chunk_size"] == CHUNK and tel["batch_size"] == batch
     assert frames // CHUNK >= 5  # several chunks happened
     assert tel["ttt_layers"] == [0, 2] and sorted(tel["layers"]) == ["0", "2"]
-    assert tel["realtime_factor"] > 0 and tel["ms_per_frame"] > 0
+    assert tel["ms_per_frame"] > 0 and tel["seconds"] > 0 and "realtime_factor" not in tel
+    # the one meaning of the real-time figure: audio seconds per wall second (> 1 is faster than real time)
+    assert tel["audio_seconds"] == pytest.approx(n_in / 24000)
+    assert tel["realtime_speed"] == pytest.approx(tel["audio_seconds"] / tel["seconds"])
     n_samples = len(tel["series_frames"])
     assert n_samples >= frames // CHUNK
     assert tel["series_frames"][: frames // CHUNK] == [CHUNK * (i + 1) for i in range(frames // CHUNK)]

@@ -64,6 +64,7 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
                 assert r.status == 200
                 h = await r.json()
                 assert h["status"] == "ok" and h["active"] == 0 and h["max_conversations"] == 1 and h["demo"]
+                assert "realtime_speed" in h and "real_time_factor" not in h
             async with http.get(url + "/") as r:
                 assert r.status == 200 and "moshi-ttt" in await r.text()
             for bad in ({}, {"X-API-Key": "wrong"}):
@@ -113,7 +114,7 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
         return vals[0]
 
     listed = {"conversations_active": "gauge", "conversations": "counter", "conversations_rejected": "counter",
-              "frame_latency_seconds": "histogram", "real_time_factor": "gauge", "ttt_updates": "counter",
+              "frame_latency_seconds": "histogram", "realtime_speed": "gauge", "ttt_updates": "counter",
               "ttt_clips": "counter", "ttt_skipped": "counter", "ttt_drift": "gauge", "step_seconds": "histogram"}
     for fam, kind in listed.items():
         assert after[("TYPE", "moshi_ttt_" + fam)] == kind, fam
@@ -123,7 +124,7 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
     assert val(before, "http_unauthorized_total") == 2 and val(after, "http_unauthorized_total") == 4
     assert val(after, "frames_total") == n
     assert val(after, "frame_latency_seconds_count") == n
-    assert 0 < val(after, "real_time_factor") < 1e4  # its value depends on the machine's load
+    assert 0 < val(after, "realtime_speed") < 1e4  # audio s / wall s: its value depends on the machine's load
     # tiny demo: TTT in layers 0 and 2, chunk 16 ⇒ 20 frames complete one chunk per layer
     assert val(after, "ttt_updates_total", layer="0") == 1 and val(after, "ttt_updates_total", layer="2") == 1
 

@@ -1,4 +1,4 @@
-"""The `server` section of `moshi-ttt bench`: real-time factor of `moshi-ttt serve --demo`, and (with
+"""The `server` section of `moshi-ttt bench`: the realtime speed of `moshi-ttt serve --demo`, and (with
 `profile=True`) where a step's time goes.
 
 Arrangement: the server runs in this process exactly as `serve` runs it (engine thread + event-loop
@@ -6,8 +6,9 @@ thread, `BackgroundServer`); the clients run in a *spawned child process*, each 
 (`moshi_ttt.testing.speech`) as Ogg Opus at 1× real time and decoding the reply, so they never compete with
 the server for its GIL. This process only waits while they run.
 
-Real-time factor = frame duration / mean batched step time over the conversations' run (`Engine`
-counts steps and their compute seconds); ≥ 1 means every conversation keeps up. `server_step_ms_n` is
+`server_realtime_speed_n` = audio seconds / wall seconds of each of n conversations = frame duration / mean
+batched step time over their run (`Engine` counts steps and their compute seconds); ≥ 1 means every
+conversation keeps up. `server_rtf_n` is the same value under its first, published name. `server_step_ms_n` is
 that mean step, `server_step_cpu_ms_n` the engine thread's CPU time per step (less sensitive to other
 processes on a shared machine than wall time), `server_rows_per_step_n` how many conversations a step
 served on average (batching).
@@ -194,7 +195,7 @@ def _session(srv, pcm: np.ndarray, n: int, sampler: StackSampler | None = None) 
 
 
 def bench_server(quick: bool, profile: bool = False) -> dict:
-    """`server_rtf_{1,4}` and the rest of the server section (see the module doc). With `profile`, one
+    """`server_realtime_speed_{1,4}` and the rest of the server section (see the module doc). With `profile`, one
     more run per client count under the stack sampler: `server_profile` = {n: {thread: {stage: ms per
     step}}} and `server_profile_table` (markdown)."""
     from moshi_ttt.server.cli import BackgroundServer
@@ -207,7 +208,7 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
         fs = srv.engine.frame_seconds
         for n in (1, 4):
             r = _session(srv, pcm, n)
-            res[f"server_rtf_{n}"] = fs / r["step_s"]
+            res[f"server_realtime_speed_{n}"] = res[f"server_rtf_{n}"] = fs / r["step_s"]
             res[f"server_step_ms_{n}"] = 1000 * r["step_s"]
             res[f"server_step_cpu_ms_{n}"] = 1000 * r["cpu_s"]
             res[f"server_rows_per_step_{n}"] = r["rows"]
