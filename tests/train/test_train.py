@@ -184,6 +184,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_run, tmp_path):
     assert t2.param_digest() == trainer.param_digest()
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_match_single_process(train_repo, train_dataset, tmp_path):
     steps = 3
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
