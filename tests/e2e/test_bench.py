@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the bench runs for minutes
+
 REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
             "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4"]
 REQUIRED_7B = ["moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1",

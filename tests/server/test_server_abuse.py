@@ -21,6 +21,8 @@ from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
 from moshi_ttt.testing.launcher import ServeProcess
 from moshi_ttt.testing.probe import flood, host_port, rss_mb, ws_frame
 
+pytestmark = pytest.mark.slow  # heavy and timing-sensitive: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def abuse_server(tmp_path_factory):
