@@ -34,14 +34,14 @@ class ServeProcess:
 
     command: the program (default: this interpreter's `python -m moshi_ttt`; e.g. an installed `moshi-ttt`).
     env: the base environment (default os.environ), always with NO_TORCH_COMPILE=1, HF_HUB_OFFLINE=1,
-    PYTHONUNBUFFERED=1 and without MOSHI_TTT_API_KEY (keys are passed as flags), then `extra_env`;
+    PYTHONUNBUFFERED=1 and without MOSHI_TTT_API_KEY (keys are passed as flags);
     omp_threads sets OMP_NUM_THREADS. cache_dir None: no --cache-dir flag. Restartable after it exited.
     """
 
     def __init__(self, workdir: str | Path, args: tp.Sequence[str] = (), *, demo: bool = True,
                  host: str | None = None, port: int = 0, cache_dir: str | Path | None = "cache",
                  command: tp.Sequence[str] | None = None, env: tp.Mapping[str, str] | None = None,
-                 extra_env: tp.Mapping[str, str] | None = None, omp_threads: int | None = None,
+                 omp_threads: int | None = None,
                  log_path: str | Path | None = None, cwd: str | Path | None = None,
                  new_session: bool = False, start_timeout: float = 120.0):
         self.workdir = Path(workdir)
@@ -56,7 +56,6 @@ class ServeProcess:
         self.env.pop("MOSHI_TTT_API_KEY", None)
         if omp_threads is not None:
             self.env["OMP_NUM_THREADS"] = str(omp_threads)
-        self.env.update(extra_env or {})
         self.cwd, self.new_session, self.start_timeout = cwd, new_session, start_timeout
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
@@ -70,6 +69,7 @@ class ServeProcess:
         """Launches the process (returns at once; `wait_listening` waits for its URL)."""
         if self.running:
             raise ServeError(f"pid {self.proc.pid} is still running: stop it before starting again")
+        self.stop()  # a previous run that exited by itself: its stdout reader and pipe
         self.url = None
         self.stdout_lines = []
         self._listening = threading.Event()

@@ -178,6 +178,7 @@ def run_cli(args, tmp_path, env=None, timeout=120):
 SERVE = ["serve", "--demo", "--port", "0"]
 
 
+@pytest.mark.slow  # one `moshi-ttt` start-up per case
 @pytest.mark.parametrize("case", ["empty flag", "empty env", "missing file", "empty file", "non-ascii"])
 def test_bad_api_key_is_one_line(case, tmp_path):
     (tmp_path / "empty").write_text("\n")
@@ -193,6 +194,7 @@ def test_bad_api_key_is_one_line(case, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,needle", [(b'{"chunk_size": 8,', "invalid JSON"),
                                             (b"\xff\xfe chunk_size: 8", "not a UTF-8 text file")])
 def test_bad_config_names_its_file(content, needle, tmp_path):
@@ -225,6 +227,7 @@ def test_config_loaders_name_the_file(tmp_path):
             assert str(e.value).startswith(str(tmp_path / path)) and "\n" not in str(e.value), (load, e.value)
 
 
+@pytest.mark.slow
 def test_infer_checks_its_output_before_running(tmp_path):
     from moshi_ttt.testing.speech import espeak_wav
 
