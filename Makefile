@@ -1,4 +1,6 @@
 # Quick start: `make demo` runs the product, `make test` runs the test suite. Both set themselves up.
+# `make test-fast` is the development loop (< 2 min on 2 cores): no Chromium, HAProxy, wheel, multi-process
+# or slow tests (pytest markers, pyproject.toml); `make test` (CI) runs them all.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 # System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
 # haproxy the scale-out test (Debian puts it in /usr/sbin).
 SYSDEPS := espeak-ng sox chromium haproxy
-.PHONY: setup sysdeps demo scaleout-demo test lint bench experiment gpu-check
+.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench experiment gpu-check
 setup: $(STAMP)
 
 sysdeps:
@@ -47,6 +49,11 @@ lint: $(STAMP)
 
 test: $(STAMP) sysdeps lint
 	$(VENV)/bin/python -m pytest -q tests
+
+FAST := not browser and not haproxy and not wheel and not multiprocess and not slow
+test-fast: $(STAMP)
+	@$(MAKE) --no-print-directory sysdeps SYSDEPS="espeak-ng sox"
+	$(VENV)/bin/python -m pytest -q tests -m "$(FAST)"
 
 bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench

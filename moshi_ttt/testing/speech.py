@@ -41,3 +41,17 @@ def espeak_pcm(text: str, voice: str = "en", speed: int | None = None,
         wav = espeak_wav(Path(d) / "speech.wav", text, voice, speed)
         pcm, _ = sphn.read(str(wav), sample_rate=sample_rate)
     return pcm[0].astype(np.float32)
+
+
+def write_wav(path: str | Path, channels, sample_rate: int = SAMPLE_RATE) -> Path:
+    """A 16-bit WAV with one channel per row of `channels` (float arrays in [-1, 1], clipped; sphn writes mono
+    only), e.g. the stereo conversations of a training dataset."""
+    import wave
+
+    data = np.clip(np.stack([np.asarray(c, dtype=np.float32) for c in channels]).T, -1, 1)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(data.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((data * 32767).astype("<i2").tobytes())
+    return Path(path)

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the bench runs for minutes
+
 REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
             "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_realtime_speed_1",
             "server_realtime_speed_4", "server_rtf_1", "server_rtf_4"]

@@ -117,6 +117,7 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
     return tel
 
 
+@pytest.mark.slow
 def test_infer_speech(speech_wav, repo, ttt_yaml, tmp_path):
     """B=1 on espeak-ng speech, the checkpoint given as a Hugging Face repo id resolved offline from a
     local huggingface_hub cache, and an explicit --ttt-config that agrees with the checkpoint's."""
@@ -129,6 +130,7 @@ def test_infer_speech(speech_wav, repo, ttt_yaml, tmp_path):
     _check_run(speech_wav, [out], [out.with_suffix(".txt")], out.with_suffix(".ttt.json"), batch=1)
 
 
+@pytest.mark.slow
 def test_infer_batch_of_two_stereo_demo(stereo_wav, ttt_yaml, tmp_path):
     """--batch-size 2 on a stereo, non-24 kHz file with the built-in demo checkpoint: every item written
     with suffix _i, per-item telemetry."""
@@ -166,6 +168,7 @@ def test_bad_ttt_config(speech_wav, tmp_path):
     assert "chunk_size" in err and str(cfg) in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "files"])
 def test_plain_kyutai_checkpoint_runs_with_the_default_ttt_layers(layout, speech_wav, tmp_path):
     """A checkpoint in Kyutai's layout (no "ttt" in config.json, no TTT tensors) and no TTT flag: infer runs the

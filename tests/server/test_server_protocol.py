@@ -9,6 +9,8 @@ import sphn
 from moshi_ttt.server import protocol
 from moshi_ttt.server.metrics import Metrics
 
+from moshi_ttt.testing.observe import parse_prometheus
+
 
 def test_parse_accepts_every_kind_and_splits_payload():
     for kind in protocol.Kind:
@@ -43,7 +45,7 @@ def test_server_messages_round_trip():
     json.loads(protocol.metadata({"x": 1})[1:])
 
 
-def test_metrics_render_parses_and_moves(parse_prometheus):
+def test_metrics_render_parses_and_moves():
     m = Metrics(max_conversations=3)
     m.set_ttt_layers([0, 2])
     text = m.render().decode()
@@ -91,7 +93,7 @@ def test_metrics_render_parses_and_moves(parse_prometheus):
     assert "slot=" not in m.render().decode()
 
 
-def test_two_servers_keep_separate_metrics(parse_prometheus):
+def test_two_servers_keep_separate_metrics():
     a, b = Metrics(), Metrics()
     a.conversation_started()
     assert parse_prometheus(b.render().decode())["moshi_ttt_conversations_total"] == [({}, 0.0)]

@@ -11,6 +11,8 @@ import pytest
 from moshi_ttt.server.cli import BackgroundServer
 from moshi_ttt.server.client import FRAME, ChatClient
 
+from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+
 MAX_MSG = 4096
 IDLE = 1.5
 
@@ -59,8 +61,7 @@ CASES = {
 }
 
 
-def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speech, parse_prometheus, health,
-                                                    wait_active):
+def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speech):
     srv = robust_server
 
     async def go():
@@ -127,7 +128,7 @@ def test_malformed_clients_do_not_disturb_a_good_one(robust_server, server_speec
     assert errors.get("websocket_error") == 1
 
 
-def test_server_side_exception_frees_the_slot(robust_server, server_speech, wait_active):
+def test_server_side_exception_frees_the_slot(robust_server, server_speech):
     """A failing model step ends the conversations of that step with a 0x05; the slot is freed and the
     next conversation is served normally."""
     srv = robust_server
@@ -183,7 +184,7 @@ def test_shutdown_ends_conversations_with_an_error(tmp_path, server_speech):
     assert not srv.engine.alive
 
 
-def test_client_flooding_audio_is_stopped(robust_server, server_speech, wait_active):
+def test_client_flooding_audio_is_stopped(robust_server, server_speech):
     """More than 250 frames (20 s) of audio waiting for the engine ⇒ 0x05 and close, slot freed."""
     srv = robust_server
 
