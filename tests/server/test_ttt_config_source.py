@@ -5,12 +5,14 @@ import logging
 
 import pytest
 
+from moshi_ttt.testing.observe import health
+
 
 @pytest.mark.parametrize("extra, layers, source", [
     ([], "TTT layers [0, 2] of 4 (chunk 16 frames)", "config.json's 'ttt' section"),
     (["--ttt-config", "moshi7b_ttt"], "TTT layers [0] of 4 (chunk 256 frames)", "--ttt-config moshi7b_ttt"),
 ])
-def test_demo_logs_the_ttt_config_source(tmp_path_factory, caplog, health, extra, layers, source):
+def test_demo_logs_the_ttt_config_source(tmp_path_factory, caplog, extra, layers, source):
     from moshi_ttt.server.cli import BackgroundServer
 
     cache = tmp_path_factory.getbasetemp() / "demo_cache"  # one demo build per TTT config for both cases
