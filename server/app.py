@@ -20,7 +20,6 @@ from aiohttp import web
 
 from . import protocol
 from .access import AccessPolicy, key_matches
-from .engine import Engine
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .metrics import CONTENT_TYPE, Metrics
 from .session import Session, SessionConfig, peer_of
@@ -44,7 +43,7 @@ class AppConfig:
     http: HttpLimits = field(default_factory=HttpLimits)
 
 
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", object)  # remote.WorkerEngine, or engine.Engine with --workers 0
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", AppConfig)
 SESSIONS = web.AppKey("sessions", set)
@@ -134,7 +133,7 @@ async def _on_shutdown(app: web.Application) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(engine: Engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
+def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused)
     app[ENGINE] = engine

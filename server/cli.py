@@ -10,13 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import random
 import signal
 import ssl
 import sys
 import threading
-import time
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +25,10 @@ from moshi_ttt.runtime import add_checkpoint_args
 from . import limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
-from .engine import Engine, EngineConfig
 from .http_guard import GuardedSite, HttpLimits
 from .metrics import Metrics
+from .model import load
+from .remote import WorkerEngine
 from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
@@ -84,6 +82,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
     g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
+    g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
 
     g = p.add_argument_group("model (as moshi.server)")
     add_checkpoint_args(g)
@@ -117,63 +116,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "share one batched step (default 80 = one frame)")
     g.add_argument("--telemetry-interval", type=float, default=1.0,
                    help="seconds between TTT telemetry reads / 0x04 messages (0 = only at start; default 1)")
+    g.add_argument("--workers", type=int, default=1, choices=[0, 1],
+                   help="1 (default): the model steps in its own process (no client can stall it through the "
+                        "GIL; a crash of the model is survived); 0: in the web process (debugging only)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the model thread (0 = auto: cores - 1, at least 1)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-# -- model ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    engine: Engine
-    metrics: Metrics
-    info: dict
-
-
-def load(args) -> Loaded:
-    """Loads the model described by the flags and starts the engine (blocking; seconds)."""
-    import numpy as np
-    import torch
-
-    from moshi_ttt import runtime
-
-    random.seed(args.seed)
-    np.random.seed(args.seed % (2 ** 32))
-    torch.manual_seed(args.seed)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(device, half=args.half)
-    if args.half and device.type != "cuda":
-        log.info("--half is ignored on CPU (float32)")
-    t = time.perf_counter()
-    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, fuse_lora=args.fuse_lora,
-                          cache_root=args.cache_dir)
-    lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
-    log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
-             time.perf_counter() - t, lm.ttt_layer_indices)
-    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
-                                top_k_text=args.top_k_text)
-    n = args.max_conversations
-    condition_tensors = runtime.condition_tensors(pieces, n, args.cfg_coef, gen)
-    threads = args.threads
-    if threads <= 0:
-        threads = max(1, (os.cpu_count() or 2) - 1) if device.type == "cpu" else 1
-    metrics = Metrics(max_conversations=n, frame_seconds=1 / mimi.frame_rate)
-    metrics.set_ttt_layers(lm.ttt_layer_indices)
-    engine = Engine(mimi, lm, tokenizer,
-                    EngineConfig(max_conversations=n, threads=threads, batch_wait=args.batch_wait_ms / 1000,
-                                 telemetry_interval=args.telemetry_interval),
-                    metrics=metrics, lm_gen_kwargs=gen, cfg_coef=args.cfg_coef,
-                    condition_tensors=condition_tensors or None, device=device)
-    engine.start()
-    model_info = {
-        "model": model_name, "demo": bool(args.demo), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "max_conversations": n, "sample_rate": int(mimi.sample_rate), "frame_rate": float(mimi.frame_rate),
-        "ttt_layers": list(lm.ttt_layer_indices), "ttt": lm.ttt_config.to_dict(),
-        "generation": {k: v for k, v in gen.items()}, "cfg_coef": args.cfg_coef,
-    }
-    return Loaded(engine, metrics, model_info)
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -182,7 +130,7 @@ def load(args) -> Loaded:
 @dataclass
 class RunningServer:
     runner: web.AppRunner
-    engine: Engine
+    engine: tp.Any  # WorkerEngine, or Engine with --workers 0
     metrics: Metrics
     host: str
     port: int
@@ -203,7 +151,10 @@ class RunningServer:
         try:
             await self.runner.cleanup()
         finally:
-            await asyncio.to_thread(self.engine.close)
+            if isinstance(self.engine, WorkerEngine):
+                await self.engine.close()
+            else:
+                await asyncio.to_thread(self.engine.close)
             if self.switch_interval is not None:
                 sys.setswitchinterval(self.switch_interval)
 
@@ -248,27 +199,35 @@ async def start(args) -> RunningServer:
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
                     "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
-    loaded = await asyncio.to_thread(load, args)
-    loaded.engine.cfg.step_delay = args.step_delay_ms / 1000
+    if args.workers == 0:
+        loaded = await asyncio.to_thread(load, args)
+        engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
+    else:
+        engine = WorkerEngine(args, log_level=args.log_level)
+        await engine.start()
+        metrics, info = engine.metrics, engine.info
     cfg = AppConfig(api_key=api_key, static_dir=static,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
                                           max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
-                    info=loaded.info, access=access, http=http)
+                    info=info, access=access, http=http)
     switch = sys.getswitchinterval()
     try:
-        app = create_app(loaded.engine, loaded.metrics, cfg)
+        app = create_app(engine, metrics, cfg)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **http.handler_kwargs())
         await runner.setup()
         site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
         await site.start()
     except BaseException:
-        loaded.engine.close()
+        if isinstance(engine, WorkerEngine):
+            await engine.close()
+        else:
+            engine.close()
         raise
     sys.setswitchinterval(args.gil_switch_ms / 1000)
-    running = RunningServer(runner, loaded.engine, loaded.metrics, args.host, site.port,
+    running = RunningServer(runner, engine, metrics, args.host, site.port,
                             "https" if ssl_ctx else "http", switch_interval=switch)
     log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
-             loaded.engine.n, ", API key required" if cfg.api_key else "")
+             engine.n, ", API key required" if cfg.api_key else "")
     return running
 
 
@@ -334,7 +293,7 @@ class BackgroundServer:
         return self.server.ws_url
 
     @property
-    def engine(self) -> Engine:
+    def engine(self):
         assert self.server is not None
         return self.server.engine
 

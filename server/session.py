@@ -34,7 +34,7 @@ import sphn
 from aiohttp import web
 
 from . import protocol
-from .engine import Engine, EngineClosed, Event
+from .events import EngineClosed, Event
 from .limits import Budget, ConnectionBudget
 from .metrics import Metrics
 
@@ -64,7 +64,7 @@ class End:
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
+    def __init__(self, ws: web.WebSocketResponse, engine: tp.Any, metrics: Metrics, cfg: SessionConfig,
                  peer: str = "?", info: dict | None = None, telemetry: bool = False,
                  on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None):
         self.ws = ws
