@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from moshi_ttt.runtime import add_checkpoint_args
 
-from . import limits, protocol
+from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
 from .http_guard import GuardedSite, HttpLimits
@@ -83,6 +84,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
     g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
     g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
+
+    g = p.add_argument_group("admission per client address (see docs/serving-worker.md)")
+    g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
+                   help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
+    g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
+                   help="conversation starts per client address and minute (default "
+                        f"{admission.DEFAULT_STARTS_PER_MINUTE:g}; 0 = no limit)")
+    g.add_argument("--start-burst", type=int, default=admission.DEFAULT_START_BURST,
+                   help=f"starts an address may make at once (default {admission.DEFAULT_START_BURST})")
+    g.add_argument("--ban-after", type=int, default=admission.DEFAULT_BAN_AFTER,
+                   help="refuse an address at the upgrade once its conversations were cut for abuse this many "
+                        f"times within --ban-window (default {admission.DEFAULT_BAN_AFTER}; 0 = never)")
+    g.add_argument("--ban-window", type=float, default=admission.DEFAULT_BAN_WINDOW_S,
+                   help=f"seconds (default {admission.DEFAULT_BAN_WINDOW_S:g})")
+    g.add_argument("--ban-seconds", type=float, default=admission.DEFAULT_BAN_S,
+                   help=f"how long such an address is refused (default {admission.DEFAULT_BAN_S:g})")
+    g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
+                        "anyone else the header is ignored")
+    g.add_argument("--no-per-ip-limits", action="store_true",
+                   help="turn every per-address limit off (a trusted network; tests)")
 
     g = p.add_argument_group("model (as moshi.server)")
     add_checkpoint_args(g)
@@ -195,6 +217,14 @@ async def start(args) -> RunningServer:
     budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
     http = HttpLimits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
                       max_pending=args.max_pending_connections)
+    trusted = admission.parse_networks(args.trusted_proxies)
+    if args.no_per_ip_limits:
+        per_ip = dataclasses.replace(admission.AdmissionLimits.off(), trusted_proxies=trusted)
+    else:
+        per_ip = admission.AdmissionLimits(
+            max_per_ip=args.max_conversations_per_ip, starts_per_minute=args.max_starts_per_minute,
+            start_burst=args.start_burst, ban_after=args.ban_after, ban_window=args.ban_window,
+            ban_seconds=args.ban_seconds, trusted_proxies=trusted)
     if api_key is None and not is_loopback_host(args.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
@@ -209,7 +239,7 @@ async def start(args) -> RunningServer:
     cfg = AppConfig(api_key=api_key, static_dir=static,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
                                           max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
-                    info=info, access=access, http=http)
+                    info=info, access=access, http=http, admission=per_ip)
     switch = sys.getswitchinterval()
     try:
         app = create_app(engine, metrics, cfg)

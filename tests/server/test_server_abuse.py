@@ -24,7 +24,8 @@ from moshi_ttt.testing.probe import flood, host_port, rss_mb, start_cli_server, 
 @pytest.fixture(scope="module")
 def abuse_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("abuse_server")
-    proc, url = start_cli_server(["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning"], d)
+    proc, url = start_cli_server(["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning",
+                                  "--no-per-ip-limits"], d)
     yield proc, url
     assert stop_cli_server(proc) == 0, (d / "stderr.txt").read_text()[-3000:]
 
@@ -136,7 +137,7 @@ def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, serv
 
 def test_overload_is_named_and_stops_admission(tmp_path, server_speech):
     proc, url = start_cli_server(["--max-conversations", "2", "--step-delay-ms", "100", "--max-delay", "4",
-                                  "--log-level", "warning"], tmp_path)
+                                  "--log-level", "warning", "--no-per-ip-limits"], tmp_path)
     ws_url = url.replace("http://", "ws://") + "/api/chat"
     try:
         async def go():

@@ -1,8 +1,9 @@
 """The `server` section of `moshi-ttt bench`: real-time factor of `moshi-ttt serve --demo`, and (with
 `profile=True`) where a step's time goes.
 
-Arrangement: the server runs in this process exactly as `serve` runs it (engine thread + event-loop
-thread, `BackgroundServer`); the clients run in a *spawned child process*, each streaming real speech
+Arrangement: the server runs in this process exactly as `serve` runs it (`BackgroundServer`: the
+event-loop thread here, the model in its worker process; with `profile`, `--workers 0`: the engine
+thread here too, where the sampler sees it); the clients run in a *spawned child process*, each streaming real speech
 (`moshi_ttt.testing.speech`) as Ogg Opus at 1× real time and decoding the reply, so they never compete with
 the server for its GIL. This process only waits while they run.
 
@@ -185,6 +186,7 @@ def _session(srv, pcm: np.ndarray, n: int, sampler: StackSampler | None = None) 
     else:
         with sampler:
             run_clients(srv.ws_url, pcm, n)
+    time.sleep(0.3)  # the model worker reports its step counters every 0.1 s
     steps = eng.steps - steps0
     if steps <= 0:
         raise RuntimeError(f"the engine made no step for {n} conversations")
@@ -200,8 +202,9 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
     from moshi_ttt.server.cli import BackgroundServer
 
     pcm = speech(quick)
+    # the profile samples the engine thread's stacks: that needs the model in this process (--workers 0)
     srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "4", "--log-level", "warning",
-                            "--idle-timeout", "30"])
+                            "--no-per-ip-limits", "--idle-timeout", "30", "--workers", "0" if profile else "1"])
     res: dict[str, tp.Any] = {"server_clip_seconds": pcm.size / SAMPLE_RATE}
     try:
         fs = srv.engine.frame_seconds
