@@ -6,8 +6,9 @@ Per address: at most `max_per_ip` open conversations; conversation starts paid f
 budget, audio flood) `ban_after` times within `ban_window` seconds is refused for `ban_seconds`.
 
 The address is the TCP peer, unless the peer is one of `trusted_proxies`: then it is the right-most
-address of `X-Forwarded-For` that is not itself a trusted proxy (the header is never read from anyone
-else, so a client cannot choose its own address).
+address of `X-Forwarded-For` (all its header lines, in order: HAProxy adds its own line after the
+client's) that is not itself a trusted proxy. The header is never read from anyone else, so a client
+cannot choose its own address.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     except protocol.ProtocolError as e:
         return web.Response(status=400, text=f"400: {e.reason}\n")
     engine, metrics, admission = app[ENGINE], app[METRICS], app[ADMISSION]
-    addr = admission.client_address(request.remote, request.headers.get("X-Forwarded-For"))
+    addr = admission.client_address(request.remote, ",".join(request.headers.getall("X-Forwarded-For", [])))
     if admission.proxied(request.remote):
         if not engine.alive:
             metrics.rejected_conversation("unavailable")

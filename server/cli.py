@@ -25,6 +25,7 @@ from moshi_ttt.runtime import add_checkpoint_args
 
 from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
+from .agent import start_agent
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
 from .http_guard import GuardedSite, HttpLimits
 from .metrics import Metrics
@@ -103,6 +104,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
                    help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
                         "anyone else the header is ignored")
+    g.add_argument("--agent-port", type=int, default=None, metavar="PORT",
+                   help="answer HAProxy's agent-check on this TCP port (same host): 'up maxconn:<slots>', or "
+                        "'down' while the model worker restarts")
     g.add_argument("--no-per-ip-limits", action="store_true",
                    help="turn every per-address limit off (a trusted network; tests)")
 
@@ -168,9 +172,12 @@ class RunningServer:
         return ("wss" if self.scheme == "https" else "ws") + self.url[len(self.scheme):] + "/api/chat"
 
     switch_interval: float | None = None  # sys.getswitchinterval() before start (restored by close)
+    agent: asyncio.AbstractServer | None = None  # the HAProxy agent port (--agent-port)
 
     async def close(self) -> None:
         try:
+            if self.agent is not None:
+                self.agent.close()
             await self.runner.cleanup()
         finally:
             if isinstance(self.engine, WorkerEngine):
@@ -247,6 +254,7 @@ async def start(args) -> RunningServer:
         await runner.setup()
         site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
         await site.start()
+        agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
     except BaseException:
         if isinstance(engine, WorkerEngine):
             await engine.close()
@@ -255,7 +263,7 @@ async def start(args) -> RunningServer:
         raise
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     running = RunningServer(runner, engine, metrics, args.host, site.port,
-                            "https" if ssl_ctx else "http", switch_interval=switch)
+                            "https" if ssl_ctx else "http", switch_interval=switch, agent=agent)
     log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
              engine.n, ", API key required" if cfg.api_key else "")
     return running
