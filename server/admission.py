@@ -3,7 +3,8 @@
 
 Per address: at most `max_per_ip` open conversations; conversation starts paid from a token bucket of
 `starts_per_minute` holding `start_burst`; an address whose conversations were cut for abuse (over a
-budget, audio flood) `ban_after` times within `ban_window` seconds is refused for `ban_seconds`.
+budget, audio flood) `ban_after` times within `ban_window` seconds is refused for `ban_seconds` (a
+direct peer's connections are then aborted on accept, unparsed: `banned`).
 
 The address is the TCP peer, unless the peer is one of `trusted_proxies`: then it is the right-most
 address of `X-Forwarded-For` (all its header lines, in order: HAProxy adds its own line after the
@@ -143,6 +144,12 @@ class Admission:
             a = self._addrs[key]
             if a.open == 0 and a.banned_until <= now:
                 del self._addrs[key]
+
+    def banned(self, peer: str) -> bool:
+        """`peer` (a TCP peer, not a trusted proxy) is banned: its connections are aborted on accept,
+        before a byte of HTTP is parsed."""
+        a = self._addrs.get(peer)
+        return a is not None and a.banned_until > time.monotonic() and not self._trusted(peer)
 
     def refusal(self, addr: str) -> Refusal | None:
         """None: `addr` may start a conversation now (its start is paid and counted as open: call

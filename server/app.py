@@ -165,12 +165,13 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
-    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused)
+    admission = Admission(cfg.admission)
+    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[CONFIG] = cfg
     app[SESSIONS] = set()
-    app[ADMISSION] = Admission(cfg.admission)
+    app[ADMISSION] = admission
     app.router.add_get("/api/chat", handle_chat)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)

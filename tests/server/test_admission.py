@@ -61,7 +61,12 @@ def test_abuse_ban_after_k_cuts():
         a.closed("1.1.1.1", abusive=True)
     r = a.refusal("1.1.1.1")
     assert r is not None and r.label == "banned" and 45 < r.retry_after <= 50, r
+    assert a.banned("1.1.1.1") and not a.banned("2.2.2.2")  # aborted on accept, before any HTTP parsing
     assert a.refusal("2.2.2.2") is None
+    proxied = Admission(limits(ban_after=1, trusted_proxies=parse_networks(["127.0.0.1"])))
+    assert proxied.refusal("127.0.0.1") is None
+    proxied.closed("127.0.0.1", abusive=True)
+    assert not proxied.banned("127.0.0.1")  # a trusted proxy's connections are never aborted on accept
     b = Admission(limits(ban_after=2))
     for _ in range(5):  # conversations that ended normally never ban
         assert b.refusal("1.1.1.1") is None
