@@ -11,7 +11,8 @@ Real-time factor = frame duration / mean batched step time over the conversation
 counts steps and their compute seconds); ≥ 1 means every conversation keeps up. `server_step_ms_n` is
 that mean step, `server_step_cpu_ms_n` the engine thread's CPU time per step (less sensitive to other
 processes on a shared machine than wall time), `server_rows_per_step_n` how many conversations a step
-served on average (batching).
+served on average (batching), `server_transport_{in,out}_ms` the mean time of one PCM frame through the
+shared-memory rings to the model worker and back (written → read; the latency the process split adds).
 
 Profile: a sampler thread reads the engine and event-loop threads' Python stacks every
 `PROFILE_INTERVAL` s (`sys._current_frames`, no change to the served code) and files each sample
@@ -214,6 +215,12 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
             res[f"server_step_ms_{n}"] = 1000 * r["step_s"]
             res[f"server_step_cpu_ms_{n}"] = 1000 * r["cpu_s"]
             res[f"server_rows_per_step_{n}"] = r["rows"]
+        reg = srv.server.metrics.registry
+        for d in ("in", "out"):  # the model worker's shared-memory transport, one frame, mean over the runs
+            count = reg.get_sample_value("moshi_ttt_worker_transport_seconds_count", {"direction": d}) or 0
+            if count:
+                total = reg.get_sample_value("moshi_ttt_worker_transport_seconds_sum", {"direction": d})
+                res[f"server_transport_{d}_ms"] = 1000 * total / count
         if profile:
             prof: dict[int, dict[str, dict[str, float]]] = {}
             for n in (1, 4):
