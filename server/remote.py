@@ -180,9 +180,12 @@ class WorkerEngine:
             return None
         conv = self._next_conv
         self._next_conv += 1
+        try:
+            self._proc.ctrl.send(("claim", free.index, conv))
+        except (OSError, ValueError):  # it died just now: the sentinel is about to report it
+            raise EngineClosed("the model worker is restarting") from None
         free.conv_id, free.sink, free.ready = conv, sink, False
         free.pushed.clear()
-        self._proc.ctrl.send(("claim", free.index, conv))
         self.metrics.set_active(self.active_count())
         return free, conv
 
