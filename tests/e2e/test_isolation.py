@@ -30,10 +30,11 @@ MAX_GAP = 0.5
 SCENARIOS = {
     "a: 3 reconnect-flooders, one address": [("reconnect", "127.0.0.2")] * 3,
     "b: 20 reconnect-flooders, 20 addresses": [("reconnect", f"127.0.0.{k}") for k in range(2, 22)],
-    "c: valid audio at 3x": [("audio3x", "127.0.0.2")],
-    "d: floods, pings, pipelining, headers, slowloris": [("reconnect", "127.0.0.2"), ("pings", "127.0.0.3"),
-                                                          ("pipelining", "127.0.0.4"), ("headers", "127.0.0.5"),
-                                                          ("slowloris", "127.0.0.6")],
+    # fresh addresses: the flooders of (a) and (b) are banned for a while, which is not what (c), (d) test
+    "c: valid audio at 3x": [("audio3x", "127.0.0.30")],
+    "d: floods, pings, pipelining, headers, slowloris": [("reconnect", "127.0.0.31"), ("pings", "127.0.0.32"),
+                                                          ("pipelining", "127.0.0.33"), ("headers", "127.0.0.34"),
+                                                          ("slowloris", "127.0.0.35")],
 }
 
 
