@@ -36,9 +36,9 @@ demo: $(STAMP)
 scaleout-demo: $(STAMP) sysdeps
 	@haproxy=$$(command -v haproxy || echo /usr/sbin/haproxy); \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8998 \
-	  --max-conversations 4 & a=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9998 & a=$$!; \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8999 \
-	  --max-conversations 4 & b=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9999 & b=$$!; \
 	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
 	$$haproxy -f deploy/haproxy.cfg -db
 

@@ -18,6 +18,7 @@ PREFIX = "moshi_ttt_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+TRANSPORT_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
 TTT_COUNTERS = {"updates": "Fast-weight updates applied (completed chunks).",
                 "clips": "Fast-weight deltas clipped to clip_norm.",
@@ -64,6 +65,11 @@ class Metrics:
                                   "its output frame ready, per frame.", buckets=LATENCY_BUCKETS, registry=reg)
         self._step = Histogram(name("step_seconds"), "Compute time of one batched step (Mimi encode, LM, Mimi "
                                "decode).", buckets=STEP_BUCKETS, registry=reg)
+        self._transport = Histogram(name("worker_transport_seconds"), "One PCM frame through the shared-memory "
+                                    "ring to the model worker (in) or back (out): written to read.", ["direction"],
+                                    buckets=TRANSPORT_BUCKETS, registry=reg)
+        self._worker_restarts = Counter(name("worker_restarts_total"), "Model worker processes restarted after "
+                                        "dying.", registry=reg)
         self._steps = Counter(name("steps_total"), "Batched steps run.", registry=reg)
         self._frames = Counter(name("frames_total"), "Conversation frames processed (80 ms each).", registry=reg)
         self._audio = Counter(name("audio_seconds_total"), "Seconds of conversation audio processed.", registry=reg)
@@ -122,6 +128,12 @@ class Metrics:
 
     def observe_frame_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
+
+    def observe_transport(self, direction: str, seconds: float) -> None:
+        self._transport.labels(direction=direction).observe(seconds)
+
+    def inc_worker_restarts(self) -> None:
+        self._worker_restarts.inc()
 
     def inc_ttt(self, layer: str, what: str, n: int) -> None:
         self._ttt[what].labels(layer=layer).inc(n)

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow  # heavy and timing-sensitive: not in `make test-f
 @pytest.fixture(scope="module")
 def abuse_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("abuse_server")
-    with ServeProcess(d, ["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning"],
-                      omp_threads=1) as srv:
+    with ServeProcess(d, ["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning",
+                          "--no-per-ip-limits"], omp_threads=1) as srv:
         yield srv
     assert srv.returncode == 0, srv.log_tail()
 
@@ -141,7 +141,7 @@ def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, serv
 
 def test_overload_is_named_and_stops_admission(tmp_path, server_speech):
     srv = ServeProcess(tmp_path, ["--max-conversations", "2", "--step-delay-ms", "100", "--max-delay", "4",
-                                  "--log-level", "warning"], omp_threads=1).start()
+                                  "--log-level", "warning", "--no-per-ip-limits"], omp_threads=1).start()
     url = srv.wait_listening()
     ws_url = url.replace("http://", "ws://") + "/api/chat"
     try:

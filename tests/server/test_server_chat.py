@@ -20,7 +20,7 @@ def chat_server(tmp_path_factory, demo_ttt_yaml):
     d = tmp_path_factory.mktemp("chat_server")
     srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(d / "cache"), "--max-conversations", "2",
                             "--temp", "0", "--temp-text", "0", "--ttt-config", str(demo_ttt_yaml(chunk_size=8)),
-                            "--idle-timeout", "30", "--telemetry-interval", "0.5"])
+                            "--idle-timeout", "30", "--telemetry-interval", "0.5", "--no-per-ip-limits"])
     yield srv
     srv.stop()
 
