@@ -85,7 +85,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
     g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
 
-    g = p.add_argument_group("admission per client address (see docs/serving-worker.md)")
+    g = p.add_argument_group("admission per client address (see docs/serving.md)")
     g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
                    help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
     g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
