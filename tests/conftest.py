@@ -45,6 +45,12 @@ SPEECH_CLIPS = {
     "train0": ("en", None, "hello there how are you today"),
     "train1": ("en", None, "tell me a story about a cat"),
     "train2": ("en+f3", None, "I am fine thank you and you"),
+    # content tests of the echo demo: four speakers and texts the demo's training never saw
+    "echo0": ("en-gb-x-gbclan+f3", None, "Seven silver spoons fell from the kitchen table onto the floor."),
+    "echo1": ("en-gb-x-gbcwmd+m2", None, "Please bring the green umbrella, it might rain this afternoon."),
+    "echo2": ("en-us+f4", 150, "Numbers one two three four five, and then six."),
+    "echo3": ("en-gb-scotland+m3", 200, "Winter mornings are quiet and the frozen lake shines."),
+    "echo4": ("en-029+f1", 170, "A bicycle with a blue basket waits outside the bakery."),
 }
 
 
