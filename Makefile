@@ -1,4 +1,6 @@
 # Quick start: `make demo` runs the product, `make test` runs the test suite. Both set themselves up.
+# `make test-fast` is the development loop (< 2 min on 2 cores): no Chromium, HAProxy, wheel, multi-process
+# or slow tests (pytest markers, pyproject.toml); `make test` (CI) runs them all.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 # System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
 # haproxy the scale-out test (Debian puts it in /usr/sbin).
 SYSDEPS := espeak-ng sox chromium haproxy
-.PHONY: setup sysdeps demo scaleout-demo test lint bench experiment gpu-check
+.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench experiment gpu-check
 setup: $(STAMP)
 
 sysdeps:
@@ -34,18 +36,24 @@ demo: $(STAMP)
 scaleout-demo: $(STAMP) sysdeps
 	@haproxy=$$(command -v haproxy || echo /usr/sbin/haproxy); \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8998 \
-	  --max-conversations 4 & a=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9998 & a=$$!; \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8999 \
-	  --max-conversations 4 & b=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9999 & b=$$!; \
 	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
 	$$haproxy -f deploy/haproxy.cfg -db
 
+# ruff, then the import layers (pyproject.toml's [tool.importlinter]; docs/design.md, Package layout).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
 	$(VENV)/bin/lint-imports
 
 test: $(STAMP) sysdeps lint
 	$(VENV)/bin/python -m pytest -q tests
+
+FAST := not browser and not haproxy and not wheel and not multiprocess and not slow
+test-fast: $(STAMP)
+	@$(MAKE) --no-print-directory sysdeps SYSDEPS="espeak-ng sox"
+	$(VENV)/bin/python -m pytest -q tests -m "$(FAST)"
 
 bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench
@@ -55,7 +63,8 @@ bench: $(STAMP) sysdeps
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
-# Memory beyond the attention window (≈ 15 min on 2 idle cores; resumable: finished runs are cached in
-# docs/memory_experiment/runs/): results.json, the plot and the README table.
+# Memory beyond the attention window (moshi_ttt/experiments/memory_experiment.py; ≈ 15 min on 2 idle cores;
+# resumable: finished runs are cached in docs/memory_experiment/runs/): results.json, the plot, and the table
+# in docs/memory-experiment.md.
 experiment: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2

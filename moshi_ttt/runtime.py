@@ -134,7 +134,8 @@ def pick_dtype(device: torch.device, name: str | None = None, half: bool = False
 def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None,
                     ) -> tuple[loaders.CheckpointInfo, str, CheckpointFlags]:
     """moshi's CheckpointInfo for the flags, a display name, and the flags as they apply to that checkpoint
-    (with `demo`, an explicit TTT config is baked into the cached demo checkpoint and dropped from them).
+    (with `demo`: the cached demo checkpoint's folder; an explicit TTT config is baked into it and stays in the
+    flags, so that `resolve_ttt` names the flag, not the demo's config.json, as its source).
 
     moshi warns "no config.json, assuming Moshi 7B" whenever config.json cannot be fetched, also when the
     repo is simply not in the offline cache: its warnings are passed on only once loading succeeded."""
@@ -148,7 +149,7 @@ def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None
         ttt = load_ttt_config(flags.ttt_config) if flags.ttt_config else None
         repo = demo_repo(ttt, cache_root)
         return checkpoint_info(str(repo)), f"demo (tiny random TTT-Moshi, {repo})", CheckpointFlags(
-            hf_repo=str(repo), ttt_weights=flags.ttt_weights)
+            hf_repo=str(repo), ttt_config=flags.ttt_config, ttt_weights=flags.ttt_weights)
     repo = flags.hf_repo
     if repo and Path(repo).is_file():
         raise ValueError(f"--hf-repo {repo}: a file, not a checkpoint folder or repo id (a weights file goes "

@@ -19,11 +19,10 @@ import re
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 
-from moshi_ttt.testing.probe import start_cli_server, stop_cli_server
+from moshi_ttt.testing.launcher import ServeProcess
 
 
 def step_stats(url: str) -> tuple[float, float]:
@@ -121,9 +120,9 @@ def main() -> int:
     pcm = espeak_pcm("Hello there, this is a test of test time training inside Moshi. "
                      "The weather is nice and the sun is out, so we talk for a while.")
     with tempfile.TemporaryDirectory() as d:
-        proc, url = start_cli_server(["--max-conversations", "2", "--idle-timeout", "30", "--log-level", "error",
-                                      *args.server_args], Path(d))
-        try:
+        with ServeProcess(d, ["--max-conversations", "2", "--idle-timeout", "30", "--log-level", "error",
+                              *args.server_args], omp_threads=1) as srv:
+            url = srv.url
             s0, n0 = step_stats(url)
             q = mp.get_context("spawn").Queue()
             atk = mp.get_context("spawn").Process(target=attacker, args=(args.attack, url, args.seconds, q))
@@ -133,8 +132,6 @@ def main() -> int:
             atk.join(args.seconds + 30)
             cuts = q.get(timeout=5) if not atk.is_alive() else None
             s1, n1 = step_stats(url)
-        finally:
-            stop_cli_server(proc)
     res.update({"attack": args.attack, "server_args": args.server_args, "attacker_rounds": cuts,
                 "mean_step_ms": round(1000 * (s1 - s0) / max(1, n1 - n0), 1), "steps": int(n1 - n0)})
     print(json.dumps(res), flush=True)

@@ -1,6 +1,10 @@
 """The aiohttp application: routes, API-key check, graceful shutdown.
 
-GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see `session`)
+GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see `session`). Refused
+               before the upgrade, with no slot claimed: 429 + Retry-After over a per-address limit
+               (`admission`); through a trusted proxy also 503 + Retry-After while no slot is free or the
+               model worker restarts, so that the balancer retries another instance (a direct client
+               is upgraded and gets the 0x05 "server busy": a browser cannot read an HTTP refusal)
 GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
 GET /metrics   Prometheus text (prometheus_client, see `metrics`)
 GET /          the web client (`index.html` of the static directory) and its other files
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from aiohttp import web
 
 from . import protocol
 from .access import AccessPolicy, key_matches
-from .engine import Engine
+from .admission import Admission, AdmissionLimits
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .metrics import CONTENT_TYPE, Metrics
 from .session import Session, SessionConfig, peer_of
@@ -42,12 +47,14 @@ class AppConfig:
     shutdown_grace: float = 3.0
     access: AccessPolicy = field(default_factory=AccessPolicy)
     http: HttpLimits = field(default_factory=HttpLimits)
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
 
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", object)  # remote.WorkerEngine, or engine.Engine with --workers 0
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", AppConfig)
 SESSIONS = web.AppKey("sessions", set)
+ADMISSION = web.AppKey("admission", Admission)
 
 
 def _key_ok(request: web.Request, key: str) -> bool:
@@ -95,17 +102,39 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         telemetry = protocol.telemetry_requested(request.query.get(protocol.TELEMETRY_QUERY))
     except protocol.ProtocolError as e:
         return web.Response(status=400, text=f"400: {e.reason}\n")
-    await ws.prepare(request)
-    transport = request.transport
-    session = Session(ws, app[ENGINE], app[METRICS], cfg.session, peer=peer_of(request), info=cfg.info,
-                      telemetry=telemetry, on_claimed=lambda: app[GUARD].conversation(transport),
-                      drop_input=lambda: app[GUARD].drop_input(transport))
-    app[SESSIONS].add(session)
+    engine, metrics, admission = app[ENGINE], app[METRICS], app[ADMISSION]
+    addr = admission.client_address(request.remote, ",".join(request.headers.getall("X-Forwarded-For", [])))
+    if admission.proxied(request.remote):
+        if not engine.alive:
+            metrics.rejected_conversation("unavailable")
+            return _refuse(503, "the model is restarting, try again in a few seconds", 5)
+        if engine.active_count() >= engine.n:
+            metrics.rejected_conversation("busy")
+            return _refuse(503, f"server busy: all {engine.n} conversation slots are in use, try again later", 2)
+    refusal = admission.refusal(addr)
+    if refusal is not None:
+        metrics.rejected_conversation(refusal.label)
+        log.info("upgrade from %s refused: %s", addr, refusal.reason)
+        return _refuse(refusal.status, refusal.reason, refusal.retry_after)
+    session = None
     try:
+        await ws.prepare(request)
+        transport = request.transport
+        session = Session(ws, engine, metrics, cfg.session, peer=addr, info=cfg.info,
+                          telemetry=telemetry, on_claimed=lambda: app[GUARD].conversation(transport),
+                          drop_input=lambda: app[GUARD].drop_input(transport))
+        app[SESSIONS].add(session)
         await session.run()
     finally:
-        app[SESSIONS].discard(session)
+        admission.closed(addr, abusive=session is not None and session.abusive)
+        if session is not None:
+            app[SESSIONS].discard(session)
     return ws
+
+
+def _refuse(status: int, reason: str, retry_after: float) -> web.Response:
+    return web.Response(status=status, text=f"{status}: {reason}\n",
+                        headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -114,7 +143,7 @@ async def handle_health(request: web.Request) -> web.Response:
     ok = engine.alive
     body = {"status": "ok" if ok else "error", "active": engine.active_count(), "max_conversations": engine.n,
             "free": engine.n - engine.active_count(), "steps": snap["steps_total"],
-            "real_time_factor": snap["real_time_factor"], **request.app[CONFIG].info}
+            "realtime_speed": snap["realtime_speed"], **request.app[CONFIG].info}
     return web.json_response(body, status=200 if ok else 503)
 
 
@@ -134,13 +163,15 @@ async def _on_shutdown(app: web.Application) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(engine: Engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
+def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
-    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused)
+    admission = Admission(cfg.admission)
+    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[CONFIG] = cfg
     app[SESSIONS] = set()
+    app[ADMISSION] = admission
     app.router.add_get("/api/chat", handle_chat)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)

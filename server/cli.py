@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
-import random
 import signal
 import ssl
 import sys
 import threading
-import time
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +23,20 @@ from aiohttp import web
 
 from moshi_ttt.runtime import add_checkpoint_args
 
-from . import limits, protocol
+from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
+from .agent import start_agent
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
-from .engine import Engine, EngineConfig
 from .http_guard import GuardedSite, HttpLimits
 from .metrics import Metrics
+from .model import load
+from .remote import WorkerEngine
 from .session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
 
 # The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
-# docs/design.md, "Serving engine").
+# docs/design.md, "Serving engine"; the flood figures: docs/serving.md).
 DEFAULT_SWITCH_MS = 5.0
 
 
@@ -57,7 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="websocket Origins accepted besides the server's own (e.g. https://chat.example.com); "
                         "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
 
-    g = p.add_argument_group("limits (see README, Exposing the server)")
+    g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
     g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
                    help="seconds of a conversation's audio that may wait for the model before it is ended "
                         f"(default {SessionConfig.max_delay:g})")
@@ -83,6 +83,31 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
     g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
+    g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
+
+    g = p.add_argument_group("admission per client address (see docs/serving.md)")
+    g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
+                   help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
+    g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
+                   help="conversation starts per client address and minute (default "
+                        f"{admission.DEFAULT_STARTS_PER_MINUTE:g}; 0 = no limit)")
+    g.add_argument("--start-burst", type=int, default=admission.DEFAULT_START_BURST,
+                   help=f"starts an address may make at once (default {admission.DEFAULT_START_BURST})")
+    g.add_argument("--ban-after", type=int, default=admission.DEFAULT_BAN_AFTER,
+                   help="refuse an address at the upgrade once its conversations were cut for abuse this many "
+                        f"times within --ban-window (default {admission.DEFAULT_BAN_AFTER}; 0 = never)")
+    g.add_argument("--ban-window", type=float, default=admission.DEFAULT_BAN_WINDOW_S,
+                   help=f"seconds (default {admission.DEFAULT_BAN_WINDOW_S:g})")
+    g.add_argument("--ban-seconds", type=float, default=admission.DEFAULT_BAN_S,
+                   help=f"how long such an address is refused (default {admission.DEFAULT_BAN_S:g})")
+    g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
+                        "anyone else the header is ignored")
+    g.add_argument("--agent-port", type=int, default=None, metavar="PORT",
+                   help="answer HAProxy's agent-check on this TCP port (same host): 'up maxconn:<slots>', or "
+                        "'down' while the model worker restarts")
+    g.add_argument("--no-per-ip-limits", action="store_true",
+                   help="turn every per-address limit off (a trusted network; tests)")
 
     g = p.add_argument_group("model (as moshi.server)")
     add_checkpoint_args(g, demo_help="no checkpoint: build the tiny random TTT-Moshi + reduced Mimi + tokenizer "
@@ -114,63 +139,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "share one batched step (default 80 = one frame)")
     g.add_argument("--telemetry-interval", type=float, default=1.0,
                    help="seconds between TTT telemetry reads / 0x04 messages (0 = only at start; default 1)")
+    g.add_argument("--workers", type=int, default=1, choices=[0, 1],
+                   help="1 (default): the model steps in its own process (no client can stall it through the "
+                        "GIL; a crash of the model is survived); 0: in the web process (debugging only)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the model thread (0 = auto: cores - 1, at least 1)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-# -- model ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Loaded:
-    engine: Engine
-    metrics: Metrics
-    info: dict
-
-
-def load(args) -> Loaded:
-    """Loads the model described by the flags and starts the engine (blocking; seconds)."""
-    import numpy as np
-    import torch
-
-    from moshi_ttt import runtime
-
-    random.seed(args.seed)
-    np.random.seed(args.seed % (2 ** 32))
-    torch.manual_seed(args.seed)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(device, half=args.half)
-    if args.half and device.type != "cuda":
-        log.info("--half is ignored on CPU (float32)")
-    t = time.perf_counter()
-    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, fuse_lora=args.fuse_lora,
-                          cache_root=args.cache_dir)
-    lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
-    log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
-             time.perf_counter() - t, lm.ttt_layer_indices)
-    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
-                                top_k_text=args.top_k_text)
-    n = args.max_conversations
-    condition_tensors = runtime.condition_tensors(pieces, n, args.cfg_coef, gen)
-    threads = args.threads
-    if threads <= 0:
-        threads = max(1, (os.cpu_count() or 2) - 1) if device.type == "cpu" else 1
-    metrics = Metrics(max_conversations=n, frame_seconds=1 / mimi.frame_rate)
-    metrics.set_ttt_layers(lm.ttt_layer_indices)
-    engine = Engine(mimi, lm, tokenizer,
-                    EngineConfig(max_conversations=n, threads=threads, batch_wait=args.batch_wait_ms / 1000,
-                                 telemetry_interval=args.telemetry_interval),
-                    metrics=metrics, lm_gen_kwargs=gen, cfg_coef=args.cfg_coef,
-                    condition_tensors=condition_tensors or None, device=device)
-    engine.start()
-    model_info = {
-        "model": model_name, "demo": bool(args.demo), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "max_conversations": n, "sample_rate": int(mimi.sample_rate), "frame_rate": float(mimi.frame_rate),
-        "ttt_layers": list(lm.ttt_layer_indices), "ttt": lm.ttt_config.to_dict(),
-        "generation": {k: v for k, v in gen.items()}, "cfg_coef": args.cfg_coef,
-    }
-    return Loaded(engine, metrics, model_info)
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -179,7 +153,7 @@ def load(args) -> Loaded:
 @dataclass
 class RunningServer:
     runner: web.AppRunner
-    engine: Engine
+    engine: tp.Any  # WorkerEngine, or Engine with --workers 0
     metrics: Metrics
     host: str
     port: int
@@ -195,12 +169,18 @@ class RunningServer:
         return ("wss" if self.scheme == "https" else "ws") + self.url[len(self.scheme):] + "/api/chat"
 
     switch_interval: float | None = None  # sys.getswitchinterval() before start (restored by close)
+    agent: asyncio.AbstractServer | None = None  # the HAProxy agent port (--agent-port)
 
     async def close(self) -> None:
         try:
+            if self.agent is not None:
+                self.agent.close()
             await self.runner.cleanup()
         finally:
-            await asyncio.to_thread(self.engine.close)
+            if isinstance(self.engine, WorkerEngine):
+                await self.engine.close()
+            else:
+                await asyncio.to_thread(self.engine.close)
             if self.switch_interval is not None:
                 sys.setswitchinterval(self.switch_interval)
 
@@ -241,31 +221,48 @@ async def start(args) -> RunningServer:
     budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
     http = HttpLimits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
                       max_pending=args.max_pending_connections)
+    trusted = admission.parse_networks(args.trusted_proxies)
+    if args.no_per_ip_limits:
+        per_ip = dataclasses.replace(admission.AdmissionLimits.off(), trusted_proxies=trusted)
+    else:
+        per_ip = admission.AdmissionLimits(
+            max_per_ip=args.max_conversations_per_ip, starts_per_minute=args.max_starts_per_minute,
+            start_burst=args.start_burst, ban_after=args.ban_after, ban_window=args.ban_window,
+            ban_seconds=args.ban_seconds, trusted_proxies=trusted)
     if api_key is None and not is_loopback_host(args.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
                     "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
-    loaded = await asyncio.to_thread(load, args)
-    loaded.engine.cfg.step_delay = args.step_delay_ms / 1000
+    if args.workers == 0:
+        loaded = await asyncio.to_thread(load, args)
+        engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
+    else:
+        engine = WorkerEngine(args, log_level=args.log_level)
+        await engine.start()
+        metrics, info = engine.metrics, engine.info
     cfg = AppConfig(api_key=api_key, static_dir=static,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
                                           max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
-                    info=loaded.info, access=access, http=http)
+                    info=info, access=access, http=http, admission=per_ip)
     switch = sys.getswitchinterval()
     try:
-        app = create_app(loaded.engine, loaded.metrics, cfg)
+        app = create_app(engine, metrics, cfg)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **http.handler_kwargs())
         await runner.setup()
         site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
         await site.start()
+        agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
     except BaseException:
-        loaded.engine.close()
+        if isinstance(engine, WorkerEngine):
+            await engine.close()
+        else:
+            engine.close()
         raise
     sys.setswitchinterval(args.gil_switch_ms / 1000)
-    running = RunningServer(runner, loaded.engine, loaded.metrics, args.host, site.port,
-                            "https" if ssl_ctx else "http", switch_interval=switch)
+    running = RunningServer(runner, engine, metrics, args.host, site.port,
+                            "https" if ssl_ctx else "http", switch_interval=switch, agent=agent)
     log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
-             loaded.engine.n, ", API key required" if cfg.api_key else "")
+             engine.n, ", API key required" if cfg.api_key else "")
     return running
 
 
@@ -331,7 +328,7 @@ class BackgroundServer:
         return self.server.ws_url
 
     @property
-    def engine(self) -> Engine:
+    def engine(self):
         assert self.server is not None
         return self.server.engine
 

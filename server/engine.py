@@ -17,7 +17,6 @@ import logging
 import math
 import threading
 import time
-import typing as tp
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,29 +25,11 @@ import torch
 from moshi_ttt.models.lm import make_lm_gen
 from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
+from .events import EngineClosed, Event, Sink
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.engine")
 
-
-
-@dataclass
-class Event:
-    """What the worker sends to a conversation.
-
-    kind: "ready" (slot reset; `telemetry` holds the start state), "frame" (`pcm`, `text`, `frame`),
-    "telemetry" (`telemetry`, `frame` = frames processed), "error" (`reason`).
-    """
-
-    kind: str
-    pcm: np.ndarray | None = None
-    text: str | None = None
-    frame: int = 0
-    telemetry: dict | None = None
-    reason: str | None = None
-
-
-Sink = tp.Callable[[Event], None]
 
 
 @dataclass
@@ -74,10 +55,7 @@ class EngineConfig:
     telemetry_duty: float = 0.05  # at most this fraction of the worker's time goes to telemetry
     warmup_steps: int = 4  # ≥ 3 so that on CUDA every graph (encoder, LM, depformer, decoder) is captured
     step_delay: float = 0.0  # test hook: seconds added to every step (a model slower than real time)
-
-
-class EngineClosed(RuntimeError):
-    pass
+    fail_step: int = 0  # test hook: the engine's step number (1-based, after warm-up) that raises; 0 = none
 
 
 class Engine:
@@ -147,17 +125,22 @@ class Engine:
 
     # -- API for sessions (any thread) -------------------------------------------------------------
 
-    def claim(self, sink: Sink) -> tuple[Slot, int] | None:
+    def claim(self, sink: Sink, index: int | None = None, conv_id: int | None = None) -> tuple[Slot, int] | None:
         """A free slot for a new conversation, or None when all are taken. The slot gets reset by the
-        worker, which then sends `Event("ready")` to `sink`."""
+        worker, which then sends `Event("ready")` to `sink`. `index`/`conv_id`: the slot and id chosen
+        by the caller (the worker process: the web process allocates); None if that slot is taken."""
         with self._cond:
             if self._stop or not self.alive:
                 raise EngineClosed("the engine is not running")
-            free = next((s for s in self.slots if s.conv_id is None), None)
+            if index is None:
+                free = next((s for s in self.slots if s.conv_id is None), None)
+            else:
+                free = self.slots[index] if self.slots[index].conv_id is None else None
             if free is None:
                 return None
-            conv_id = self._next_conv
-            self._next_conv += 1
+            if conv_id is None:
+                conv_id = self._next_conv
+            self._next_conv = max(self._next_conv, conv_id) + 1
             free.conv_id, free.sink, free.ready = conv_id, sink, False
             free.inbox.clear()
             free.frames_in = free.frames_out = 0
@@ -167,12 +150,12 @@ class Engine:
             self.metrics.set_active(self.active_count())
             return free, conv_id
 
-    def push(self, slot: Slot, conv_id: int, frames: list[np.ndarray]) -> bool:
+    def push(self, slot: Slot, conv_id: int, frames: list[np.ndarray], t_push: float | None = None) -> bool:
         """Queues input frames (each exactly `frame_size` float32 samples). False if the slot is no
-        longer this conversation's."""
+        longer this conversation's. `t_push`: when they were complete (monotonic; default now)."""
         if not frames:
             return True
-        now = time.monotonic()
+        now = time.monotonic() if t_push is None else t_push
         with self._cond:
             if slot.conv_id != conv_id:
                 return False
@@ -385,6 +368,9 @@ class Engine:
             first[slot.index] = is_first
             pcm[slot.index, 0] = torch.from_numpy(frame)
         try:
+            if self.cfg.fail_step and self.steps + 1 == self.cfg.fail_step:
+                self.steps += 1
+                raise RuntimeError("injected failure (--fail-step)")
             pcm_out, text_ids, gen = self._compute(exec_mask, pcm, first)
             if self.cfg.step_delay > 0:
                 time.sleep(self.cfg.step_delay)
@@ -410,12 +396,12 @@ class Engine:
                 slot.dirty = True
                 frame_no = slot.frames_out
                 slot.frames_out += 1
-            text = None
+            text, tid = None, -1
             if bool(gen[i]):
                 tid = int(text_ids[i])
                 text = self._pieces[tid] if 0 <= tid < len(self._pieces) else None
             self.metrics.observe_frame_latency(now - t_push)
-            self._emit(slot, conv_id, Event("frame", pcm=pcm_np[i].copy(), text=text, frame=frame_no))
+            self._emit(slot, conv_id, Event("frame", pcm=pcm_np[i].copy(), text=text, frame=frame_no, text_id=tid))
 
     # -- telemetry -----------------------------------------------------------------------------------
 

@@ -73,16 +73,22 @@ class ConnectionGuard:
     """Per-connection state keyed by transport. `on_refused(reason)` is called for each connection
     the guard aborts ("over_cap", "header_timeout")."""
 
-    def __init__(self, limits: HttpLimits, on_refused: tp.Callable[[str], None] | None = None):
+    def __init__(self, limits: HttpLimits, on_refused: tp.Callable[[str], None] | None = None,
+                 banned: tp.Callable[[str], bool] | None = None):
         self.limits = limits
         self.on_refused = on_refused or (lambda reason: None)
+        self.banned = banned or (lambda peer: False)  # peer address → abort on accept, unparsed
         self.conns: dict[asyncio.BaseTransport, _Conn] = {}
         self.pending = 0
 
     def opened(self, transport: asyncio.BaseTransport, protocol: _GuardedProtocol) -> bool:
-        """A new connection; False if it must be refused (too many pending connections)."""
+        """A new connection; False if it must be refused (too many pending connections, a banned peer)."""
         if self.pending >= self.limits.max_pending:
             self.on_refused("over_cap")
+            return False
+        peer = transport.get_extra_info("peername")
+        if peer and self.banned(peer[0]):
+            self.on_refused("banned")
             return False
         conn = _Conn(protocol)
         self.conns[transport] = conn

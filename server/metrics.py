@@ -18,6 +18,7 @@ PREFIX = "moshi_ttt_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+TRANSPORT_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
 TTT_COUNTERS = {"updates": "Fast-weight updates applied (completed chunks).",
                 "clips": "Fast-weight deltas clipped to clip_norm.",
@@ -64,13 +65,20 @@ class Metrics:
                                   "its output frame ready, per frame.", buckets=LATENCY_BUCKETS, registry=reg)
         self._step = Histogram(name("step_seconds"), "Compute time of one batched step (Mimi encode, LM, Mimi "
                                "decode).", buckets=STEP_BUCKETS, registry=reg)
+        self._transport = Histogram(name("worker_transport_seconds"), "One PCM frame through the shared-memory "
+                                    "ring to the model worker (in) or back (out): written to read.", ["direction"],
+                                    buckets=TRANSPORT_BUCKETS, registry=reg)
+        self._worker_restarts = Counter(name("worker_restarts_total"), "Model worker processes restarted after "
+                                        "dying.", registry=reg)
         self._steps = Counter(name("steps_total"), "Batched steps run.", registry=reg)
         self._frames = Counter(name("frames_total"), "Conversation frames processed (80 ms each).", registry=reg)
         self._audio = Counter(name("audio_seconds_total"), "Seconds of conversation audio processed.", registry=reg)
-        Gauge(name("real_time_factor"), "Frame duration / batched step time (EMA); >= 1 means every conversation "
-              "keeps up.", registry=reg).set_function(lambda: _nan_if_none(self.real_time_factor()))
-        Gauge(name("throughput_real_time_factor"), "Audio seconds processed per compute second, summed over the "
-              "conversations of a step (EMA).", registry=reg).set_function(lambda: _nan_if_none(self._throughput()))
+        Gauge(name("realtime_speed"), "Audio seconds per wall second of each conversation: frame duration / batched "
+              "step time (EMA); >= 1 means every conversation keeps up (2 = twice real time).",
+              registry=reg).set_function(lambda: _nan_if_none(self.realtime_speed()))
+        Gauge(name("throughput_realtime_speed"), "Audio seconds per wall second summed over the conversations of a "
+              "step: realtime_speed x conversations per step (EMA).",
+              registry=reg).set_function(lambda: _nan_if_none(self._throughput()))
         self._ttt = {what: Counter(name(f"ttt_{what}_total"), help_ + " Summed over conversations, per TTT layer.",
                                    ["layer"], registry=reg) for what, help_ in TTT_COUNTERS.items()}
         self._drift = Gauge(name("ttt_drift"), "Fast-weight drift ||W - W0||_F per TTT layer and active slot.",
@@ -121,6 +129,12 @@ class Metrics:
     def observe_frame_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
+    def observe_transport(self, direction: str, seconds: float) -> None:
+        self._transport.labels(direction=direction).observe(seconds)
+
+    def inc_worker_restarts(self) -> None:
+        self._worker_restarts.inc()
+
     def inc_ttt(self, layer: str, what: str, n: int) -> None:
         self._ttt[what].labels(layer=layer).inc(n)
 
@@ -137,17 +151,17 @@ class Metrics:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def real_time_factor(self) -> float | None:
-        """Frame duration / step time (EMA): ≥ 1 means every conversation keeps up with real time
-        (each one needs one batched step per frame)."""
+    def realtime_speed(self) -> float | None:
+        """Audio seconds per wall second of each conversation = frame duration / step time (EMA): ≥ 1 means
+        every conversation keeps up with real time (each one needs one batched step per frame)."""
         with self._lock:
             if not self._step_ema:
                 return None
             return self.frame_seconds / self._step_ema
 
     def _throughput(self) -> float | None:
-        rtf = self.real_time_factor()
-        return None if rtf is None or self._rows_ema is None else rtf * self._rows_ema
+        speed = self.realtime_speed()
+        return None if speed is None or self._rows_ema is None else speed * self._rows_ema
 
     def behind_real_time(self, recent: float = 2.0) -> str | None:
         """None while the model keeps up; else why not ("step 120 ms > frame 80 ms"). Behind = the step
@@ -175,7 +189,7 @@ class Metrics:
             "errors": self._by_label("conversation_errors_total", "reason"),
             "steps_total": int(self._value("steps_total")), "frames_total": int(self._value("frames_total")),
             "step_ms_ema": None if step_ema is None else 1000 * step_ema,
-            "real_time_factor": self.real_time_factor(),
+            "realtime_speed": self.realtime_speed(),
         }
 
     def render(self) -> bytes:

@@ -34,7 +34,7 @@ import sphn
 from aiohttp import web
 
 from . import protocol
-from .engine import Engine, EngineClosed, Event
+from .events import EngineClosed, Event
 from .limits import Budget, ConnectionBudget
 from .metrics import Metrics
 
@@ -64,7 +64,7 @@ class End:
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, engine: Engine, metrics: Metrics, cfg: SessionConfig,
+    def __init__(self, ws: web.WebSocketResponse, engine: tp.Any, metrics: Metrics, cfg: SessionConfig,
                  peer: str = "?", info: dict | None = None, telemetry: bool = False,
                  on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None):
         self.ws = ws
@@ -88,6 +88,12 @@ class Session:
         self.last_output = 0.0
         self._shutdown: asyncio.Future[str] = self.loop.create_future()
         self.started = time.monotonic()
+        self.end: End | None = None  # how the conversation ended (None: refused, or still running)
+
+    @property
+    def abusive(self) -> bool:
+        """The conversation was cut for abuse: over a budget, or audio sent faster than the server allows."""
+        return self.end is not None and (self.end.hostile or self.end.code == aiohttp.WSCloseCode.POLICY_VIOLATION)
 
     # -- entry points --------------------------------------------------------------------------------
 
@@ -137,6 +143,7 @@ class Session:
             end = End(error=f"internal error: {type(e).__name__}", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         finally:
             self.engine.release(self.slot, self.conv_id)
+            self.end = end
             dur = time.monotonic() - self.started
             if end.error is not None:
                 self.metrics.inc_error(_reason_label(end.error))

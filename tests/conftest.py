@@ -1,57 +1,34 @@
 """Shared test setup. Keep small: add fixtures, do not rewrite existing ones."""
 
 import os
+from pathlib import Path
 
 # moshi reads this at import time; without it its gating kernel is compiled by Inductor on CPU.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-import pytest
-import torch
-from torch.nn import functional as F
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-# Small TTT layer used by tests/test_layer_*.py: d = 16, dim_feedforward 60 ⇒ h = 40, C = 8.
-LAYER_DIM, LAYER_FF, LAYER_CHUNK = 16, 60, 8
+from moshi_ttt.testing.speech import SAMPLE_RATE, write_wav  # noqa: E402
 
+# ---- markers: a test under tests/<folder>/ gets the marker <folder> (with --strict-markers, a folder must be
+# registered in pyproject.toml's markers: ttt, modules, models, server, train, e2e) ---------------------------
 
-def _make_ttt_layer(dtype=torch.float64, perturb=True, seed=0, **cfg_kw):
-    """A TTTGating (d=16, h=40) with `chunk_size=8, lr=0.05, init="ntp"` unless overridden in cfg_kw.
-    perturb=True adds random noise to the target params (conv, W_target) so no test relies on the
-    special structure of the `ntp` init."""
-    from moshi_ttt.modules.gating import TTTGating
-    from moshi_ttt.ttt.config import TTTConfig
-
-    torch.manual_seed(seed)
-    cfg = TTTConfig(**{"chunk_size": LAYER_CHUNK, "lr": 0.05, "init": "ntp", **cfg_kw})
-    g = TTTGating(LAYER_DIM, LAYER_FF, F.silu, cfg, dtype=dtype)
-    if perturb:
-        with torch.no_grad():
-            if g.ttt.conv is not None:
-                g.ttt.conv.weight.add_(0.2 * torch.randn_like(g.ttt.conv.weight))
-            if g.ttt.w_target is not None:
-                g.ttt.w_target.add_(0.1 * torch.randn_like(g.ttt.w_target))
-    return g
+TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def make_ttt_layer():
-    """Factory fixture: make_ttt_layer(dtype=..., perturb=True, seed=0, **TTTConfig kwargs)."""
-    return _make_ttt_layer
+def _folder_of(path) -> str | None:
+    """tests/<folder>/.../test_x.py → <folder>; None for tests/test_*.py and files outside tests/."""
+    path = Path(path).resolve()
+    rel = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+    return rel[0] if len(rel) > 1 else None
 
 
-def _stream_calls(g, x, x0, sizes):
-    """Feeds x, x0 [B, T, d] to a streaming layer in calls of `sizes` frames; returns [B, T, d]."""
-    assert sum(sizes) == x.shape[1]
-    outs, t = [], 0
-    for s in sizes:
-        outs.append(g(x[:, t:t + s], x0[:, t:t + s]))
-        t += s
-    return torch.cat(outs, dim=1)
-
-
-@pytest.fixture
-def stream_calls():
-    """stream_calls(layer, x, x0, sizes) → output; call inside `with layer.streaming(B):`."""
-    return _stream_calls
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = _folder_of(item.path)
+        if folder is not None:
+            item.add_marker(folder)
 
 
 # ---- real speech (espeak-ng through moshi_ttt.testing.speech) -----------------------------------------------
@@ -68,6 +45,12 @@ SPEECH_CLIPS = {
     "train0": ("en", None, "hello there how are you today"),
     "train1": ("en", None, "tell me a story about a cat"),
     "train2": ("en+f3", None, "I am fine thank you and you"),
+    # content tests of the echo demo: four speakers and texts the demo's training never saw
+    "echo0": ("en-gb-x-gbclan+f3", None, "Seven silver spoons fell from the kitchen table onto the floor."),
+    "echo1": ("en-gb-x-gbcwmd+m2", None, "Please bring the green umbrella, it might rain this afternoon."),
+    "echo2": ("en-us+f4", 150, "Numbers one two three four five, and then six."),
+    "echo3": ("en-gb-scotland+m3", 200, "Winter mornings are quiet and the frozen lake shines."),
+    "echo4": ("en-029+f1", 170, "A bicycle with a blue basket waits outside the bakery."),
 }
 
 
@@ -136,73 +119,6 @@ def demo_ttt_yaml(tmp_path_factory):
     return make
 
 
-def _health(srv_or_url) -> dict:
-    import json
-    import urllib.request
-
-    url = srv_or_url if isinstance(srv_or_url, str) else srv_or_url.url
-    with urllib.request.urlopen(url + "/health", timeout=5) as r:
-        return json.loads(r.read())
-
-
-@pytest.fixture(scope="session")
-def health():
-    """health(server or base URL) → the /health JSON."""
-    return _health
-
-
-async def _wait_active(srv, n: int, timeout: float = 5.0) -> None:
-    import asyncio
-
-    for _ in range(int(timeout / 0.05)):
-        if srv.engine.active_count() == n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {n} active conversations, have {srv.engine.active_count()}")
-
-
-@pytest.fixture(scope="session")
-def wait_active():
-    """await wait_active(background_server, n): until exactly n conversations hold a slot (5 s)."""
-    return _wait_active
-
-
-async def _wait_http_free(http, url: str, timeout: float = 10.0) -> None:
-    import asyncio
-
-    for _ in range(int(timeout / 0.05)):
-        async with http.get(url + "/health") as r:
-            if (await r.json())["active"] == 0:
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url}: a conversation slot is still taken after {timeout:g} s")
-
-
-@pytest.fixture(scope="session")
-def wait_http_free():
-    """await wait_http_free(aiohttp session, base URL): until /health reports no active conversation."""
-    return _wait_http_free
-
-
-def _parse_prometheus(text: str) -> dict:
-    """`/metrics` text → {sample name: [(labels, value)]}, parsed by prometheus_client's own parser (which
-    raises on malformed input); each family's type is under the key ("TYPE", family name)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict = {}
-    for fam in text_string_to_metric_families(text):
-        out[("TYPE", fam.name)] = fam.type
-        for smp in fam.samples:
-            out.setdefault(smp.name, []).append((dict(smp.labels), smp.value))
-    return out
-
-
-@pytest.fixture(scope="session")
-def parse_prometheus():
-    """parse_prometheus(text) → {sample name: [(labels, value)], ("TYPE", family): type}."""
-    return _parse_prometheus
-
-
 @pytest.fixture
 def torch_single_thread():
     """Runs a test with one intra-op thread (restored after). The TTT layer tests run thousands of tiny
@@ -215,23 +131,8 @@ def torch_single_thread():
 
 # ---- training tests (tests/test_train*.py) -------------------------------------------------------
 
-TRAIN_SR = 24000
 # SPEECH_CLIPS "train0..2": two utterances for the main speaker (left channel), one for the user (right channel)
 _TRAIN_TEXTS = [SPEECH_CLIPS[f"train{i}"][2] for i in range(3)]
-
-
-def write_wav(path, channels, sr: int = TRAIN_SR) -> None:
-    """16-bit WAV with one row of `channels` (float arrays in [-1, 1]) per channel (sphn writes mono only)."""
-    import wave
-
-    import numpy as np
-
-    data = np.clip(np.stack([np.asarray(c, dtype=np.float32) for c in channels]).T, -1, 1)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(data.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((data * 32767).astype("<i2").tobytes())
 
 
 def _even_words(text: str, start: float, dur: float, speaker: str) -> list:
@@ -253,21 +154,21 @@ def train_dataset(tmp_path_factory, speech):
 
     d = tmp_path_factory.mktemp("train_data")
     pcms = [speech.pcm(f"train{i}") for i in range(len(_TRAIN_TEXTS))]
-    total = int(6.5 * TRAIN_SR)
+    total = int(6.5 * SAMPLE_RATE)
     lines = []
     for f, (first, second) in enumerate([(0, 1), (1, 0)]):
         left, right = np.zeros(total, np.float32), np.zeros(total, np.float32)
         words = []
         for ch, u, t, spk in [(left, first, 0.2, "SPEAKER_MAIN"), (right, 2, 2.3, "SPEAKER_OTHER"),
                               (left, second, 4.4, "SPEAKER_MAIN")]:
-            a = int(t * TRAIN_SR)
+            a = int(t * SAMPLE_RATE)
             seg = pcms[u][: total - a]
             ch[a:a + len(seg)] += seg
-            words += _even_words(_TRAIN_TEXTS[u], t, len(seg) / TRAIN_SR, spk)
+            words += _even_words(_TRAIN_TEXTS[u], t, len(seg) / SAMPLE_RATE, spk)
         wav = d / f"conv{f}.wav"
         write_wav(wav, [left, right])
         wav.with_suffix(".json").write_text(json.dumps({"alignments": words}))
-        lines.append(json.dumps({"path": wav.name, "duration": total / TRAIN_SR}))
+        lines.append(json.dumps({"path": wav.name, "duration": total / SAMPLE_RATE}))
     (d / "train.jsonl").write_text("\n".join(lines) + "\n")
     return d / "train.jsonl"
 
@@ -290,7 +191,7 @@ def train_repo(tmp_path_factory, train_dataset):
 
     repo = make_local_repo(tmp_path_factory.mktemp("train_repo"))
     mimi = checkpoint_info(str(repo)).get_mimi()
-    pcm = torch.cat([torch.from_numpy(sphn.read(str(p), sample_rate=TRAIN_SR)[0])
+    pcm = torch.cat([torch.from_numpy(sphn.read(str(p), sample_rate=SAMPLE_RATE)[0])
                      for p in sorted(train_dataset.parent.glob("conv*.wav"))], dim=-1)[:, None]
     kmeans = functools.partial(core_vq._run_kmeans, num_iters=5)
     with torch.no_grad(), mock.patch.object(core_vq, "_run_kmeans", kmeans):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from moshi_ttt.startup import compile_only_on_cuda
 
 # subcommand → module providing add_args / run (imported lazily: torch start-up is slow)
 COMMANDS = {
@@ -18,8 +19,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not _has_cuda_hint():
-        os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    compile_only_on_cuda()  # before any subcommand module imports torch and moshi
     parser = argparse.ArgumentParser(prog="moshi-ttt", description="In-Place Test-Time Training for Moshi")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
@@ -32,11 +32,6 @@ def main(argv: list[str] | None = None) -> int:
             modules[name].add_args(p)
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)
-
-
-def _has_cuda_hint() -> bool:
-    """torch.compile helps on CUDA only; on CPU it costs seconds per first call."""
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
 if __name__ == "__main__":

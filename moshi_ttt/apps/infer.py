@@ -33,12 +33,13 @@ EXIT_USER_ERROR = 2
 
 _telemetry_doc = """\
 telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size,
-batch_size, ttt_layers, sample_every, realtime_factor (wall time / audio time, < 1 is faster than real
-time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates /
-clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last
-completed chunk), one entry per sample (a list over batch items) at the LM steps in series_frames. With --memory or
---save-memory, "memory": loaded (the memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates
-of item 0 as it starts) and end (the saved memory's header and the same per-layer stats)."""
+batch_size, ttt_layers, sample_every, seconds (wall), audio_seconds, realtime_speed (audio seconds / wall
+seconds, > 1 is faster than real time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the
+final per-item lists updates / clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and
+last_delta_norm (‖ΔW‖_F of the last completed chunk), one entry per sample (a list over batch items) at
+the LM steps in series_frames. With --memory or --save-memory,
+"memory": loaded (the memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates of item 0 as
+it starts) and end (the saved memory's header and the same per-layer stats)."""
 
 
 class UserError(Exception):
@@ -306,7 +307,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
         "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
         "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_factor": elapsed / audio_seconds,
+        "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_speed": audio_seconds / elapsed,
         "ms_per_frame": 1000 * elapsed / max(steps, 1),
         "series_frames": series_frames, **({"memory": memory_report} if memory_report else {}),
         "layers": {str(i): {"updates": _to_list(final[i]["updates"], B), "clips": _to_list(final[i]["clips"], B),
@@ -314,7 +315,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
     }
     tel.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {', '.join(map(str, wavs))} ({len(out_pcm[0])} frames), transcript {', '.join(map(str, txts))}, "
-          f"telemetry {tel}; {steps} LM steps in {elapsed:.1f} s (realtime factor {elapsed / audio_seconds:.2f})",
+          f"telemetry {tel}; {steps} LM steps in {elapsed:.1f} s ({audio_seconds / elapsed:.2f}× real time)",
           file=sys.stderr)
 
 

@@ -16,7 +16,7 @@ Variants (identical budget, same data, same seeds):
 Each (variant, seed) run is trained, then evaluated on a fixed set twice: by the parallel forward
 and frame by frame through moshi's `LMGen` (teacher-forced, see `memory_task.streaming_text_logits`).
 Runs are cached in OUT/runs/ (resumable: a finished run is skipped unless its settings changed);
-then OUT/results.json, OUT/memory_experiment.png and the README table are written.
+then OUT/results.json, OUT/memory_experiment.png and the table of docs/memory-experiment.md are written.
 
     python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2
 """
@@ -207,7 +207,7 @@ def _ms(xs: list[float]) -> str:
 
 
 def render_table(res: dict) -> str:
-    """The README table (markdown) from a results.json dict: mean ± std over seeds."""
+    """The results table (markdown) from a results.json dict: mean ± std over seeds."""
     lines = ["| model | inside window | beyond window | beyond window, LMGen streaming | "
              "max \\|Δ\\| parallel vs streaming (over seeds) | seeds |", "|---|---|---|---|---|---|"]
     for name in VARIANTS:
@@ -299,7 +299,8 @@ def write_outputs(runs: dict[tuple[str, int], dict], settings: Settings, out: Pa
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/memory_experiment")
-    p.add_argument("--readme", default="README.md", help="README to update between the markers ('' = none)")
+    p.add_argument("--readme", default="docs/memory-experiment.md",
+                   help="markdown page whose table between the markers is replaced ('' = none)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -2,8 +2,11 @@
 a SentencePiece text tokenizer, a reduced-size Mimi config, and a complete local checkpoint folder in
 Kyutai's Hugging Face repo layout (config.json + model.safetensors + Mimi + tokenizer).
 
-Used by the tests, the embedded demo and `moshi-ttt infer --demo`. The weights are random: the speech
-such a model produces is not meaningful; the point is exercising the real formats and code paths.
+The tests' checkpoints (`make_local_repo`) have random weights: the speech such a model produces is not
+meaningful; the point is exercising the real formats and code paths. The `--demo` checkpoint (`demo_repo`)
+takes trained weights from `DEMO_ASSETS` when they are shipped there (`shipped_demo_weights`): a reduced Mimi
+trained on espeak-ng speech (scripts/train_demo_codec.py) and an echo LM whose audio repeats the user's
+`ECHO_FRAMES` frames later (scripts/train_demo_lm.py). Status and figures: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -94,6 +97,19 @@ def fit_codebooks(mimi, pcm: torch.Tensor) -> None:
     mimi.eval()
 
 
+DEMO_ASSETS = Path(__file__).with_name("demo_assets")  # trained demo weights (package data)
+
+
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with float32 tensors stored as float16 (the shipped demo weights: half the bytes)."""
+    return {k: (v.half() if v.dtype == torch.float32 else v).detach().contiguous() for k, v in state.items()}
+
+
+def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with float16 tensors back in float32 (inverse of `half_state` up to its rounding)."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
+
+
 MIMI_RECIPE = 2  # bump when the tiny Mimi recipe changes (invalidates cached weights)
 
 
@@ -103,7 +119,7 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _tiny_mimi_state(seed: int) -> dict[str, torch.Tensor]:
+def random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     """The demo Mimi's weights: random, codebooks fitted on varied audio. Fitting takes ~10 s, so the
     result is cached on disk (deterministic given the seed and recipe)."""
     path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
@@ -126,35 +142,49 @@ DEMO_VERSION = 4  # bump when the demo checkpoint recipe changes (invalidates th
 # codebooks instead of 8 + 8 (Moshi's delays: text and each side's semantic codebook 0, acoustic ones 1),
 # to keep `make demo` real time on 2 cores (docs/design.md, "Demo checkpoint"). Every code path is the same.
 DEMO_LM_OVERRIDES = {"n_q": 8, "dep_q": 4, "delays": [0, 0, 1, 1, 1, 0, 1, 1, 1]}
+DEMO_TTT_CONFIG = "demo_ttt"  # the TTT section the echo LM was trained with (configs/demo_ttt.yaml)
+ECHO_FRAMES = 12  # the echo LM's delay: 12 frames = 0.96 s, well inside tiny's 64-frame attention context
+DEMO_WEIGHTS = (DEMO_ASSETS / "mimi.safetensors", DEMO_ASSETS / "echo_lm.safetensors")
+
+
+def shipped_demo_weights() -> tuple[Path, Path] | None:
+    """`DEMO_WEIGHTS` if both files ship with the package, else None (the demo then stays random)."""
+    return DEMO_WEIGHTS if all(p.is_file() for p in DEMO_WEIGHTS) else None
 
 
 def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None = None) -> Path:
     """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml with `DEMO_LM_OVERRIDES`, and
-    `ttt` instead of tiny's TTT section if given), built once per TTT config in `cache_root` (default
-    `cache_dir()`) and reused."""
+    `ttt` instead of tiny's TTT section if given, and the `shipped_demo_weights()` if any), built once per TTT
+    config and weights in `cache_root` (default `cache_dir()`) and reused."""
     import hashlib
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
-    key = json.dumps({"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES,
-                      "ttt": None if ttt is None else ttt.to_dict()}, sort_keys=True)
+    weights = shipped_demo_weights()
+    key = {"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES, "ttt": None if ttt is None else ttt.to_dict()}
+    if weights is not None:
+        key["weights"] = [hashlib.sha1(p.read_bytes()).hexdigest() for p in weights]
+    key = json.dumps(key, sort_keys=True)
     folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():
         return folder
     with atomic_dir(folder) as tmp:  # built concurrently by another process: theirs is kept
-        make_local_repo(tmp, config="tiny", ttt=ttt, lm_overrides=DEMO_LM_OVERRIDES)
+        make_local_repo(tmp, config="tiny", ttt=ttt, lm_overrides=DEMO_LM_OVERRIDES, demo_weights=weights)
     return folder
 
 
 def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
                     ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
-                    ttt_in_config: bool = True, lm_overrides: dict | None = None) -> Path:
+                    ttt_in_config: bool = True, lm_overrides: dict | None = None,
+                    demo_weights: tuple[str | Path, str | Path | None] | None = None) -> Path:
     """Writes a Kyutai-style checkpoint folder: config.json (with a "ttt" section), model.safetensors
     (base + TTT tensors), a Mimi checkpoint + its config, and a SentencePiece tokenizer.
 
     Load it with `CheckpointInfo.from_hf_repo(..., config_path=out/"config.json", moshi_weights=...)`
     or `moshi_ttt.models.loaders.checkpoint_info(str(folder))`. Deterministic given `seed`. `lm_overrides`
     replace LMModel kwargs of `config` (Mimi then uses max(dep_q, n_q − dep_q) of its codebooks, as
-    moshi's loader decides).
+    moshi's loader decides). `demo_weights` = (Mimi file, LM file or None): trained float16 weights instead
+    of random ones; the LM file's tensors replace those of the same name and shape (a TTT config with other
+    layers or sizes keeps its fresh TTT tensors).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,9 +195,16 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
     model = build_ttt_lm(lm_kwargs, ttt)
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if ttt_in_weights or TTT_KEY not in k}
+    if demo_weights is None:
+        mimi_state = random_mimi_state(seed)
+    else:
+        mimi_state = float_state(load_file(str(demo_weights[0])))
+        if demo_weights[1] is not None:
+            trained = float_state(load_file(str(demo_weights[1])))
+            state = {k: trained[k] if k in trained and trained[k].shape == v.shape else v for k, v in state.items()}
     save_file(state, str(out / "model.safetensors"))
     mimi_cfg = tiny_mimi_config()
-    save_file(_tiny_mimi_state(seed), str(out / "mimi.safetensors"))
+    save_file(mimi_state, str(out / "mimi.safetensors"))
     (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
     tok = build_tokenizer(out)
     raw = {"moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",

@@ -1,54 +1,9 @@
-"""Raw probes of a running `moshi-ttt serve` for the hardening tests: a server subprocess, raw HTTP and
-websocket bytes on plain sockets, floods, and RSS (tests/test_server_limits.py, test_server_abuse.py)."""
+"""Raw probes of a running `moshi-ttt serve` (started by `launcher.ServeProcess`) for the hardening tests:
+raw HTTP and websocket bytes on plain sockets, floods, and RSS (tests/server/test_server_limits.py,
+test_server_abuse.py)."""
 
 import threading
 import time
-
-# ---- a `moshi-ttt serve` subprocess, raw sockets (tests/test_server_limits.py, test_server_abuse.py) ----
-
-
-def start_cli_server(argv, workdir, env_extra=None, timeout: float = 120.0):
-    """Starts `python -m moshi_ttt.apps.cli serve --demo --port 0 ... argv` (stderr to workdir/stderr.txt);
-    returns (proc, base url) once it listens."""
-    import os
-    import re
-    import subprocess
-    import sys
-    import time
-
-    env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("MOSHI_TTT_API_KEY", None)
-    env.update(env_extra or {})
-    err = open(workdir / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moshi_ttt", "serve", "--demo", "--port", "0",
-                             "--cache-dir", str(workdir / "cache"), *argv],
-                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    proc.stderr_file = err
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (http://\S+)", line or "")
-        if m:
-            return proc, m.group(1)
-        if not line:
-            break
-    proc.kill()
-    proc.wait()
-    err.close()
-    raise AssertionError("server did not start:\n" + (workdir / "stderr.txt").read_text()[-3000:])
-
-
-def stop_cli_server(proc, timeout: float = 30.0) -> int:
-    import signal
-
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr_file.close()
-        proc.stdout.close()
 
 
 def rss_mb(pid: int) -> float:

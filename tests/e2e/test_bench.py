@@ -10,8 +10,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the bench runs for minutes
+
 REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_ratio", "train_peak_mem_ratio",
-            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_rtf_1", "server_rtf_4"]
+            "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_realtime_speed_1",
+            "server_realtime_speed_4", "server_rtf_1", "server_rtf_4"]
 REQUIRED_7B = ["moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1",
                "moshi7b_layer_ratio_b1", "moshi7b_state_bytes_per_conversation"]
 
@@ -33,6 +38,10 @@ def test_bench_quick_json(tmp_path):
     assert res["stream_vs_parallel_max_abs"] < 1e-4 and res["stream_vs_parallel_drift"] > 0
     # per-conversation state is allocated once: no growth over a long streaming run
     assert res["long_run_state_bytes_growth"] == 0
+    # realtime speed = audio s / wall s = frame / mean step; server_rtf_n is its published alias
+    for n in (1, 4):
+        assert res[f"server_rtf_{n}"] == res[f"server_realtime_speed_{n}"]
+        assert res[f"server_realtime_speed_{n}"] == pytest.approx(80 / res[f"server_step_ms_{n}"])
 
 
 def test_moshi7b_section_keys_and_computed_bytes():

@@ -99,7 +99,10 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
     assert tel["chunk_size"] == CHUNK and tel["batch_size"] == batch
     assert frames // CHUNK >= 5  # several chunks happened
     assert tel["ttt_layers"] == [0, 2] and sorted(tel["layers"]) == ["0", "2"]
-    assert tel["realtime_factor"] > 0 and tel["ms_per_frame"] > 0
+    assert tel["ms_per_frame"] > 0 and tel["seconds"] > 0 and "realtime_factor" not in tel
+    # the one meaning of the real-time figure: audio seconds per wall second (> 1 is faster than real time)
+    assert tel["audio_seconds"] == pytest.approx(n_in / 24000)
+    assert tel["realtime_speed"] == pytest.approx(tel["audio_seconds"] / tel["seconds"])
     n_samples = len(tel["series_frames"])
     assert n_samples >= frames // CHUNK
     assert tel["series_frames"][: frames // CHUNK] == [CHUNK * (i + 1) for i in range(frames // CHUNK)]
@@ -114,6 +117,7 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
     return tel
 
 
+@pytest.mark.slow
 def test_infer_speech(speech_wav, repo, ttt_yaml, tmp_path):
     """B=1 on espeak-ng speech, the checkpoint given as a Hugging Face repo id resolved offline from a
     local huggingface_hub cache, and an explicit --ttt-config that agrees with the checkpoint's."""
@@ -126,6 +130,7 @@ def test_infer_speech(speech_wav, repo, ttt_yaml, tmp_path):
     _check_run(speech_wav, [out], [out.with_suffix(".txt")], out.with_suffix(".ttt.json"), batch=1)
 
 
+@pytest.mark.slow
 def test_infer_batch_of_two_stereo_demo(stereo_wav, ttt_yaml, tmp_path):
     """--batch-size 2 on a stereo, non-24 kHz file with the built-in demo checkpoint: every item written
     with suffix _i, per-item telemetry."""
@@ -163,6 +168,7 @@ def test_bad_ttt_config(speech_wav, tmp_path):
     assert "chunk_size" in err and str(cfg) in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "files"])
 def test_plain_kyutai_checkpoint_runs_with_the_default_ttt_layers(layout, speech_wav, tmp_path):
     """A checkpoint in Kyutai's layout (no "ttt" in config.json, no TTT tensors) and no TTT flag: infer runs the

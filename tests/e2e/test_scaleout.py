@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from moshi_ttt.server.client import ChatClient
+
+from moshi_ttt.testing.launcher import ServeProcess
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
@@ -55,57 +56,21 @@ def render_config(text: str, front: int, stats: int, a: int, b: int, slots: int)
     return text
 
 
-class Instance:
-    """One `moshi-ttt serve --demo` subprocess on a fixed port."""
+class Instance(ServeProcess):
+    """One `moshi-ttt serve --demo` subprocess on a fixed port (one slot, one thread), restartable."""
 
     def __init__(self, port: int, workdir: Path):
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        env.pop("MOSHI_TTT_API_KEY", None)
-        self.log = open(self.workdir / f"serve-{self.port}.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moshi_ttt", "serve", "--demo", "--host", "127.0.0.1", "--port",
-             str(self.port), "--cache-dir", str(self.workdir / "cache"), "--max-conversations", "1",
-             "--idle-timeout", "60", "--log-level", "warning", "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-
-    def wait_listening(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            if "listening on" in line:
-                return
-        self.stop()
-        pytest.fail(f"instance on :{self.port} did not start:\n" + (self.workdir / f"serve-{self.port}.log")
-                    .read_text()[-3000:])
+        super().__init__(workdir, ["--max-conversations", "1", "--idle-timeout", "60", "--log-level", "warning",
+                                   "--threads", "1"], host="127.0.0.1", port=port, omp_threads=1,
+                         log_path=workdir / f"serve-{port}.log")
+        self.fixed_port = port
 
     def active(self) -> int | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.fixed_port}/health", timeout=2) as r:
                 return json.loads(r.read())["active"]
         except OSError:
             return None
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self.proc.stdout.close()
-            self.log.close()
 
 
 def stats_status(stats_port: int) -> dict[str, str]:
@@ -165,6 +130,7 @@ async def _served_by(inst: dict[str, Instance], busy: set[str]) -> str:
     raise AssertionError(f"no instance took the conversation (active: {[i.active() for i in inst.values()]})")
 
 
+@pytest.mark.haproxy
 def test_two_instances_behind_haproxy(cluster, server_speech):
     inst, ports, proxy = cluster
     url = f"ws://127.0.0.1:{ports['front']}/api/chat"
@@ -186,17 +152,20 @@ def test_two_instances_behind_haproxy(cluster, server_speech):
             await c1.send_pcm(speech)
             await c1.wait_output_frames(3, timeout=20)
 
-            # a third: queued for `timeout queue`, then HAProxy's 503 before the upgrade
-            t0 = time.monotonic()
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await http.ws_connect(url)
-            figures["refusal_s"] = time.monotonic() - t0
-            assert refused.value.status == 503
-            async with http.get(f"http://127.0.0.1:{ports['front']}/api/chat", headers={
-                    "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
-                assert r.status == 503
-                assert "no conversation slot free on any moshi-ttt instance" in await r.text()
+            # a third (from another source: the edge allows 2 per source): queued for `timeout queue`, then
+            # HAProxy's 503 before the upgrade
+            other = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
+            async with other:
+                t0 = time.monotonic()
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await other.ws_connect(url)
+                figures["refusal_s"] = time.monotonic() - t0
+                assert refused.value.status == 503
+                async with other.get(f"http://127.0.0.1:{ports['front']}/api/chat", headers={
+                        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+                    assert r.status == 503
+                    assert "no conversation slot free on any moshi-ttt instance" in await r.text()
             assert all(i.active() == 1 for i in inst.values())  # the refused one never reached an instance
 
             # SIGTERM (a stop) of c1's instance: c1 gets a 0x05 and a close; the next conversation goes to the
@@ -204,7 +173,7 @@ def test_two_instances_behind_haproxy(cluster, server_speech):
             victim, survivor = s1, s2
             await fail_over(http, victim, survivor, c1, c2, signal.SIGTERM, "sigterm")
             assert c1.errors == ["server shutting down"], c1.errors
-            assert inst[victim].proc.wait(20) == 0
+            assert inst[victim].wait(20) == 0
 
             # restart it: HAProxy marks it UP again and it takes conversations
             t_restart = time.monotonic()

@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 import urllib.error
@@ -32,9 +31,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moshi_ttt.testing.launcher import ServeProcess
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "web-client-test-key"
+
+pytestmark = pytest.mark.browser
 
 
 def artifacts_dir() -> Path:
@@ -77,35 +80,24 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    """`moshi-ttt serve --demo --max-conversations 1 --api-key …` in a subprocess; yields (url, Popen)."""
+    """`moshi-ttt serve --demo --max-conversations 1 --api-key …` in a subprocess; yields (url, ServeProcess)."""
     d = tmp_path_factory.mktemp("web_server")
     exe = Path(sys.executable).with_name("moshi-ttt")
     if not exe.exists():
         exe = shutil.which("moshi-ttt") or pytest.fail("the moshi-ttt command is not installed (pip install -e .)")
-    port = free_port()
     log_path = artifacts_dir() / "server.log"
-    cmd = [str(exe), "serve", "--demo", "--host", "localhost", "--port", str(port), "--max-conversations", "1",
-           "--api-key", API_KEY, "--ttt-config", "demo_ttt", "--cache-dir", str(d / "cache"),
-           "--telemetry-interval", "0.5", "--idle-timeout", "10",
-           # the second page must see "busy": on a machine too slow for real time the server would
-           # (rightly) answer "overloaded" first
-           "--admit-lag", "1e9"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://localhost:{port}"
+    srv = ServeProcess(d, ["--max-conversations", "1", "--api-key", API_KEY, "--ttt-config", "demo_ttt",
+                           "--telemetry-interval", "0.5", "--idle-timeout", "10",
+                           # the second page must see "busy": on a machine too slow for real time the server
+                           # would (rightly) answer "overloaded" first
+                           "--admit-lag", "1e9"],
+                       command=[str(exe)], host="localhost", port=free_port(), log_path=log_path, new_session=True,
+                       start_timeout=60)
     try:
-        wait_until(lambda: proc.poll() is not None or health_or_none(url), 60, "the server to start")
-        if proc.poll() is not None:
-            pytest.fail(f"moshi-ttt serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        yield url, proc
+        srv.start()
+        yield srv.wait_listening(), srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        srv.stop(timeout=15)
         print(f"server log: {log_path}")
 
 
@@ -339,11 +331,11 @@ def test_disconnect_frees_the_slot_and_reconnect_starts_anew(demo_server, page_a
 
 
 def test_server_stop_is_shown_in_plain_words(demo_server, page_a):
-    url, proc = demo_server
+    url, srv = demo_server
     if page_a.stats()["state"] != "live":
         page_a.page.click("#connect")
     page_a.wait_stats("s.state === 'live' && s.handshake", 30, "a live conversation")
-    proc.send_signal(signal.SIGTERM)
+    srv.signal(signal.SIGTERM)
     page_a.wait_stats("s.state === 'ended'", 20, "the end of the conversation when the server stops")
     text = page_a.error_text().lower()
     print(f"after the server stopped, the page says: {text!r}")

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 import venv
 import zipfile
@@ -27,8 +24,11 @@ from pathlib import Path
 import pytest
 import sphn
 
+from moshi_ttt.testing.launcher import ServeProcess
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "moshi_ttt", "server", "configs")
+pytestmark = pytest.mark.wheel
 
 
 @pytest.fixture(scope="module")
@@ -96,34 +96,15 @@ def test_installed_package_is_the_wheels(installed, tmp_path):
 
 def test_installed_serve_demo_answers_health(installed, tmp_path):
     bin_dir, env = installed
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(bin_dir / "moshi-ttt"), "serve", "--demo", "--port", "0", "--max-conversations", "1",
-                             "--cache-dir", str(tmp_path / "cache")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=log, text=True)
-    try:
-        url, deadline = None, time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"listening on (http://\S+)", line)
-            url = m.group(1) if m else None
-        assert url, (tmp_path / "serve.log").read_text()[-3000:]
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+    srv = ServeProcess(tmp_path, ["--max-conversations", "1"], command=[str(bin_dir / "moshi-ttt")], env=env,
+                       cwd=tmp_path)
+    with srv:
+        with urllib.request.urlopen(srv.url + "/health", timeout=10) as r:
             health = json.loads(r.read())
         assert health["status"] == "ok" and health["demo"] and health["ttt_layers"] == [0, 2], health
-        with urllib.request.urlopen(url + "/", timeout=10) as r:
+        with urllib.request.urlopen(srv.url + "/", timeout=10) as r:
             assert b"moshi-ttt" in r.read()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        log.close()
-    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert srv.returncode == 0, srv.log_tail()
 
 
 def test_installed_infer_demo_writes_its_output(installed, speech, tmp_path):

@@ -247,64 +247,47 @@ def _alone(m: TTTLMModel, seq: torch.Tensor):
         return logits, _fast_weights(m)
 
 
-def test_batched_streaming_exec_mask_and_reset_match_alone_runs():
-    m, _ = build_pair("ntp", lr=0.05)
-    n_steps = 40
-    # Schedule of executed steps per conversation (idle steps feed garbage that must be ignored):
-    #   0: runs from step 0; reset after step 19, then a new conversation on steps 20..39.
-    #   1: idle for its first 5 steps.
-    #   2: idle for its first 11 steps and again on steps 23..26 (a gap mid-conversation).
-    active = torch.ones(3, n_steps, dtype=torch.bool)
-    active[1, :5] = False
-    active[2, :11] = False
-    active[2, 23:27] = False
-    reset_at = 20
-    lengths = active.sum(1).tolist()
-    seqs = [delayed_input(m, random_codes(m, 1, lengths[0], seed=10)),
-            delayed_input(m, random_codes(m, 1, lengths[1], seed=11)),
-            delayed_input(m, random_codes(m, 1, lengths[2], seed=12))]
-    seq0_first, seq0_second = seqs[0][:, :, :reset_at], delayed_input(
-        m, random_codes(m, 1, n_steps - reset_at, seed=13))
-    garbage = delayed_input(m, random_codes(m, 3, n_steps, seed=14))
-
-    logits: list[list[torch.Tensor]] = [[], [], []]
-    pos = [0, 0, 0]
-    with torch.no_grad(), m.streaming(3):
+def _run_batched(m: TTTLMModel, active: torch.Tensor, seqs: list, reset_at: int | None = None,
+                 after_reset: torch.Tensor | None = None) -> dict:
+    """Streams len(seqs) conversations in one batch for active.shape[1] steps: conversation k gets its next
+    frame on the steps where active[k] is set, garbage (to be ignored) with its exec mask off on the others.
+    With reset_at, item 0 is reset before that step and goes on with `after_reset`. Returns the logits
+    [1, 1, steps_k, card] of each conversation, the fast weights at the reset and at the end, the state tensors
+    just before and just after the reset, and the telemetry at the end."""
+    B, n_steps = active.shape
+    seqs = list(seqs)
+    garbage = delayed_input(m, random_codes(m, B, n_steps, seed=14))
+    out: dict = {}
+    logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    pos = [0] * B
+    with torch.no_grad(), m.streaming(B):
         for t in range(n_steps):
             if t == reset_at:
-                fw_before_reset = _fast_weights(m)
-                states = {i: {k: v.clone() for k, v in g._streaming_state.tensors().items()}
-                          for i, g in m.ttt_gatings().items()}
-                m.reset_streaming(torch.tensor([True, False, False]))
-                fresh = _fresh_item(m)
-                for i, g in m.ttt_gatings().items():
-                    for k, v in g._streaming_state.tensors().items():
-                        assert torch.equal(v[1:], states[i][k][1:]), f"reset touched item 1/2 of {i}.{k}"
-                        assert torch.equal(v[0], fresh[i, k]), f"reset left {i}.{k} of item 0 not fresh"
-                seqs[0], pos[0] = seq0_second, 0
+                out["fw_at_reset"] = _fast_weights(m)
+                out["states_before_reset"] = _state_snapshot(m)
+                m.reset_streaming(torch.tensor([k == 0 for k in range(B)]))
+                out["states_after_reset"] = _state_snapshot(m)
+                seqs[0], pos[0] = after_reset, 0
             mask = active[:, t]
             m.set_exec_mask(mask)
             frame = garbage[:, :, t:t + 1].clone()
-            for k in range(3):
+            for k in range(B):
                 if mask[k]:
                     frame[k] = seqs[k][0, :, pos[k]:pos[k] + 1]
-            out = m.forward_text(frame)[1]
-            for k in range(3):
+            step_logits = m.forward_text(frame)[1]
+            for k in range(B):
                 if mask[k]:
-                    logits[k].append(out[k:k + 1])
+                    logits[k].append(step_logits[k:k + 1])
                     pos[k] += 1
-        fw_end = _fast_weights(m)
-        tel = m.ttt_telemetry()
+        out["fw_end"] = _fast_weights(m)
+        out["telemetry"] = m.ttt_telemetry()
+    out["logits"] = [torch.cat(x, dim=2) for x in logits]
+    return out
 
-    # Every conversation completed ≥ 2 chunks in its current run, so fast weights are non-trivial.
-    assert all(lay["updates"].min() >= 2 for lay in tel.values())
-    lg = [torch.cat(x, dim=2) for x in logits]
-    expect = {
-        "0 before reset": (lg[0][:, :, :reset_at], seq0_first, fw_before_reset, 0),
-        "0 after reset": (lg[0][:, :, reset_at:], seq0_second, fw_end, 0),
-        "1": (lg[1], seqs[1], fw_end, 1),
-        "2": (lg[2], seqs[2], fw_end, 2),
-    }
+
+def _assert_alone_runs(m: TTTLMModel, expect: dict) -> None:
+    """expect: name → (batched logits, the conversation's sequence, batched fast weights, its item): each
+    conversation's logits and fast weights equal its run alone, and those fast weights moved."""
     for name, (got, seq, fw, k) in expect.items():
         ref_logits, ref_fw = _alone(m, seq)
         assert got.shape == ref_logits.shape, name
@@ -314,6 +297,54 @@ def test_batched_streaming_exec_mask_and_reset_match_alone_runs():
             assert ref_fw[i].abs().max() > 1e-3, "fast weights should have moved"
             err = max_abs(fw[i][k], ref_fw[i][0])
             assert err <= 1e-5, f"conversation {name}, layer {i}: fast weights differ by {err:.3e}"
+
+
+def test_batched_streaming_exec_mask_matches_alone_runs():
+    m, _ = build_pair("ntp", lr=0.05)
+    n_steps = 40
+    # Schedule of executed steps per conversation (idle steps feed garbage that must be ignored):
+    #   0: runs on every step.
+    #   1: idle for its first 5 steps.
+    #   2: idle for its first 11 steps and again on steps 23..26 (a gap mid-conversation).
+    active = torch.ones(3, n_steps, dtype=torch.bool)
+    active[1, :5] = False
+    active[2, :11] = False
+    active[2, 23:27] = False
+    lengths = active.sum(1).tolist()
+    seqs = [delayed_input(m, random_codes(m, 1, lengths[k], seed=10 + k)) for k in range(3)]
+    run = _run_batched(m, active, seqs)
+
+    # Every conversation completed ≥ 2 chunks, so fast weights are non-trivial.
+    assert all(lay["updates"].min() >= 2 for lay in run["telemetry"].values())
+    lg, fw_end = run["logits"], run["fw_end"]
+    _assert_alone_runs(m, {"0": (lg[0], seqs[0], fw_end, 0), "1": (lg[1], seqs[1], fw_end, 1),
+                           "2": (lg[2], seqs[2], fw_end, 2)})
+
+
+def test_batched_streaming_reset_matches_alone_runs():
+    m, _ = build_pair("ntp", lr=0.05)
+    n_steps = 40
+    # 0: reset after step 19, then a new conversation on steps 20..39; 1 and 2 run on every step.
+    reset_at = 20
+    active = torch.ones(3, n_steps, dtype=torch.bool)
+    seqs = [delayed_input(m, random_codes(m, 1, n_steps, seed=10 + k)) for k in range(3)]
+    seq0_first, seq0_second = seqs[0][:, :, :reset_at], delayed_input(
+        m, random_codes(m, 1, n_steps - reset_at, seed=13))
+    run = _run_batched(m, active, seqs, reset_at=reset_at, after_reset=seq0_second)
+
+    before, after, fresh = run["states_before_reset"], run["states_after_reset"], _fresh_item(m)
+    for (i, k), v in after.items():
+        assert torch.equal(v[1:], before[i, k][1:]), f"reset touched item 1/2 of {i}.{k}"
+        assert torch.equal(v[0], fresh[i, k]), f"reset left {i}.{k} of item 0 not fresh"
+    # Every conversation completed ≥ 2 chunks in its current run, so fast weights are non-trivial.
+    assert all(lay["updates"].min() >= 2 for lay in run["telemetry"].values())
+    lg, fw_end = run["logits"], run["fw_end"]
+    _assert_alone_runs(m, {
+        "0 before reset": (lg[0][:, :, :reset_at], seq0_first, run["fw_at_reset"], 0),
+        "0 after reset": (lg[0][:, :, reset_at:], seq0_second, fw_end, 0),
+        "1": (lg[1], seqs[1], fw_end, 1),
+        "2": (lg[2], seqs[2], fw_end, 2),
+    })
 
 
 # -- 4. moshi's unchanged LMGen --------------------------------------------------------------------

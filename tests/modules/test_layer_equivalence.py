@@ -17,7 +17,11 @@ from moshi_ttt.ttt.chunk import chunk_conv
 from moshi_ttt.ttt.config import TTTConfig
 from moshi_ttt.ttt.naive import naive_ttt_mlp
 
-D, FF, C = 16, 60, 8
+from _layers import LAYER_CHUNK as C
+from _layers import LAYER_DIM as D
+from _layers import LAYER_FF as FF
+from _layers import make_ttt_layer, stream_calls
+
 B = 2
 T = 3 * C + 5  # three whole chunks and a ragged last chunk
 WHOLE = (T // C) * C
@@ -73,7 +77,7 @@ VARIANTS = {
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_reference_parallel_streaming_agree(make_ttt_layer, stream_calls, variant, clip, dtype, tol):
+def test_reference_parallel_streaming_agree(variant, clip, dtype, tol):
     kw = dict(VARIANTS[variant])
     g = make_ttt_layer(dtype=dtype, perturb=kw.pop("perturb", True), **kw)
     x = torch.randn(B, T, D, dtype=dtype)
@@ -151,7 +155,7 @@ CASES = {  # (init, η, perturb target params)
 @pytest.mark.parametrize("path", ["parallel", "streaming_b1", "streaming"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_drop_in_equal_to_moshi_gating(stream_calls, case, dtype, path):
+def test_drop_in_equal_to_moshi_gating(case, dtype, path):
     """With V̂ = 0 (zero init, or η = 0) the layer is moshi's gating. Bitwise for the parallel path and for
     the streaming path at B = 1, one frame per call (how LMGen drives a single conversation): the
     down-projection is the same `F.linear` kernel with W⁽ⁱ⁾ = W⁽⁰⁾. With B > 1 every conversation has its

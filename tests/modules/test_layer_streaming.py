@@ -6,9 +6,12 @@ import torch
 
 from moshi_ttt.ttt.naive import naive_ttt_mlp
 
+from _layers import LAYER_CHUNK as C
+from _layers import LAYER_DIM as D
+from _layers import make_ttt_layer, stream_calls
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-D, C = 16, 8
 F64 = torch.float64
 
 
@@ -25,7 +28,7 @@ def _run(g, x, x0, path):
 
 @pytest.mark.parametrize("path", ["parallel", "streaming"])
 @pytest.mark.parametrize("p", [C, C + 3, 2 * C - 1], ids=["chunk_start", "mid", "chunk_end"])
-def test_x0_perturbation_only_reaches_later_chunks(make_ttt_layer, p, path):
+def test_x0_perturbation_only_reaches_later_chunks(p, path):
     """X0 at frame p enters only ΔW of chunk(p), used from chunk(p)+1 on. With a centred kernel, frame
     p = first of its chunk would reach chunk(p)-1's target if the conv crossed chunk edges."""
     g = make_ttt_layer(dtype=F64, kernel_size=5, future_frames=2)
@@ -42,7 +45,7 @@ def test_x0_perturbation_only_reaches_later_chunks(make_ttt_layer, p, path):
 
 @pytest.mark.parametrize("path", ["parallel", "streaming"])
 @pytest.mark.parametrize("target", ["x0", "mlp_input"])
-def test_x_perturbation_reaches_own_frame_and_later_chunks_only(make_ttt_layer, target, path):
+def test_x_perturbation_reaches_own_frame_and_later_chunks_only(target, path):
     g = make_ttt_layer(dtype=F64, target=target)
     T, p = 4 * C + 3, C + 3
     x = torch.randn(2, T, D, dtype=F64)
@@ -61,7 +64,7 @@ def test_x_perturbation_reaches_own_frame_and_later_chunks_only(make_ttt_layer, 
 
 
 @pytest.mark.parametrize("clip", [None, 0.3])
-def test_batch_with_phases_and_reset_equals_items_alone(make_ttt_layer, clip):
+def test_batch_with_phases_and_reset_equals_items_alone(clip):
     """B=3 items starting at different steps (exec-masked before), item 1 reset mid-chunk (after three
     folded chunks): each item's outputs on its executed steps and its fast weight equal running
     it alone (the reset item: up to the reset, then a fresh run)."""
@@ -96,7 +99,7 @@ def test_batch_with_phases_and_reset_equals_items_alone(make_ttt_layer, clip):
     assert torch.linalg.matrix_norm(before_reset) > 1e-3  # the reset had something to forget
 
 
-def test_exec_masked_steps_leave_item_state_bitwise_unchanged(make_ttt_layer):
+def test_exec_masked_steps_leave_item_state_bitwise_unchanged():
     g = make_ttt_layer(dtype=torch.float32, clip_norm=0.3)
     B, N = 3, 48
     gen = torch.Generator().manual_seed(5)
@@ -121,7 +124,7 @@ def test_exec_masked_steps_leave_item_state_bitwise_unchanged(make_ttt_layer):
         assert int(st.skipped.sum()) == 0
 
 
-def test_reset_gives_fresh_item_state_and_leaves_others_untouched(make_ttt_layer, stream_calls):
+def test_reset_gives_fresh_item_state_and_leaves_others_untouched():
     g = make_ttt_layer(dtype=torch.float32, clip_norm=0.3)
     B, N = 3, 3 * C + 3
     x = torch.randn(B, N, D)
@@ -149,7 +152,7 @@ def test_reset_gives_fresh_item_state_and_leaves_others_untouched(make_ttt_layer
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
-def test_clip_applies_delta_with_norm_tau(make_ttt_layer, dtype):
+def test_clip_applies_delta_with_norm_tau(dtype):
     """Chunk 0's ΔW has raw norm > τ: W − W⁽⁰⁾ = η·τ·ΔW/‖ΔW‖, right after the chunk, during chunk 1
     (whose own ΔW is 0: x0 = 0 there), and after it."""
     probe = make_ttt_layer(dtype=dtype)
@@ -185,7 +188,7 @@ def test_clip_applies_delta_with_norm_tau(make_ttt_layer, dtype):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("where,target", [("x0", "x0"), ("x", "x0"), ("x", "mlp_input")])
-def test_nonfinite_chunk_is_skipped(make_ttt_layer, where, target, value):
+def test_nonfinite_chunk_is_skipped(where, target, value):
     g = make_ttt_layer(dtype=F64, target=target)
     T, p = 4 * C + 3, C + 2  # the bad frame is in chunk 1 of item 0
     x = torch.randn(2, T, D, dtype=F64)

@@ -6,9 +6,12 @@ import torch
 
 from moshi_ttt.ttt.naive import naive_ttt_mlp
 
+from _layers import LAYER_CHUNK as C
+from _layers import LAYER_DIM as D
+from _layers import make_ttt_layer
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-D, C = 16, 8
 
 
 def _backward(g, T, dtype, seed=7):
@@ -21,7 +24,7 @@ def _backward(g, T, dtype, seed=7):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("init", ["ntp", "random", "zero"])
-def test_target_params_get_gradient_across_chunks(make_ttt_layer, init, dtype):
+def test_target_params_get_gradient_across_chunks(init, dtype):
     g = make_ttt_layer(dtype=dtype, init="zero" if init == "zero" else "ntp", perturb=init == "random")
     g.train()
     _backward(g, 2 * C + 3, dtype)
@@ -36,7 +39,7 @@ def test_target_params_get_gradient_across_chunks(make_ttt_layer, init, dtype):
 
 @pytest.mark.parametrize("T", [3, C])
 @pytest.mark.parametrize("init", ["ntp", "random", "zero"])
-def test_no_target_gradient_within_one_chunk(make_ttt_layer, init, T):
+def test_no_target_gradient_within_one_chunk(init, T):
     g = make_ttt_layer(dtype=torch.float32, init="zero" if init == "zero" else "ntp", perturb=init == "random")
     _backward(g, T, torch.float32)
     for p in (g.ttt.conv.weight, g.ttt.w_target):
@@ -46,7 +49,7 @@ def test_no_target_gradient_within_one_chunk(make_ttt_layer, init, T):
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 @pytest.mark.parametrize("target", ["x0", "mlp_input"])
-def test_parallel_gradients_equal_reference_gradients(make_ttt_layer, target, clip):
+def test_parallel_gradients_equal_reference_gradients(target, clip):
     """∂loss/∂(every parameter, x, x0) of the parallel path = autograd through the naive per-chunk loop."""
     g = make_ttt_layer(dtype=torch.float64, target=target, clip_norm=clip)
     T = 3 * C + 5
@@ -70,7 +73,7 @@ def test_parallel_gradients_equal_reference_gradients(make_ttt_layer, target, cl
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_zero_init_with_clip_gives_finite_gradients(make_ttt_layer):
+def test_zero_init_with_clip_gives_finite_gradients():
     """With the conv zero-initialised every ΔW is 0; the clip norm √(‖ΔW‖²) is then differentiated at 0."""
     g = make_ttt_layer(dtype=torch.float32, init="zero", perturb=False, clip_norm=1e3)
     _backward(g, 2 * C + 3, torch.float32)

@@ -18,15 +18,19 @@ import numpy as np
 import pytest
 from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.testing.probe import flood, host_port, rss_mb, start_cli_server, stop_cli_server, ws_frame
+from moshi_ttt.testing.launcher import ServeProcess
+from moshi_ttt.testing.probe import flood, host_port, rss_mb, ws_frame
+
+pytestmark = pytest.mark.slow  # heavy and timing-sensitive: not in `make test-fast`
 
 
 @pytest.fixture(scope="module")
 def abuse_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("abuse_server")
-    proc, url = start_cli_server(["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning"], d)
-    yield proc, url
-    assert stop_cli_server(proc) == 0, (d / "stderr.txt").read_text()[-3000:]
+    with ServeProcess(d, ["--max-conversations", "2", "--idle-timeout", "60", "--log-level", "warning",
+                          "--no-per-ip-limits"], omp_threads=1) as srv:
+        yield srv
+    assert srv.returncode == 0, srv.log_tail()
 
 
 def mean_step_ms(url: str) -> float:
@@ -85,7 +89,8 @@ def good_figures(c: ChatClient, t_from: float, t_to: float) -> tuple[float, floa
 
 
 def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, server_speech):
-    proc, url = abuse_server
+    srv = abuse_server
+    url = srv.url
     ws_url = url.replace("http://", "ws://") + "/api/chat"
 
     async def go():
@@ -109,7 +114,7 @@ def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, serv
             if holder is not None:
                 await holder.close()
             await asyncio.sleep(0.5)
-            growth, answered = await asyncio.to_thread(pipelined, url, proc.pid)
+            growth, answered = await asyncio.to_thread(pipelined, url, srv.pid)
             await asyncio.sleep(1.0)
             t_to = time.monotonic()
             stop.set()
@@ -135,8 +140,9 @@ def test_flooders_are_cut_and_the_good_client_keeps_real_time(abuse_server, serv
 
 
 def test_overload_is_named_and_stops_admission(tmp_path, server_speech):
-    proc, url = start_cli_server(["--max-conversations", "2", "--step-delay-ms", "100", "--max-delay", "4",
-                                  "--log-level", "warning"], tmp_path)
+    srv = ServeProcess(tmp_path, ["--max-conversations", "2", "--step-delay-ms", "100", "--max-delay", "4",
+                                  "--log-level", "warning", "--no-per-ip-limits"], omp_threads=1).start()
+    url = srv.wait_listening()
     ws_url = url.replace("http://", "ws://") + "/api/chat"
     try:
         async def go():
@@ -164,7 +170,7 @@ def test_overload_is_named_and_stops_admission(tmp_path, server_speech):
                 return a, refused, overloaded
         a, refused, overloaded = asyncio.run(go())
     finally:
-        assert stop_cli_server(proc) == 0
+        assert srv.stop() == 0, srv.log_tail()
     assert refused is not None and "server overloaded: model step" in refused, refused
     assert float(overloaded) == 1
     assert a.errors and a.errors[0].startswith("server overloaded: 4 s of audio waiting (model step"), a.errors

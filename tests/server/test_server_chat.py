@@ -12,13 +12,15 @@ from moshi_ttt.server import protocol
 from moshi_ttt.server.cli import BackgroundServer
 from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
 
+from moshi_ttt.testing.observe import health, wait_active
+
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory, demo_ttt_yaml):
     d = tmp_path_factory.mktemp("chat_server")
     srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(d / "cache"), "--max-conversations", "2",
                             "--temp", "0", "--temp-text", "0", "--ttt-config", str(demo_ttt_yaml(chunk_size=8)),
-                            "--idle-timeout", "30", "--telemetry-interval", "0.5"])
+                            "--idle-timeout", "30", "--telemetry-interval", "0.5", "--no-per-ip-limits"])
     yield srv
     srv.stop()
 
@@ -84,7 +86,7 @@ def test_handshake_then_audio_and_text_and_fresh_start(chat_server, server_speec
     assert c2.n_samples == c.n_samples and "".join(c2.text) == "".join(c.text)
 
 
-def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech, alone_a, health, wait_active):
+def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech, alone_a):
     _, n_alone, final_alone = alone_a
 
     async def go():

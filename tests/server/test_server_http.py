@@ -1,105 +1,145 @@
 """`moshi-ttt serve --demo` as a real subprocess (the CLI users run): /health, /metrics (Prometheus text,
-counters moving), the placeholder page, and --api-key enforcement on HTTP and on the websocket."""
+counters moving), the placeholder page, and --api-key enforcement on HTTP and on the websocket.
+
+The scenario tests share one server (`cli_server`, one conversation slot) and leave its slot free; the
+counters test has a server of its own (`fresh_server`), so its counts start from zero whatever ran before."""
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
+import contextlib
 
 import aiohttp
 import pytest
 from moshi_ttt.server.client import FRAME, ChatClient
 
+from moshi_ttt.testing.launcher import ServeProcess
+from moshi_ttt.testing.observe import health, parse_prometheus, wait_http_free
+
 KEY = "s3cret-key"
+FLAGS = ["--max-conversations", "1", "--api-key", KEY, "--log-level", "warning"]
+
+
+def _serve(workdir):
+    """`serve --demo` with FLAGS, stopped (SIGTERM) after the tests; a clean exit is asserted."""
+    with ServeProcess(workdir, FLAGS) as srv:
+        yield srv.url
+    assert srv.returncode == 0, srv.log_tail()
 
 
 @pytest.fixture(scope="module")
 def cli_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli_server")
-    env = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("MOSHI_TTT_API_KEY", None)
-    stderr = open(d / "stderr.txt", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moshi_ttt", "serve", "--demo", "--port", "0", "--cache-dir", str(d / "cache"),
-         "--max-conversations", "1", "--api-key", KEY, "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-    url = None
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            url = m.group(1)
-            break
-    if url is None:
-        proc.kill()
-        proc.wait()
-        stderr.close()
-        pytest.fail("server did not start:\n" + (d / "stderr.txt").read_text()[-3000:])
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    finally:
-        stderr.close()
-        proc.stdout.close()
-    assert code == 0, (d / "stderr.txt").read_text()[-3000:]
+    yield from _serve(tmp_path_factory.mktemp("cli_server"))
 
 
-def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus):
+@pytest.fixture
+def fresh_server(tmp_path):
+    yield from _serve(tmp_path)
+
+
+def _ws(url: str) -> str:
+    return url.replace("http://", "ws://") + "/api/chat"
+
+
+async def _metrics(http, url: str) -> dict:
+    async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
+        return parse_prometheus(await r.text())
+
+
+async def _talk_while_a_second_client_comes(http, url: str, pcm) -> tuple[int, bytes]:
+    """A conversation with the key (header) answers 20 frames; meanwhile a second client (key as query
+    parameter) gets a first message; both close and the slot is free again. Returns (frames, that message)."""
+    c = await ChatClient.connect(http, _ws(url), api_key=KEY)
+    n = await c.send_pcm(pcm[: 20 * FRAME])
+    await c.wait_output_frames(n, timeout=30)
+    ws2 = await http.ws_connect(_ws(url) + "?api_key=" + KEY)
+    msg = await ws2.receive(timeout=10)
+    await ws2.close()
+    await c.close()
+    await wait_http_free(http, url)
+    return n, msg.data
+
+
+def test_health_is_open_without_the_key(cli_server):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(cli_server + "/health") as r:  # liveness stays open
+                return r.status, await r.json()
+
+    status, h = asyncio.run(go())
+    assert status == 200
+    assert h["status"] == "ok" and h["active"] == 0 and h["max_conversations"] == 1 and h["demo"]
+    assert "realtime_speed" in h and "real_time_factor" not in h
+
+
+def test_placeholder_page(cli_server):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(cli_server + "/") as r:
+                return r.status, await r.text()
+
+    status, text = asyncio.run(go())
+    assert status == 200 and "moshi-ttt" in text
+
+
+def test_metrics_need_the_key_as_header_or_query(cli_server):
     url = cli_server
-    ws_url = url.replace("http://", "ws://") + "/api/chat"
 
     async def go():
         async with aiohttp.ClientSession() as http:
-            async with http.get(url + "/health") as r:  # liveness stays open
-                assert r.status == 200
-                h = await r.json()
-                assert h["status"] == "ok" and h["active"] == 0 and h["max_conversations"] == 1 and h["demo"]
-            async with http.get(url + "/") as r:
-                assert r.status == 200 and "moshi-ttt" in await r.text()
             for bad in ({}, {"X-API-Key": "wrong"}):
                 async with http.get(url + "/metrics", headers=bad) as r:
                     assert r.status == 401, bad
             async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
                 assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-                before = parse_prometheus(await r.text())
+                parse_prometheus(await r.text())
             async with http.get(url + "/metrics", params={"api_key": KEY}) as r:
                 assert r.status == 200
-            # websocket: refused before the upgrade without the key ...
+
+    asyncio.run(go())
+
+
+def test_websocket_is_refused_before_the_upgrade_without_the_key(cli_server):
+    ws_url = _ws(cli_server)
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
             with pytest.raises(aiohttp.WSServerHandshakeError) as e:
                 await http.ws_connect(ws_url)
             assert e.value.status == 401
             with pytest.raises(aiohttp.WSServerHandshakeError):
                 await http.ws_connect(ws_url + "?api_key=wrong")
-            # ... accepted with it (header, or query parameter as browsers must use).
-            c = await ChatClient.connect(http, ws_url, api_key=KEY)
-            n = await c.send_pcm(server_speech["b"][: 20 * FRAME])
-            await c.wait_output_frames(n, timeout=30)
-            # the single slot is taken: a second client is refused with 0x05 busy
-            ws2 = await http.ws_connect(ws_url + "?api_key=" + KEY)
-            msg = await ws2.receive(timeout=10)
-            assert msg.data.startswith(b"\x05server busy")
-            await ws2.close()
-            await c.close()
-            for _ in range(100):
-                async with http.get(url + "/health") as r:
-                    if (await r.json())["active"] == 0:
-                        break
-                await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+
+
+def test_key_is_accepted_and_a_second_client_gets_busy(cli_server, server_speech):
+    """Accepted with the key (header, or query parameter as browsers must use); the single slot is taken:
+    a second client is refused with 0x05 busy."""
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            return await _talk_while_a_second_client_comes(http, cli_server, server_speech["b"])
+
+    _, second = asyncio.run(go())
+    assert second.startswith(b"\x05server busy")
+
+
+def test_metrics_count_conversations_refusals_frames_and_ttt_updates(fresh_server, server_speech):
+    url = fresh_server
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            for bad in ({}, {"X-API-Key": "wrong"}):  # 2 unauthorized HTTP requests
+                async with http.get(url + "/metrics", headers=bad):
+                    pass
+            before = await _metrics(http, url)
+            for query in ("", "?api_key=wrong"):  # 2 unauthorized websocket upgrades
+                with contextlib.suppress(aiohttp.WSServerHandshakeError):
+                    await http.ws_connect(_ws(url) + query)
+            n, _ = await _talk_while_a_second_client_comes(http, url, server_speech["b"])
             # The slot is marked free at once; the worker accounts the conversation's final TTT counters
             # when it processes the release, a moment later.
             for _ in range(100):
-                async with http.get(url + "/metrics", headers={"X-API-Key": KEY}) as r:
-                    after = parse_prometheus(await r.text())
+                after = await _metrics(http, url)
                 if any(lb.get("layer") == "0" and v >= 1 for lb, v in after.get("moshi_ttt_ttt_updates_total", [])):
                     break
                 await asyncio.sleep(0.05)
@@ -113,7 +153,7 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
         return vals[0]
 
     listed = {"conversations_active": "gauge", "conversations": "counter", "conversations_rejected": "counter",
-              "frame_latency_seconds": "histogram", "real_time_factor": "gauge", "ttt_updates": "counter",
+              "frame_latency_seconds": "histogram", "realtime_speed": "gauge", "ttt_updates": "counter",
               "ttt_clips": "counter", "ttt_skipped": "counter", "ttt_drift": "gauge", "step_seconds": "histogram"}
     for fam, kind in listed.items():
         assert after[("TYPE", "moshi_ttt_" + fam)] == kind, fam
@@ -123,12 +163,12 @@ def test_health_metrics_and_api_key(cli_server, server_speech, parse_prometheus)
     assert val(before, "http_unauthorized_total") == 2 and val(after, "http_unauthorized_total") == 4
     assert val(after, "frames_total") == n
     assert val(after, "frame_latency_seconds_count") == n
-    assert 0 < val(after, "real_time_factor") < 1e4  # its value depends on the machine's load
+    assert 0 < val(after, "realtime_speed") < 1e4  # audio s / wall s: its value depends on the machine's load
     # tiny demo: TTT in layers 0 and 2, chunk 16 ⇒ 20 frames complete one chunk per layer
     assert val(after, "ttt_updates_total", layer="0") == 1 and val(after, "ttt_updates_total", layer="2") == 1
 
 
-def test_0x04_only_with_telemetry_query(cli_server, server_speech, wait_http_free):
+def test_0x04_only_with_telemetry_query(cli_server, server_speech):
     """Without query parameters a client gets only what moshi's own server sends (0x00, 0x01, 0x02, 0x05):
     Kyutai's web client rejects 0x04. With ?telemetry=1 it also gets the info and TTT telemetry messages;
     any other value is refused before the upgrade."""
@@ -152,7 +192,9 @@ def test_0x04_only_with_telemetry_query(cli_server, server_speech, wait_http_fre
             with pytest.raises(aiohttp.WSServerHandshakeError) as e:
                 await http.ws_connect(ws_url, headers={"X-API-Key": KEY}, params={"telemetry": "yes"})
             assert e.value.status == 400
-            return await converse(http, False), await converse(http, True)
+            plain, asked = await converse(http, False), await converse(http, True)
+            await wait_http_free(http, url)  # leave the shared server's slot free
+            return plain, asked
 
     plain, asked = asyncio.run(go())
     assert set(plain.kinds) <= protocol.DEFAULT_SERVER_KINDS, plain.kinds
@@ -163,7 +205,7 @@ def test_0x04_only_with_telemetry_query(cli_server, server_speech, wait_http_fre
     assert asked.ttt() and set(asked.ttt()[0]["layers"]) == {"0", "2"}, asked.metadata
 
 
-def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog, health):
+def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog):
     """A checkpoint folder in Kyutai's layout with no TTT anywhere and no TTT flag: the server runs the shipped
     Moshi TTT defaults (layer 0 of the 4-layer tiny LM, chunk 256, zero init) and logs them in one line."""
     import logging

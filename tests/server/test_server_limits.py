@@ -10,16 +10,8 @@ import time
 
 import pytest
 
-from moshi_ttt.testing.probe import (
-    flood,
-    host_port,
-    raw_request,
-    rss_mb,
-    start_cli_server,
-    stop_cli_server,
-    ws_frame,
-    ws_handshake,
-)
+from moshi_ttt.testing.launcher import ServeProcess
+from moshi_ttt.testing.probe import flood, host_port, raw_request, rss_mb, ws_frame, ws_handshake
 
 KEY = "k3y-from-a-file"
 HEADER_TIMEOUT = 1.0
@@ -30,13 +22,13 @@ PENDING = 8
 def limited(tmp_path_factory):
     d = tmp_path_factory.mktemp("limited_server")
     (d / "key").write_text(KEY + "\n")
-    proc, url = start_cli_server(["--max-conversations", "1", "--api-key-file", str(d / "key"),
-                                  "--allowed-origins", "http://a.example", "--header-timeout", str(HEADER_TIMEOUT),
-                                  "--max-pending-connections", str(PENDING), "--log-level", "info"], d)
-    yield proc, url, d
-    code = stop_cli_server(proc)
-    log = (d / "stderr.txt").read_text()
-    assert code == 0, log[-3000:]
+    srv = ServeProcess(d, ["--max-conversations", "1", "--api-key-file", d / "key", "--allowed-origins",
+                           "http://a.example", "--header-timeout", HEADER_TIMEOUT, "--max-pending-connections",
+                           PENDING, "--log-level", "info"], omp_threads=1)
+    with srv:
+        yield srv
+    log = srv.log_text()
+    assert srv.returncode == 0, log[-3000:]
     assert "Traceback" not in log, log[-5000:]
 
 
@@ -51,9 +43,10 @@ def get(url: str, path: str = "/health", headers: str = "", host: str | None = N
 
 
 def test_header_limits_answer_400_without_memory_growth(limited):
-    proc, url, _ = limited
+    srv = limited
+    url = srv.url
     assert status(get(url, headers="".join(f"X-H{i}: v\r\n" for i in range(99)))) == 200  # 100 headers: fine
-    rss0 = rss_mb(proc.pid)
+    rss0 = rss_mb(srv.pid)
     assert status(get(url, headers="".join(f"X-H{i}: v\r\n" for i in range(101)))) == 400
     assert status(get(url, headers="X-Big: " + "a" * 16384 + "\r\n")) == 400
     # D4: many 8 KB headers, 4 connections in parallel, several rounds.
@@ -70,13 +63,13 @@ def test_header_limits_answer_400_without_memory_growth(limited):
         for t in threads:
             t.join(30)
         assert len(results) == 4 and all(r == b"" or status(r) == 400 for r in results), [r[:80] for r in results]
-    growth = rss_mb(proc.pid) - rss0
+    growth = rss_mb(srv.pid) - rss0
     assert growth < 50, f"RSS grew by {growth:.0f} MB"
     assert status(get(url)) == 200
 
 
 def test_idle_and_slowloris_connections_are_closed(limited):
-    _, url, _ = limited
+    url = limited.url
 
     def closed_after(slow: bool) -> float:
         t0 = time.monotonic()
@@ -101,7 +94,7 @@ def test_idle_and_slowloris_connections_are_closed(limited):
 
 
 def test_pending_connections_are_capped(limited):
-    _, url, _ = limited
+    url = limited.url
     socks = [socket.create_connection(host_port(url), timeout=5) for _ in range(PENDING)]
     try:
         time.sleep(0.2)
@@ -120,14 +113,14 @@ def test_pending_connections_are_capped(limited):
 
 
 def test_pipelined_requests_get_one_response(limited):
-    _, url, _ = limited
+    url = limited.url
     h, p = host_port(url)
     resp = raw_request(url, f"GET /health HTTP/1.1\r\nHost: {h}:{p}\r\n\r\n".encode() * 1000)
     assert resp.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in resp, resp[:300]
 
 
 def test_origin_and_host_checks(limited):
-    _, url, _ = limited
+    url = limited.url
     h, p = host_port(url)
     key = f"X-API-Key: {KEY}\r\n"
     cases = {"Origin: http://evil.example\r\n": "403", "Origin: null\r\n": "403", "": "101",
@@ -145,7 +138,7 @@ def test_origin_and_host_checks(limited):
 
 
 def test_api_key_from_file_and_non_ascii_key(limited):
-    _, url, d = limited
+    url = limited.url
     assert status(get(url, "/metrics", headers=f"X-API-Key: {KEY}\r\n")) == 200
     h, p = host_port(url)
     for bad in (b"\xe9t\xe9", b"\xff" * 10, KEY.encode() + b"\xc3\xa9"):
@@ -154,11 +147,11 @@ def test_api_key_from_file_and_non_ascii_key(limited):
         assert status(resp) == 401, resp[:200]
     resp = get(url, "/metrics?api_key=%C3%A9")
     assert status(resp) == 401
-    assert "Traceback" not in (d / "stderr.txt").read_text()
+    assert "Traceback" not in limited.log_text()
 
 
 def test_flooders_are_cut_by_their_budget(limited):
-    _, url, _ = limited
+    url = limited.url
     key = f"X-API-Key: {KEY}\r\n"
     for frame, reason in ((ws_frame(2, b"\x06"), b"too many messages"), (ws_frame(9, b"p"), b"too many pings"),
                           (ws_frame(2, b"\x03" + b"x" * 120), b"too many messages")):
@@ -185,6 +178,7 @@ def run_cli(args, tmp_path, env=None, timeout=120):
 SERVE = ["serve", "--demo", "--port", "0"]
 
 
+@pytest.mark.slow  # one `moshi-ttt` start-up per case
 @pytest.mark.parametrize("case", ["empty flag", "empty env", "missing file", "empty file", "non-ascii"])
 def test_bad_api_key_is_one_line(case, tmp_path):
     (tmp_path / "empty").write_text("\n")
@@ -200,6 +194,7 @@ def test_bad_api_key_is_one_line(case, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,needle", [(b'{"chunk_size": 8,', "invalid JSON"),
                                             (b"\xff\xfe chunk_size: 8", "not a UTF-8 text file")])
 def test_bad_config_names_its_file(content, needle, tmp_path):
@@ -232,6 +227,7 @@ def test_config_loaders_name_the_file(tmp_path):
             assert str(e.value).startswith(str(tmp_path / path)) and "\n" not in str(e.value), (load, e.value)
 
 
+@pytest.mark.slow
 def test_infer_checks_its_output_before_running(tmp_path):
     from moshi_ttt.testing.speech import espeak_wav
 

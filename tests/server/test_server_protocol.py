@@ -9,6 +9,8 @@ import sphn
 from moshi_ttt.server import protocol
 from moshi_ttt.server.metrics import Metrics
 
+from moshi_ttt.testing.observe import parse_prometheus
+
 
 def test_parse_accepts_every_kind_and_splits_payload():
     for kind in protocol.Kind:
@@ -43,13 +45,13 @@ def test_server_messages_round_trip():
     json.loads(protocol.metadata({"x": 1})[1:])
 
 
-def test_metrics_render_parses_and_moves(parse_prometheus):
+def test_metrics_render_parses_and_moves():
     m = Metrics(max_conversations=3)
     m.set_ttt_layers([0, 2])
     text = m.render().decode()
     fams = parse_prometheus(text)
     for name in ("conversations_active", "conversations_total", "conversations_rejected_total",
-                 "frame_latency_seconds_count", "real_time_factor", "ttt_updates_total", "ttt_clips_total",
+                 "frame_latency_seconds_count", "realtime_speed", "ttt_updates_total", "ttt_clips_total",
                  "ttt_skipped_total"):
         assert "moshi_ttt_" + name in fams, name
     assert "# TYPE moshi_ttt_ttt_drift gauge" in text  # no sample until a slot reports one
@@ -76,17 +78,22 @@ def test_metrics_render_parses_and_moves(parse_prometheus):
     assert value("ttt_updates_total", layer="0") == [5] and value("ttt_updates_total", layer="2") == [0]
     assert value("ttt_drift", layer="0", slot="1") == [0.25]
     assert math.isnan(value("ttt_drift", layer="2", slot="1")[0])
-    assert value("real_time_factor") == [pytest.approx(4.0)]
+    # realtime speed = audio seconds / wall seconds: an 80 ms frame per 20 ms step is 4× real time for each
+    # conversation, 8× summed over the step's 2 conversations
+    assert value("realtime_speed") == [pytest.approx(4.0)]
+    assert value("throughput_realtime_speed") == [pytest.approx(8.0)]
+    assert not any("real_time_factor" in k or "rtf" in k for k in fams if isinstance(k, str))
     assert value("audio_seconds_total") == [pytest.approx(0.16)] and value("frames_total") == [2]
     lat = {lb["le"]: v for lb, v in fams["moshi_ttt_frame_latency_seconds_bucket"]}
     assert lat["0.005"] == 1 and lat["0.08"] == 3 and lat["5.0"] == 4 and lat["+Inf"] == 5
     snap = m.snapshot()
     assert snap["steps_total"] == 1 and snap["rejected"] == {"busy": 1} and snap["active"] == 1
+    assert snap["realtime_speed"] == pytest.approx(4.0) and "real_time_factor" not in snap
     m.clear_drift(1)
     assert "slot=" not in m.render().decode()
 
 
-def test_two_servers_keep_separate_metrics(parse_prometheus):
+def test_two_servers_keep_separate_metrics():
     a, b = Metrics(), Metrics()
     a.conversation_started()
     assert parse_prometheus(b.render().decode())["moshi_ttt_conversations_total"] == [({}, 0.0)]

@@ -82,6 +82,7 @@ def tiny_run(tmp_path_factory, train_repo, train_dataset):
     return trainer, summary, run_dir
 
 
+@pytest.mark.slow
 def test_training_learns_through_ttt_target_params(tiny_run, train_repo):
     trainer, summary, run_dir = tiny_run
     assert summary["step"] == STEPS
@@ -158,12 +159,14 @@ def run_infer(export: Path, train_dataset: Path, tmp_path: Path, *flags: str) ->
     return tel
 
 
+@pytest.mark.slow
 def test_export_runs_in_moshi_ttt_infer(tiny_run, train_dataset, tmp_path):
     """`moshi-ttt infer --hf-repo RUN/export --ttt-weights RUN/export/ttt.safetensors` on 1 s of the speech."""
     export = Path(tiny_run[1]["export"])
     run_infer(export, train_dataset, tmp_path, "--ttt-weights", str(export / "ttt.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tiny_run, tmp_path):
     trainer, _, run_dir = tiny_run
     resumed = tmp_path / "resumed"
@@ -184,6 +187,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_run, tmp_path):
     assert t2.param_digest() == trainer.param_digest()
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_ranks_match_single_process(train_repo, train_dataset, tmp_path):
     steps = 3
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"

@@ -14,10 +14,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TRAIN_SR, write_wav
 from moshi.modules.lora import LoRALinear
 
 from moshi_ttt.modules.transformer import TTT_KEY
+from moshi_ttt.testing.speech import SAMPLE_RATE, write_wav
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.data import BatchOrder, DataError, Dataset, TokenIds, read_alignments, text_stream
 from moshi_ttt.train.loop import train
@@ -72,7 +72,7 @@ def test_segment_codes_layout(train_dataset, tiny):
     ids = TokenIds.of(model)
     import sphn
 
-    pcm, _ = sphn.read(str(ds.recordings[0].path), sample_rate=TRAIN_SR)
+    pcm, _ = sphn.read(str(ds.recordings[0].path), sample_rate=SAMPLE_RATE)
     for i in (0, 1):
         seg = ds.segments[i]
         codes = ds.codes(i, mimi, tok, ids)
@@ -238,7 +238,7 @@ def test_refuses_missing_alignment_json(train_dataset, tmp_path):
 
 def test_refuses_mono_wav(train_repo, train_dataset, tmp_path, capsys):
     data = copy_dataset(train_dataset, tmp_path / "d")
-    write_wav(tmp_path / "d" / "conv0.wav", [np.zeros(TRAIN_SR * 5, np.float32)])  # mono
+    write_wav(tmp_path / "d" / "conv0.wav", [np.zeros(SAMPLE_RATE * 5, np.float32)])  # mono
     with pytest.raises(DataError, match=r"train.jsonl:1: .*conv0\.wav has 1 channel\(s\); expected a stereo file"):
         train(cfg_for(tmp_path, train_repo, data))
     # the command line reports it in one line with exit code 2

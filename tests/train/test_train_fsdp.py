@@ -34,6 +34,7 @@ def _close(a: list[dict], b: list[dict]) -> None:
             assert abs(x[k] - y[k]) <= TOL * abs(x[k]), (x["step"], k, x[k], y[k])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("trainable,checkpointing", [("full", False), ("ttt+wdown", True)])
 def test_fsdp_two_ranks_match_one_process_and_resume_on_one(trainable, checkpointing, train_repo, train_dataset,
                                                            tmp_path):

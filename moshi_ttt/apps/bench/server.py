@@ -1,16 +1,19 @@
-"""The `server` section of `moshi-ttt bench`: real-time factor of `moshi-ttt serve --demo`, and (with
+"""The `server` section of `moshi-ttt bench`: the realtime speed of `moshi-ttt serve --demo`, and (with
 `profile=True`) where a step's time goes.
 
-Arrangement: the server runs in this process exactly as `serve` runs it (engine thread + event-loop
-thread, `BackgroundServer`); the clients run in a *spawned child process*, each streaming real speech
+Arrangement: the server runs in this process exactly as `serve` runs it (`BackgroundServer`: the
+event-loop thread here, the model in its worker process; with `profile`, `--workers 0`: the engine
+thread here too, where the sampler sees it); the clients run in a *spawned child process*, each streaming real speech
 (`moshi_ttt.testing.speech`) as Ogg Opus at 1× real time and decoding the reply, so they never compete with
 the server for its GIL. This process only waits while they run.
 
-Real-time factor = frame duration / mean batched step time over the conversations' run (`Engine`
-counts steps and their compute seconds); ≥ 1 means every conversation keeps up. `server_step_ms_n` is
+`server_realtime_speed_n` = audio seconds / wall seconds of each of n conversations = frame duration / mean
+batched step time over their run (`Engine` counts steps and their compute seconds); ≥ 1 means every
+conversation keeps up. `server_rtf_n` is the same value under its first, published name. `server_step_ms_n` is
 that mean step, `server_step_cpu_ms_n` the engine thread's CPU time per step (less sensitive to other
 processes on a shared machine than wall time), `server_rows_per_step_n` how many conversations a step
-served on average (batching).
+served on average (batching), `server_transport_{in,out}_ms` the mean time of one PCM frame through the
+shared-memory rings to the model worker and back (written → read; the latency the process split adds).
 
 Profile: a sampler thread reads the engine and event-loop threads' Python stacks every
 `PROFILE_INTERVAL` s (`sys._current_frames`, no change to the served code) and files each sample
@@ -185,6 +188,7 @@ def _session(srv, pcm: np.ndarray, n: int, sampler: StackSampler | None = None) 
     else:
         with sampler:
             run_clients(srv.ws_url, pcm, n)
+    time.sleep(0.3)  # the model worker reports its step counters every 0.1 s
     steps = eng.steps - steps0
     if steps <= 0:
         raise RuntimeError(f"the engine made no step for {n} conversations")
@@ -194,23 +198,30 @@ def _session(srv, pcm: np.ndarray, n: int, sampler: StackSampler | None = None) 
 
 
 def bench_server(quick: bool, profile: bool = False) -> dict:
-    """`server_rtf_{1,4}` and the rest of the server section (see the module doc). With `profile`, one
+    """`server_realtime_speed_{1,4}` and the rest of the server section (see the module doc). With `profile`, one
     more run per client count under the stack sampler: `server_profile` = {n: {thread: {stage: ms per
     step}}} and `server_profile_table` (markdown)."""
     from moshi_ttt.server.cli import BackgroundServer
 
     pcm = speech(quick)
+    # the profile samples the engine thread's stacks: that needs the model in this process (--workers 0)
     srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "4", "--log-level", "warning",
-                            "--idle-timeout", "30"])
+                            "--no-per-ip-limits", "--idle-timeout", "30", "--workers", "0" if profile else "1"])
     res: dict[str, tp.Any] = {"server_clip_seconds": pcm.size / SAMPLE_RATE}  # espeak_pcm's rate
     try:
         fs = srv.engine.frame_seconds
         for n in (1, 4):
             r = _session(srv, pcm, n)
-            res[f"server_rtf_{n}"] = fs / r["step_s"]
+            res[f"server_realtime_speed_{n}"] = res[f"server_rtf_{n}"] = fs / r["step_s"]
             res[f"server_step_ms_{n}"] = 1000 * r["step_s"]
             res[f"server_step_cpu_ms_{n}"] = 1000 * r["cpu_s"]
             res[f"server_rows_per_step_{n}"] = r["rows"]
+        reg = srv.server.metrics.registry
+        for d in ("in", "out"):  # the model worker's shared-memory transport, one frame, mean over the runs
+            count = reg.get_sample_value("moshi_ttt_worker_transport_seconds_count", {"direction": d}) or 0
+            if count:
+                total = reg.get_sample_value("moshi_ttt_worker_transport_seconds_sum", {"direction": d})
+                res[f"server_transport_{d}_ms"] = 1000 * total / count
         if profile:
             prof: dict[int, dict[str, dict[str, float]]] = {}
             for n in (1, 4):

@@ -1,0 +1,169 @@
+"""Admission per client address (`server.admission`): the address (X-Forwarded-For only from a trusted
+proxy), open conversations per address, the start rate with its burst, the abuse ban; and on a served
+demo, that a refused upgrade is an HTTP 429 that claims no slot (no reset, no model work), per source
+address (client sockets bound to 127.0.0.x), with a spoofed X-Forwarded-For ignored."""
+
+import asyncio
+import json
+import socket
+import urllib.request
+
+import aiohttp
+import pytest
+from moshi_ttt.server.admission import Admission, AdmissionLimits, parse_networks
+from moshi_ttt.server.cli import BackgroundServer
+from moshi_ttt.server.client import FRAME, ChatClient
+
+from moshi_ttt.testing.probe import host_port
+
+
+def limits(**kw) -> AdmissionLimits:
+    return AdmissionLimits(**{"max_per_ip": 2, "starts_per_minute": 60, "start_burst": 100, **kw})
+
+
+def test_forwarded_for_is_read_only_from_trusted_proxies():
+    a = Admission(limits(trusted_proxies=parse_networks(["127.0.0.1", "10.0.0.0/8"])))
+    assert a.client_address("203.0.113.9", "1.2.3.4") == "203.0.113.9"  # untrusted peer: header ignored
+    assert a.client_address("127.0.0.1", "1.2.3.4") == "1.2.3.4"
+    assert a.client_address("127.0.0.1", "6.6.6.6, 1.2.3.4, 10.1.1.1") == "1.2.3.4"  # right-most untrusted hop
+    assert a.client_address("127.0.0.1", "garbage, 1.2.3.4") == "1.2.3.4"
+    assert a.client_address("127.0.0.1", "1.2.3.4, not-an-ip") == "127.0.0.1"  # malformed: trust nothing
+    assert a.client_address("127.0.0.1", None) == "127.0.0.1"
+    assert Admission(limits()).client_address("127.0.0.1", "1.2.3.4") == "127.0.0.1"  # no trusted list
+    with pytest.raises(ValueError, match="'nope'"):
+        parse_networks(["nope"])
+
+
+def test_open_conversations_per_address():
+    a = Admission(limits())
+    assert a.refusal("1.1.1.1") is None and a.refusal("1.1.1.1") is None
+    r = a.refusal("1.1.1.1")
+    assert r is not None and r.status == 429 and r.label == "per_ip" and "at most 2 per address" in r.reason
+    assert a.refusal("2.2.2.2") is None  # another address is not affected
+    a.closed("1.1.1.1")
+    assert a.refusal("1.1.1.1") is None and a.open_count("1.1.1.1") == 2
+
+
+def test_start_rate_with_burst():
+    a = Admission(limits(max_per_ip=0, starts_per_minute=6, start_burst=3))
+    for _ in range(3):
+        assert a.refusal("1.1.1.1") is None
+        a.closed("1.1.1.1")
+    r = a.refusal("1.1.1.1")
+    assert r is not None and r.label == "start_rate" and 0 < r.retry_after <= 10, r
+    assert a.refusal("2.2.2.2") is None
+
+
+def test_abuse_ban_after_k_cuts():
+    a = Admission(limits(ban_after=2, ban_seconds=50))
+    for _ in range(2):
+        assert a.refusal("1.1.1.1") is None
+        a.closed("1.1.1.1", abusive=True)
+    r = a.refusal("1.1.1.1")
+    assert r is not None and r.label == "banned" and 45 < r.retry_after <= 50, r
+    assert a.banned("1.1.1.1") and not a.banned("2.2.2.2")  # aborted on accept, before any HTTP parsing
+    assert a.refusal("2.2.2.2") is None
+    proxied = Admission(limits(ban_after=1, trusted_proxies=parse_networks(["127.0.0.1"])))
+    assert proxied.refusal("127.0.0.1") is None
+    proxied.closed("127.0.0.1", abusive=True)
+    assert not proxied.banned("127.0.0.1")  # a trusted proxy's connections are never aborted on accept
+    b = Admission(limits(ban_after=2))
+    for _ in range(5):  # conversations that ended normally never ban
+        assert b.refusal("1.1.1.1") is None
+        b.closed("1.1.1.1")
+    assert b.refusal("1.1.1.1") is None
+
+
+def test_bad_limits_are_named():
+    with pytest.raises(ValueError, match="max_per_ip"):
+        AdmissionLimits(max_per_ip=-1)
+    with pytest.raises(ValueError, match="start_burst"):
+        AdmissionLimits(start_burst=0)
+
+
+# -- on a served demo -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("admission_server")
+    srv = BackgroundServer(["--demo", "--port", "0", "--host", "127.0.0.1", "--cache-dir", str(d / "cache"),
+                            "--max-conversations", "4", "--max-conversations-per-ip", "1",
+                            "--max-starts-per-minute", "6", "--start-burst", "3", "--admit-lag", "1e9",
+                            "--log-level", "warning"])
+    yield srv
+    srv.stop()
+
+
+def upgrade_status(url: str, source: str, headers: str = "") -> tuple[int, socket.socket]:
+    """A raw websocket upgrade from the source address `source`: (HTTP status, the open socket)."""
+    host, port = host_port(url)
+    s = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    s.sendall((f"GET /api/chat HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"{headers}\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return int(buf.split(b" ", 2)[1]), s
+
+
+def snapshot(url: str) -> tuple[dict, dict]:
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        health = json.loads(r.read())
+    fams = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("moshi_ttt_") and " " in line:
+                k, v = line.rsplit(" ", 1)
+                fams[k] = float(v)
+    return health, fams
+
+
+def test_per_address_limits_on_the_server(limited_server, server_speech):
+    srv = limited_server
+    url = srv.url
+    code, first = upgrade_status(url, "127.0.0.5")
+    assert code == 101
+    h0, m0 = snapshot(url)
+    assert h0["active"] == 1
+    refused = []
+    for spoof in ("", "X-Forwarded-For: 127.0.0.99\r\n"):  # a spoofed header from an untrusted peer: ignored
+        code, s = upgrade_status(url, "127.0.0.5", spoof)
+        refused.append(code)
+        s.close()
+    h1, m1 = snapshot(url)
+    assert refused == [429, 429], refused
+    # the refused upgrades claimed nothing: no conversation, no slot, no step or reset in the model worker
+    assert h1["active"] == 1 and m1["moshi_ttt_conversations_total"] == m0["moshi_ttt_conversations_total"]
+    assert m1['moshi_ttt_conversations_rejected_total{reason="per_ip"}'] == 2
+    assert m1["moshi_ttt_steps_total"] == m0["moshi_ttt_steps_total"]
+    code, other = upgrade_status(url, "127.0.0.6")  # another address still gets its conversation
+    assert code == 101
+    first.close()
+    other.close()
+
+    # the start rate: burst 3 per address (127.0.0.5 used 1 above), then 429 even with no conversation open
+    async def starts() -> list[str]:
+        out = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.5", 0))) as http:
+            for _ in range(3):
+                for _ in range(50):  # the closed conversations above are released asynchronously
+                    if snapshot(url)[0]["active"] == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                try:
+                    c = await ChatClient.connect(http, srv.ws_url)
+                except aiohttp.WSServerHandshakeError as e:
+                    out.append(str(e.status))
+                    continue
+                n = await c.send_pcm(server_speech["a"][: 2 * FRAME])
+                await c.wait_output_frames(n, timeout=30)
+                await c.close()
+                out.append("ok")
+        return out
+
+    assert asyncio.run(starts()) == ["ok", "ok", "429"]
