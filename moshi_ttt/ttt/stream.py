@@ -1,7 +1,7 @@
 """Streaming In-Place TTT: `TTTState`, the per-conversation fast weights of one layer, owns its updates.
 
-Per item b it holds W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded chunk deltas, accumulated in fp32, fp64 for fp64 models)
-and the frames of the current chunk. `step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is
+Per item b it holds W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded chunk deltas, in the state dtype: fp32, fp64 for fp64
+models, or bf16, into which each fold rounds its fp32 ΔW) and the frames of the current chunk (fp32). `step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is
 graph-safe (no host reads, no branches on tensor values) and leaves exec-masked items unchanged. `fold`
 is the per-chunk work, run on the host between steps for the items whose chunk completed (`due`).
 Invariant between two driver steps: no item has a completed but unfolded chunk, so every frame of chunk
@@ -26,9 +26,9 @@ COUNTERS = ("updates", "clips", "skipped", "lost")
 class TTTState(State):
     """Per-conversation TTT state of one layer; per-item tensors have batch as first dim.
 
-    w: [B, d, h] fast weight W⁽ⁱ⁾ in the accumulation dtype.
-    w_apply: [B, d, h] the weight `apply` multiplies by: `w` itself, or its copy in the model dtype
-        (bf16/fp16 models), refreshed at every fold, reset and restore.
+    w: [B, d, h] fast weight W⁽ⁱ⁾ in the state dtype (the accumulation dtype, or bf16).
+    w_apply: [B, d, h] the weight `apply` multiplies by: `w` itself when the state dtype is the model
+        dtype, else its copy in the model dtype, refreshed at every fold, reset and restore.
     z_buf: [B, C + 1, h], s_buf: [B, C + 1, d]: Z and the target source (X0 or the MLP input) of the
         current chunk's frames in rows 0..pos−1, as they came; row C is scratch, never read.
     pos: [B] frames in the current chunk (C: complete, waiting for its fold).
@@ -40,13 +40,17 @@ class TTTState(State):
         past frames.
     row0: [B] b·(C + 1), item b's first row in the flattened buffers [B·(C + 1), ·].
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
+    stochastic: a fold into a bf16 `w` rounds stochastically, the noise of an item's k-th fold (k =
+        updates + skipped before it) drawn from `rounding_seed` and k only.
     """
 
     def __init__(self, batch_size: int, chunk: int, w0: torch.Tensor, acc_dtype: torch.dtype,
-                 w_target: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None, past: int = 0):
+                 w_target: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None, past: int = 0,
+                 state_dtype: torch.dtype | None = None, stochastic: bool = False, rounding_seed: int = 0):
         """w0 [d, h] gives the device, the shapes and the apply dtype; w_target [d, d] (None: identity);
         conv_weight [d, 1, K] (None: no conv) seeing `past` past frames. All are detached, not copied
-        (w0 is kept as given: pass a tensor that stays W⁽⁰⁾ while streaming)."""
+        (w0 is kept as given: pass a tensor that stays W⁽⁰⁾ while streaming). `state_dtype` is w's dtype
+        (None: `acc_dtype`; else acc_dtype or bf16); `stochastic` and `rounding_seed` apply to a bf16 w."""
         if w0.dim() != 2:
             raise ValueError(f"TTTState: W⁽⁰⁾ must be [d, h], got shape {tuple(w0.shape)}")
         if chunk < 1:
@@ -57,9 +61,15 @@ class TTTState(State):
 
         def z(*shape, dt=acc_dtype):
             return torch.zeros(*shape, device=device, dtype=dt)
+        state_dtype = acc_dtype if state_dtype is None else state_dtype
+        if state_dtype not in (acc_dtype, torch.bfloat16):
+            raise ValueError(f"TTTState: state dtype {state_dtype} must be the accumulation dtype {acc_dtype} "
+                             f"or torch.bfloat16")
         self.w0 = w0
-        self.w = w0.to(acc_dtype)[None].repeat(batch_size, 1, 1)
-        self.w_apply = self.w if w0.dtype == acc_dtype else w0[None].repeat(batch_size, 1, 1)
+        self.w = w0.to(state_dtype)[None].repeat(batch_size, 1, 1)
+        self.w_apply = self.w if w0.dtype == state_dtype else self.w.to(w0.dtype)
+        self.stochastic = bool(stochastic) and state_dtype == torch.bfloat16 != acc_dtype
+        self.rounding_seed = int(rounding_seed)
         self.z_buf, self.s_buf = z(batch_size, chunk + 1, h), z(batch_size, chunk + 1, d)
         self.pos = z(batch_size, dt=torch.long)
         self.last_norm = z(batch_size)
@@ -121,7 +131,7 @@ class TTTState(State):
         """The per-frame step: z [B, 1, h] (model dtype), src [B, 1, d] ⇒ the MLP output z · W⁽ⁱ⁾ᵀ
         [B, 1, d], and the frame recorded into the current chunk (see `record`)."""
         out = self.apply(z)
-        acc = self.w.dtype
+        acc = self.z_buf.dtype
         self.record(z[:, 0].to(acc), src[:, 0].to(acc))
         return out
 
@@ -134,12 +144,14 @@ class TTTState(State):
     @torch.no_grad()
     def fold(self, items: tp.Sequence[int], cfg: TTTConfig) -> None:
         """Folds the completed chunk of each listed item into its fast weight and starts its next chunk:
-        w += a · (c W_t)ᵀ Z with a = η · clip · finite. Items must have a complete chunk (`pos` = C);
-        others are untouched."""
+        w += a · (c W_t)ᵀ Z with a = η · clip · finite, ΔW in the accumulation dtype (a bf16 w gets
+        w + ΔW rounded once, see `stochastic`). Items must have a complete chunk (`pos` = C); others are
+        untouched."""
         if not len(items):
             return
         C = self.chunk_size
         idx = torch.as_tensor(list(items), dtype=torch.long, device=self.w.device)
+        folds = (self.updates[idx] + self.skipped[idx]).tolist() if self.stochastic else None
         zc, sc = self.z_buf[idx, :C], self.s_buf[idx, :C]  # [n, C, h], [n, C, d]
         cc = chunk_conv(sc, self.conv, C, self.past)  # [n, C, d]: the chunk's target conv
         finite = frame_finite(zc, sc, cc).all(-1)  # [n]: the parallel path's per-frame test, on the whole chunk
@@ -157,7 +169,11 @@ class TTTState(State):
         a = torch.where(ok, a, 0.)
         va = torch.where(ok[:, None, None], vt * a[:, None, None], 0.)  # [n, d, C], finite
         for r, b in enumerate(items):
-            self.w[b].addmm_(va[r], zc[r])
+            if self.w.dtype == va.dtype:
+                self.w[b].addmm_(va[r], zc[r])
+            else:
+                wide = torch.addmm(self.w[b].to(va.dtype), va[r], zc[r])
+                self.w[b].copy_(stochastic_bf16(wide, self.rounding_seed, folds[r]) if self.stochastic else wide)
             if self.w_apply is not self.w:
                 self.w_apply[b].copy_(self.w[b])
         self.last_norm[idx] = torch.where(a != 0, norm, 0.)
@@ -177,12 +193,13 @@ class TTTState(State):
         for b in m.nonzero().flatten().tolist():
             self.w[b].copy_(self.w0)
             if self.w_apply is not self.w:
-                self.w_apply[b].copy_(self.w0)
+                self.w_apply[b].copy_(self.w[b])
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
         """W⁽ⁱ⁾ − W⁽⁰⁾ of every item, [B, d, h] (telemetry / tests; not for the per-frame path)."""
-        return self.w - self.w0.to(self.w.dtype)[None]
+        acc = self.z_buf.dtype
+        return self.w.to(acc) - self.w0.to(acc)[None]
 
     def snapshot(self, item: int) -> dict[str, torch.Tensor]:
         """Item `item`'s exact state, cloned on the state's device: `w` (W⁽ⁱ⁾ itself, so that restoring is
@@ -212,3 +229,17 @@ class TTTState(State):
         if not 0 <= item < self.batch_size:
             raise IndexError(f"TTT state item {item} out of range for a batch of {self.batch_size}")
         return int(item)
+
+
+def stochastic_bf16(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """x (fp32) rounded stochastically to bf16: each value goes to one of its two bf16 neighbours with
+    probability proportional to closeness (unbiased: E[round(x)] = x). The 16 random low bits come from
+    a generator seeded with (seed, step) only. Non-finite values stay as they are."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_bf16 rounds float32 values, got {x.dtype}")
+    g = torch.Generator(device=x.device)
+    g.manual_seed((int(seed) * 1_000_003 + int(step)) % 2**63)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=g, device=x.device, dtype=torch.int32)
+    bits = (x.view(torch.int32) + noise) & -65536  # add below the bf16 mantissa, then truncate it
+    out = bits.view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
