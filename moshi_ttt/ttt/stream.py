@@ -1,12 +1,13 @@
 """Streaming In-Place TTT: `TTTState`, the per-conversation fast weights of one layer, owns its updates.
 
 Per item b it holds W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded chunk deltas, in the state dtype: fp32, fp64 for fp64
-models, or bf16, into which each fold rounds its fp32 ΔW) and the frames of the current chunk (fp32). `step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is
-graph-safe (no host reads, no branches on tensor values) and leaves exec-masked items unchanged. `fold`
-is the per-chunk work, run on the host between steps for the items whose chunk completed (`due`).
-Invariant between two driver steps: no item has a completed but unfolded chunk, so every frame of chunk
-i is computed with exactly W⁽ⁱ⁾. `reset(mask)` returns items to W⁽⁰⁾; `snapshot`/`restore` carry one
-item's exact state. The design and its costs are in docs/design.md ("Streaming state").
+models, or bf16, into which each fold rounds its fp32 ΔW) and the frames of the current chunk (fp32).
+`step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is graph-safe (no host reads, no
+branches on tensor values) and leaves exec-masked items unchanged. `fold` is the per-chunk work, run on
+the host between steps for the items whose chunk completed (`due`). Invariant between two driver steps:
+no item has a completed but unfolded chunk, so every frame of chunk i is computed with exactly W⁽ⁱ⁾.
+`reset(mask)` returns items to W⁽⁰⁾; `snapshot`/`restore` carry one item's exact state. The design and
+its costs are in docs/design.md ("Streaming state"); the bf16 state's precision in docs/capacity.md.
 """
 
 from __future__ import annotations
