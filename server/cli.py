@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from moshi_ttt.runtime import add_checkpoint_args
+from moshi_ttt.ttt.config import STATE_DTYPES
 
 from . import limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
@@ -91,6 +92,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")
+    g.add_argument("--ttt-state-dtype", choices=STATE_DTYPES, default=None,
+                   help="dtype of the per-conversation TTT fast weight (default: the TTT config's, float32); "
+                        "bfloat16 holds one bf16 copy instead of fp32 + bf16 (docs/capacity.md)")
     g.add_argument("--cache-dir", default=None,
                    help="where --demo keeps its checkpoint (default $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt)")
 
@@ -145,7 +149,7 @@ def load(args) -> Loaded:
         log.info("--half is ignored on CPU (float32)")
     t = time.perf_counter()
     pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, fuse_lora=args.fuse_lora,
-                          cache_root=args.cache_dir)
+                          cache_root=args.cache_dir, state_dtype=args.ttt_state_dtype)
     lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
     log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
              time.perf_counter() - t, lm.ttt_layer_indices)
@@ -168,6 +172,7 @@ def load(args) -> Loaded:
         "model": model_name, "demo": bool(args.demo), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "max_conversations": n, "sample_rate": int(mimi.sample_rate), "frame_rate": float(mimi.frame_rate),
         "ttt_layers": list(lm.ttt_layer_indices), "ttt": lm.ttt_config.to_dict(),
+        "ttt_state_bytes_per_conversation": lm.ttt_state_bytes(),  # the worker's live states (streaming since start)
         "generation": {k: v for k, v in gen.items()}, "cfg_coef": args.cfg_coef,
     }
     return Loaded(engine, metrics, model_info)

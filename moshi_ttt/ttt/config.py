@@ -21,6 +21,8 @@ INIT_MODES = ("zero", "ntp")
 TARGET_SOURCES = ("x0", "mlp_input")
 STATE_DTYPES = ("float32", "bfloat16")
 ROUNDINGS = ("nearest", "stochastic")
+# How the streaming state is stored, not what was trained: a checkpoint's TTT config may differ in these.
+STATE_FIELDS = ("state_dtype", "state_rounding", "rounding_seed")
 
 _check = Checks("TTT config")
 _bad = _check.error
@@ -96,6 +98,13 @@ class TTTConfig:
     @property
     def past_frames(self) -> int:
         return self.kernel_size - 1 - self.future_frames
+
+    def with_state(self, **state: tp.Any) -> TTTConfig:
+        """This config with the non-None `STATE_FIELDS` in `state` replaced (validated)."""
+        bad = sorted(set(state) - set(STATE_FIELDS))
+        if bad:
+            raise ValueError(f"invalid TTT config: {bad} are not state fields {STATE_FIELDS}")
+        return dataclasses.replace(self, **{k: v for k, v in state.items() if v is not None})
 
     def state_torch_dtype(self, acc_dtype: torch.dtype) -> torch.dtype:
         """The fast weight's dtype in a model accumulating in `acc_dtype` (fp32, or fp64)."""

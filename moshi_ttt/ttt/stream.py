@@ -22,6 +22,7 @@ from moshi_ttt.ttt.chunk import chunk_conv, frame_finite, frobenius_from_gram
 from moshi_ttt.ttt.config import TTTConfig
 
 COUNTERS = ("updates", "clips", "skipped", "lost")
+FOLD_ROWS = 512  # rows of W per block of a bf16 fold (its fp32 scratch: FOLD_ROWS × h, one per state)
 
 
 class TTTState(State):
@@ -79,6 +80,7 @@ class TTTState(State):
         self.conv = None if conv_weight is None else conv_weight.detach().to(acc_dtype).contiguous()
         self.past = past
         self.host_folds = False
+        self._wide = self._bits = None  # a bf16 fold's scratch blocks, made by its first fold
         self.row0 = torch.arange(batch_size, device=device) * (chunk + 1)
 
     def tensors(self, scratch: bool = False) -> dict[str, torch.Tensor]:
@@ -152,7 +154,7 @@ class TTTState(State):
             return
         C = self.chunk_size
         idx = torch.as_tensor(list(items), dtype=torch.long, device=self.w.device)
-        folds = (self.updates[idx] + self.skipped[idx]).tolist() if self.stochastic else None
+        folds = (self.updates[idx] + self.skipped[idx]).tolist() if self.stochastic else []
         zc, sc = self.z_buf[idx, :C], self.s_buf[idx, :C]  # [n, C, h], [n, C, d]
         cc = chunk_conv(sc, self.conv, C, self.past)  # [n, C, d]: the chunk's target conv
         finite = frame_finite(zc, sc, cc).all(-1)  # [n]: the parallel path's per-frame test, on the whole chunk
@@ -173,8 +175,7 @@ class TTTState(State):
             if self.w.dtype == va.dtype:
                 self.w[b].addmm_(va[r], zc[r])
             else:
-                wide = torch.addmm(self.w[b].to(va.dtype), va[r], zc[r])
-                self.w[b].copy_(stochastic_bf16(wide, self.rounding_seed, folds[r]) if self.stochastic else wide)
+                self._fold_bf16(b, va[r], zc[r], folds[r] if folds else None)
             if self.w_apply is not self.w:
                 self.w_apply[b].copy_(self.w[b])
         self.last_norm[idx] = torch.where(a != 0, norm, 0.)
@@ -182,6 +183,24 @@ class TTTState(State):
         self.clips[idx] += clipped.long()
         self.skipped[idx] += (~ok).long()
         self.pos[idx] = 0
+
+    def _fold_bf16(self, b: int, va: torch.Tensor, zc: torch.Tensor, fold: int | None) -> None:
+        """w[b] ← round(w[b] + va · zc) with the sum in fp32, by blocks of `FOLD_ROWS` rows through one
+        reused fp32 scratch block (no d×h fp32 temporary); stochastic with the bits of fold number `fold`."""
+        w = self.w[b]
+        d, h = w.shape
+        if self._wide is None:
+            self._wide = torch.empty(min(d, FOLD_ROWS), h, dtype=va.dtype, device=w.device)
+            self._bits = torch.empty(self._wide.shape, dtype=torch.int32, device=w.device) if self.stochastic else None
+        bits = None if fold is None else rounding_bits(self.rounding_seed, fold, d, h, w.device)
+        for i in range(0, d, FOLD_ROWS):
+            rows = slice(i, min(i + FOLD_ROWS, d))
+            n = rows.stop - i
+            wide = self._wide[:n].copy_(w[rows])
+            wide.addmm_(va[rows], zc)
+            if bits is not None:
+                stochastic_round_(wide, bits[0][rows], bits[1], self._bits[:n])
+            w[rows].copy_(wide)
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.
@@ -232,15 +251,29 @@ class TTTState(State):
         return int(item)
 
 
-def stochastic_bf16(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    """x (fp32) rounded stochastically to bf16: each value goes to one of its two bf16 neighbours with
-    probability proportional to closeness (unbiased: E[round(x)] = x). The 16 random low bits come from
-    a generator seeded with (seed, step) only. Non-finite values stay as they are."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"stochastic_bf16 rounds float32 values, got {x.dtype}")
-    g = torch.Generator(device=x.device)
+
+
+def rounding_bits(seed: int, step: int, m: int, n: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stochastic-rounding bits of an [m, n] matrix: r [m, 1], s [1, n], uniform 16-bit draws of a
+    generator seeded with (seed, step) only. Entry (i, j) gets r_i XOR s_j: uniform and pairwise
+    independent over entries, at the cost of m + n draws (docs/capacity.md)."""
+    g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + int(step)) % 2**63)
-    noise = torch.randint(0, 1 << 16, x.shape, generator=g, device=x.device, dtype=torch.int32)
-    bits = (x.view(torch.int32) + noise) & -65536  # add below the bf16 mantissa, then truncate it
-    out = bits.view(torch.float32)
-    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+    bits = torch.randint(0, 1 << 16, (m + n,), generator=g, device=device, dtype=torch.int32)
+    return bits[:m, None], bits[None, m:]
+
+
+def stochastic_round_(x: torch.Tensor, r: torch.Tensor, s: torch.Tensor, scratch: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Prepares fp32 x [m, n] in place for a stochastic rounding to bf16 with the bits r [m, 1], s [1, n]
+    of `rounding_bits`: adds r_i XOR s_j below each value's bf16 mantissa and clears those 16 bits, so
+    that x.to(bfloat16) is then exact and is each value's upper neighbour (in magnitude) with probability
+    proportional to closeness: unbiased, E[round(x)] = x. Infinities and NaNs stay as they are. `scratch`:
+    an int32 tensor of x's shape for the bits (None: allocated). Returns x."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_ takes float32 values, got {x.dtype}")
+    xi = x.view(torch.int32)
+    xi.add_(torch.bitwise_xor(r, s) if scratch is None else torch.bitwise_xor(r, s, out=scratch))
+    xi.bitwise_and_(-65536)  # an inf/NaN pattern keeps its exponent and top mantissa bits: stays inf/NaN
+    return x

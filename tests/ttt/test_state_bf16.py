@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moshi_ttt.ttt.config import TTTConfig
-from moshi_ttt.ttt.stream import TTTState, stochastic_bf16
+from moshi_ttt.ttt.stream import TTTState, rounding_bits, stochastic_round_
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -92,18 +92,29 @@ def test_nearest_rounding_loses_small_updates_stochastic_keeps_them():
     assert 0.8 < kept_sr < 1.2
 
 
-def test_stochastic_bf16_is_unbiased_and_seeded():
-    x = torch.full((200_000,), 1.0) + 1e-4  # 1e-4 is 1/78 of the bf16 ulp at 1.0
-    assert torch.equal(x.to(BF16), torch.ones(200_000, dtype=BF16))  # round-to-nearest: lost
-    y = stochastic_bf16(x, seed=3, step=5)
+def _sr(x, seed, step):
+    return stochastic_round_(x.clone(), *rounding_bits(seed, step, *x.shape)).to(BF16)
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    x = torch.full((400, 500), 1.0) + 1e-4  # 1e-4 is 1/78 of the bf16 ulp at 1.0
+    assert torch.equal(x.to(BF16), torch.ones_like(x, dtype=BF16))  # round-to-nearest: lost
+    y = _sr(x, seed=3, step=5)
     assert abs(float(y.double().mean()) - 1.0001) < 1e-5
     assert set(y.float().unique().tolist()) == {1.0, 1.0078125}  # always one of the two neighbours
-    assert torch.equal(y, stochastic_bf16(x, seed=3, step=5))
-    assert not torch.equal(y, stochastic_bf16(x, seed=3, step=6))
-    assert not torch.equal(y, stochastic_bf16(x, seed=4, step=5))
-    e = torch.tensor([float("inf"), -float("inf"), float("nan"), -2.0, 0.0])
-    out = stochastic_bf16(e, 0, 0)
-    assert out[:2].isinf().all() and out[2].isnan() and out[3] == -2.0 and out[4] == 0.0
+    prepared = stochastic_round_(x.clone(), *rounding_bits(3, 5, *x.shape))
+    assert torch.equal(prepared, prepared.to(BF16).float())  # the cast after it is exact
+    assert torch.equal(y, _sr(x, seed=3, step=5))
+    assert not torch.equal(y, _sr(x, seed=3, step=6))
+    assert not torch.equal(y, _sr(x, seed=4, step=5))
+    # Unbiased for every entry, negative values too: the mean over 400 draws of one matrix's rounding.
+    v = torch.tensor([[0.3, -0.3, 1e-3, -7.7]]).repeat(4, 1)
+    mean = torch.stack([_sr(v, 0, k).double() for k in range(400)]).mean(0)
+    ulp = torch.tensor([2 ** -9, 2 ** -9, 2 ** -17, 2 ** -5], dtype=torch.float64)
+    assert ((mean - v.double()).abs() < 0.15 * ulp).all()
+    e = torch.tensor([[float("inf"), -float("inf"), float("nan"), -2.0, 0.0]])
+    out = _sr(e, 0, 0)
+    assert out[0, :2].isinf().all() and out[0, 2].isnan() and out[0, 3] == -2.0 and out[0, 4] == 0.0
 
 
 def test_state_dtype_config_is_validated():
