@@ -67,6 +67,9 @@ class TTTState(State):
         if state_dtype not in (acc_dtype, torch.bfloat16):
             raise ValueError(f"TTTState: state dtype {state_dtype} must be the accumulation dtype {acc_dtype} "
                              f"or torch.bfloat16")
+        if state_dtype == torch.bfloat16 and acc_dtype != torch.float32:
+            raise ValueError(f"TTTState: a bfloat16 state folds in float32, not in the accumulation dtype "
+                             f"{acc_dtype} (use the float32 state with this model)")
         self.w0 = w0
         self.w = w0.to(state_dtype)[None].repeat(batch_size, 1, 1)
         self.w_apply = self.w if w0.dtype == state_dtype else self.w.to(w0.dtype)

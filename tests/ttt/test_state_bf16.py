@@ -126,3 +126,5 @@ def test_state_dtype_config_is_validated():
         TTTConfig(rounding_seed=-1)
     with pytest.raises(ValueError, match="state dtype torch.float16"):
         TTTState(1, 4, torch.zeros(2, 3), torch.float32, state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="folds in float32, not in the accumulation dtype torch.float64"):
+        TTTState(1, 4, torch.zeros(2, 3, dtype=torch.float64), torch.float64, state_dtype=BF16)
