@@ -11,7 +11,7 @@ import logging
 import sys
 import typing as tp
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -208,10 +208,14 @@ def load_pieces(info: loaders.CheckpointInfo, ttt: ResolvedTTT, device: torch.de
 
 
 def load(flags: CheckpointFlags, device: torch.device, dtype: torch.dtype, fuse_lora: bool = False,
-         cache_root: str | Path | None = None) -> Pieces:
-    """open_checkpoint → resolve_ttt → load_pieces."""
+         cache_root: str | Path | None = None, state_dtype: str | None = None) -> Pieces:
+    """open_checkpoint → resolve_ttt → load_pieces. `state_dtype` (None: the config's) overrides the TTT
+    config's streaming-state dtype (`TTTConfig.state_dtype`)."""
     info, name, flags = open_checkpoint(flags, cache_root)
     ttt = resolve_ttt(info, flags.ttt_config, flags.ttt_weights)
+    if state_dtype is not None:
+        cfg = ttt.config
+        ttt = replace(ttt, config=replace(cfg, layer=cfg.layer.with_state(state_dtype=state_dtype)))
     return load_pieces(info, ttt, device, dtype, name=name, fuse_lora=fuse_lora)
 
 

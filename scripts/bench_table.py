@@ -21,6 +21,11 @@ ROWS_7B = [
     ("moshi7b_layer_ms_base_b1", "… base layer step (ms)", "", "{:.1f}"),
     ("moshi7b_state_bytes_per_conversation", "fast state per conversation, 6 TTT layers, C = 256, bf16 model (bytes)",
      "reported", "{:,}"),
+    ("moshi7b_mlp_ratio_b1_bf16state", "MLP, B = 1, bf16 fast-weight state (stochastic-rounding folds)", "≤ 1.10",
+     "{:.3f}×"),
+    ("moshi7b_layer_ratio_b1_bf16state", "whole layer, B = 1, bf16 fast-weight state", "≤ 1.05", "{:.3f}×"),
+    ("moshi7b_state_bytes_per_conversation_bf16state", "fast state per conversation, bf16 fast-weight state (bytes)",
+     "reported", "{:,}"),
 ]
 
 BYTES_ROWS = [  # (label, key stem)

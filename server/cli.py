@@ -22,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from moshi_ttt.runtime import add_checkpoint_args
+from moshi_ttt.ttt.config import STATE_DTYPES
 
 from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
@@ -116,6 +117,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")
+    g.add_argument("--ttt-state-dtype", choices=STATE_DTYPES, default=None,
+                   help="dtype of the per-conversation TTT fast weight (default: the TTT config's, float32); "
+                        "bfloat16 holds one bf16 copy instead of fp32 + bf16 (docs/capacity.md)")
     g.add_argument("--cache-dir", default=None,
                    help="where --demo keeps its checkpoint (default $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt)")
 

@@ -12,6 +12,11 @@ Variants (identical budget, same data, same seeds):
     ttt_noconv        ... without the conv (V̂ = X0 · W_target)
     ttt_noproj        ... without W_target (fixed to I)
     ttt_mlp_input     ... with the layer's own MLP input as the target source instead of X0
+    ttt_bf16state     `ttt` trained identically, streamed with a bf16 fast-weight state (stochastic rounding;
+                      the parallel forward does not depend on the state dtype)
+    ttt_bf16state_rtn ... with round-to-nearest folds
+    base_wN, ttt_wN   the window sweep: `base` and `ttt` with an attention window of N frames (the task's
+                      window too: half of the queries inside N, half beyond), N in SWEEP_WINDOWS
 
 Each (variant, seed) run is trained, then evaluated on a fixed set twice: by the parallel forward
 and frame by frame through moshi's `LMGen` (teacher-forced, see `memory_task.streaming_text_logits`).
@@ -43,9 +48,13 @@ from moshi_ttt.experiments.memory_task import Budget, Task, build_model, eval_se
 from moshi_ttt.ttt.config import TTTConfig
 from moshi_ttt.utils.io import atomic_write
 
-VARIANTS = ("base", "base_full_window", "ttt", "ttt_noconv", "ttt_noproj", "ttt_mlp_input")
+SWEEP_WINDOWS = (8, 32)
+SWEEP = {f"{kind}_w{w}": (kind, w) for w in SWEEP_WINDOWS for kind in ("base", "ttt")}
+VARIANTS = ("base", "base_full_window", "ttt", "ttt_noconv", "ttt_noproj", "ttt_mlp_input", "ttt_bf16state",
+            "ttt_bf16state_rtn", *SWEEP)
 TTT_ABLATIONS = {"ttt": {}, "ttt_noconv": {"use_conv": False}, "ttt_noproj": {"use_target_proj": False},
-                 "ttt_mlp_input": {"target": "mlp_input"}}
+                 "ttt_mlp_input": {"target": "mlp_input"}, "ttt_bf16state": {"state_dtype": "bfloat16"},
+                 "ttt_bf16state_rtn": {"state_dtype": "bfloat16", "state_rounding": "nearest"}}
 README_START = "<!-- memory-table:start -->"
 README_END = "<!-- memory-table:end -->"
 
@@ -67,18 +76,25 @@ class Settings:
         return dataclasses.asdict(self)
 
     def ttt_config(self, variant: str) -> TTTConfig | None:
+        variant = SWEEP.get(variant, (variant,))[0]
         if variant not in TTT_ABLATIONS:
             return None
         return TTTConfig(chunk_size=self.chunk, lr=self.eta, init="ntp", **TTT_ABLATIONS[variant])
 
     def context(self, variant: str) -> int:
-        return self.task.T if variant == "base_full_window" else self.task.window
+        return self.task.T if variant == "base_full_window" else self.for_variant(variant).task.window
+
+    def for_variant(self, variant: str) -> Settings:
+        """The settings a variant's run is made with: these, or for a sweep variant these at its window."""
+        if variant not in SWEEP:
+            return self
+        return dataclasses.replace(self, task=dataclasses.replace(self.task, window=SWEEP[variant][1]))
 
 
 def run_one(variant: str, seed: int, settings: Settings, progress_every: int = 0) -> dict:
     """Trains and evaluates one (variant, seed); returns the run record (JSON-serialisable)."""
     torch.set_num_threads(1)
-    s = settings
+    s = settings.for_variant(variant)
     t0 = time.time()
     model = build_model(s.task, s.ttt_config(variant), dim=s.dim, layers=s.layers,
                         context=s.context(variant), ttt_layer=s.ttt_layer, seed=seed)
@@ -120,7 +136,8 @@ def load_run(out: Path, variant: str, seed: int, settings: Settings) -> dict | N
     if not p.exists():
         return None
     rec = json.loads(p.read_text())
-    return rec if rec.get("settings") == json.loads(json.dumps(settings.to_dict())) else None
+    want = settings.for_variant(variant).to_dict()
+    return rec if rec.get("settings") == json.loads(json.dumps(want)) else None
 
 
 def _work(variant: str, seed: int, settings: Settings, out: str, progress_every: int) -> dict:
@@ -131,8 +148,9 @@ def _work(variant: str, seed: int, settings: Settings, out: str, progress_every:
 
 
 def run_all(out: Path, settings: Settings, variants: tuple[str, ...], seeds: int, jobs: int = 1,
-            progress_every: int = 100) -> dict[tuple[str, int], dict]:
-    """Every (variant, seed) run, from the cache when possible; `jobs` worker processes."""
+            progress_every: int = 100, cached_only: bool = False) -> dict[tuple[str, int], dict]:
+    """Every (variant, seed) run, from the cache when possible; `jobs` worker processes. `cached_only`:
+    the cached runs only (what an interrupted experiment finished), nothing is trained."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], dict] = {}
     todo = []
@@ -143,6 +161,9 @@ def run_all(out: Path, settings: Settings, variants: tuple[str, ...], seeds: int
                 todo.append((v, seed))
             else:
                 runs[(v, seed)] = rec
+    if cached_only:
+        print(f"{len(runs)} run(s) cached in {out / 'runs'}; not run: {todo}")
+        return runs
     bar = tqdm(total=len(variants) * seeds, initial=len(runs), desc="runs", unit="run", file=sys.stdout)
     if runs:
         bar.write(f"{len(runs)} run(s) cached in {out / 'runs'}, {len(todo)} to do")
@@ -172,10 +193,11 @@ def run_all(out: Path, settings: Settings, variants: tuple[str, ...], seeds: int
 
 def results_json(runs: dict[tuple[str, int], dict], settings: Settings) -> dict:
     """The published schema: {"variants": {NAME: {"seeds": [{seed, inside_acc, beyond_acc,
-    beyond_acc_streaming}]}}, "chance", "window", "chunk"}."""
+    beyond_acc_streaming}]} (+ "window" for a sweep variant)}, "chance", "window", "chunk"}."""
     variants: dict[str, dict] = {}
     for (v, seed), rec in sorted(runs.items(), key=lambda kv: (VARIANTS.index(kv[0][0]), kv[0][1])):
-        variants.setdefault(v, {"seeds": []})["seeds"].append(
+        entry = variants.setdefault(v, {"seeds": []} if v not in SWEEP else {"window": SWEEP[v][1], "seeds": []})
+        entry["seeds"].append(
             {"seed": seed, "inside_acc": rec["inside_acc"], "beyond_acc": rec["beyond_acc"],
              "beyond_acc_streaming": rec["beyond_acc_streaming"]})
     return {"variants": variants, "chance": settings.task.chance, "window": settings.task.window,
@@ -191,8 +213,12 @@ def check_results(res: dict) -> None:
     for name, v in res["variants"].items():
         if name not in VARIANTS:
             raise ValueError(f"results: unknown variant {name!r}")
-        if set(v) != {"seeds"} or not v["seeds"]:
-            raise ValueError(f"results: variant {name!r} must be {{'seeds': [non-empty list]}}")
+        keys = {"seeds", "window"} if name in SWEEP else {"seeds"}
+        if set(v) != keys or not v["seeds"]:
+            raise ValueError(f"results: variant {name!r} must have exactly the keys {sorted(keys)} "
+                             f"(seeds: a non-empty list), got {sorted(v)}")
+        if name in SWEEP and v["window"] != SWEEP[name][1]:
+            raise ValueError(f"results: sweep variant {name!r} has window {v['window']!r}, not {SWEEP[name][1]}")
         for s in v["seeds"]:
             if set(s) != {"seed", "inside_acc", "beyond_acc", "beyond_acc_streaming"}:
                 raise ValueError(f"results: variant {name!r} seed entry has keys {sorted(s)}")
@@ -207,11 +233,12 @@ def _ms(xs: list[float]) -> str:
 
 
 def render_table(res: dict) -> str:
-    """The results table (markdown) from a results.json dict: mean ± std over seeds."""
+    """The README tables (markdown) from a results.json dict: mean ± std over seeds; the window sweep
+    (when it ran) in a second table."""
     lines = ["| model | inside window | beyond window | beyond window, LMGen streaming | "
              "max \\|Δ\\| parallel vs streaming (over seeds) | seeds |", "|---|---|---|---|---|---|"]
     for name in VARIANTS:
-        if name not in res["variants"]:
+        if name not in res["variants"] or name in SWEEP:
             continue
         seeds = res["variants"][name]["seeds"]
         col = {k: [s[k] for s in seeds] for k in ("inside_acc", "beyond_acc", "beyond_acc_streaming")}
@@ -221,6 +248,17 @@ def render_table(res: dict) -> str:
     lines.append("")
     lines.append(f"Chance = {res['chance']:.4f}; attention window {res['window']} frames; TTT chunk "
                  f"{res['chunk']} frames; mean ± std (population) over seeds.")
+    sweep = [(w, kind, name) for w in sorted({res["window"], *SWEEP_WINDOWS}) for kind in ("base", "ttt")
+             for name in ([kind] if w == res["window"] else [f"{kind}_w{w}"]) if name in res["variants"]]
+    if any(name in SWEEP for _, _, name in sweep):
+        lines += ["", "Window sweep (the task's window = the model's: half of the queries inside it, half beyond):",
+                  "", "| attention window | model | inside window | beyond window | beyond window, LMGen "
+                  "streaming | seeds |", "|---|---|---|---|---|---|"]
+        for w, kind, name in sweep:
+            seeds = res["variants"][name]["seeds"]
+            col = {k: [s[k] for s in seeds] for k in ("inside_acc", "beyond_acc", "beyond_acc_streaming")}
+            lines.append(f"| {w} | `{kind}` | {_ms(col['inside_acc'])} | {_ms(col['beyond_acc'])} | "
+                         f"{_ms(col['beyond_acc_streaming'])} | {len(seeds)} |")
     return "\n".join(lines)
 
 
@@ -248,7 +286,7 @@ def plot(runs: dict[tuple[str, int], dict], settings: Settings, path: Path, bin_
     fig, ax = plt.subplots(figsize=(10, 4))
     for v in VARIANTS:
         recs = [r for (name, _), r in sorted(runs.items()) if name == v]
-        if not recs:
+        if not recs or v in SWEEP:  # the plot is at the experiment's window
             continue
         curves = []
         for r in recs:
@@ -318,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eta", type=float, default=d.eta)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--progress-every", type=int, default=100, help="print the loss every N steps (0 = never)")
+    p.add_argument("--cached-only", action="store_true", help="write the outputs from the cached runs, train none")
     a = p.parse_args(argv)
     variants = tuple(a.variants.split(","))
     bad = [v for v in variants if v not in VARIANTS]
@@ -330,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                         n_eval=a.n_eval)
     out = Path(a.out)
     t0 = time.time()
-    runs = run_all(out, settings, variants, a.seeds, a.jobs, a.progress_every)
+    runs = run_all(out, settings, variants, a.seeds, a.jobs, a.progress_every, a.cached_only)
     res = write_outputs(runs, settings, out, Path(a.readme) if a.readme else None)
     print(render_table(res))
     print(f"wrote {out}/results.json, table.md, memory_experiment.png"

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from moshi_ttt.models.lm import TTTLMModel
 from moshi_ttt.modules.gating import TTTTarget
 from moshi_ttt.modules.transformer import TTT_KEY
-from moshi_ttt.ttt.config import TTTModelConfig, load_ttt_config
+from moshi_ttt.ttt.config import STATE_FIELDS, TTTModelConfig, load_ttt_config
 from moshi_ttt.utils.io import atomic_write
 
 log = logging.getLogger("moshi_ttt.loaders")
@@ -156,7 +156,7 @@ def require_agreement(a: TTTModelConfig, b: TTTModelConfig, what: str, n_layers:
     if a.layer_indices(n_layers) != b.layer_indices(n_layers):
         diff.append(f"layers {a.layer_indices(n_layers)} vs {b.layer_indices(n_layers)}")
     da, db = a.layer.to_dict(), b.layer.to_dict()
-    diff += [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
+    diff += [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k] and k not in STATE_FIELDS]
     if diff:
         raise CheckpointError(f"the TTT config contradicts {what}: " + "; ".join(diff))
 

@@ -8,8 +8,9 @@ Two paths compute the same function (checked against `moshi_ttt.ttt.naive.naive_
 * parallel (no streaming state): whole sequences, any T, autograd — training and prefill. It adds the
   TTT term in fp32 (fp64 for fp64 models) to the base output and casts the sum back to the model dtype;
 * streaming (inside `with module.streaming(B)`): 1+ frames per call; the down-projection uses each
-  conversation's fast weight W⁽ⁱ⁾ (accumulated in fp32, applied in the model dtype) instead of W⁽⁰⁾,
-  and completed chunks are folded between frames (`moshi_ttt.ttt.stream.TTTState` owns that state).
+  conversation's fast weight W⁽ⁱ⁾ (fp32, or bf16 with `state_dtype: bfloat16`; applied in the model
+  dtype) instead of W⁽⁰⁾, and completed chunks are folded between frames (`moshi_ttt.ttt.stream.TTTState`
+  owns that state).
 """
 
 from __future__ import annotations
@@ -162,9 +163,11 @@ class TTTGating(StreamingModule[TTTState]):
         return (w + lo.scaling * (lo.lora_B.weight @ lo.lora_A.weight).to(w.dtype)).detach()
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
-        w0 = self._base_weight()
-        return TTTState(batch_size, self.cfg.chunk_size, w0, self._acc_dtype(w0.dtype), self.ttt.w_target,
-                        self.ttt.conv_weight, self.cfg.past_frames)
+        w0, cfg = self._base_weight(), self.cfg
+        acc = self._acc_dtype(w0.dtype)
+        return TTTState(batch_size, cfg.chunk_size, w0, acc, self.ttt.w_target, self.ttt.conv_weight, cfg.past_frames,
+                        state_dtype=cfg.state_torch_dtype(acc), stochastic=cfg.state_rounding == "stochastic",
+                        rounding_seed=cfg.rounding_seed)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 

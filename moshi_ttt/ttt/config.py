@@ -13,10 +13,16 @@ import typing as tp
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from moshi_ttt.utils.validate import Checks, is_int, is_number
 
 INIT_MODES = ("zero", "ntp")
 TARGET_SOURCES = ("x0", "mlp_input")
+STATE_DTYPES = ("float32", "bfloat16")
+ROUNDINGS = ("nearest", "stochastic")
+# How the streaming state is stored, not what was trained: a checkpoint's TTT config may differ in these.
+STATE_FIELDS = ("state_dtype", "state_rounding", "rounding_seed")
 
 _check = Checks("TTT config")
 _bad = _check.error
@@ -39,6 +45,14 @@ class TTTConfig:
     use_target_proj: ablation switch; False ⇒ W_target fixed to I (no parameter).
     clip_norm: τ, Frobenius clip of each ΔW (None = off, the default; the paper clips at inference
         only, and a tiny τ makes TTT numerically inert unless trained with it).
+    state_dtype: dtype of the streaming fast weight W⁽ⁱ⁾. "float32" (the default; fp64 for fp64
+        models): an fp32 master plus an apply copy in the model dtype. "bfloat16": W⁽ⁱ⁾ is one bf16
+        tensor, the one applied (bf16 models), and each fold adds its fp32 ΔW to it and rounds once.
+        The parallel path (training, prefill) is unaffected.
+    state_rounding: how a bf16 fold rounds W⁽ⁱ⁾ + ΔW: "stochastic" (unbiased, the default: round to
+        nearest drops every entry of ΔW under half an ulp of W, docs/capacity.md) or "nearest".
+    rounding_seed: seed of the stochastic rounding; the noise of a conversation's k-th fold depends
+        only on (seed, k), so a conversation replays bitwise whatever its slot.
     """
 
     chunk_size: int = 256
@@ -50,6 +64,9 @@ class TTTConfig:
     use_conv: bool = True
     use_target_proj: bool = True
     clip_norm: float | None = None
+    state_dtype: str = "float32"
+    state_rounding: str = "stochastic"
+    rounding_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "kernel_size", "future_frames"):
@@ -66,6 +83,9 @@ class TTTConfig:
         _check.choice("target", self.target, TARGET_SOURCES)
         for name in ("use_conv", "use_target_proj"):
             _check.flag(name, getattr(self, name))
+        _check.choice("state_dtype", self.state_dtype, STATE_DTYPES)
+        _check.choice("state_rounding", self.state_rounding, ROUNDINGS)
+        _check.number("rounding_seed", self.rounding_seed, integer=True, lo=0)
         c = self.clip_norm
         if c is not None and not (is_number(c) and c > 0):
             raise _bad("clip_norm", c, "must be a finite number > 0, or null to disable")
@@ -78,6 +98,17 @@ class TTTConfig:
     @property
     def past_frames(self) -> int:
         return self.kernel_size - 1 - self.future_frames
+
+    def with_state(self, **state: tp.Any) -> TTTConfig:
+        """This config with the non-None `STATE_FIELDS` in `state` replaced (validated)."""
+        bad = sorted(set(state) - set(STATE_FIELDS))
+        if bad:
+            raise ValueError(f"invalid TTT config: {bad} are not state fields {STATE_FIELDS}")
+        return dataclasses.replace(self, **{k: v for k, v in state.items() if v is not None})
+
+    def state_torch_dtype(self, acc_dtype: torch.dtype) -> torch.dtype:
+        """The fast weight's dtype in a model accumulating in `acc_dtype` (fp32, or fp64)."""
+        return torch.bfloat16 if self.state_dtype == "bfloat16" else acc_dtype
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

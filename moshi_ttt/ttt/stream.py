@@ -1,12 +1,13 @@
 """Streaming In-Place TTT: `TTTState`, the per-conversation fast weights of one layer, owns its updates.
 
-Per item b it holds W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded chunk deltas, accumulated in fp32, fp64 for fp64 models)
-and the frames of the current chunk. `step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is
-graph-safe (no host reads, no branches on tensor values) and leaves exec-masked items unchanged. `fold`
-is the per-chunk work, run on the host between steps for the items whose chunk completed (`due`).
-Invariant between two driver steps: no item has a completed but unfolded chunk, so every frame of chunk
-i is computed with exactly W⁽ⁱ⁾. `reset(mask)` returns items to W⁽⁰⁾; `snapshot`/`restore` carry one
-item's exact state. The design and its costs are in docs/design.md ("Streaming state").
+Per item b it holds W⁽ⁱ⁾ (W⁽⁰⁾ plus the folded chunk deltas, in the state dtype: fp32, fp64 for fp64
+models, or bf16, into which each fold rounds its fp32 ΔW) and the frames of the current chunk (fp32).
+`step` is the per-frame work: apply W⁽ⁱ⁾ and record the frame; it is graph-safe (no host reads, no
+branches on tensor values) and leaves exec-masked items unchanged. `fold` is the per-chunk work, run on
+the host between steps for the items whose chunk completed (`due`). Invariant between two driver steps:
+no item has a completed but unfolded chunk, so every frame of chunk i is computed with exactly W⁽ⁱ⁾.
+`reset(mask)` returns items to W⁽⁰⁾; `snapshot`/`restore` carry one item's exact state. The design and
+its costs are in docs/design.md ("Streaming state"); the bf16 state's precision in docs/capacity.md.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from moshi_ttt.ttt.chunk import chunk_conv, frame_finite, frobenius_from_gram
 from moshi_ttt.ttt.config import TTTConfig
 
 COUNTERS = ("updates", "clips", "skipped", "lost")
+FOLD_ROWS = 512  # rows of W per block of a bf16 fold (its fp32 scratch: FOLD_ROWS × h, one per state)
 
 
 class TTTState(State):
     """Per-conversation TTT state of one layer; per-item tensors have batch as first dim.
 
-    w: [B, d, h] fast weight W⁽ⁱ⁾ in the accumulation dtype.
-    w_apply: [B, d, h] the weight `apply` multiplies by: `w` itself, or its copy in the model dtype
-        (bf16/fp16 models), refreshed at every fold, reset and restore.
+    w: [B, d, h] fast weight W⁽ⁱ⁾ in the state dtype (the accumulation dtype, or bf16).
+    w_apply: [B, d, h] the weight `apply` multiplies by: `w` itself when the state dtype is the model
+        dtype, else its copy in the model dtype, refreshed at every fold, reset and restore.
     z_buf: [B, C + 1, h], s_buf: [B, C + 1, d]: Z and the target source (X0 or the MLP input) of the
         current chunk's frames in rows 0..pos−1, as they came; row C is scratch, never read.
     pos: [B] frames in the current chunk (C: complete, waiting for its fold).
@@ -41,13 +43,17 @@ class TTTState(State):
     row0: [B] b·(C + 1), item b's first row in the flattened buffers [B·(C + 1), ·].
     host_folds: a driver folds after each step (`TTTLMGen`); otherwise the layer folds itself.
     factors: None, or per item the log of its folded chunks as factors (see `keep_factors`).
+    stochastic: a fold into a bf16 `w` rounds stochastically, the noise of an item's k-th fold (k =
+        updates + skipped before it) drawn from `rounding_seed` and k only.
     """
 
     def __init__(self, batch_size: int, chunk: int, w0: torch.Tensor, acc_dtype: torch.dtype,
-                 w_target: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None, past: int = 0):
+                 w_target: torch.Tensor | None = None, conv_weight: torch.Tensor | None = None, past: int = 0,
+                 state_dtype: torch.dtype | None = None, stochastic: bool = False, rounding_seed: int = 0):
         """w0 [d, h] gives the device, the shapes and the apply dtype; w_target [d, d] (None: identity);
         conv_weight [d, 1, K] (None: no conv) seeing `past` past frames. All are detached, not copied
-        (w0 is kept as given: pass a tensor that stays W⁽⁰⁾ while streaming)."""
+        (w0 is kept as given: pass a tensor that stays W⁽⁰⁾ while streaming). `state_dtype` is w's dtype
+        (None: `acc_dtype`; else acc_dtype or bf16); `stochastic` and `rounding_seed` apply to a bf16 w."""
         if w0.dim() != 2:
             raise ValueError(f"TTTState: W⁽⁰⁾ must be [d, h], got shape {tuple(w0.shape)}")
         if chunk < 1:
@@ -58,9 +64,18 @@ class TTTState(State):
 
         def z(*shape, dt=acc_dtype):
             return torch.zeros(*shape, device=device, dtype=dt)
+        state_dtype = acc_dtype if state_dtype is None else state_dtype
+        if state_dtype not in (acc_dtype, torch.bfloat16):
+            raise ValueError(f"TTTState: state dtype {state_dtype} must be the accumulation dtype {acc_dtype} "
+                             f"or torch.bfloat16")
+        if state_dtype == torch.bfloat16 and acc_dtype != torch.float32:
+            raise ValueError(f"TTTState: a bfloat16 state folds in float32, not in the accumulation dtype "
+                             f"{acc_dtype} (use the float32 state with this model)")
         self.w0 = w0
-        self.w = w0.to(acc_dtype)[None].repeat(batch_size, 1, 1)
-        self.w_apply = self.w if w0.dtype == acc_dtype else w0[None].repeat(batch_size, 1, 1)
+        self.w = w0.to(state_dtype)[None].repeat(batch_size, 1, 1)
+        self.w_apply = self.w if w0.dtype == state_dtype else self.w.to(w0.dtype)
+        self.stochastic = bool(stochastic) and state_dtype == torch.bfloat16 != acc_dtype
+        self.rounding_seed = int(rounding_seed)
         self.z_buf, self.s_buf = z(batch_size, chunk + 1, h), z(batch_size, chunk + 1, d)
         self.pos = z(batch_size, dt=torch.long)
         self.last_norm = z(batch_size)
@@ -70,6 +85,7 @@ class TTTState(State):
         self.past = past
         self.host_folds = False
         self.factors: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+        self._wide = self._bits = None  # a bf16 fold's scratch blocks, made by its first fold
         self.row0 = torch.arange(batch_size, device=device) * (chunk + 1)
 
     def tensors(self, scratch: bool = False) -> dict[str, torch.Tensor]:
@@ -123,7 +139,7 @@ class TTTState(State):
         """The per-frame step: z [B, 1, h] (model dtype), src [B, 1, d] ⇒ the MLP output z · W⁽ⁱ⁾ᵀ
         [B, 1, d], and the frame recorded into the current chunk (see `record`)."""
         out = self.apply(z)
-        acc = self.w.dtype
+        acc = self.z_buf.dtype
         self.record(z[:, 0].to(acc), src[:, 0].to(acc))
         return out
 
@@ -136,15 +152,20 @@ class TTTState(State):
     @torch.no_grad()
     def fold(self, items: tp.Sequence[int], cfg: TTTConfig) -> None:
         """Folds the completed chunk of each listed item into its fast weight and starts its next chunk:
-        w += a · (c W_t)ᵀ Z with a = η · clip · finite (`chunk_update`). Items must have a complete chunk
-        (`pos` = C); others are untouched. With `factors` on, each fold's (a·V̂ [C, d], Z [C, h]) is logged."""
+        w += a · (c W_t)ᵀ Z with a = η · clip · finite (`chunk_update`), ΔW in the accumulation dtype (a bf16 w
+        gets w + ΔW rounded once, see `stochastic`). Items must have a complete chunk (`pos` = C); others are
+        untouched. With `factors` on, each fold's (a·V̂ [C, d], Z [C, h]) is logged."""
         if not len(items):
             return
         C = self.chunk_size
         idx = torch.as_tensor(list(items), dtype=torch.long, device=self.w.device)
+        folds = (self.updates[idx] + self.skipped[idx]).tolist() if self.stochastic else []
         va, zc, norm, a, ok, clipped = chunk_update(self.z_buf[idx, :C], self.s_buf[idx, :C], self, cfg)
         for r, b in enumerate(items):
-            self.w[b].addmm_(va[r], zc[r])
+            if self.w.dtype == va.dtype:
+                self.w[b].addmm_(va[r], zc[r])
+            else:
+                self._fold_bf16(b, va[r], zc[r], folds[r] if folds else None)
             if self.w_apply is not self.w:
                 self.w_apply[b].copy_(self.w[b])
             self.log_factors(b, va[r], zc[r])
@@ -173,6 +194,24 @@ class TTTState(State):
             return
         log.append((va.T.clone(), z.clone()))
 
+    def _fold_bf16(self, b: int, va: torch.Tensor, zc: torch.Tensor, fold: int | None) -> None:
+        """w[b] ← round(w[b] + va · zc) with the sum in fp32, by blocks of `FOLD_ROWS` rows through one
+        reused fp32 scratch block (no d×h fp32 temporary); stochastic with the bits of fold number `fold`."""
+        w = self.w[b]
+        d, h = w.shape
+        if self._wide is None:
+            self._wide = torch.empty(min(d, FOLD_ROWS), h, dtype=va.dtype, device=w.device)
+            self._bits = torch.empty(self._wide.shape, dtype=torch.int32, device=w.device) if self.stochastic else None
+        bits = None if fold is None else rounding_bits(self.rounding_seed, fold, d, h, w.device)
+        for i in range(0, d, FOLD_ROWS):
+            rows = slice(i, min(i + FOLD_ROWS, d))
+            n = rows.stop - i
+            wide = self._wide[:n].copy_(w[rows])
+            wide.addmm_(va[rows], zc)
+            if bits is not None:
+                stochastic_round_(wide, bits[0][rows], bits[1], self._bits[:n])
+            w[rows].copy_(wide)
+
     def reset(self, reset_mask: torch.Tensor) -> None:
         """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.
         Host-driven (moshi calls it eagerly, never inside a captured step)."""
@@ -184,14 +223,15 @@ class TTTState(State):
         for b in m.nonzero().flatten().tolist():
             self.w[b].copy_(self.w0)
             if self.w_apply is not self.w:
-                self.w_apply[b].copy_(self.w0)
+                self.w_apply[b].copy_(self.w[b])
             if self.factors is not None:
                 self.factors[b] = []
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
         """W⁽ⁱ⁾ − W⁽⁰⁾ of every item, [B, d, h] (telemetry / tests; not for the per-frame path)."""
-        return self.w - self.w0.to(self.w.dtype)[None]
+        acc = self.z_buf.dtype
+        return self.w.to(acc) - self.w0.to(acc)[None]
 
     def snapshot(self, item: int) -> dict[str, torch.Tensor]:
         """Item `item`'s exact state, cloned on the state's device: `w` (W⁽ⁱ⁾ itself, so that restoring is
@@ -249,3 +289,29 @@ def chunk_update(zc: torch.Tensor, sc: torch.Tensor, state: TTTState, cfg: TTTCo
     a = torch.where(ok, a, 0.)
     va = torch.where(ok[:, None, None], vt * a[:, None, None], 0.)  # [n, d, L], finite
     return va, zc, norm, a, ok, clipped
+
+
+def rounding_bits(seed: int, step: int, m: int, n: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stochastic-rounding bits of an [m, n] matrix: r [m, 1], s [1, n], uniform 16-bit draws of a
+    generator seeded with (seed, step) only. Entry (i, j) gets r_i XOR s_j: uniform and pairwise
+    independent over entries, at the cost of m + n draws (docs/capacity.md)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + int(step)) % 2**63)
+    bits = torch.randint(0, 1 << 16, (m + n,), generator=g, device=device, dtype=torch.int32)
+    return bits[:m, None], bits[None, m:]
+
+
+def stochastic_round_(x: torch.Tensor, r: torch.Tensor, s: torch.Tensor, scratch: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Prepares fp32 x [m, n] in place for a stochastic rounding to bf16 with the bits r [m, 1], s [1, n]
+    of `rounding_bits`: adds r_i XOR s_j below each value's bf16 mantissa and clears those 16 bits, so
+    that x.to(bfloat16) is then exact and is each value's upper neighbour (in magnitude) with probability
+    proportional to closeness: unbiased, E[round(x)] = x. Infinities and NaNs stay as they are. `scratch`:
+    an int32 tensor of x's shape for the bits (None: allocated). Returns x."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_ takes float32 values, got {x.dtype}")
+    xi = x.view(torch.int32)
+    xi.add_(torch.bitwise_xor(r, s) if scratch is None else torch.bitwise_xor(r, s, out=scratch))
+    xi.bitwise_and_(-65536)  # an inf/NaN pattern keeps its exponent and top mantissa bits: stays inf/NaN
+    return x

@@ -18,7 +18,8 @@ REQUIRED = ["stream_step_ratio_median", "stream_step_ratio_p99", "train_step_rat
             "stream_vs_parallel_max_abs", "state_bytes_per_conversation", "server_realtime_speed_1",
             "server_realtime_speed_4", "server_rtf_1", "server_rtf_4"]
 REQUIRED_7B = ["moshi7b_mlp_ratio_b1", "moshi7b_mlp_ratio_b4", "moshi7b_mlp_max_step_ratio_b1",
-               "moshi7b_layer_ratio_b1", "moshi7b_state_bytes_per_conversation"]
+               "moshi7b_layer_ratio_b1", "moshi7b_state_bytes_per_conversation", "moshi7b_mlp_ratio_b1_bf16state",
+               "moshi7b_layer_ratio_b1_bf16state", "moshi7b_state_bytes_per_conversation_bf16state"]
 
 
 def test_bench_quick_json(tmp_path):
@@ -53,9 +54,27 @@ def test_moshi7b_section_keys_and_computed_bytes():
     for k in REQUIRED_7B:
         assert isinstance(res[k], (int, float)) and math.isfinite(res[k]) and res[k] > 0, (k, res.get(k))
     assert res["moshi7b_mlp_updates_b1"] == 3  # warm-up chunk + the 2 timed chunks: every fold really ran
+    assert res["moshi7b_mlp_updates_b1_bf16state"] == 3
     # computed GPU bytes at 7B: a TTT layer moves the base layer's bytes at B = 1 (+ the fold amortised
     # over the chunk); the per-frame-fold design it replaced moved more than twice as much
     assert 1 < res["moshi7b_bytes_ttt_layer_ratio_b1"] < 1.01
     assert res["moshi7b_bytes_per_frame_fold_layer_ratio_b1"] > 2
     # 7B state per conversation, 6 layers: fp32 fast weight + bf16 copy dominate (≥ 6 · 6 · d · h bytes)
     assert res["moshi7b_state_bytes_per_conversation"] >= 6 * 6 * 4096 * 11264
+    # ... and the bf16 state drops exactly the fp32 master (4 · d · h bytes per layer)
+    assert (res["moshi7b_state_bytes_per_conversation"] - res["moshi7b_state_bytes_per_conversation_bf16state"]
+            == 6 * 4 * 4096 * 11264)
+
+
+def test_capacity_section_is_computed_from_the_allocated_state():
+    from moshi_ttt.apps.bench.capacity import markdown, run
+
+    res = run()
+    kv = 32 * 2 * 3000 * 4096 * 2  # main transformer KV cache per conversation, bf16 (+ the depformer's)
+    assert kv < res["capacity_row0_kv_bytes"] < kv * 1.01 and res["capacity_row0_state_bytes"] == 0
+    assert res["capacity_row1_state_bytes"] - res["capacity_row2_state_bytes"] == 6 * 4 * 4096 * 11264
+    assert res["capacity_row0_kv_bytes"] - res["capacity_row3_kv_bytes"] == 32 * 2 * (3000 - 750) * 4096 * 2
+    for gpu in ("80gb", "141gb"):  # bf16 state: more conversations than fp32, fewer than base
+        n = [res[f"capacity_row{i}_conversations_{gpu}"] for i in range(4)]
+        assert n[1] < n[2] < n[0] < n[3], n
+    assert markdown(res).count("\n") == 5

@@ -372,6 +372,18 @@ def test_explicit_config_contradicts_config_json(repo):
     _raises(["contradicts", "layers", "[1, 3]"], _load, repo, ttt_config=moved)
 
 
+def test_explicit_config_may_differ_from_the_trained_one_in_state_fields_only(ttt_file, repo):
+    """state_dtype / state_rounding / rounding_seed say how the streaming state is stored, not what was trained."""
+    _, cfg = _ttt_file_parts(ttt_file)
+    explicit = TTTModelConfig.from_dict(cfg)
+    layer = explicit.layer.with_state(state_dtype="bfloat16", state_rounding="nearest", rounding_seed=9)
+    lm = _load(repo, ttt_weights=ttt_file, ttt_config=dataclasses.replace(explicit, layer=layer))
+    g = next(iter(lm.ttt_gatings().values()))
+    assert g.cfg.state_dtype == "bfloat16" and g.cfg.rounding_seed == 9
+    with lm.streaming(1):
+        assert g._streaming_state.w.dtype == torch.bfloat16 and not g._streaming_state.stochastic
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 def test_corrupt_moshi_safetensors(repo_copy, how):
     path = repo_copy / "model.safetensors"

@@ -76,6 +76,25 @@ def test_moshi7b_meta_shapes_params_and_state_bytes():
           f"\n  fast-state bytes per conversation: {expected_bytes:,} ({expected_bytes / 2**30:.3f} GiB)")
 
 
+def test_moshi7b_meta_state_bytes_bf16_state():
+    """`state_dtype: bfloat16` at 7B shapes: the fast weight is one bf16 [d, h] tensor per layer and
+    conversation (no fp32 master, no copy), the rest of the state as with fp32."""
+    base_cfg = TTTModelConfig.load(config_path("moshi7b_ttt"))
+    C = base_cfg.layer.chunk_size
+    rest = 4 * (C + 1) * (H7B + D7B) + 5 * 8 + 4
+    for state_dtype, w_bytes in (("float32", 4 + 2), ("bfloat16", 2)):
+        ttt = dataclasses.replace(base_cfg, layer=dataclasses.replace(base_cfg.layer, state_dtype=state_dtype))
+        m = TTTLMModel(ttt=ttt, device="meta", dtype=torch.bfloat16, **base_lm_kwargs())
+        expected = 6 * (w_bytes * D7B * H7B + rest)
+        with m.streaming(2):
+            st = m.ttt_gatings()[0]._streaming_state
+            assert st.w.device.type == "meta"
+            assert (st.w.dtype, st.w_apply is st.w) == ((torch.bfloat16, True) if state_dtype == "bfloat16"
+                                                        else (torch.float32, False))
+            assert m.ttt_state_bytes() == expected, state_dtype
+    assert expected == 6 * (2 * 4096 * 11264 + 4 * 257 * (11264 + 4096) + 44) == 648_388_872  # 0.60 GiB
+
+
 # -- 6. import hygiene -----------------------------------------------------------------------------
 
 HYGIENE_SCRIPT = textwrap.dedent("""

@@ -9,6 +9,7 @@ import contextlib
 
 import aiohttp
 import pytest
+import torch
 from moshi_ttt.server.client import FRAME, ChatClient
 
 from moshi_ttt.testing.launcher import ServeProcess
@@ -225,3 +226,25 @@ def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog
     assert h["ttt_layers"] == [0] and h["ttt"]["layer"]["chunk_size"] == 256 and h["ttt"]["layer"]["init"] == "zero"
     lines = [r.getMessage() for r in caplog.records if "TTT layers [" in r.getMessage() and " of " in r.getMessage()]
     assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
+
+
+def test_health_reports_ttt_state_bytes_and_state_dtype_flag(health):
+    """/health reports the live per-conversation fast-state bytes; `--ttt-state-dtype bfloat16` makes the fast
+    weight bf16 (in this fp32 CPU model applied through an fp32 copy, so the state grows by the bf16 tensor,
+    2·d·h bytes per layer; in a bf16 model the bf16 weight is the applied one, see the 7B meta test)."""
+    from moshi_ttt.server.cli import BackgroundServer
+
+    got = {}
+    for flag in ([], ["--ttt-state-dtype", "bfloat16"]):
+        srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "2", *flag])
+        try:
+            h = health(srv)
+            gatings = srv.server.engine.lm_gen.lm_model.ttt_gatings().values()
+            dh = sum(g.dim * g.hidden for g in gatings)
+            assert {g._streaming_state.w.dtype for g in gatings} == {torch.bfloat16 if flag else torch.float32}
+        finally:
+            srv.stop()
+        assert h["ttt"]["layer"]["state_dtype"] == (flag[1] if flag else "float32")
+        got[bool(flag)] = h["ttt_state_bytes_per_conversation"]
+    assert got[False] > 4 * dh
+    assert got[True] == got[False] + 2 * dh

@@ -11,7 +11,9 @@ from moshi_ttt.ttt.stream import TTTState
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def test_stream_step_compiles_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16-model-bf16-state"])
+def test_stream_step_compiles_fullgraph_and_matches_eager(dtype, state_dtype):
     """`torch.compile(TTTState.step, fullgraph=True)` must capture the whole per-frame step as a single graph.
 
     Why this proves the step is CUDA-graph safe: on CUDA, moshi's LMGen records `forward_text` once
@@ -25,7 +27,8 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
     replay. The fold runs between steps on the host's schedule (here: the items whose chunk the
     step completed, as `TTTLMGen` does), outside the compiled step. We check that the 10 steps (two
     chunk boundaries, an exec-masked item, a non-finite frame) reuse that one graph (no value-dependent
-    guards ⇒ no recompiles) and match eager.
+    guards ⇒ no recompiles) and match eager. The bf16 case is a bf16 model with a bf16 fast weight (one
+    tensor, applied as is; folds with stochastic rounding).
 
     The default Inductor backend takes ≈15 s to compile here (≈40 s with a cold cache).
     """
@@ -36,15 +39,16 @@ def test_stream_step_compiles_fullgraph_and_matches_eager():
     cfg = TTTConfig(chunk_size=C, lr=0.1, kernel_size=3, future_frames=1, init="ntp", clip_norm=0.5)
     conv = torch.randn(d, 1, 3)
     wt = torch.eye(d) + 0.1 * torch.randn(d, d)
-    w0 = torch.randn(d, h)
-    eager = TTTState(B, C, w0, torch.float32, wt, conv, cfg.past_frames)
-    comp = TTTState(B, C, w0, torch.float32, wt, conv, cfg.past_frames)
+    w0 = torch.randn(d, h).to(dtype)
+    eager, comp = (TTTState(B, C, w0, torch.float32, wt, conv, cfg.past_frames, state_dtype=state_dtype,
+                            stochastic=True) for _ in range(2))
+    assert eager.w.dtype == state_dtype and (eager.w_apply is eager.w) == (dtype == state_dtype)
     step = torch.compile(TTTState.step, fullgraph=True, dynamic=False)
 
     t0 = time.perf_counter()
     n_steps = 2 * C + 2
     for i in range(n_steps):
-        z, src = torch.randn(B, 1, h), torch.randn(B, 1, d)
+        z, src = torch.randn(B, 1, h).to(dtype), torch.randn(B, 1, d).to(dtype)
         if i == 5:
             src[1, 0, 2] = float("nan")  # item 1's chunk 1 gets skipped
         mask = torch.tensor([True, i != 2])  # item 1 exec-masked once: its chunk ends a step later

@@ -21,9 +21,13 @@ def _layer(dtype):
     return w0, wt, torch.randn(D, 1, 3, generator=g).to(dtype)
 
 
-def _state(dtype):
+def _state(dtype, bf16_state=False):
+    """bf16_state: a bf16 fast weight folding with stochastic rounding (the noise of a fold depends on the
+    seed and the item's fold count only, so a restored item replays it bitwise in any slot)."""
     w0, wt, conv = _layer(dtype)
-    return TTTState(B, C, w0, torch.float64 if dtype == torch.float64 else torch.float32, wt, conv, CFG.past_frames)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return TTTState(B, C, w0, acc, wt, conv, CFG.past_frames, state_dtype=torch.bfloat16 if bf16_state else None,
+                    stochastic=bf16_state, rounding_seed=5)
 
 
 def _frame(st, z, src, mask):
@@ -34,15 +38,17 @@ def _frame(st, z, src, mask):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_restore_of_snapshot_continues_bitwise(dtype):
+@pytest.mark.parametrize("dtype,bf16_state", [(torch.float64, False), (torch.float32, False), (torch.bfloat16, False),
+                                              (torch.bfloat16, True), (torch.float32, True)],
+                         ids=["fp64", "fp32", "bf16", "bf16-bf16state", "fp32-bf16state"])
+def test_restore_of_snapshot_continues_bitwise(dtype, bf16_state):
     N, cut = 25, 13
     g = torch.Generator().manual_seed(1)
     z = torch.randn(N, B, 1, H, generator=g).to(dtype)
     src = torch.randn(N, B, 1, D, generator=g).to(dtype)
     masks = torch.rand(N, B, generator=g) < 0.8
     masks[:, 0] = True
-    ref = _state(dtype)
+    ref = _state(dtype, bf16_state)
     ref_out = [_frame(ref, z[t], src[t], masks[t]) for t in range(cut)]
     snaps = [ref.snapshot(b) for b in range(B)]
     # Not vacuous: the snapshot holds folded deltas and partial chunks of different lengths.
@@ -51,7 +57,7 @@ def test_restore_of_snapshot_continues_bitwise(dtype):
 
     perm = [2, 0, 1]  # item b continues in slot perm[b] of a fresh state
     inv = [perm.index(s) for s in range(B)]
-    new = _state(dtype)
+    new = _state(dtype, bf16_state)
     for b in range(B):
         new.restore(perm[b], snaps[b])
     for k, v in ref.tensors().items():  # w_apply included (bf16)

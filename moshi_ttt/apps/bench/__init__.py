@@ -7,7 +7,8 @@ LMModel.forward+backward, activation memory), per-conversation state bytes and f
 long streaming run, streaming-vs-parallel error; the `server` section lives with the server
 (`moshi_ttt.apps.bench.server`). `gpu` (CUDA only, not in the default list; `moshi_ttt.apps.bench.gpu`):
 Moshi 7B under moshi's CUDA graphs — a graphs-vs-eager check first, then base vs TTT step, frame,
-fold and memory by batch size.
+fold and memory by batch size. `capacity` (not in the default list; `moshi_ttt.apps.bench.capacity`):
+computed conversations per GPU for Moshi 7B.
 CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared.
 """
 
@@ -38,7 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--sections", default="moshi7b,layer,model,server",
-                   help="comma list of: moshi7b, layer, model, server, gpu (CUDA only)")
+                   help="comma list of: moshi7b, layer, model, server, gpu (CUDA only), capacity (computed "
+                        "conversations per GPU, Moshi 7B)")
     p.add_argument("--profile", action="store_true",
                    help="server section: also sample where a demo step goes (ms per step by stage)")
 
@@ -237,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"moshi7b", "layer", "model", "server", "gpu"}
+    unknown = set(sections) - {"moshi7b", "layer", "model", "server", "gpu", "capacity"}
     if unknown:
         raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
     if "gpu" in sections:
@@ -257,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
         from moshi_ttt.apps.bench.server import bench_server
 
         res.update(bench_server(args.quick, profile=args.profile))
+    if "capacity" in sections:
+        from moshi_ttt.apps.bench.capacity import run as bench_capacity
+
+        res.update(bench_capacity())
     if "gpu" in sections:
         res.update(gpu.run(args.quick, log=lambda line: print(line, file=sys.stderr, flush=True)))
     res["bench_seconds"] = time.perf_counter() - t0

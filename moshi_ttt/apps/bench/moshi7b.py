@@ -4,6 +4,8 @@ Measured (fp32, this machine; interleaved base/TTT frames, mean over whole chunk
 the MLP alone (`TTTGating` vs moshi's `ActivationGating`, same weights) at B = 1 and B = 4, and a
 whole transformer layer (moshi's `StreamingTransformerLayer` vs `TTTTransformerLayer`) with its KV
 cache filled. Folds run the way `TTTLMGen` runs them: after the step, on the host's `FoldClock`.
+Both state dtypes (`_bf16state` keys: a bf16 fast weight, stochastic rounding; in this fp32 model it
+is applied through an fp32 copy, so its per-frame step is the fp32 state's and what differs is the fold).
 Each measurement runs in a fresh spawned process (same torch thread count; why: docs/design.md).
 
 Computed (not measured): the bytes one frame moves through a layer with bf16 weights — what a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
 import multiprocessing
 import statistics
 import time
@@ -79,10 +82,11 @@ class _Layer(torch.nn.Module):
         self.layer.gating.fold(items)
 
 
-def bench_mlp(chunk: int, batch: int, chunks: int = 2, d: int = D, ff: int = FF) -> dict:
+def bench_mlp(chunk: int, batch: int, chunks: int = 2, d: int = D, ff: int = FF, state_dtype: str = "float32") -> dict:
     torch.manual_seed(0)
     base = ActivationGating(d, ff, F.silu).eval()
-    ttt = TTTGating.from_gating(base, TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp")).eval()  # same weights
+    cfg = TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp", state_dtype=state_dtype)
+    ttt = TTTGating.from_gating(base, cfg).eval()  # same weights
     x = torch.randn(batch, 4 * chunk, d)
     with torch.no_grad(), ttt.streaming(batch):
         ttt._streaming_state.host_folds = True
@@ -97,13 +101,15 @@ def bench_mlp(chunk: int, batch: int, chunks: int = 2, d: int = D, ff: int = FF)
             "base_ms": 1e3 * statistics.fmean(tb), "ttt_ms": 1e3 * statistics.fmean(tt), "state_bytes": state_bytes}
 
 
-def bench_layer(chunk: int, filled: int, chunks: int = 2, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
+def bench_layer(chunk: int, filled: int, chunks: int = 2, d: int = D, ff: int = FF, heads: int = HEADS,
+                state_dtype: str = "float32") -> dict:
     """B = 1, whole layer, KV cache holding `filled` frames (prefilled once on the base layer, copied)."""
     torch.manual_seed(0)
     kw = dict(d_model=d, num_heads=heads, dim_feedforward=ff, causal=True, context=CONTEXT,
               rope=RotaryEmbedding(10000), norm="rms_norm_f32", gating="silu")
     base = StreamingTransformerLayer(**kw).eval()
-    ttt = TTTTransformerLayer(**kw, ttt_config=TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp")).eval()
+    cfg = TTTConfig(chunk_size=chunk, lr=1e-3, init="ntp", state_dtype=state_dtype)
+    ttt = TTTTransformerLayer(**kw, ttt_config=cfg).eval()
     ttt.load_state_dict(base.state_dict(), strict=False)
     x = torch.randn(1, 4 * chunk, d)
     with torch.no_grad(), base.streaming(1), ttt.streaming(1):
@@ -163,22 +169,30 @@ def run(quick: bool, d: int = D, ff: int = FF, heads: int = HEADS) -> dict:
     layer = isolated(bench_layer, C, 1000 if quick else 2000, chunks=3, d=d, ff=ff, heads=heads)
     res.update(moshi7b_layer_ratio_b1=layer["ratio"], moshi7b_layer_ms_base_b1=layer["base_ms"],
                moshi7b_layer_ms_ttt_b1=layer["ttt_ms"], moshi7b_layer_kv_frames=layer["kv_frames"])
+    b1 = isolated(bench_mlp, C, 1, d=d, ff=ff, state_dtype="bfloat16")
+    res.update(moshi7b_mlp_ratio_b1_bf16state=b1["ratio"], moshi7b_mlp_max_step_ratio_b1_bf16state=b1["max_step_ratio"],
+               moshi7b_mlp_updates_b1_bf16state=b1["updates"])
+    layer = isolated(bench_layer, C, 1000 if quick else 2000, chunks=3, d=d, ff=ff, heads=heads, state_dtype="bfloat16")
+    res["moshi7b_layer_ratio_b1_bf16state"] = layer["ratio"]
     # Per-conversation state of Moshi 7B (bf16 weights: fp32 fast weight + bf16 copy + one chunk of Z
     # and c at C = 256), 6 TTT layers; from the state the model really allocates, on the meta device.
     res["moshi7b_state_bytes_per_conversation"] = state_bytes_7b()
+    res["moshi7b_state_bytes_per_conversation_bf16state"] = state_bytes_7b("bfloat16")
     for b in (1, 4):
         for k, v in bytes_per_frame(b).items():
             res[f"moshi7b_bytes_{k}_b{b}"] = v
     return res
 
 
-def state_bytes_7b() -> int:
+def state_bytes_7b(state_dtype: str = "float32") -> int:
     """Fast-state bytes per conversation of Moshi 7B with the shipped TTT config (6 layers, C = 256),
-    bf16 weights, counted on the meta device (nothing is allocated)."""
+    bf16 weights, the given state dtype, counted on the meta device (nothing is allocated)."""
     from moshi_ttt.models.lm import TTTLMModel
     from moshi_ttt.models.loaders import base_lm_kwargs
     from moshi_ttt.ttt.config import load_ttt_config
 
-    m = TTTLMModel(ttt=load_ttt_config("moshi7b_ttt"), device="meta", dtype=torch.bfloat16, **base_lm_kwargs())
+    ttt = load_ttt_config("moshi7b_ttt")
+    ttt = dataclasses.replace(ttt, layer=ttt.layer.with_state(state_dtype=state_dtype))
+    m = TTTLMModel(ttt=ttt, device="meta", dtype=torch.bfloat16, **base_lm_kwargs())
     with m.streaming(1):
         return m.ttt_state_bytes()
