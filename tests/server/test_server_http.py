@@ -228,7 +228,7 @@ def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog
     assert len(lines) == 1 and "TTT layers [0] of 4" in lines[0] and "moshi7b_ttt" in lines[0], lines
 
 
-def test_health_reports_ttt_state_bytes_and_state_dtype_flag(health):
+def test_health_reports_ttt_state_bytes_and_state_dtype_flag():
     """/health reports the live per-conversation fast-state bytes; `--ttt-state-dtype bfloat16` makes the fast
     weight bf16 (in this fp32 CPU model applied through an fp32 copy, so the state grows by the bf16 tensor,
     2·d·h bytes per layer; in a bf16 model the bf16 weight is the applied one, see the 7B meta test)."""
@@ -236,7 +236,8 @@ def test_health_reports_ttt_state_bytes_and_state_dtype_flag(health):
 
     got = {}
     for flag in ([], ["--ttt-state-dtype", "bfloat16"]):
-        srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "2", *flag])
+        # one process (--workers 0): the test reads the model's live states itself
+        srv = BackgroundServer(["--demo", "--port", "0", "--max-conversations", "2", "--workers", "0", *flag])
         try:
             h = health(srv)
             gatings = srv.server.engine.lm_gen.lm_model.ttt_gatings().values()

@@ -8,6 +8,8 @@ import torch
 from moshi_ttt.ttt.config import TTTConfig
 from moshi_ttt.ttt.stream import TTTState, rounding_bits, stochastic_round_
 
+from _layers import make_ttt_layer
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 BF16 = torch.bfloat16
@@ -31,7 +33,7 @@ def _rel(a, b):
 # fast weight 6.6e-3 / 4.9e-3 and outputs 5.6e-3 / 4.3e-3 (stochastic / nearest).
 @pytest.mark.parametrize("rounding,w_tol,out_tol", [("stochastic", 1.5e-2, 1.2e-2), ("nearest", 1e-2, 1e-2)])
 @pytest.mark.parametrize("seed", [0, 3])
-def test_bf16_state_streams_close_to_fp32_state(make_ttt_layer, rounding, w_tol, out_tol, seed):
+def test_bf16_state_streams_close_to_fp32_state(rounding, w_tol, out_tol, seed):
     C = 8
     ref = make_ttt_layer(dtype=BF16, seed=seed)
     g = make_ttt_layer(dtype=BF16, seed=seed, state_dtype="bfloat16", state_rounding=rounding)
@@ -49,7 +51,7 @@ def test_bf16_state_streams_close_to_fp32_state(make_ttt_layer, rounding, w_tol,
     assert _rel(base[:, C:], out32[:, C:]) > 10 * out_tol
 
 
-def test_bf16_state_is_one_bf16_tensor_applied_as_is(make_ttt_layer):
+def test_bf16_state_is_one_bf16_tensor_applied_as_is():
     g = make_ttt_layer(dtype=BF16, state_dtype="bfloat16")
     with g.streaming(2):
         st = g._streaming_state
