@@ -164,10 +164,10 @@ class TTTState(State):
         for r, b in enumerate(items):
             if self.w.dtype == va.dtype:
                 self.w[b].addmm_(va[r], zc[r])
+                if self.w_apply is not self.w:
+                    self.w_apply[b].copy_(self.w[b])
             else:
                 self._fold_bf16(b, va[r], zc[r], folds[r] if folds else None)
-            if self.w_apply is not self.w:
-                self.w_apply[b].copy_(self.w[b])
             self.log_factors(b, va[r], zc[r])
         self.last_norm[idx] = torch.where(a != 0, norm, 0.)
         self.updates[idx] += ok.long()
@@ -196,8 +196,11 @@ class TTTState(State):
 
     def _fold_bf16(self, b: int, va: torch.Tensor, zc: torch.Tensor, fold: int | None) -> None:
         """w[b] ← round(w[b] + va · zc) with the sum in fp32, by blocks of `FOLD_ROWS` rows through one
-        reused fp32 scratch block (no d×h fp32 temporary); stochastic with the bits of fold number `fold`."""
+        reused fp32 scratch block (no d×h fp32 temporary); stochastic with the bits of fold number `fold`.
+        A separate apply copy is refreshed block by block from the rounded rows (the same values as a
+        whole-matrix copy afterwards, while the block is still in cache)."""
         w = self.w[b]
+        w_apply = None if self.w_apply is self.w else self.w_apply[b]
         d, h = w.shape
         if self._wide is None:
             self._wide = torch.empty(min(d, FOLD_ROWS), h, dtype=va.dtype, device=w.device)
@@ -211,6 +214,8 @@ class TTTState(State):
             if bits is not None:
                 stochastic_round_(wide, bits[0][rows], bits[1], self._bits[:n])
             w[rows].copy_(wide)
+            if w_apply is not None:
+                w_apply[rows].copy_(w[rows])
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         """Restores exactly the masked items to W⁽⁰⁾ with an empty chunk; others are untouched.

@@ -204,6 +204,7 @@ def test_transcript_and_output_names():
     assert wavs == [Path("d/out_0.wav"), Path("d/out_1.wav")] and txts == [Path("t_0.txt"), Path("t_1.txt")]
 
 
+@pytest.mark.slow  # three infer runs, ~8 s
 def test_infer_memory_chains_conversations_and_refuses_another_model(speech_wav, stereo_wav, ttt_yaml, tmp_path):
     """A.wav with --save-memory, then B.wav with --memory: B starts from exactly the fast weights A ended
     with (every frame of A, its last partial chunk included); a memory of another TTT config is refused."""

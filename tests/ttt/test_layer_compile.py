@@ -8,7 +8,7 @@ import torch
 from moshi_ttt.ttt.config import TTTConfig
 from moshi_ttt.ttt.stream import TTTState
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
+pytestmark = [pytest.mark.usefixtures("torch_single_thread"), pytest.mark.slow]  # torch.compile start-up: ~17 s
 
 
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],

@@ -130,3 +130,22 @@ def test_state_dtype_config_is_validated():
         TTTState(1, 4, torch.zeros(2, 3), torch.float32, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="folds in float32, not in the accumulation dtype torch.float64"):
         TTTState(1, 4, torch.zeros(2, 3, dtype=torch.float64), torch.float64, state_dtype=BF16)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_fp32_model_apply_copy_is_the_bf16_state_after_folds(rounding, monkeypatch):
+    """An fp32 model with a bf16 state applies an fp32 copy, refreshed block by block inside the fold: it must
+    hold exactly the bf16 weight's values after every fold (several blocks per fold, and a ragged last block)."""
+    import moshi_ttt.ttt.stream as stream
+
+    monkeypatch.setattr(stream, "FOLD_ROWS", 5)
+    g = make_ttt_layer(dtype=torch.float32, state_dtype="bfloat16", state_rounding=rounding)
+    assert g.dim % 5 != 0
+    x = torch.randn(2, 3 * g.cfg.chunk_size, g.dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), g.streaming(2):
+        st = g._streaming_state
+        assert st.w.dtype == BF16 and st.w_apply.dtype == torch.float32
+        for t in range(x.shape[1]):
+            g(x[:, t:t + 1], x[:, t:t + 1])
+            assert torch.equal(st.w_apply, st.w.float())
+        assert int(st.updates.min()) == 3 and float(st.delta().norm()) > 0
