@@ -3,11 +3,14 @@
 //
 // Wire format (GET /api/chat, binary websocket messages, first byte = kind): 0x00 handshake, 0x01 Ogg
 // Opus audio (both ways), 0x02 text piece, 0x03 control, 0x04 metadata JSON, 0x05 error, 0x06 ping.
-// The server sends 0x04 (model info, TTT telemetry) only when asked with ?telemetry=1, which this page does.
+// The server sends 0x04 (model info, TTT telemetry) only when asked with ?telemetry=1, which this page does;
+// with "Remember this conversation" it asks ?memory=1 (0x04 {"memory": ...} brings the resume token, kept by
+// memory.js), and "Resume" connects with ?resume=TOKEN. The whole protocol: docs/protocol.md.
 
 import { Microphone, SAMPLE_RATE } from "./mic.js";
 import { Player } from "./player.js";
 import { TTTPanel } from "./ttt-panel.js";
+import { ConversationMemory } from "./memory.js";
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
 const SILENCE_LIMIT_MS = 10000; // like Kyutai's client: no message for this long ⇒ the server is gone
@@ -17,11 +20,12 @@ const $ = (id) => document.getElementById(id);
 const stats = {
   state: "idle", handshake: false, sentPackets: 0, sentPages: 0, sentBytes: 0, receivedPages: 0,
   decodedSamples: 0, decodedSeconds: 0, textPieces: 0, metadataUpdates: 0, tttUpdates: 0, underruns: 0,
-  bufferedMs: 0, errors: [], info: null, lastTelemetry: null,
+  bufferedMs: 0, errors: [], info: null, lastTelemetry: null, memory: null, firstTelemetry: null, forgotten: null,
 };
 window.moshiStats = stats;
 
 const panel = new TTTPanel($("ttt-layers"));
+const memory = new ConversationMemory();
 let conv = null; // the current conversation: {ws, ctx, mic, player, ...}
 
 // -- environment checks ------------------------------------------------------------------------------
@@ -51,6 +55,7 @@ function explain(reason) {
   if (r.startsWith("idle timeout")) return "The server ended the conversation because it received no audio for a while. Is the microphone muted?";
   if (r.includes("shutting down")) return "The server is shutting down. Try again once it is back.";
   if (r.startsWith("invalid audio") || r.startsWith("protocol error")) return `The server could not use what this page sent (${reason}).`;
+  if (r.startsWith("memory unavailable")) return "The saved conversation could not be resumed: it expired, was deleted, or belongs to another model. It has been forgotten here.";
   if (r.startsWith("client too slow")) return "This browser fell too far behind the server's audio, so the server ended the conversation.";
   return `The server ended the conversation: ${reason}`;
 }
@@ -81,16 +86,27 @@ function setState(state, label = state) {
   $("connect").disabled = busy;
   $("disconnect").disabled = !busy;
   $("api-key").disabled = busy;
+  $("remember").disabled = busy;
+  renderMemory(busy);
+}
+
+/** The "Resume (saved …)" / "Forget" row: shown while this browser holds a remembered conversation. */
+function renderMemory(busy = conv && !conv.ended) {
+  const m = memory.get();
+  $("saved").hidden = !m || Boolean(busy);
+  if (m) $("resume").textContent = `Resume (${ConversationMemory.describe(m, stats.info?.frame_rate || 12.5)})`;
 }
 
 // -- connection ----------------------------------------------------------------------------------------
 
-function chatUrl() {
+function chatUrl(resumeToken = null) {
   const url = new URL("api/chat", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const key = $("api-key").value.trim();
   if (key) url.searchParams.set("api_key", key);
   url.searchParams.set("telemetry", "1"); // the TTT panel's data
+  if (resumeToken) url.searchParams.set("resume", resumeToken); // a resumed conversation is remembered again
+  else if ($("remember").checked) url.searchParams.set("memory", "1");
   return url;
 }
 
@@ -129,13 +145,14 @@ function micProblem(e) {
   return `Could not start the audio: ${e.message || e.name}`;
 }
 
-async function connect() {
+async function connect(resumeToken = null) {
   const problem = unsupported();
   if (problem) return;
   clearError();
   resetConversationView();
   setState("connecting", "starting the microphone…");
-  const c = { closedByUser: false, opened: false, serverError: false, ended: false, lastMessage: performance.now() };
+  const c = { closedByUser: false, opened: false, serverError: false, ended: false, lastMessage: performance.now(),
+    resumeToken, remembered: Boolean(resumeToken) || $("remember").checked };
   conv = c;
   try {
     Object.assign(c, await openAudio(c));
@@ -155,7 +172,7 @@ async function connect() {
   }
   if (c.ended) return;
   setState("waiting", "connecting…");
-  const ws = new WebSocket(chatUrl());
+  const ws = new WebSocket(chatUrl(resumeToken));
   ws.binaryType = "arraybuffer";
   c.ws = ws;
   ws.onopen = () => { c.opened = true; setState("waiting", "waiting for the server…"); };
@@ -199,6 +216,10 @@ function onMessage(c, bytes) {
       const reason = new TextDecoder().decode(payload);
       stats.errors.push(reason);
       c.serverError = true;
+      if (c.resumeToken && reason.toLowerCase().startsWith("memory unavailable")) {
+        memory.clear();
+        renderMemory(false);
+      }
       showError(explain(reason), reason);
       break;
     }
@@ -209,7 +230,10 @@ function onMessage(c, bytes) {
 
 function onMetadata(msg) {
   stats.metadataUpdates++;
-  if (msg.type === "info") {
+  if (msg.memory) {
+    stats.memory = msg.memory;
+    memory.issued(msg.memory);
+  } else if (msg.type === "info") {
     stats.info = msg;
     panel.setInfo(msg);
     const ttt = msg.ttt?.layer;
@@ -221,6 +245,8 @@ function onMetadata(msg) {
   } else if (msg.type === "ttt") {
     stats.tttUpdates++;
     stats.lastTelemetry = msg;
+    stats.firstTelemetry ??= msg;
+    if (conv?.remembered) memory.progressed(msg.frames);
     if (conv) conv.decodedAtTelemetry = conv.player?.decodedSeconds ?? 0;
     panel.update(msg);
   }
@@ -291,7 +317,7 @@ function resetConversationView() {
   Object.assign(stats, {
     handshake: false, sentPackets: 0, sentPages: 0, sentBytes: 0, receivedPages: 0, decodedSamples: 0,
     decodedSeconds: 0, textPieces: 0, metadataUpdates: 0, tttUpdates: 0, underruns: 0, bufferedMs: 0,
-    errors: [], info: null, lastTelemetry: null,
+    errors: [], info: null, lastTelemetry: null, memory: null, firstTelemetry: null,
   });
   $("transcript").textContent = "";
   $("model").textContent = "";
@@ -341,6 +367,16 @@ function init() {
   $("connect").onclick = connect;
   $("apikey-form").onsubmit = (e) => { e.preventDefault(); if (!$("connect").disabled) connect(); };
   $("disconnect").onclick = disconnect;
+  $("resume").onclick = () => { const m = memory.get(); if (m) connect(m.token); };
+  $("forget").onclick = async () => {
+    try {
+      stats.forgotten = await memory.forget($("api-key").value.trim());
+    } catch (e) {
+      stats.forgotten = 0;
+      showError("Could not reach the server to delete the saved conversation; it is forgotten in this browser only.", e.message);
+    }
+    renderMemory();
+  };
   setState("idle", "idle");
   const problem = unsupported();
   if (problem) {
