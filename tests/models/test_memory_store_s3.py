@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -125,6 +129,48 @@ def test_expiry_lru_eviction_and_gc_on_s3(bucket):
     _refused(lambda: store.load(toks[3], FP), "expired")
     clock.t = t0 + 2000  # every memory has expired (gc reads S3's own save times: the real clock)
     assert sorted(store.gc()) == sorted([toks[0].id, toks[3].id, newest.id]) and _objects(store) == []
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import sys, time
+    from moshi_ttt.models import memory_backends as mb
+    from moshi_ttt.models.memory_store import MemoryStore, Token
+
+    class HalfWay(mb.S3Backend):  # uploads the first half, then stalls until killed
+        def put(self, loc, parts, now):
+            blob = b"".join(parts)
+            def stream():
+                yield blob[: len(blob) // 2]
+                print("half", flush=True)
+                time.sleep(120)
+                yield blob[len(blob) // 2:]
+            self.obs.put(self.store, loc, stream(), chunk_size=self.MULTIPART)
+
+    MemoryStore(HalfWay(sys.argv[1])).save(Token.parse(sys.argv[2]), sys.argv[3], b"new" * (4 << 20))
+""")
+
+
+def test_a_save_killed_half_way_leaves_the_previous_object(bucket, s3_server):
+    store = open_store(bucket)
+    tok = Token.new()
+    store.save(tok, FP, b"old version")
+    before = store.backend.get(f"{tok.id}.mem")
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, bucket, str(tok), FP], stdout=subprocess.PIPE,
+                             text=True)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    name = bucket[len("s3://"):].split("/")[0]
+    try:
+        assert child.stdout.readline().strip() == "half"
+        for _ in range(500):  # the upload of the first half is under way (a multipart upload, not an object)
+            if s3.list_multipart_uploads(Bucket=name).get("Uploads"):
+                break
+            time.sleep(0.01)
+        assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=name)["Uploads"]] == [f"memories/{tok.id}.mem"]
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert store.backend.get(f"{tok.id}.mem") == before and store.load(tok, FP) == b"old version"
 
 
 def _cli(capsys, *args):
