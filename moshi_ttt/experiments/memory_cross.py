@@ -244,21 +244,22 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*res["arms"], "single: base", "single: ttt"]
+    names = [*res["arms"], "one conversation: base", "one conversation: ttt"]
     vals = [[s["acc"] for s in v["seeds"]] for v in res["arms"].values()]
     vals += [[s["acc"] for s in res["single_beyond"][k]["seeds"]] for k in ("base", "ttt") if k in res["single_beyond"]]
     names = names[:len(vals)]
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    colors = ["tab:gray" if n.startswith(("base", "single: base")) else
-              "tab:orange" if n.startswith("single") else "tab:blue" for n in names]
+    colors = ["tab:gray" if n.endswith("base") else "tab:orange" if n.startswith("one") else "tab:blue"
+              for n in names]
     ax.bar(range(len(vals)), [statistics.mean(v) for v in vals], yerr=[statistics.pstdev(v) for v in vals],
            color=colors, capsize=3)
     for x, v in enumerate(vals):
         ax.plot([x] * len(v), v, "k.", ms=3)
     ax.axhline(res["chance"], color="gray", ls="--", lw=1)
     ax.text(len(vals) - 0.5, res["chance"] + 0.02, "chance", fontsize=8, ha="right")
-    ax.set_xticks(range(len(vals)), [n.replace("ttt_", "ttt resumed: ").replace("resumed: fresh", "not resumed")
-                                     for n in names], rotation=25, ha="right", fontsize=8)
+    labels = [n.replace("ttt_", "B resumed: ").replace("B resumed: fresh", "ttt, B not resumed")
+              .replace(": ttt", ": ttt, beyond window").replace(": base", ": base, beyond window") for n in names]
+    ax.set_xticks(range(len(vals)), labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall accuracy")
     ax.set_title(f"recall in a second conversation ({res['t_b']} frames, fresh KV cache) of pairs heard in the "
@@ -269,11 +270,12 @@ def plot(res: dict, path: Path) -> None:
 
 
 def write_outputs(runs: dict[tuple[str, int], dict], settings: Settings, cross: Cross, out: Path,
-                  readme: Path | None) -> dict:
+                  readmes: tp.Sequence[Path] = ()) -> dict:
+    """cross_results.json and cross.png in `out`; the table between the markers of each of `readmes`."""
     res = results_json(runs, settings, cross)
     (out / "cross_results.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(res, out / "cross.png")
-    if readme is not None:
+    for readme in readmes:
         update_readme(readme, render_table(res))
     return res
 
@@ -281,8 +283,8 @@ def write_outputs(runs: dict[tuple[str, int], dict], settings: Settings, cross: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/memory_experiment")
-    p.add_argument("--readme", default="docs/memory-experiment.md",
-                   help="markdown page whose table between the cross-table markers is replaced ('' = none)")
+    p.add_argument("--readme", nargs="*", default=["docs/memory-experiment.md", "README.md"],
+                   help="markdown pages whose table between the cross-table markers is replaced (none: no page)")
     p.add_argument("--seeds", type=int, default=5)
     d = Cross()
     p.add_argument("--t-a", type=int, default=d.t_a)
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     t0 = time.time()
     runs = run_all(out, settings, cross, a.seeds)
-    res = write_outputs(runs, settings, cross, out, Path(a.readme) if a.readme else None)
+    res = write_outputs(runs, settings, cross, out, [Path(r) for r in a.readme])
     print(render_table(res))
     print(f"wrote {out}/cross_results.json, cross.png ({time.time() - t0:.0f} s)")
 

@@ -73,7 +73,7 @@ def test_tiny_cross_experiment_end_to_end(tmp_path):
     readme = tmp_path / "page.md"
     readme.write_text(f"x\n{mc.README_START}\nold\n{mc.README_END}\ny\n")
     runs = mc.run_all(tmp_path, TINY, CROSS, seeds=1)
-    res = mc.write_outputs(runs, TINY, CROSS, tmp_path, readme)
+    res = mc.write_outputs(runs, TINY, CROSS, tmp_path, [readme])
     assert json.loads((tmp_path / "cross_results.json").read_text()) == res
     assert list(res["arms"]) == list(mc.ARMS) and set(res["single_beyond"]) == {"base", "ttt"}
     n = CROSS.n_eval * TINY.task.pairs
