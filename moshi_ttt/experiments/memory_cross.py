@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moshi_ttt.experiments.memory_experiment import Settings, load_run
+from moshi_ttt.experiments.memory_experiment import Settings, load_run, update_readme
 from moshi_ttt.experiments.memory_task import (
     Task,
     answer_hits,
@@ -115,9 +114,17 @@ def restorer(model: torch.nn.Module, memories: tp.Sequence[mem.Memory], fmt: str
     return restore
 
 
-def _acc(hits: torch.Tensor, dist: torch.Tensor) -> dict:
-    per = {str(d): [int(hits[dist == d].sum()), int((dist == d).sum())] for d in torch.unique(dist).tolist()}
-    return {"acc": float(hits.float().mean()), "per_distance": per}
+def _counts(hits: torch.Tensor, by: torch.Tensor) -> dict[str, list[int]]:
+    return {str(k): [int(hits[by == k].sum()), int((by == k).sum())] for k in torch.unique(by).tolist()}
+
+
+def _acc(hits: torch.Tensor, dist: torch.Tensor, key_frame: torch.Tensor, t_a: int) -> dict:
+    """acc; acc_value_heard: over the pairs whose value frame conversation A fed to the model (all but a value on
+    A's last frame: step s feeds frame s − 1, and the step after A's last does not exist); hits by distance and
+    by the key's frame in A."""
+    heard = key_frame + 1 < t_a - 1
+    return {"acc": float(hits.float().mean()), "acc_value_heard": float(hits[heard].float().mean()),
+            "per_distance": _counts(hits, dist), "per_key_frame": _counts(hits, key_frame)}
 
 
 @torch.no_grad()
@@ -152,7 +159,7 @@ def run_one(variant: str, seed: int, settings: Settings, cross: Cross, batch: in
                 hits[arm].append(answer_hits(logits, b[sl], ans[sl]))
     return {
         "variant": variant, "seed": seed, "settings": s.to_dict(), "cross": dataclasses.asdict(cross),
-        "arms": {arm: _acc(torch.cat(h), dist) for arm, h in hits.items()},
+        "arms": {arm: _acc(torch.cat(h), dist, cross.t_a - dist + ans - 1, cross.t_a) for arm, h in hits.items()},
         "single_beyond_acc_streaming": float(single["hits_streaming"][beyond].float().mean()),
         "stored_bytes": {f: statistics.mean(v) for f, v in sizes.items()},
         "train_seconds": t_train, "seconds": time.time() - t0,
@@ -172,7 +179,8 @@ def run_all(out: Path, settings: Settings, cross: Cross, seeds: int) -> dict[tup
         for v in ("base", "ttt"):
             p = _run_path(out, v, seed)
             rec = json.loads(p.read_text()) if p.exists() else None
-            if rec is None or {k: rec.get(k) for k in want} != want:
+            if rec is None or {k: rec.get(k) for k in want} != want or "acc_value_heard" not in rec["arms"][
+                    "base" if v == "base" else "ttt_fresh"]:  # made by an older version of this script
                 rec = run_one(v, seed, settings, cross)
                 atomic_write(p, lambda tmp, rec=rec: tmp.write_text(json.dumps(rec, indent=1)))
             single, mine = load_run(out, v, seed, settings), rec["single_beyond_acc_streaming"]
@@ -188,13 +196,15 @@ def run_all(out: Path, settings: Settings, cross: Cross, seeds: int) -> dict[tup
 # -- results, table, plot --------------------------------------------------------------------------
 
 def results_json(runs: dict[tuple[str, int], dict], settings: Settings, cross: Cross) -> dict:
-    """{"arms": {ARM: {"seeds": [{seed, acc}]}}, "single_beyond": {"base"|"ttt": {"seeds": [{seed, acc}]}},
+    """{"arms": {ARM: {"seeds": [{seed, acc, acc_value_heard}]}},
+    "single_beyond": {"base"|"ttt": {"seeds": [{seed, acc}]}},
     "stored_bytes": {FORMAT: mean bytes of a sealed memory}, "chance", "window", "chunk", "t_a", "t_b"}."""
     arms: dict[str, dict] = {}
     single: dict[str, dict] = {}
     for (v, seed), rec in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         for arm, r in rec["arms"].items():
-            arms.setdefault(arm, {"seeds": []})["seeds"].append({"seed": seed, "acc": r["acc"]})
+            arms.setdefault(arm, {"seeds": []})["seeds"].append(
+                {"seed": seed, "acc": r["acc"], "acc_value_heard": r["acc_value_heard"]})
         single.setdefault(v, {"seeds": []})["seeds"].append({"seed": seed, "acc": rec["single_beyond_acc_streaming"]})
     ttt = [rec for (v, _), rec in runs.items() if v == "ttt"]
     stored = {f: statistics.mean(r["stored_bytes"][f] for r in ttt) for f in FORMATS} if ttt else {}
@@ -216,26 +226,22 @@ def _label(arm: str) -> tuple[str, str]:
 
 
 def render_table(res: dict) -> str:
-    lines = ["| model | conversation B starts with | recall in B (queries only) | single conversation, beyond "
-             "the window | sealed memory (bytes) | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| model | conversation B starts with | recall in B (queries only) | recall in B, values A's model "
+             "heard | one conversation, beyond the window | sealed memory (bytes) | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for arm, v in res["arms"].items():
         model, carried = _label(arm)
         single = res["single_beyond"]["base" if arm == "base" else "ttt"]["seeds"]
         size = f"{res['stored_bytes'][arm[4:]]:,.0f}" if arm[4:] in res["stored_bytes"] else "—"
         lines.append(f"| {model} | {carried} | {_ms([s['acc'] for s in v['seeds']])} | "
-                     f"{_ms([s['acc'] for s in single])} | {size} | {len(v['seeds'])} |")
+                     f"{_ms([s['acc_value_heard'] for s in v['seeds']])} | {_ms([s['acc'] for s in single])} | "
+                     f"{size} | {len(v['seeds'])} |")
     lines += ["", f"Conversation A: {res['t_a']} frames holding the pairs; B: {res['t_b']} frames holding only the "
-              f"queries, with a fresh KV cache. Chance = {res['chance']:.4f}; attention window {res['window']} "
-              f"frames; TTT chunk {res['chunk']} frames; mean ± std (population) over seeds; LMGen streaming."]
+              f"queries, with a fresh KV cache. \"Values A's model heard\": all pairs but those whose value is A's "
+              f"last frame, which no step of A feeds to the model. Chance = {res['chance']:.4f}; attention window "
+              f"{res['window']} frames; TTT chunk {res['chunk']} frames; mean ± std (population) over seeds; LMGen "
+              "streaming."]
     return "\n".join(lines)
-
-
-def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{readme}: markers {README_START} / {README_END} not found")
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
 
 
 def plot(res: dict, path: Path) -> None:
@@ -276,7 +282,7 @@ def write_outputs(runs: dict[tuple[str, int], dict], settings: Settings, cross: 
     (out / "cross_results.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(res, out / "cross.png")
     for readme in readmes:
-        update_readme(readme, render_table(res))
+        update_readme(readme, render_table(res), README_START, README_END)
     return res
 
 

@@ -78,7 +78,12 @@ def test_tiny_cross_experiment_end_to_end(tmp_path):
     assert list(res["arms"]) == list(mc.ARMS) and set(res["single_beyond"]) == {"base", "ttt"}
     n = CROSS.n_eval * TINY.task.pairs
     for rec in runs.values():
-        assert all(sum(c for _, c in r["per_distance"].values()) == n for r in rec["arms"].values())
+        for r in rec["arms"].values():
+            assert sum(c for _, c in r["per_distance"].values()) == sum(c for _, c in r["per_key_frame"].values()) == n
+            assert max(int(t) for t in r["per_key_frame"]) <= CROSS.t_a - 2  # the key frame in A, its value after it
+            unheard = r["per_key_frame"].get(str(CROSS.t_a - 2), [0, 0])  # a value on A's last frame
+            heard = (r["acc"] * n - unheard[0]) / (n - unheard[1])
+            assert r["acc_value_heard"] == pytest.approx(heard)
     sizes = res["stored_bytes"]
     assert sizes["rank:2"] < sizes["bf16"] < sizes["exact"]  # d 32, h 132: 20 frames of factors > bf16 dense
     text = readme.read_text()
