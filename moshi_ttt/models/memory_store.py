@@ -29,7 +29,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from moshi_ttt.models.memory_backends import Backend, LocalBackend, backend
+from moshi_ttt.models.memory_backends import Backend, backend
 from moshi_ttt.models.memory_format import FORMAT_VERSION
 
 MAGIC = b"MTTMEM1\n"
@@ -140,7 +140,7 @@ def unseal(token: Token, fp: str, blob: bytes) -> bytes:
 class MemoryStore:
     """Memories in a backend (`memory_backends`: a local directory, an S3 bucket; `<id>.mem`), `ttl` seconds
     after their last save, at most `max_bytes` in all (None: unbounded), the least recently used (saved or
-    loaded) evicted first; sealed in `segment`-byte segments. `root`: a directory or a backend."""
+    loaded) evicted first; sealed in `segment`-byte segments. `root`: a backend or a spec (`open_store`)."""
 
     def __init__(self, root: str | Path | Backend, ttl: float = 30 * DAY, max_bytes: int | None = None,
                  clock: tp.Callable[[], float] = time.time, segment: int = SEGMENT):
@@ -150,7 +150,7 @@ class MemoryStore:
             raise ValueError(f"memory store: max_bytes must be >= 0, got {max_bytes!r}")
         if not 0 < segment < 1 << 31:
             raise ValueError(f"memory store: segment must be in (0, 2**31) bytes, got {segment!r}")
-        self.backend = LocalBackend(root) if isinstance(root, (str, Path)) else root
+        self.backend = backend(root) if isinstance(root, (str, Path)) else root
         self.where = self.backend.where
         self.ttl, self.max_bytes, self.clock, self.segment = float(ttl), max_bytes, clock, segment
 
@@ -270,4 +270,4 @@ class MemoryStore:
 def open_store(spec: str | Path, ttl: float = 30 * DAY, max_bytes: int | None = None) -> MemoryStore:
     """The store of `--memory-store`: a directory, or `s3://bucket/prefix` (see `memory_backends.S3Backend`
     for its credentials and endpoint); `ttl` in seconds, `max_bytes` None for unbounded."""
-    return MemoryStore(backend(spec), ttl=ttl, max_bytes=max_bytes)
+    return MemoryStore(spec, ttl=ttl, max_bytes=max_bytes)
