@@ -68,3 +68,4 @@ gpu-check:
 # in docs/memory-experiment.md.
 experiment: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_cross --out docs/memory_experiment

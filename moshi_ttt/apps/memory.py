@@ -8,21 +8,23 @@ import argparse
 import json
 import time
 
-from moshi_ttt.models.memory_store import DAY, MemoryStore, MemoryUnavailable
+from moshi_ttt.models.memory_store import DAY, MemoryStore, MemoryUnavailable, open_store
 
 
 def add_store_args(parser: argparse.ArgumentParser, default_dir: str | None = None) -> None:
     """--memory-store, --memory-ttl (days), --memory-max-bytes: shared with the commands that save memory."""
     parser.add_argument("--memory-store", default=default_dir, required=default_dir is None,
-                        help="directory of the encrypted memories")
+                        help="where the encrypted memories are: a directory, or s3://bucket/prefix (credentials "
+                             "and endpoint from the AWS environment variables, e.g. AWS_ENDPOINT_URL)")
     parser.add_argument("--memory-ttl", type=float, default=30.0,
                         help="days a memory lives after its last save (default 30)")
     parser.add_argument("--memory-max-bytes", type=int, default=None,
                         help="bound on the store's bytes; the least recently used memories are evicted first")
 
 
-def open_store(args: argparse.Namespace) -> MemoryStore:
-    return MemoryStore(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)
+def store_of(args: argparse.Namespace) -> MemoryStore:
+    """`open_store` of the --memory-store arguments."""
+    return open_store(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,7 @@ def _line(entry: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = store_of(args)
     if args.action == "ls":
         for e in store.entries():
             print(_line(e))
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         except MemoryUnavailable:
             removed = False
         if not removed:
-            print(f"moshi-ttt memory: no memory {args.id!r} in {store.root}")
+            print(f"moshi-ttt memory: no memory {args.id!r} in {store.where}")
             return 2
         print(json.dumps({"removed": args.id}))
     else:

@@ -262,13 +262,13 @@ def render_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replaces the text between the memory-table markers of `readme` with `table`."""
+def update_readme(readme: Path, table: str, start: str = README_START, end: str = README_END) -> None:
+    """Replaces the text between the markers `start` and `end` (the memory-table ones) of `readme` with `table`."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"{readme}: markers {README_START} / {README_END} not found")
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text))
+        raise ValueError(f"{readme}: markers {start} / {end} not found")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
 
 
 def plot(runs: dict[tuple[str, int], dict], settings: Settings, path: Path, bin_width: int = 4) -> None:

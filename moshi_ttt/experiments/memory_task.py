@@ -187,9 +187,13 @@ def train(model: LMModel, task: Task, budget: Budget, seed: int,
 # -- the streaming path ----------------------------------------------------------------------------
 
 def streaming_text_logits(model: LMModel, codes: torch.Tensor,
-                          gen_cls: tp.Callable[..., LMGen] | None = None) -> torch.Tensor:
+                          gen_cls: tp.Callable[..., LMGen] | None = None,
+                          before: tp.Callable[[], None] | None = None,
+                          after: tp.Callable[[], None] | None = None) -> torch.Tensor:
     """Teacher-forced text logits through moshi's `LMGen`, one frame per `step`, as the server runs it.
-    [B, T, card], aligned like `parallel_text_logits`.
+    [B, T, card], aligned like `parallel_text_logits`. One conversation: a fresh streaming state (KV cache,
+    fast weights W⁽⁰⁾); `before` / `after` run inside it, before the first step and after the last (to put
+    a memory into the fresh state, to take one out).
 
     The user stream (audio codebook) is what `LMGen.step` consumes: step s gets frame s − 1 of the
     codes (the frame `LMModel.forward` places at input position s; step 0's input is never read, the
@@ -215,12 +219,16 @@ def streaming_text_logits(model: LMModel, codes: torch.Tensor,
     gen = (gen_cls or GENERATOR)(model, use_sampling=False, on_text_logits_hook=force)
     lag = max(model.delays)  # LMGen returns the text token of step s at step s + max delay
     with gen.streaming(B):
+        if before is not None:
+            before()
         for s in range(T):
             target["tok"] = codes[:, 0, s]
             out = gen.step(codes[:, 1:, max(s - 1, 0)][..., None])
             if out is not None and not torch.equal(out[:, 0, 0], codes[:, 0, s - lag]):
                 raise RuntimeError(f"LMGen did not take the forced text token at step {s - lag}: "
                                    "teacher forcing through on_text_logits_hook no longer works")
+        if after is not None:
+            after()
     return torch.stack(recorded, dim=1)
 
 

@@ -1,4 +1,5 @@
-"""Encrypted conversation memories in a local directory (one file per memory id), keyed by client tokens.
+"""Encrypted conversation memories in a store (one object per memory id: a local directory or an S3 bucket,
+`memory_backends`), keyed by client tokens; `open_store(spec, ttl, max_bytes)` opens one from a spec.
 
 A `Token` is `<id>.<key>`: a random 128-bit id (hex) and a random 256-bit key (base64url), issued to the
 client and never written. A stored memory is `MAGIC`, a u32 length, a JSON header (id, fingerprint, format
@@ -6,8 +7,8 @@ version, sizes, times, a key check) and the memory file's bytes sealed with AES-
 default) (nonce = 8 random bytes + the u32 segment index; associated data = `associated_data(...)` +
 header + index + last flag, so segments cannot be reordered, cut or moved to another id, model or format).
 Every way a token can fail (malformed, unknown id, wrong key, tampered, expired, another model) raises the
-same `MemoryUnavailable`; its `cause` (for the server log only) says which. Writes are atomic
-(`utils.io.atomic_write`); `gc` drops expired memories, then the least recently used until `max_bytes`.
+same `MemoryUnavailable`; its `cause` (for the server log only) says which. Writes are atomic (the backend's
+`put`); `gc` drops expired memories, then the least recently used until `max_bytes`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from moshi_ttt.models.memory_backends import Backend, backend
 from moshi_ttt.models.memory_format import FORMAT_VERSION
-from moshi_ttt.utils.io import atomic_write
 
 MAGIC = b"MTTMEM1\n"
 SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)
@@ -37,6 +38,7 @@ TAG = 16
 DAY = 86400.0
 _ID = re.compile(r"[0-9a-f]{32}")
 SUFFIX = ".mem"
+HEADER_BYTES = 1 << 16  # a stored header is well under this (its fields are fixed and small)
 
 
 class MemoryUnavailable(Exception):
@@ -136,26 +138,27 @@ def unseal(token: Token, fp: str, blob: bytes) -> bytes:
 
 
 class MemoryStore:
-    """Memories in `root` (`<id>.mem`), `ttl` seconds after their last save, at most `max_bytes` in all
-    (None: unbounded), the least recently used (file mtime: saved or loaded) evicted first; sealed in
-    `segment`-byte segments."""
+    """Memories in a backend (`memory_backends`: a local directory, an S3 bucket; `<id>.mem`), `ttl` seconds
+    after their last save, at most `max_bytes` in all (None: unbounded), the least recently used (saved or
+    loaded) evicted first; sealed in `segment`-byte segments. `root`: a backend or a spec (`open_store`)."""
 
-    def __init__(self, root: str | Path, ttl: float = 30 * DAY, max_bytes: int | None = None,
+    def __init__(self, root: str | Path | Backend, ttl: float = 30 * DAY, max_bytes: int | None = None,
                  clock: tp.Callable[[], float] = time.time, segment: int = SEGMENT):
         if not ttl > 0:
             raise ValueError(f"memory store: ttl must be > 0 seconds, got {ttl!r}")
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"memory store: max_bytes must be >= 0, got {max_bytes!r}")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         if not 0 < segment < 1 << 31:
             raise ValueError(f"memory store: segment must be in (0, 2**31) bytes, got {segment!r}")
+        self.backend = backend(root) if isinstance(root, (str, Path)) else root
+        self.where = self.backend.where
         self.ttl, self.max_bytes, self.clock, self.segment = float(ttl), max_bytes, clock, segment
 
-    def path(self, memory_id: str) -> Path:
+    def path(self, memory_id: str) -> tp.Any:
+        """The backend's address of `memory_id` (a `Path` in a local directory); refuses a malformed id."""
         if not _ID.fullmatch(memory_id):
             raise MemoryUnavailable(f"malformed id {memory_id[:40]!r}")
-        return self.root / f"{memory_id}{SUFFIX}"
+        return self.backend.locate(f"{memory_id}{SUFFIX}")
 
     def save(self, token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any] | None = None) -> float:
         """Seals and stores `data` under `token.id` (replacing any older version: its key stops working);
@@ -166,27 +169,21 @@ class MemoryStore:
         self.gc(keep=token.id)
         return now + self.ttl
 
-    def _write(self, path: Path, parts: tp.Sequence[bytes]) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                for p in parts:
-                    f.write(p)
-                f.flush()
-                os.fsync(f.fileno())
-        atomic_write(path, write)
+    def _write(self, path: tp.Any, parts: tp.Sequence[bytes]) -> None:
+        self.backend.put(path, parts, self.clock())
 
     def load(self, token: Token | str, fp: str) -> bytes:
         """The memory file of `token`; marks it used (LRU). `MemoryUnavailable` for every failure."""
         token = Token.parse(token) if isinstance(token, str) else token
         path = self.path(token.id)
         try:
-            blob = path.read_bytes()
+            blob = self.backend.get(path)
         except FileNotFoundError:
             raise MemoryUnavailable("unknown id") from None
         data = unseal(token, fp, blob)
-        if self._expired(path, read_header(blob)[0]):
+        if self._expired(read_header(blob)[0]):
             raise MemoryUnavailable("expired")
-        os.utime(path)
+        self.backend.touch(path, self.clock())
         return data
 
     def delete(self, token: Token | str) -> None:
@@ -194,72 +191,83 @@ class MemoryStore:
         token = Token.parse(token) if isinstance(token, str) else token
         path = self.path(token.id)
         try:
-            head, _ = read_header(path.read_bytes())
+            head, _ = read_header(self.backend.head(path, HEADER_BYTES))
         except FileNotFoundError:
             raise MemoryUnavailable("unknown id") from None
         except (ValueError, struct.error) as e:
             raise MemoryUnavailable(f"tampered: unreadable header ({e})") from None
         if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
             raise MemoryUnavailable("wrong key")
-        path.unlink(missing_ok=True)
+        self.backend.delete(path)
 
     # -- operator side (`moshi-ttt memory`): metadata only --------------------------------------------------
 
     def entries(self) -> list[dict]:
-        """Per stored memory: its header without the key check, plus bytes, last_used (mtime), expires."""
+        """Per stored memory: its header without the key check, plus bytes, last_used, expires."""
         out = []
-        for p in sorted(self.root.glob(f"*{SUFFIX}")):
+        for st in self.backend.list(SUFFIX):
+            if not _ID.fullmatch(st.name[:-len(SUFFIX)]):
+                continue
             try:
-                with open(p, "rb") as f:
-                    st, head = os.fstat(f.fileno()), read_header(f.read(1 << 16))[0]
+                head = read_header(self.backend.head(self.backend.locate(st.name), HEADER_BYTES))[0]
             except (OSError, ValueError, struct.error):
                 continue
             head = {k: v for k, v in head.items() if k not in ("check", "nonce")}
-            out.append(dict(head, bytes=st.st_size, last_used=st.st_mtime, expires=head["saved"] + self.ttl))
+            out.append(dict(head, bytes=st.size, last_used=st.used, expires=head["saved"] + self.ttl))
         return out
 
     def show(self, memory_id: str) -> dict:
         for e in self.entries():
             if e["id"] == memory_id:
                 return e
-        raise KeyError(f"no memory {memory_id!r} in {self.root}")
+        raise KeyError(f"no memory {memory_id!r} in {self.where}")
 
     def remove(self, memory_id: str) -> bool:
         """Operator removal, without a token."""
-        path = self.path(memory_id)
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        return existed
+        return self.backend.delete(self.path(memory_id))
 
-    def _expired(self, path: Path, head: dict) -> bool:
+    def _expired(self, head: dict) -> bool:
         return self.clock() > float(head.get("saved", 0)) + self.ttl
 
     def gc(self, keep: str | None = None) -> list[str]:
         """Removes expired memories, then the least recently used until the total fits `max_bytes` (never
         `keep`, the one just saved), and temporaries left by killed writers (older than an hour). Returns
-        the removed ids."""
+        the removed ids. One listing, plus (where the listing lacks the save time: a local directory) each
+        memory's header."""
         now, removed = self.clock(), []
-        for tmp in self.root.glob(f"*{SUFFIX}.*.tmp"):
-            try:
-                if now - tmp.stat().st_mtime > 3600:
-                    tmp.unlink()
-            except OSError:
-                pass
+        self.backend.sweep(SUFFIX, now, 3600)
         live = []
-        for e in self.entries():
-            if now > e["expires"] and e["id"] != keep:
-                self.remove(e["id"])
-                removed.append(e["id"])
+        for st in self.backend.list(SUFFIX):
+            mid = st.name[:-len(SUFFIX)]
+            if not _ID.fullmatch(mid):
+                continue
+            saved = st.saved
+            if saved is None:
+                try:
+                    saved = float(read_header(self.backend.head(self.backend.locate(st.name), HEADER_BYTES))[0]
+                                  ["saved"])
+                except (OSError, ValueError, KeyError, struct.error):
+                    continue
+            if now > saved + self.ttl and mid != keep:
+                self.remove(mid)
+                removed.append(mid)
             else:
-                live.append(e)
+                live.append(st)
         if self.max_bytes is not None:
-            total = sum(e["bytes"] for e in live)
-            for e in sorted(live, key=lambda e: e["last_used"]):
+            total = sum(st.size for st in live)
+            for st in sorted(live, key=lambda st: st.used):
                 if total <= self.max_bytes:
                     break
-                if e["id"] == keep:
+                mid = st.name[:-len(SUFFIX)]
+                if mid == keep:
                     continue
-                self.remove(e["id"])
-                removed.append(e["id"])
-                total -= e["bytes"]
+                self.remove(mid)
+                removed.append(mid)
+                total -= st.size
         return removed
+
+
+def open_store(spec: str | Path, ttl: float = 30 * DAY, max_bytes: int | None = None) -> MemoryStore:
+    """The store of `--memory-store`: a directory, or `s3://bucket/prefix` (see `memory_backends.S3Backend`
+    for its credentials and endpoint); `ttl` in seconds, `max_bytes` None for unbounded."""
+    return MemoryStore(spec, ttl=ttl, max_bytes=max_bytes)

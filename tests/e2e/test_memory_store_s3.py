@@ -1,0 +1,205 @@
+"""The memory store on an S3-compatible bucket, end to end against moto's standalone S3 server on loopback
+(`moto.server.ThreadedMotoServer`, from the dev dependency `moto[server]`: no real S3 server installs here, and
+moto's speaks the S3 protocol over HTTP): save, load, delete, every bad token refused alike, expiry, LRU
+eviction, gc, and `moshi-ttt memory ls/show/rm/gc` on `s3://bucket/prefix`. Outside CI the tests skip when
+moto or obstore is not installed; in CI (a dev install) they must run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from moshi_ttt.apps.cli import main
+from moshi_ttt.models import memory_backends as mb
+from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token, open_store
+
+if not os.environ.get("CI"):
+    pytest.importorskip("moto.server")
+    pytest.importorskip("obstore")
+import boto3  # noqa: E402  (moto's own dependency: creates the buckets)
+import obstore  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+FP = "f" * 64
+
+
+class Clock:
+    def __init__(self):
+        self.t = time.time()  # S3 keeps its own modification times: the store's clock starts at the real one
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, request):
+    """A fresh bucket on the loopback server and the AWS environment that reaches it; yields its spec."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server, "AWS_ALLOW_HTTP": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    name = f"mem-{request.node.name.replace('_', '-')[:40].lower()}-{os.urandom(3).hex()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}/memories"
+
+
+def _refused(fn, cause):
+    with pytest.raises(MemoryUnavailable) as e:
+        fn()
+    assert str(e.value) == "memory not available" and cause in e.value.cause, e.value.cause
+
+
+def _objects(store):
+    return sorted(o["path"] for page in obstore.list(store.backend.store) for o in page)
+
+
+def test_save_load_delete_and_one_refusal_on_s3(bucket):
+    store = open_store(bucket)
+    assert isinstance(store.backend, mb.S3Backend) and store.where == bucket
+    tok = Token.new()
+    data = os.urandom(3000) + b"the secret conversation"
+    expires = store.save(tok, FP, data, {"frames": 7})
+    assert store.load(str(tok), FP) == data
+    blob = store.backend.get(f"{tok.id}.mem")
+    assert b"secret conversation" not in blob and tok.key not in blob  # ciphertext only, no key
+    assert [k for k in _objects(store) if mb.USED not in k] == [f"{tok.id}.mem"]
+    e = store.show(tok.id)
+    assert e["frames"] == 7 and e["bytes"] == len(blob) and abs(e["expires"] - expires) < 1e-6
+    _refused(lambda: store.load(Token(tok.id, Token.new().key), FP), "wrong key")
+    _refused(lambda: store.load(Token.new(), FP), "unknown id")
+    _refused(lambda: store.load(tok, "e" * 64), "another model")
+    obstore.put(store.backend.store, f"{tok.id}.mem", blob[:-1] + bytes([blob[-1] ^ 1]))  # tampered in place
+    _refused(lambda: store.load(tok, FP), "tampered")
+    obstore.put(store.backend.store, f"{tok.id}.mem", blob)
+    _refused(lambda: store.delete(Token(tok.id, Token.new().key)), "wrong key")
+    assert store.load(tok, FP) == data
+    store.delete(tok)
+    assert _objects(store) == []  # the memory and its last-use markers are gone at once
+    _refused(lambda: store.load(tok, FP), "unknown id")
+    _refused(lambda: store.delete(tok), "unknown id")
+
+
+def test_resave_retires_the_old_key_and_a_large_memory_goes_up_whole(bucket):
+    store = MemoryStore(mb.backend(bucket), segment=1 << 20)
+    old = Token.new()
+    store.save(old, FP, b"first")
+    new = Token.new(old.id)
+    big = os.urandom(mb.S3Backend.MULTIPART + 123)  # above the multipart threshold
+    store.save(new, FP, big)
+    assert store.load(new, FP) == big
+    _refused(lambda: store.load(old, FP), "wrong key")
+
+
+def test_expiry_lru_eviction_and_gc_on_s3(bucket):
+    clock = Clock()
+    t0 = clock.t
+    store = MemoryStore(mb.backend(bucket), ttl=1000, clock=clock)
+    toks = [Token.new() for _ in range(4)]
+    for t in toks:
+        clock.t += 1
+        store.save(t, FP, b"m" * 1000)  # last used (saved) at t0 + 1 … t0 + 4
+    clock.t += 1
+    store.load(toks[0], FP)  # toks[0] used last: toks[1], then toks[2], are the least recently used
+    e0 = store.show(toks[0].id)
+    assert e0["last_used"] == pytest.approx(clock.t, abs=1e-5) and e0["saved"] == pytest.approx(t0 + 1)
+    store.max_bytes = 3 * e0["bytes"]
+    clock.t += 1
+    newest = Token.new()
+    store.save(newest, FP, b"m" * 1000)  # gc on save: 5 memories, room for 3
+    assert {e["id"] for e in store.entries()} == {toks[0].id, toks[3].id, newest.id}
+    assert len([k for k in _objects(store) if mb.USED in k]) == 3  # superseded last-use markers are swept
+    clock.t = t0 + 4 + 1000.5
+    _refused(lambda: store.load(toks[3], FP), "expired")
+    clock.t = t0 + 2000  # every memory has expired (gc reads S3's own save times: the real clock)
+    assert sorted(store.gc()) == sorted([toks[0].id, toks[3].id, newest.id]) and _objects(store) == []
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import sys, time
+    from moshi_ttt.models import memory_backends as mb
+    from moshi_ttt.models.memory_store import MemoryStore, Token
+
+    class HalfWay(mb.S3Backend):  # uploads the first half, then stalls until killed
+        def put(self, loc, parts, now):
+            blob = b"".join(parts)
+            def stream():
+                yield blob[: len(blob) // 2]
+                print("half", flush=True)
+                time.sleep(120)
+                yield blob[len(blob) // 2:]
+            self.obs.put(self.store, loc, stream(), chunk_size=self.MULTIPART)
+
+    MemoryStore(HalfWay(sys.argv[1])).save(Token.parse(sys.argv[2]), sys.argv[3], b"new" * (4 << 20))
+""")
+
+
+def test_a_save_killed_half_way_leaves_the_previous_object(bucket, s3_server):
+    store = open_store(bucket)
+    tok = Token.new()
+    store.save(tok, FP, b"old version")
+    before = store.backend.get(f"{tok.id}.mem")
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, bucket, str(tok), FP], stdout=subprocess.PIPE,
+                             text=True)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    name = bucket[len("s3://"):].split("/")[0]
+    try:
+        assert child.stdout.readline().strip() == "half"
+        for _ in range(500):  # the upload of the first half is under way (a multipart upload, not an object)
+            if s3.list_multipart_uploads(Bucket=name).get("Uploads"):
+                break
+            time.sleep(0.01)
+        assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=name)["Uploads"]] == [f"memories/{tok.id}.mem"]
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert store.backend.get(f"{tok.id}.mem") == before and store.load(tok, FP) == b"old version"
+
+
+def _cli(capsys, *args):
+    rc = main(["memory", *args])
+    return rc, [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_memory_command_on_s3(bucket, capsys):
+    store = open_store(bucket)
+    toks = [Token.new(), Token.new()]
+    for t in toks:
+        store.save(t, FP, b"private words " * 10, {"frames": 42, "compression": "exact"})
+    d = ["--memory-store", bucket]
+    rc, rows = _cli(capsys, "ls", *d)
+    assert rc == 0 and sorted(r["id"] for r in rows) == sorted(t.id for t in toks)
+    assert all(r["frames"] == 42 and "private" not in json.dumps(r) and not {"check", "nonce"} & set(r)
+               for r in rows)
+    rc, rows = _cli(capsys, "show", toks[0].id, *d)
+    assert rc == 0 and rows[0]["id"] == toks[0].id and rows[0]["fingerprint"] == FP
+    rc, rows = _cli(capsys, "rm", toks[0].id, *d)
+    assert rc == 0 and rows == [{"removed": toks[0].id}]
+    assert _cli(capsys, "rm", toks[0].id, *d)[0] == 2 and _cli(capsys, "show", toks[0].id, *d)[0] == 2
+    rc, rows = _cli(capsys, "gc", *d, "--memory-max-bytes", "0")  # over quota: evicted
+    assert rc == 0 and rows == [{"removed": [toks[1].id]}] and _objects(store) == []
+
+
+def test_a_bad_spec_or_unreachable_bucket_is_a_clear_error(bucket):
+    with pytest.raises(ValueError, match="cannot list the bucket"):
+        open_store(bucket.replace("s3://", "s3://no-such-").split("/memories")[0] + "/x")
+    for bad in ("s3://", "s3:///x", "gs://b/x"):
+        with pytest.raises(ValueError, match=bad.split(":")[0]):
+            open_store(bad)
