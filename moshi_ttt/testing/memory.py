@@ -23,6 +23,25 @@ def stored(store_dir: str | Path, token: str | Token) -> Memory:
     return mf.loads(store.load(token, head["fingerprint"]))
 
 
+async def wait_stored(store_dir: str | Path, token: str, frames: int, timeout: float = 15.0) -> Memory:
+    """Until the memory `token` opens holds `frames` frames (a conversation's final save, by another process)."""
+    import asyncio
+
+    from moshi_ttt.models.memory_store import MemoryUnavailable
+
+    last = None
+    for _ in range(int(timeout / 0.1)):
+        try:
+            last = stored(store_dir, token)
+            if last.frames == frames:
+                return last
+        except (MemoryUnavailable, FileNotFoundError):
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the memory of {token[:8]}… holds {None if last is None else last.frames} frames after "
+                         f"{timeout:g} s, expected {frames}")
+
+
 def drifts(memory: Memory) -> dict[str, float]:
     """‖W − W⁽⁰⁾‖_F per TTT layer (str), as the TTT telemetry reports it."""
     return {str(i): float(torch.linalg.matrix_norm(lm.delta.double())) for i, lm in memory.layers.items()}
