@@ -365,7 +365,9 @@ class Engine:
                 if extra[1] and waiting:
                     self._deferred.append(("snapshot", slot.index, conv_id, extra))
                     return
+                t0 = time.perf_counter()
                 self.memory.take(slot.index, done)
+                self.metrics.observe_memory_pause(time.perf_counter() - t0)
                 return
             prepared, header, ev, _ = extra
             with self._cond:
@@ -373,9 +375,11 @@ class Engine:
             if not live:
                 done(False, f"slot {slot.index}: conversation {conv_id} ended or stepped before its restore")
                 return
+            t0 = time.perf_counter()
             self.memory.put(slot.index, prepared, header, ev)
-            rows = self._telemetry_rows() if self.ttt_layers else {}
+            rows = self._telemetry_rows() if self.ttt_layers else {}  # the restored drift, for the first 0x04
             tele = self._slot_telemetry(rows, slot.index) if rows else {}
+            self.metrics.observe_memory_pause(time.perf_counter() - t0)
             slot.ttt_seen = {layer: {k: e[k] for k in ("updates", "clips", "skipped")} for layer, e in tele.items()}
             slot.dirty = False
         except Exception as e:  # noqa: BLE001 — this conversation's memory fails, the others go on

@@ -102,6 +102,9 @@ class Metrics:
         self._mem_restore_s = Histogram(name("memory_restore_seconds"), "One restore: the memory file bytes to "
                                         "the state in the slot (parse, prepare, copy between two steps).",
                                         buckets=MEMORY_BUCKETS, registry=reg)
+        self._mem_pause = Histogram(name("memory_step_pause_seconds"), "Time the model thread spent between two "
+                                    "steps on one memory copy (a save's device clones, a restore's copy in).",
+                                    buckets=TRANSPORT_BUCKETS, registry=reg)
         self._mem_read_s = Histogram(name("memory_read_seconds"), "Reading and unsealing one memory.",
                                      buckets=MEMORY_BUCKETS, registry=reg)
 
@@ -182,6 +185,9 @@ class Metrics:
         self._mem_restores.inc()
         self._mem_restore_s.observe(seconds)
         self._mem_bytes.labels(direction="restored").inc(nbytes)
+
+    def observe_memory_pause(self, seconds: float) -> None:
+        self._mem_pause.observe(seconds)
 
     def inc_memory_failure(self, cause: str) -> None:
         self._mem_failures.labels(cause=cause).inc()

@@ -7,14 +7,17 @@ the deltas and the file bytes (`memory.build`, `memory_format.dumps`: the device
 for a restore, parsing and checking the file and W⁽⁰⁾ + Δ on the device (`memory_format.loads`,
 `memory.prepare`). The memory file bytes are what crosses to the web process, which seals and stores them.
 
-`done(ok, payload)` callbacks run on that thread (or on the engine thread for a refusal): a save's payload is
-{"data": file bytes, "frames", "chunks", "compression", "created"}; a restore's {"frames", "telemetry"} once
-the state is in the slot; a failure's payload is the reason (for logs).
+On CUDA the memory thread works on its own stream (a non-blocking one, so that its device-to-host copy never
+queues in front of the engine's kernels), ordered after the engine's clones / before the engine's `put` by
+CUDA events. `done(ok, payload)` callbacks run on that thread (or on the engine thread for a refusal): a
+save's payload is {"data": file bytes, "frames", "chunks", "compression", "created"}; a restore's {"frames",
+"telemetry"} once the state is in the slot; a failure's payload is the reason (for logs).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import typing as tp
@@ -47,6 +50,7 @@ class SlotMemory:
         self.base: dict[int, mem.Memory] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moshi-ttt-memory")
         self._cuda = next(lm.parameters()).device.type == "cuda"
+        self._stream = torch.cuda.Stream() if self._cuda else None
 
     def streaming_started(self) -> None:
         """Engine thread, once streaming: an `exact` memory logs the folded chunks as factors (a short
@@ -58,11 +62,16 @@ class SlotMemory:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _event(self):
+        """A CUDA event recorded on the current stream (None on the CPU)."""
         if not self._cuda:
             return None
         ev = torch.cuda.Event()
         ev.record()
         return ev
+
+    def _side(self):
+        """The memory thread's stream as the current one (nothing on the CPU)."""
+        return torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
 
     # -- save ----------------------------------------------------------------------------------------------
 
@@ -74,11 +83,11 @@ class SlotMemory:
 
     def _finish_save(self, taken: mem.Taken, base: mem.Memory | None, ev, done: Done) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._side():
                 if ev is not None:
-                    ev.synchronize()
+                    self._stream.wait_event(ev)  # after the engine's clones
                 m = mem.build(self.lm, taken, self.fingerprint, base)
-                data = mf.dumps(m, self.comp)
+                data = mf.dumps(m, self.comp)  # its host copies synchronise this stream only
         except Exception as e:  # noqa: BLE001 — reported to the web process, which logs it
             log.exception("memory save failed")
             done(False, f"{type(e).__name__}: {e}")
@@ -95,10 +104,10 @@ class SlotMemory:
 
     def _prepare(self, data: bytes, then, done: Done) -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._side():
                 m = mf.loads(data)
                 prepared = mem.prepare(self.lm, m, self.fingerprint)
-                ev = self._event()
+                ev = self._event()  # the engine's stream waits for it before `put`
         except mem.MemoryRefused as e:
             done(False, f"refused: {e}")
             return
@@ -111,7 +120,11 @@ class SlotMemory:
     def put(self, index: int, prepared, header: mem.Memory, ev) -> None:
         """Engine thread, between steps, right after slot `index`'s reset."""
         if ev is not None:
-            torch.cuda.current_stream().wait_event(ev)
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ev)
+            for snap, factors in prepared.values():  # made on the memory stream, read on this one
+                for t in [*snap.values(), *(factors or ())]:
+                    t.record_stream(stream)
         mem.put(self.lm, index, prepared)
         self.base[index] = header
 

@@ -46,7 +46,8 @@ class MetricsRelay:
     """Stands in for `Metrics` in the worker: the engine's calls are queued and replayed by the web
     process (`Metrics` and its Prometheus registry live there)."""
 
-    FORWARDED = ("observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift", "clear_drift")
+    FORWARDED = ("observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift", "clear_drift",
+                 "observe_memory_pause")
 
     def __init__(self):
         self._ops: list[tuple] = []
@@ -73,6 +74,9 @@ class MetricsRelay:
 
     def clear_drift(self, *a) -> None:
         self._record("clear_drift", *a)
+
+    def observe_memory_pause(self, *a) -> None:
+        self._record("observe_memory_pause", *a)
 
     def set_active(self, n: int) -> None:  # the web process counts its slots itself
         pass
