@@ -230,3 +230,31 @@ def test_plain_clients_see_moshis_protocol(mem_server, server_speech):
     c, new = run(go())
     assert set(c.kinds) <= {protocol.Kind.HANDSHAKE, protocol.Kind.AUDIO, protocol.Kind.TEXT}, set(c.kinds)
     assert not new
+
+
+def test_idle_timeout_saves_with_the_in_process_engine(tmp_path, demo_ttt_yaml, server_speech):
+    """`--workers 0` (the engine in the web process) and an ending by idle timeout: every frame is saved."""
+    srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                            "--max-conversations", "1", "--temp", "0", "--temp-text", "0", "--no-per-ip-limits",
+                            "--ttt-config", str(demo_ttt_yaml(chunk_size=CHUNK)), "--idle-timeout", "1",
+                            "--telemetry-interval", "0.3", "--memory-save-every", "0"])
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, srv.ws_url, server_speech["b"][: 13 * FRAME], keep_open=True)
+            await c.wait_closed(10)
+            await ended(srv)
+            saved = stored(tmp_path / "cache" / "memories", c.memory()["token"])  # --demo's default store
+            c2 = await resume(http, srv.ws_url, c.memory()["token"])
+            await c2.close()
+            return c, n, saved, c2
+
+    try:
+        c, n, saved, c2 = run(go())
+    finally:
+        srv.stop()
+    assert c.errors and c.errors[0].startswith("idle timeout"), c.errors
+    assert saved.frames == n == 13 and saved.chunks == 2  # --memory-save-every 0: the one save at the end
+    assert c2.memory()["frames"] == 13
+    for layer, d in drifts(saved).items():
+        assert telemetry_drifts(c2.ttt()[0])[layer] == pytest.approx(d, rel=1e-5)
