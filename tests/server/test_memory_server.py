@@ -122,6 +122,39 @@ def test_checkpoint_while_the_conversation_runs(mem_server, server_speech):
     assert 8 <= during.frames <= n and after.frames == n == 20
 
 
+def test_a_close_right_after_sending_loses_no_frame(mem_server, server_speech):
+    """The client closes without waiting for its replies: the final save waits for its queued frames."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c = await ChatClient.connect(http, mem_server.ws_url, api_key=KEY, memory=True)
+            await c.wait_for(lambda: c.memory() is not None, 10, "the memory message")
+            n = await c.send_pcm(server_speech["a"][: 30 * FRAME])
+            await c.close()
+            await ended(mem_server)
+            return n, stored(mem_server.store, c.memory()["token"])
+
+    n, saved = run(go())
+    assert saved.frames == n == 30 and saved.chunks == 4
+
+
+def test_memory_flags():
+    import argparse
+
+    from moshi_ttt.server.cli import _memory_flags, add_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    args = p.parse_args(["--demo", "--cache-dir", "/tmp/c"])
+    _memory_flags(args)
+    assert args.memory_store == "/tmp/c/memories" and args.memory_save_every == 4 and args.memory_ttl == 30
+    assert p.parse_args([]).memory_store is None  # a checkpoint: memory only with --memory-store
+    for flags, msg in ((["--memory-format", "rank:0"], "invalid memory format 'rank:0'"),
+                       (["--memory-save-every", "-1"], "--memory-save-every must be >= 0 chunks, got -1"),
+                       (["--memory-ttl", "0"], "--memory-ttl must be > 0 days, got 0.0")):
+        with pytest.raises(ValueError, match=msg):
+            _memory_flags(p.parse_args(["--memory-store", "/tmp/s", *flags]))
+
+
 def test_bad_tokens_get_one_refusal(mem_server, server_speech, caplog):
     caplog.set_level(logging.WARNING, logger="moshi_ttt.server.memory")
 
