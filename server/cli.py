@@ -282,6 +282,8 @@ async def start(args) -> RunningServer:
                             MemoryConfig(save_every=args.memory_save_every, chunk_size=chunk))
         log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", args.memory_store,
                  args.memory_format, args.memory_save_every)
+        info = dict(info, memory={"format": args.memory_format, "save_every_chunks": args.memory_save_every,
+                                  "ttl_days": args.memory_ttl})  # /health and the 0x04 info: clients can see it
     cfg = AppConfig(api_key=api_key, static_dir=static, memories=memories,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
                                           max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),

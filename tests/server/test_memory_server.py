@@ -18,7 +18,7 @@ from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
 from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts
-from moshi_ttt.testing.observe import parse_prometheus, wait_active
+from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
 
 KEY = "memory-test-key"
 CHUNK = 8
@@ -263,6 +263,7 @@ def test_plain_clients_see_moshis_protocol(mem_server, server_speech):
     c, new = run(go())
     assert set(c.kinds) <= {protocol.Kind.HANDSHAKE, protocol.Kind.AUDIO, protocol.Kind.TEXT}, set(c.kinds)
     assert not new
+    assert health(mem_server)["memory"] == {"format": "exact", "save_every_chunks": 1, "ttl_days": 30.0}
 
 
 def test_idle_timeout_saves_with_the_in_process_engine(tmp_path, demo_ttt_yaml, server_speech):
