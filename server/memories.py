@@ -4,7 +4,8 @@ The model side (`slot_memory`, in the model worker) turns a slot's fast weights 
 back; this side seals and stores them (`MemoryStore`, on a thread: never on the event loop, never on the
 step path). A conversation that asked for memory (`?memory=1`) gets a `Token` (id + 256-bit key, sent to
 the client, never stored); one that resumes (`?resume=TOKEN`) is restored from its memory and gets a new
-token for the same id (the memory is re-sealed with the new key at once: the old token stops working).
+token for the same id (the memory is re-sealed with the new key as soon as it is sent: the old token stops
+working).
 Its memory is saved every `save_every` chunks (`checkpoint`) and when it ends (`final`).
 
 Every failure of a token (malformed, unknown id, wrong key, tampered, expired, deleted, in use on this
@@ -133,6 +134,8 @@ class ConversationMemory:
         self.slot = self.conv_id = None
         self._lock = asyncio.Lock()
         self._checkpoint: asyncio.Task | None = None
+        self._next: Token | None = None  # a resume's new token, until `rotate`
+        self._data: bytes | None = None
         self.saves = 0
         memories.live.add(token.id)
 
@@ -144,23 +147,34 @@ class ConversationMemory:
         self.slot, self.conv_id = slot, conv_id
 
     async def restore(self, data: bytes) -> dict:
-        """Into the attached slot (claimed, reset, not stepped); then the memory is re-sealed with a fresh key
-        (`token` changes). Returns the restored {"frames", "telemetry"}; `MemoryOpFailed` on failure."""
+        """Into the attached slot (claimed, reset, not stepped). Returns the restored {"frames", "telemetry"};
+        `MemoryOpFailed` on failure. The new token (`message`) takes over at `rotate`."""
         t0 = time.perf_counter()
         out = await engine_call(self.engine.restore_memory, self.slot, self.conv_id, data,
                                 timeout=self.memories.cfg.timeout)
         self.resumed_frames = int(out["frames"])
         self.memories.metrics.observe_memory_restore(time.perf_counter() - t0, len(data))
-        new = Token.new(self.token.id)
+        self._next, self._data = Token.new(self.token.id), data
+        return out
+
+    async def rotate(self) -> None:
+        """Once the client was sent the new token: the memory is re-sealed with its key (the old token stops
+        working) and every later save uses it."""
+        if self._next is None:
+            return
+        self.token, data, self._next, self._data = self._next, self._data, None, None
         head = header(data)
         meta = {"frames": self.resumed_frames, "chunks": int(head["chunks"]), "compression": head["compression"]}
-        await self.memories.write(new, data, meta, "resume", time.perf_counter())
-        self.token = new
-        return out
+        try:
+            await self.memories.write(self.token, data, meta, "resume", time.perf_counter())
+        except OSError as e:
+            self.memories.metrics.inc_memory_failure("save")
+            log.warning("memory %s… re-seal with the new token failed: %s", self.token.id[:8], e)
 
     def message(self, expires: float) -> dict:
         """The 0x04 `memory` object."""
-        body = {"id": self.token.id, "token": str(self.token), "expires": round(expires, 3)}
+        token = self._next or self.token
+        body = {"id": token.id, "token": str(token), "expires": round(expires, 3)}
         if self.resumed:
             body.update(resumed=True, frames=self.resumed_frames)
         return {"memory": body}

@@ -231,6 +231,7 @@ class Session:
         self.served = True
         if self.memory is not None:
             await self.ws.send_bytes(protocol.metadata(self.memory.message(self.memories.expires())))
+            await self.memory.rotate()  # a resume: the token just sent replaces the old one
         if self.telemetry:
             await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
                                                         "slot": self.slot.index, **self.info}))
