@@ -137,6 +137,22 @@ def test_a_close_right_after_sending_loses_no_frame(mem_server, server_speech):
     assert saved.frames == n == 30 and saved.chunks == 4
 
 
+def test_an_error_ending_saves_too(mem_server, server_speech):
+    """A conversation cut by the server (here a protocol error of the client) is saved like a clean close."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 11 * FRAME], keep_open=True,
+                                     api_key=KEY)
+            await c.send_raw(b"\x07")  # no such kind
+            await c.wait_closed(10)
+            await ended(mem_server)
+            return c, n, stored(mem_server.store, c.memory()["token"])
+
+    c, n, saved = run(go())
+    assert c.errors == ["protocol error: unknown message kind 0x07"] and c.close_code == 1003, c.errors
+    assert saved.frames == n == 11
+
+
 def test_memory_flags():
     import argparse
 
