@@ -32,13 +32,15 @@ demo: $(STAMP)
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml
 
 # Scale-out on loopback: two demo instances (127.0.0.1:8998 and :8999, 4 conversations each) behind HAProxy
-# with deploy/haproxy.cfg. Open http://localhost:8990 (HAProxy stats: http://localhost:8991). Ctrl-C stops all.
+# with deploy/haproxy.cfg, both on one conversation-memory folder (MEMORY_STORE): a conversation remembered on
+# one instance resumes on either. Open http://localhost:8990 (HAProxy stats: http://localhost:8991). Ctrl-C stops all.
+MEMORY_STORE ?= $(or $(MOSHI_TTT_CACHE),$(HOME)/.cache/moshi_ttt)/memories-scaleout
 scaleout-demo: $(STAMP) sysdeps
 	@haproxy=$$(command -v haproxy || echo /usr/sbin/haproxy); \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8998 \
-	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9998 & a=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9998 --memory-store $(MEMORY_STORE) & a=$$!; \
 	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8999 \
-	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9999 & b=$$!; \
+	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9999 --memory-store $(MEMORY_STORE) & b=$$!; \
 	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
 	$$haproxy -f deploy/haproxy.cfg -db
 

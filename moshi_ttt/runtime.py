@@ -250,3 +250,25 @@ def condition_tensors(pieces: Pieces, batch_size: int, cfg_coef: float, gen: dic
         raise ValueError(f"--cfg-coef {cfg_coef}: this model has no condition fuser (CFG needs a conditioned "
                          "model); use --cfg-coef 1")
     return get_condition_tensors(pieces.info.model_type, lm, batch_size, cfg_coef)
+
+
+# -- the memory store flags (`moshi-ttt memory`, `serve`) ------------------------------------------------------
+
+def add_store_args(parser, default_dir: str | None = None, required: bool | None = None) -> None:
+    """--memory-store, --memory-ttl (days), --memory-max-bytes: shared by the commands that use a memory store.
+    `required` (default: when there is no `default_dir`)."""
+    parser.add_argument("--memory-store", default=default_dir,
+                        required=default_dir is None if required is None else required,
+                        help="where the encrypted conversation memories are: a directory, or s3://bucket/prefix "
+                             "(credentials and endpoint from the AWS environment variables, e.g. AWS_ENDPOINT_URL)")
+    parser.add_argument("--memory-ttl", type=float, default=30.0,
+                        help="days a memory lives after its last save (default 30)")
+    parser.add_argument("--memory-max-bytes", type=int, default=None,
+                        help="bound on the store's bytes; the least recently used memories are evicted first")
+
+
+def store_of(args: tp.Any):
+    """`memory_store.open_store` of the flags of `add_store_args` (days → seconds)."""
+    from moshi_ttt.models.memory_store import DAY, open_store
+
+    return open_store(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)

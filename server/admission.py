@@ -4,7 +4,10 @@
 Per address: at most `max_per_ip` open conversations; conversation starts paid from a token bucket of
 `starts_per_minute` holding `start_burst`; an address whose conversations were cut for abuse (over a
 budget, audio flood) `ban_after` times within `ban_window` seconds is refused for `ban_seconds` (a
-direct peer's connections are then aborted on accept, unparsed: `banned`).
+direct peer's connections are then aborted on accept, unparsed: `banned`). Failed memory resumes and
+deletes (a token that opens nothing) are paid from a bucket of `memory_failures_per_minute` holding
+`memory_failure_burst`: once it is empty the address's resumes and deletes are refused (429) until it
+refills, so that tokens cannot be guessed at speed.
 
 The address is the TCP peer, unless the peer is one of `trusted_proxies`: then it is the right-most
 address of `X-Forwarded-For` (all its header lines, in order: HAProxy adds its own line after the
@@ -28,6 +31,8 @@ DEFAULT_START_BURST = 10
 DEFAULT_BAN_AFTER = 3
 DEFAULT_BAN_WINDOW_S = 300.0
 DEFAULT_BAN_S = 120.0
+DEFAULT_MEMORY_FAILURES_PER_MINUTE = 6.0
+DEFAULT_MEMORY_FAILURE_BURST = 10
 MAX_TRACKED = 100_000  # addresses kept; idle ones are forgotten first
 
 
@@ -51,12 +56,14 @@ class AdmissionLimits:
     ban_window: float = DEFAULT_BAN_WINDOW_S
     ban_seconds: float = DEFAULT_BAN_S
     trusted_proxies: tuple = field(default_factory=tuple)  # ip networks
+    memory_failures_per_minute: float = DEFAULT_MEMORY_FAILURES_PER_MINUTE  # 0 = no limit
+    memory_failure_burst: int = DEFAULT_MEMORY_FAILURE_BURST
 
     def __post_init__(self) -> None:
-        for name in ("max_per_ip", "starts_per_minute", "ban_after"):
+        for name in ("max_per_ip", "starts_per_minute", "ban_after", "memory_failures_per_minute"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("start_burst",):
+        for name in ("start_burst", "memory_failure_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("ban_window", "ban_seconds"):
@@ -66,16 +73,18 @@ class AdmissionLimits:
     @classmethod
     def off(cls) -> AdmissionLimits:
         """No per-address limit at all (trusted networks, tests)."""
-        return cls(max_per_ip=0, starts_per_minute=0, ban_after=0)
+        return cls(max_per_ip=0, starts_per_minute=0, ban_after=0, memory_failures_per_minute=0)
 
 
 class _Addr:
-    __slots__ = ("open", "starts", "cuts", "banned_until", "seen")
+    __slots__ = ("open", "starts", "cuts", "banned_until", "seen", "memory_failures")
 
     def __init__(self, limits: AdmissionLimits, now: float):
         self.open = 0
         self.starts = TokenBucket(limits.starts_per_minute / 60, limits.start_burst, now) \
             if limits.starts_per_minute > 0 else None
+        self.memory_failures = TokenBucket(limits.memory_failures_per_minute / 60, limits.memory_failure_burst, now) \
+            if limits.memory_failures_per_minute > 0 else None
         self.cuts: collections.deque[float] = collections.deque()
         self.banned_until = 0.0
         self.seen = now
@@ -185,6 +194,25 @@ class Admission:
         if len(a.cuts) >= lim.ban_after:
             a.cuts.clear()
             a.banned_until = now + lim.ban_seconds
+
+    def memory_refusal(self, addr: str) -> Refusal | None:
+        """None: `addr` may try a memory resume or delete now; else its failure budget is spent."""
+        now = time.monotonic()
+        bucket = self._get(addr, now).memory_failures
+        if bucket is None or bucket.take(0, now) and bucket.tokens >= 1:
+            return None
+        lim = self.limits
+        return Refusal(429, f"address {addr}: too many failed memory resumes or deletes (at most "
+                            f"{lim.memory_failures_per_minute:g} a minute, burst {lim.memory_failure_burst})",
+                       (1 - bucket.tokens) / bucket.rate, "memory_failures")
+
+    def memory_failed(self, addr: str) -> None:
+        """A resume or delete from `addr` named no memory it could open: paid from its failure budget."""
+        now = time.monotonic()
+        bucket = self._get(addr, now).memory_failures
+        if bucket is not None:
+            bucket.take(0, now)  # refill up to now
+            bucket.tokens = max(0.0, bucket.tokens - 1)
 
     def open_count(self, addr: str) -> int:
         a = self._addrs.get(addr)

@@ -5,12 +5,17 @@ GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see
                (`admission`); through a trusted proxy also 503 + Retry-After while no slot is free or the
                model worker restarts, so that the balancer retries another instance (a direct client
                is upgraded and gets the 0x05 "server busy": a browser cannot read an HTTP refusal)
+               `?telemetry=1`, `?memory=1`, `?resume=TOKEN` (docs/protocol.md); a resume from an address whose
+               failed-token budget is spent: 429 (`admission`)
+DELETE /api/memory/{id}   with `Authorization: Bearer TOKEN`: 204 (removed), or 404 for any token that does not
+               open memory {id}; 429 over the failed-token budget (only with --memory-store)
 GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
 GET /metrics   Prometheus text (prometheus_client, see `metrics`)
 GET /          the web client (`index.html` of the static directory) and its other files
 
 Middlewares, outermost first: the connection guard (`http_guard`: header deadline, no pipelining),
-Host and Origin checks (`access`, 403), the API key (401).
+Host and Origin checks (`access`, 403), the API key (401; on /api/memory only through X-API-Key or
+?api_key=, since the Authorization header carries the memory token there).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from . import protocol
 from .access import AccessPolicy, key_matches
 from .admission import Admission, AdmissionLimits
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
+from .memories import Memories
 from .metrics import CONTENT_TYPE, Metrics
 from .session import Session, SessionConfig, peer_of
 
@@ -34,6 +40,7 @@ log = logging.getLogger("moshi_ttt.server.app")
 
 DEFAULT_STATIC = Path(__file__).resolve().parent / "static"
 PROTECTED = ("/api/chat", "/metrics")
+PROTECTED_PREFIXES = (protocol.MEMORY_PATH,)
 API_KEY_HEADER = "X-API-Key"
 API_KEY_QUERY = "api_key"
 
@@ -48,6 +55,7 @@ class AppConfig:
     access: AccessPolicy = field(default_factory=AccessPolicy)
     http: HttpLimits = field(default_factory=HttpLimits)
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    memories: Memories | None = None  # conversation memory (None: off, --memory-store not given)
 
 
 ENGINE = web.AppKey("engine", object)  # remote.WorkerEngine, or engine.Engine with --workers 0
@@ -57,9 +65,9 @@ SESSIONS = web.AppKey("sessions", set)
 ADMISSION = web.AppKey("admission", Admission)
 
 
-def _key_ok(request: web.Request, key: str) -> bool:
+def _key_ok(request: web.Request, key: str, bearer: bool = True) -> bool:
     given = request.headers.get(API_KEY_HEADER) or request.query.get(API_KEY_QUERY)
-    if given is None:
+    if given is None and bearer:
         auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
@@ -81,7 +89,8 @@ async def _access(request: web.Request, handler):
 @web.middleware
 async def _auth(request: web.Request, handler):
     cfg = request.app[CONFIG]
-    if cfg.api_key and request.path in PROTECTED and not _key_ok(request, cfg.api_key):
+    memory = request.path.startswith(PROTECTED_PREFIXES)
+    if cfg.api_key and (request.path in PROTECTED or memory) and not _key_ok(request, cfg.api_key, bearer=not memory):
         request.app[METRICS].inc_unauthorized()
         log.warning("401 for %s %s from %s: missing or wrong API key", request.method, request.path, peer_of(request))
         return web.Response(status=401, text="401: missing or wrong API key (send the X-API-Key header or the "
@@ -100,10 +109,20 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
     try:
         telemetry = protocol.telemetry_requested(request.query.get(protocol.TELEMETRY_QUERY))
+        remember = protocol.flag_requested(protocol.MEMORY_QUERY, request.query.get(protocol.MEMORY_QUERY))
     except protocol.ProtocolError as e:
         return web.Response(status=400, text=f"400: {e.reason}\n")
+    resume = request.query.get(protocol.RESUME_QUERY)
+    if (remember or resume is not None) and cfg.memories is None:
+        return web.Response(status=400, text="400: conversation memory is off on this server (no --memory-store)\n")
     engine, metrics, admission = app[ENGINE], app[METRICS], app[ADMISSION]
-    addr = admission.client_address(request.remote, ",".join(request.headers.getall("X-Forwarded-For", [])))
+    addr = _client(request)
+    if resume is not None:
+        refusal = admission.memory_refusal(addr)
+        if refusal is not None:
+            metrics.rejected_conversation(refusal.label)
+            log.warning("resume from %s refused: %s", addr, refusal.reason)
+            return _refuse(refusal.status, refusal.reason, refusal.retry_after)
     if admission.proxied(request.remote):
         if not engine.alive:
             metrics.rejected_conversation("unavailable")
@@ -122,7 +141,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         transport = request.transport
         session = Session(ws, engine, metrics, cfg.session, peer=addr, info=cfg.info,
                           telemetry=telemetry, on_claimed=lambda: app[GUARD].conversation(transport),
-                          drop_input=lambda: app[GUARD].drop_input(transport))
+                          drop_input=lambda: app[GUARD].drop_input(transport), memories=cfg.memories,
+                          remember=remember, resume=resume, on_memory_refused=lambda: admission.memory_failed(addr))
         app[SESSIONS].add(session)
         await session.run()
     finally:
@@ -130,6 +150,27 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         if session is not None:
             app[SESSIONS].discard(session)
     return ws
+
+
+def _client(request: web.Request) -> str:
+    return request.app[ADMISSION].client_address(request.remote,
+                                                 ",".join(request.headers.getall("X-Forwarded-For", [])))
+
+
+async def handle_memory_delete(request: web.Request) -> web.Response:
+    """DELETE /api/memory/{id}: the memory is removed at once if the Bearer token opens it."""
+    memories, admission = request.app[CONFIG].memories, request.app[ADMISSION]
+    addr = _client(request)
+    refusal = admission.memory_refusal(addr)
+    if refusal is not None:
+        log.warning("memory delete from %s refused: %s", addr, refusal.reason)
+        return _refuse(refusal.status, refusal.reason, refusal.retry_after)
+    auth = request.headers.get("Authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if memories is not None and await memories.delete(token, request.match_info["id"], addr):
+        return web.Response(status=204)
+    admission.memory_failed(addr)
+    return web.Response(status=404, text="404: no such memory for this token\n")
 
 
 def _refuse(status: int, reason: str, retry_after: float) -> web.Response:
@@ -158,7 +199,10 @@ async def _on_shutdown(app: web.Application) -> None:
     log.info("shutting down: ending %d conversation(s)", len(sessions))
     for s in sessions:
         s.shutdown("server shutting down")
-    deadline = asyncio.get_running_loop().time() + app[CONFIG].shutdown_grace
+    cfg = app[CONFIG]
+    # a remembered conversation's final save runs before its session ends: bounded by the memory timeout
+    grace = cfg.shutdown_grace + (cfg.memories.cfg.timeout if cfg.memories is not None else 0.0)
+    deadline = asyncio.get_running_loop().time() + grace
     while app[SESSIONS] and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
 
@@ -175,6 +219,7 @@ def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app.router.add_get("/api/chat", handle_chat)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_delete(protocol.MEMORY_PATH + "{id}", handle_memory_delete)
     static = cfg.static_dir
     if static is not None:
         static = Path(static)

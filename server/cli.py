@@ -21,14 +21,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.runtime import add_checkpoint_args
+from moshi_ttt.runtime import add_checkpoint_args, add_store_args, store_of
 from moshi_ttt.ttt.config import STATE_DTYPES
+from moshi_ttt.ttt.memory import Compression
 
 from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .agent import start_agent
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
 from .http_guard import GuardedSite, HttpLimits
+from .memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
 from .model import load
 from .remote import WorkerEngine
@@ -150,6 +152,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads for the model thread (0 = auto: cores - 1, at least 1)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    g = p.add_argument_group("conversation memory (?memory=1, ?resume=TOKEN; docs/protocol.md, docs/memory.md)")
+    add_store_args(g, required=False)
+    g.add_argument("--memory-save-every", type=int, default=DEFAULT_SAVE_EVERY,
+                   help=f"checkpoint a remembered conversation every N chunks (default {DEFAULT_SAVE_EVERY}; 0 = only "
+                        "when it ends)")
+    g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
+    g.add_argument("--memory-failures-per-minute", type=float, default=admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
+                   help="failed memory resumes + deletes an address may make per minute (default "
+                        f"{admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE:g}; 0 = no limit)")
+    g.add_argument("--memory-failure-burst", type=int, default=admission.DEFAULT_MEMORY_FAILURE_BURST,
+                   help=f"(default {admission.DEFAULT_MEMORY_FAILURE_BURST})")
+
 
 # -- serving ----------------------------------------------------------------------------------------
 
@@ -201,6 +215,20 @@ def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
+def _memory_flags(args) -> None:
+    """Checks the memory flags; `--demo` keeps its memories in the cache unless --memory-store is given."""
+    if args.memory_store is None and args.demo:
+        from moshi_ttt.models.demo import cache_dir
+
+        args.memory_store = str(Path(args.cache_dir or cache_dir()) / "memories")
+        args.memory_store_default = True
+    Compression.parse(args.memory_format)  # ValueError naming the bad value
+    if args.memory_save_every < 0:
+        raise ValueError(f"--memory-save-every must be >= 0 chunks, got {args.memory_save_every}")
+    if not args.memory_ttl > 0:
+        raise ValueError(f"--memory-ttl must be > 0 days, got {args.memory_ttl}")
+
+
 async def start(args) -> RunningServer:
     """Loads the model, starts the engine and the HTTP server; returns once it accepts connections."""
     ssl_ctx = _ssl_context(args.ssl)
@@ -220,6 +248,7 @@ async def start(args) -> RunningServer:
         raise ValueError(f"--admit-lag must be > 0 seconds, got {args.admit_lag}")
     if not 0 < args.gil_switch_ms <= 100:
         raise ValueError(f"--gil-switch-ms must be in (0, 100], got {args.gil_switch_ms}")
+    _memory_flags(args)
     api_key = resolve_api_key(args.api_key, args.api_key_file)
     access = AccessPolicy.from_flags(args.allowed_origins, args.host)
     budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
@@ -232,7 +261,9 @@ async def start(args) -> RunningServer:
         per_ip = admission.AdmissionLimits(
             max_per_ip=args.max_conversations_per_ip, starts_per_minute=args.max_starts_per_minute,
             start_burst=args.start_burst, ban_after=args.ban_after, ban_window=args.ban_window,
-            ban_seconds=args.ban_seconds, trusted_proxies=trusted)
+            ban_seconds=args.ban_seconds, trusted_proxies=trusted,
+            memory_failures_per_minute=args.memory_failures_per_minute,
+            memory_failure_burst=args.memory_failure_burst)
     if api_key is None and not is_loopback_host(args.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
@@ -244,7 +275,16 @@ async def start(args) -> RunningServer:
         engine = WorkerEngine(args, log_level=args.log_level)
         await engine.start()
         metrics, info = engine.metrics, engine.info
-    cfg = AppConfig(api_key=api_key, static_dir=static,
+    memories = None
+    if args.memory_store and engine.memory_fingerprint is not None:
+        chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
+        memories = Memories(store_of(args), engine.memory_fingerprint, metrics,
+                            MemoryConfig(save_every=args.memory_save_every, chunk_size=chunk))
+        log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", args.memory_store,
+                 args.memory_format, args.memory_save_every)
+        info = dict(info, memory={"format": args.memory_format, "save_every_chunks": args.memory_save_every,
+                                  "ttl_days": args.memory_ttl})  # /health and the 0x04 info: clients can see it
+    cfg = AppConfig(api_key=api_key, static_dir=static, memories=memories,
                     session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
                                           max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
                     info=info, access=access, http=http, admission=per_ip)

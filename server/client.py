@@ -50,10 +50,14 @@ class ChatClient:
 
     @classmethod
     async def connect(cls, http: aiohttp.ClientSession, url: str, api_key: str | None = None,
-                      handshake_timeout: float = 30.0, telemetry: bool = False) -> ChatClient:
-        """`telemetry`: ask for the 0x04 info and TTT telemetry messages (`?telemetry=1`)."""
+                      handshake_timeout: float = 30.0, telemetry: bool = False, memory: bool = False,
+                      resume: str | None = None) -> ChatClient:
+        """`telemetry`: ask for the 0x04 info and TTT telemetry messages (`?telemetry=1`); `memory`: keep the
+        conversation's memory (`?memory=1`); `resume`: continue the memory of this token (`?resume=TOKEN`)."""
         headers = {"X-API-Key": api_key} if api_key else None
-        params = {protocol.TELEMETRY_QUERY: "1"} if telemetry else None
+        params = {k: v for k, v in ((protocol.TELEMETRY_QUERY, "1" if telemetry else None),
+                                    (protocol.MEMORY_QUERY, "1" if memory else None),
+                                    (protocol.RESUME_QUERY, resume)) if v is not None} or None
         ws = await http.ws_connect(url, headers=headers, params=params, max_msg_size=0, autoping=True)
         self = cls(ws)
         try:
@@ -87,6 +91,10 @@ class ChatClient:
 
     def ttt(self) -> list[dict]:
         return [m for m in self.metadata if m.get("type") == "ttt"]
+
+    def memory(self) -> dict | None:
+        """The 0x04 `memory` object (id, token, expires; resumed, frames), once received."""
+        return next((m["memory"] for m in self.metadata if "memory" in m), None)
 
     async def _recv(self) -> None:
         try:

@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+import typing as tp
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,7 @@ class Slot:
     frames_out: int = 0
     dirty: bool = False  # stepped since the last telemetry snapshot
     ttt_seen: dict = field(default_factory=dict)  # layer → {updates, clips, skipped} already accounted
+    row_conv: int | None = None  # the conversation whose state the row holds (set by its reset; kept after release)
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Engine:
         self.step_seconds = 0.0  # wall time of all steps (benchmarks: mean step = step_seconds / steps)
         self.step_cpu_seconds = 0.0  # the worker thread's CPU time in them
         self.rows_stepped = 0  # conversation frames processed by all steps
+        self.memory = None  # slot_memory.SlotMemory when conversation memory is on (set before `start`)
+        self._deferred: list[tuple] = []  # final saves waiting for their slot's queued frames
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -118,6 +122,13 @@ class Engine:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("engine thread did not stop within %.0f s", timeout)
+        if self.memory is not None:
+            self.memory.close()
+
+    @property
+    def memory_fingerprint(self) -> str | None:
+        """The loaded model's memory fingerprint (None: conversation memory is off)."""
+        return None if self.memory is None else self.memory.fingerprint
 
     @property
     def alive(self) -> bool:
@@ -178,6 +189,29 @@ class Engine:
             self._cond.notify_all()
             self.metrics.set_active(self.active_count())
 
+    def save_memory(self, slot: Slot, conv_id: int, done, final: bool = False) -> None:
+        """Takes the conversation's memory between two steps (`slot_memory`); `final`: once the frames it
+        has queued are processed (the conversation ended: nothing heard is lost). `done(ok, payload)`."""
+        if self.memory is None:
+            done(False, "conversation memory is off")
+            return
+        with self._cond:
+            self._commands.append(("snapshot", slot.index, conv_id, (done, final)))
+            self._cond.notify_all()
+
+    def restore_memory(self, slot: Slot, conv_id: int, data: bytes, done) -> None:
+        """Puts the memory file `data` into the conversation's slot (claimed, reset, nothing stepped yet):
+        parsed and prepared off the step path, copied in between two steps. `done(ok, payload)`."""
+        if self.memory is None:
+            done(False, "conversation memory is off")
+            return
+
+        def then(prepared, header, ev) -> None:
+            with self._cond:
+                self._commands.append(("put", slot.index, conv_id, (prepared, header, ev, done)))
+                self._cond.notify_all()
+        self.memory.prepare(data, then, done)
+
     @staticmethod
     def _text_pieces(tokenizer) -> list[str | None]:
         """id → text piece ("▁" → space), None for ids that are not text (padding, control, unknown)."""
@@ -211,6 +245,8 @@ class Engine:
             # stays in it.
             with torch.inference_mode(), self.mimi.streaming(self.n), self.lm_gen.streaming(self.n):
                 self._warmup()
+                if self.memory is not None:
+                    self.memory.streaming_started()
                 self._started.set()
                 self._loop()
         except BaseException as e:  # reported to every conversation, then re-raised in start()
@@ -253,6 +289,10 @@ class Engine:
             batch = self._select()
             if batch:
                 self._step(batch)
+            if self._deferred:
+                with self._cond:
+                    self._commands.extend(self._deferred)
+                    self._deferred.clear()
             if self._telemetry_due():
                 self._periodic_telemetry()
 
@@ -270,8 +310,11 @@ class Engine:
             return None
         return max(0.001, self._last_telemetry + iv - time.monotonic())
 
-    def _command(self, kind: str, index: int, conv_id: int) -> None:
+    def _command(self, kind: str, index: int, conv_id: int, extra: tp.Any = None) -> None:
         slot = self.slots[index]
+        if kind in ("snapshot", "put"):
+            self._memory_command(kind, slot, conv_id, extra)
+            return
         if kind == "release":
             # Account the conversation's last TTT counters (the row is untouched until the next reset);
             # telemetry is not cheap on a large model, so only if it advanced since the last snapshot.
@@ -300,12 +343,50 @@ class Engine:
             return
         slot.ttt_seen = {}
         slot.dirty = False
+        slot.row_conv = conv_id
+        if self.memory is not None:
+            self.memory.forget(index)
         tele = self._slot_telemetry(rows, index) if rows is not None else {}
         with self._cond:
             if slot.conv_id != conv_id:
                 return
             slot.ready = True
         self._emit(slot, conv_id, Event("ready", telemetry=tele, frame=0))
+
+    def _memory_command(self, kind: str, slot: Slot, conv_id: int, extra: tuple) -> None:
+        done = extra[0] if kind == "snapshot" else extra[3]
+        if slot.row_conv != conv_id:  # its row was reset for another conversation, or never was its own
+            done(False, f"slot {slot.index} no longer holds conversation {conv_id}")
+            return
+        try:
+            if kind == "snapshot":
+                with self._cond:
+                    waiting = slot.conv_id == conv_id and bool(slot.inbox)
+                if extra[1] and waiting:
+                    self._deferred.append(("snapshot", slot.index, conv_id, extra))
+                    return
+                t0 = time.perf_counter()
+                self.memory.take(slot.index, done)
+                self.metrics.observe_memory_pause(time.perf_counter() - t0)
+                return
+            prepared, header, ev, _ = extra
+            with self._cond:
+                live = slot.conv_id == conv_id and slot.frames_in == 0
+            if not live:
+                done(False, f"slot {slot.index}: conversation {conv_id} ended or stepped before its restore")
+                return
+            t0 = time.perf_counter()
+            self.memory.put(slot.index, prepared, header, ev)
+            rows = self._telemetry_rows() if self.ttt_layers else {}  # the restored drift, for the first 0x04
+            tele = self._slot_telemetry(rows, slot.index) if rows else {}
+            self.metrics.observe_memory_pause(time.perf_counter() - t0)
+            slot.ttt_seen = {layer: {k: e[k] for k in ("updates", "clips", "skipped")} for layer, e in tele.items()}
+            slot.dirty = False
+        except Exception as e:  # noqa: BLE001 — this conversation's memory fails, the others go on
+            log.exception("slot %d: memory %s failed", slot.index, kind)
+            done(False, f"{type(e).__name__}: {e}")
+            return
+        done(True, {"frames": header.frames, "telemetry": tele})
 
     def _select(self) -> list[tuple[Slot, int, np.ndarray, float, bool]]:
         """Pops one frame from each ready slot, after waiting (bounded) for the streaming ones."""

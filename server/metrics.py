@@ -19,6 +19,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 TRANSPORT_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+MEMORY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
 TTT_COUNTERS = {"updates": "Fast-weight updates applied (completed chunks).",
                 "clips": "Fast-weight deltas clipped to clip_norm.",
@@ -85,6 +86,27 @@ class Metrics:
                             ["layer", "slot"], registry=reg)
         self._drift_keys: set[tuple[str, str]] = set()
         self.ttt_layers: list[str] = []
+        self._mem_saves = Counter(name("memory_saves_total"), "Conversation memories saved, by trigger (checkpoint: "
+                                  "every --memory-save-every chunks; end: the conversation ended; resume: re-sealed "
+                                  "with the new token).", ["trigger"], registry=reg)
+        self._mem_restores = Counter(name("memory_restores_total"), "Conversations resumed from their memory.",
+                                     registry=reg)
+        self._mem_deletes = Counter(name("memory_deletes_total"), "Memories deleted by their client.", registry=reg)
+        self._mem_bytes = Counter(name("memory_bytes_total"), "Memory file bytes (before sealing) saved, read "
+                                  "and restored.", ["direction"], registry=reg)
+        self._mem_failures = Counter(name("memory_failures_total"), "Memory resumes or deletes refused, and saves "
+                                     "failed, by cause (the client always sees the same refusal).", ["cause"],
+                                     registry=reg)
+        self._mem_save_s = Histogram(name("memory_save_seconds"), "One save: the slot's state taken between two "
+                                     "steps to the sealed file written.", buckets=MEMORY_BUCKETS, registry=reg)
+        self._mem_restore_s = Histogram(name("memory_restore_seconds"), "One restore: the memory file bytes to "
+                                        "the state in the slot (parse, prepare, copy between two steps).",
+                                        buckets=MEMORY_BUCKETS, registry=reg)
+        self._mem_pause = Histogram(name("memory_step_pause_seconds"), "Time the model thread spent between two "
+                                    "steps on one memory copy (a save's device clones, a restore's copy in).",
+                                    buckets=TRANSPORT_BUCKETS, registry=reg)
+        self._mem_read_s = Histogram(name("memory_read_seconds"), "Reading and unsealing one memory.",
+                                     buckets=MEMORY_BUCKETS, registry=reg)
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -148,6 +170,30 @@ class Metrics:
             for key in [k for k in self._drift_keys if k[1] == str(slot)]:
                 self._drift_keys.discard(key)
                 self._drift.remove(*key)
+
+    def observe_memory_save(self, trigger: str, seconds: float, nbytes: int) -> None:
+        self._mem_saves.labels(trigger=trigger).inc()
+        self._mem_bytes.labels(direction="saved").inc(nbytes)
+        if trigger != "resume":
+            self._mem_save_s.observe(seconds)
+
+    def observe_memory_read(self, seconds: float, nbytes: int) -> None:
+        self._mem_read_s.observe(seconds)
+        self._mem_bytes.labels(direction="read").inc(nbytes)
+
+    def observe_memory_restore(self, seconds: float, nbytes: int) -> None:
+        self._mem_restores.inc()
+        self._mem_restore_s.observe(seconds)
+        self._mem_bytes.labels(direction="restored").inc(nbytes)
+
+    def observe_memory_pause(self, seconds: float) -> None:
+        self._mem_pause.observe(seconds)
+
+    def inc_memory_failure(self, cause: str) -> None:
+        self._mem_failures.labels(cause=cause).inc()
+
+    def inc_memory_deleted(self) -> None:
+        self._mem_deletes.inc()
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -62,6 +62,17 @@ def load(args, metrics: tp.Any = None) -> Loaded:
                                  fail_step=getattr(args, "fail_step", 0)),
                     metrics=metrics, lm_gen_kwargs=gen, cfg_coef=args.cfg_coef,
                     condition_tensors=condition_tensors or None, device=device)
+    if getattr(args, "memory_store", None):
+        from .slot_memory import SlotMemory
+
+        why = (f"--cfg-coef {args.cfg_coef} (a memory holds one row: needs 1)" if args.cfg_coef != 1.0 else
+               "a model without TTT layers (a memory is its fast weights)" if not lm.ttt_layer_indices else None)
+        if why is not None and not getattr(args, "memory_store_default", False):
+            raise ValueError(f"--memory-store: conversation memory is not possible with {why}")
+        if why is None:
+            engine.memory = SlotMemory(lm, args.memory_format)
+        else:
+            log.info("conversation memory off: %s", why)
     engine.start()
     model_info = {
         "model": model_name, "demo": bool(args.demo), "device": str(device), "dtype": str(dtype).replace("torch.", ""),

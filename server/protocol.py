@@ -6,7 +6,9 @@ JSON), 0x05 error (UTF-8 reason, sent before any server-side close), 0x06 ping.
 
 By default the server sends only what moshi's own server sends (`DEFAULT_SERVER_KINDS`): Kyutai's web
 client rejects our 0x04 messages as malformed metadata. A client that connects with `?telemetry=1` also
-gets 0x04: one "info" message (model, TTT layers) after the handshake and the TTT telemetry.
+gets 0x04: one "info" message (model, TTT layers) after the handshake and the TTT telemetry. A client that
+connects with `?memory=1` or `?resume=TOKEN` (conversation memory, `memories`) has opted into 0x04 too: one
+`{"memory": ...}` message after the handshake. The whole protocol: docs/protocol.md.
 
 `parse` validates one client message and raises `ProtocolError` (with a reason fit for a 0x05 and a
 log line) for what the server cannot accept; the encoders build server messages.
@@ -34,15 +36,25 @@ class Kind(enum.IntEnum):
 
 DEFAULT_SERVER_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO, Kind.TEXT, Kind.ERROR})
 TELEMETRY_QUERY = "telemetry"  # ?telemetry=1: also send the 0x04 info and TTT telemetry messages
+MEMORY_QUERY = "memory"  # ?memory=1: keep the conversation's memory; a 0x04 {"memory": {id, token, expires}}
+RESUME_QUERY = "resume"  # ?resume=TOKEN: continue a remembered conversation
+MEMORY_PATH = "/api/memory/"  # DELETE /api/memory/{id} with "Authorization: Bearer TOKEN"
+# The one 0x05 refusal of a resume token, whatever the cause (unknown, wrong key, tampered, expired, deleted)
+MEMORY_UNAVAILABLE = "memory not available: this resume token does not open a memory on this server"
 
 
-def telemetry_requested(value: str | None) -> bool:
-    """The `telemetry` query parameter: absent or "0" ⇒ False, "1" ⇒ True, anything else is refused."""
+def flag_requested(name: str, value: str | None) -> bool:
+    """A 0/1 query parameter: absent or "0" ⇒ False, "1" ⇒ True, anything else is refused."""
     if value is None or value == "0":
         return False
     if value == "1":
         return True
-    raise ProtocolError(f"query parameter {TELEMETRY_QUERY}={value!r}: expected 0 or 1", 1008)
+    raise ProtocolError(f"query parameter {name}={value!r}: expected 0 or 1", 1008)
+
+
+def telemetry_requested(value: str | None) -> bool:
+    """The `telemetry` query parameter (`flag_requested`)."""
+    return flag_requested(TELEMETRY_QUERY, value)
 
 
 class ProtocolError(ValueError):

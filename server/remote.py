@@ -107,6 +107,9 @@ class WorkerEngine:
         self._fatal: BaseException | None = None  # why the worker being started failed
         self._stats_base = (0, 0.0, 0.0, 0)  # counters of the workers that died (the totals keep growing)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.memory_fingerprint: str | None = None
+        self._next_req = 1
+        self._pending: dict[int, tp.Callable[[bool, tp.Any], None]] = {}  # memory requests awaiting their reply
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -127,7 +130,9 @@ class WorkerEngine:
         except asyncio.TimeoutError:
             proc.process.kill()
             raise RuntimeError(f"model worker did not start within {self.start_timeout:.0f} s") from None
-        self.info = {k: v for k, v in info.items() if k not in ("pieces", "frame_size", "frame_seconds")}
+        self.info = {k: v for k, v in info.items()
+                     if k not in ("pieces", "frame_size", "frame_seconds", "memory_fingerprint")}
+        self.memory_fingerprint = info.get("memory_fingerprint")
         self.frame_size, self.sample_rate = int(info["frame_size"]), int(info["sample_rate"])
         self.frame_seconds, self.pieces = float(info["frame_seconds"]), list(info["pieces"])
         if self.metrics is None:
@@ -151,6 +156,7 @@ class WorkerEngine:
         proc = self._proc
         if proc is None:
             return
+        self._fail_pending("the engine is stopping")
         with contextlib.suppress(OSError, ValueError):
             proc.ctrl.send(("stop",))
         deadline = time.monotonic() + timeout
@@ -214,6 +220,32 @@ class WorkerEngine:
                 self._proc.ctrl.send(("release", slot.index, conv_id))
         if self.metrics is not None:
             self.metrics.set_active(self.active_count())
+
+    def save_memory(self, slot: RemoteSlot, conv_id: int, done, final: bool = False) -> None:
+        """As `Engine.save_memory`, in the worker; `done` runs on the event loop thread."""
+        self._request(("snapshot", slot.index, conv_id, final), done)
+
+    def restore_memory(self, slot: RemoteSlot, conv_id: int, data: bytes, done) -> None:
+        """As `Engine.restore_memory`, in the worker; `done` runs on the event loop thread."""
+        self._request(("restore", slot.index, conv_id, data), done)
+
+    def _request(self, msg: tuple, done) -> None:
+        if not self.alive:
+            done(False, "the model worker is restarting")
+            return
+        req = self._next_req
+        self._next_req += 1
+        self._pending[req] = done
+        try:
+            self._proc.ctrl.send((msg[0], req, *msg[1:]))
+        except (OSError, ValueError):
+            self._pending.pop(req, None)
+            done(False, "the model worker is restarting")
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        for done in pending.values():
+            done(False, why)
 
     def active_count(self) -> int:
         return sum(s.conv_id is not None for s in self.slots)
@@ -287,7 +319,12 @@ class WorkerEngine:
             self._fatal = err(message) if user_error else RuntimeError(f"model worker failed: {reason}")
             return
         if kind == "reply":
-            log.warning("unexpected reply %r from the model worker", msg[1:3])
+            _, req, ok, payload = msg
+            done = self._pending.pop(req, None)
+            if done is None:
+                log.warning("unexpected reply %r from the model worker", msg[1:3])
+            else:
+                done(ok, payload)
             return
         index, conv = msg[1], msg[2]
         slot = self.slots[index]
@@ -319,6 +356,7 @@ class WorkerEngine:
         log.error("model worker pid %d died (exit code %s) after %.1f s: ending %d conversation(s), restarting",
                   proc.process.pid, code, lived, self.active_count())
         self._stats_base = (self.steps, self.step_seconds, self.step_cpu_seconds, self.rows_stepped)
+        self._fail_pending(WORKER_RESTARTED)
         for slot in self.slots:
             sink = slot.sink
             slot.conv_id, slot.sink, slot.ready = None, None, False

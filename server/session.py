@@ -3,12 +3,17 @@
 recv: client messages → charged to the connection's budget (`limits`) → validated (`protocol.parse`)
       → Ogg Opus decoded to PCM → 1920-sample frames pushed to the engine slot.
 send: engine events → PCM encoded to Ogg Opus (0x01), text pieces (0x02), and only with `telemetry`
-      (`?telemetry=1`) the info message and the TTT telemetry (0x04).
+      (`?telemetry=1`) the info message and the TTT telemetry (0x04); with conversation memory
+      (`?memory=1`, `?resume=TOKEN`, see `memories`) one 0x04 {"memory": ...} after the handshake, and a
+      checkpoint of the memory every `--memory-save-every` chunks.
 watchdog: idle timeout (no audio for `idle_timeout` s once the audio received so far is processed)
           and server shutdown.
 
 Whichever of the three finishes first ends the conversation; a server-side end sends 0x05 with the
-reason and then closes the websocket; the slot is released in every case (`finally`). A client that
+reason and then closes the websocket; the slot is released in every case (`finally`), after the final
+save of a remembered conversation (however it ended, bounded by the memory timeout). A resume is read
+and unsealed before a slot is claimed, restored into the slot after its reset, and only then is the
+handshake sent. A client that
 broke a budget, or that was refused (busy, overloaded), is not waited for: its connection is closed
 right after the close frame, so it cannot keep the event loop busy during a close handshake.
 
@@ -33,9 +38,12 @@ import numpy as np
 import sphn
 from aiohttp import web
 
+from moshi_ttt.models.memory_store import MemoryUnavailable, Token
+
 from . import protocol
-from .events import EngineClosed, Event
+from .events import WORKER_RESTARTED, EngineClosed, Event
 from .limits import Budget, ConnectionBudget
+from .memories import ConversationMemory, Memories, MemoryOpFailed
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.session")
@@ -66,7 +74,9 @@ class End:
 class Session:
     def __init__(self, ws: web.WebSocketResponse, engine: tp.Any, metrics: Metrics, cfg: SessionConfig,
                  peer: str = "?", info: dict | None = None, telemetry: bool = False,
-                 on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None):
+                 on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None,
+                 memories: Memories | None = None, remember: bool = False, resume: str | None = None,
+                 on_memory_refused: tp.Callable[[], None] | None = None):
         self.ws = ws
         self.engine = engine
         self.metrics = metrics
@@ -89,6 +99,13 @@ class Session:
         self._shutdown: asyncio.Future[str] = self.loop.create_future()
         self.started = time.monotonic()
         self.end: End | None = None  # how the conversation ended (None: refused, or still running)
+        self.memories = memories
+        self.remember = remember or resume is not None
+        self.resume = resume
+        self.on_memory_refused = on_memory_refused
+        self.memory: ConversationMemory | None = None
+        self._resume_data: bytes | None = None
+        self.served = False  # the handshake was sent
 
     @property
     def abusive(self) -> bool:
@@ -105,6 +122,33 @@ class Session:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self.memory is not None:
+                self.memory.forget()
+
+    async def _open_memory(self) -> bool:
+        """The conversation's memory: a new token, or the resumed one read and unsealed (off the event loop).
+        False: the resume was refused (the one 0x05 text; the cause is logged)."""
+        if self.resume is None:
+            self.memory = ConversationMemory(self.memories, self.engine, Token.new())
+            return True
+        try:
+            token, self._resume_data = await self.memories.open(self.resume)
+        except MemoryUnavailable as e:
+            self.memories.refused(e, self.peer, "resume")
+            if self.on_memory_refused is not None:
+                self.on_memory_refused()
+            await self._end_with_error(protocol.MEMORY_UNAVAILABLE, aiohttp.WSCloseCode.POLICY_VIOLATION,
+                                       wait=self.cfg.refused_close_wait)
+            return False
+        self.memory = ConversationMemory(self.memories, self.engine, token)
+        return True
+
+    async def _run(self) -> None:
+        if self.remember and not await self._open_memory():
+            return
         behind = self.metrics.behind_real_time()
         if behind is not None and self.engine.oldest_wait() > self.cfg.admit_lag:
             self.metrics.rejected_conversation("overloaded")
@@ -126,6 +170,8 @@ class Session:
                                        wait=self.cfg.refused_close_wait)
             return
         self.slot, self.conv_id = claimed
+        if self.memory is not None:
+            self.memory.attach(self.slot, self.conv_id)
         if self.on_claimed is not None:
             self.on_claimed()
         self.metrics.conversation_started()
@@ -142,6 +188,11 @@ class Session:
             log.exception("%s: unexpected error", tag)
             end = End(error=f"internal error: {type(e).__name__}", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         finally:
+            if self.memory is not None and self.served and end.error != WORKER_RESTARTED:
+                try:  # every frame heard, before the slot is released (bounded by the memory timeout)
+                    await asyncio.shield(self.memory.finish())
+                except (Exception, asyncio.CancelledError):
+                    log.exception("%s: final memory save failed", tag)
             self.engine.release(self.slot, self.conv_id)
             self.end = end
             dur = time.monotonic() - self.started
@@ -166,7 +217,21 @@ class Session:
         if ev.kind == "error":
             return End(error=ev.reason, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
         assert ev.kind == "ready", ev.kind
+        if self._resume_data is not None:
+            try:
+                out = await self.memory.restore(self._resume_data)
+            except (MemoryOpFailed, OSError, MemoryUnavailable) as e:
+                self.memories.refused(MemoryUnavailable(f"restore failed: {e}"), self.peer, "resume")
+                return End(error=protocol.MEMORY_UNAVAILABLE, code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+            self._resume_data = None
+            ev = Event("telemetry", telemetry=out["telemetry"], frame=0)
+            log.info("%s resumed memory %s… (%d frames heard before)", tag, self.memory.token.id[:8],
+                     self.memory.resumed_frames)
         await self.ws.send_bytes(protocol.handshake())
+        self.served = True
+        if self.memory is not None:
+            await self.ws.send_bytes(protocol.metadata(self.memory.message(self.memories.expires())))
+            await self.memory.rotate()  # a resume: the token just sent replaces the old one
         if self.telemetry:
             await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
                                                         "slot": self.slot.index, **self.info}))
@@ -258,6 +323,8 @@ class Session:
             if ev.kind == "frame":
                 ogg = writer.append_pcm(ev.pcm)
                 self.frames_out += 1
+                if self.memory is not None:
+                    self.memory.frames_processed(self.frames_out)
                 self.last_output = time.monotonic()
                 if len(ogg):
                     await self.ws.send_bytes(protocol.audio(bytes(ogg)))

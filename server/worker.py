@@ -9,8 +9,8 @@ duplex `multiprocessing` pipe:
 web → worker   ("attach", rings spec)          once, after "started"
                ("claim", slot, conv)            reset the row for a new conversation → "ready"
                ("release", slot, conv)
-               ("snapshot", req, slot, conv)    reserved for conversation memory: reply ("reply", req, ok,
-               ("restore", req, slot, conv, state)   payload); answered "unsupported" for now
+               ("snapshot", req, slot, conv, final)   conversation memory (`slot_memory`): the memory file
+               ("restore", req, slot, conv, data)     bytes out / in; each answered ("reply", req, ok, payload)
                ("stop",)                        clean exit, code 0
 worker → web   ("started", info)                model loaded and warm: info = model description + "frame_size",
                                                 "sample_rate", "frame_seconds", "pieces" (text id → piece)
@@ -46,7 +46,8 @@ class MetricsRelay:
     """Stands in for `Metrics` in the worker: the engine's calls are queued and replayed by the web
     process (`Metrics` and its Prometheus registry live there)."""
 
-    FORWARDED = ("observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift", "clear_drift")
+    FORWARDED = ("observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift", "clear_drift",
+                 "observe_memory_pause")
 
     def __init__(self):
         self._ops: list[tuple] = []
@@ -73,6 +74,9 @@ class MetricsRelay:
 
     def clear_drift(self, *a) -> None:
         self._record("clear_drift", *a)
+
+    def observe_memory_pause(self, *a) -> None:
+        self._record("observe_memory_pause", *a)
 
     def set_active(self, n: int) -> None:  # the web process counts its slots itself
         pass
@@ -190,10 +194,23 @@ class _Bridge:
         elif kind == "release":
             _, index, conv = msg
             self.engine.release(self.engine.slots[index], conv)
-        elif kind in ("snapshot", "restore"):
-            self.send(("reply", msg[1], False, f"{kind} is not supported by this worker"))
+        elif kind == "snapshot":
+            _, req, index, conv, final = msg
+            self._move_inputs()  # frames written before the request are the conversation's
+            self.engine.save_memory(self.engine.slots[index], conv, self._replier(req), final)
+        elif kind == "restore":
+            _, req, index, conv, data = msg
+            self.engine.restore_memory(self.engine.slots[index], conv, data, self._replier(req))
         else:
             log.warning("unknown control message %r", kind)
+
+    def _replier(self, req: int):
+        def reply(ok: bool, payload) -> None:  # the engine or memory thread
+            try:
+                self.send(("reply", req, ok, payload))
+            except (OSError, ValueError):  # the web process is gone
+                pass
+        return reply
 
     def _move_inputs(self) -> None:
         if self.rings is None:
@@ -256,6 +273,7 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
             sys.exit(1)
     engine = loaded.engine
     info = dict(loaded.info, frame_size=engine.frame_size, sample_rate=engine.sample_rate,
+                memory_fingerprint=engine.memory_fingerprint,
                 frame_seconds=engine.frame_seconds, pieces=engine._pieces)
     bridge = _Bridge(engine, ctrl, wake_in, wake_out, relay, send)
     bridge.send(("started", info))

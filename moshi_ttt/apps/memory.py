@@ -8,23 +8,8 @@ import argparse
 import json
 import time
 
-from moshi_ttt.models.memory_store import DAY, MemoryStore, MemoryUnavailable, open_store
-
-
-def add_store_args(parser: argparse.ArgumentParser, default_dir: str | None = None) -> None:
-    """--memory-store, --memory-ttl (days), --memory-max-bytes: shared with the commands that save memory."""
-    parser.add_argument("--memory-store", default=default_dir, required=default_dir is None,
-                        help="where the encrypted memories are: a directory, or s3://bucket/prefix (credentials "
-                             "and endpoint from the AWS environment variables, e.g. AWS_ENDPOINT_URL)")
-    parser.add_argument("--memory-ttl", type=float, default=30.0,
-                        help="days a memory lives after its last save (default 30)")
-    parser.add_argument("--memory-max-bytes", type=int, default=None,
-                        help="bound on the store's bytes; the least recently used memories are evicted first")
-
-
-def store_of(args: argparse.Namespace) -> MemoryStore:
-    """`open_store` of the --memory-store arguments."""
-    return open_store(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)
+from moshi_ttt.models.memory_store import MemoryUnavailable
+from moshi_ttt.runtime import add_store_args, store_of
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ Checked: two conversations land on different instances; a third is refused with 
 queue timeout; SIGTERM on an instance ends its conversation with a 0x05 and a new conversation is served
 by the survivor within 3 s; the restarted instance takes traffic again; SIGKILL (a crash) closes its
 conversation and the survivor serves the next one within 3 s. The figures are printed (`pytest -s`).
+Conversation memory (both instances on one `--memory-store` folder): a conversation remembered on one
+instance resumes through HAProxy on the other, with the fast weights the first one saved.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from moshi_ttt.server.client import ChatClient
+from moshi_ttt.server.client import FRAME, ChatClient
 
 from moshi_ttt.testing.launcher import ServeProcess
+from moshi_ttt.testing.memory import drifts, remember, resume, telemetry_drifts, wait_stored
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
@@ -59,10 +62,10 @@ def render_config(text: str, front: int, stats: int, a: int, b: int, slots: int)
 class Instance(ServeProcess):
     """One `moshi-ttt serve --demo` subprocess on a fixed port (one slot, one thread), restartable."""
 
-    def __init__(self, port: int, workdir: Path):
+    def __init__(self, port: int, workdir: Path, *extra: str):
         super().__init__(workdir, ["--max-conversations", "1", "--idle-timeout", "60", "--log-level", "warning",
-                                   "--threads", "1"], host="127.0.0.1", port=port, omp_threads=1,
-                         log_path=workdir / f"serve-{port}.log")
+                                   "--threads", "1", "--memory-store", str(workdir / "memories"), *extra],
+                         host="127.0.0.1", port=port, omp_threads=1, log_path=workdir / f"serve-{port}.log")
         self.fixed_port = port
 
     def active(self) -> int | None:
@@ -94,9 +97,10 @@ async def wait_until(pred, timeout: float, what: str, step: float = 0.05) -> flo
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, request):
     ports = {k: _free_port() for k in ("front", "stats", "a", "b")}
-    inst = {k: Instance(ports[k], tmp_path) for k in ("a", "b")}
+    extra = getattr(request, "param", ())
+    inst = {k: Instance(ports[k], tmp_path, *extra) for k in ("a", "b")}
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(render_config(SHIPPED.read_text(), ports["front"], ports["stats"], ports["a"], ports["b"], 1))
     check = subprocess.run([HAPROXY, "-c", "-f", str(cfg)], capture_output=True, text=True)
@@ -223,6 +227,48 @@ def test_two_instances_behind_haproxy(cluster, server_speech):
         raise
     finally:
         print("scale-out figures:", {k: round(v, 2) for k, v in figures.items()})
+
+
+@pytest.mark.haproxy
+@pytest.mark.parametrize("cluster", [("--temp", "0", "--temp-text", "0", "--telemetry-interval", "0.3")],
+                         indirect=True)
+def test_resume_lands_on_the_other_instance(cluster, server_speech, tmp_path):
+    """Remembered on one instance, disconnected, resumed through HAProxy while that instance is full: the
+    other one restores exactly what the first saved (telemetry drift = the file's, read with the token)."""
+    inst, ports, proxy = cluster
+    url = f"ws://127.0.0.1:{ports['front']}/api/chat"
+
+    async def scenario():
+        await wait_until(lambda: stats_status(ports["stats"]) == {"a": "UP", "b": "UP"}, 15, "both servers UP")
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, url, server_speech["b"][: 21 * FRAME], keep_open=True,
+                                     handshake_timeout=20)
+            saver = await _served_by(inst, set())
+            await c.close()
+            await wait_until(lambda: inst[saver].active() == 0, 10, "the saver's slot to be freed")
+            saved = await wait_stored(tmp_path / "memories", c.memory()["token"], n)
+            # one plain conversation on each instance, then the one on the other instance ends: only the
+            # saver is full when the resume comes
+            f1 = await ChatClient.connect(http, url, handshake_timeout=20)
+            s1 = await _served_by(inst, set())
+            f2 = await ChatClient.connect(http, url, handshake_timeout=20)
+            s2 = await _served_by(inst, {s1})
+            other = next(k for k in inst if k != saver)
+            await (f1 if s1 == other else f2).close()
+            await wait_until(lambda: inst[other].active() == 0, 10, "the other instance's slot to be freed")
+            c2 = await resume(http, url, c.memory()["token"], handshake_timeout=20)
+            landed = {k for k, i in inst.items() if i.active() == 1}
+            await c2.close()
+            await (f2 if s1 == other else f1).close()
+            return n, saved, c2, landed, saver, other, {s1, s2}
+
+    n, saved, c2, landed, saver, other, fillers = asyncio.run(scenario())
+    assert fillers == {"a", "b"} and landed == {"a", "b"}  # the resume took the other instance's free slot
+    assert saved.frames == n == 21 and saver != other
+    r, first = c2.memory(), c2.ttt()[0]
+    assert r["resumed"] is True and r["frames"] == n
+    for layer, d in drifts(saved).items():
+        assert telemetry_drifts(first)[layer] == pytest.approx(d, rel=1e-5), (layer, first, d)
 
 
 def test_render_config_checks_the_shipped_shape():

@@ -34,6 +34,29 @@ def test_forwarded_for_is_read_only_from_trusted_proxies():
         parse_networks(["nope"])
 
 
+def test_memory_failure_budget_per_address(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("moshi_ttt.server.admission.time.monotonic", lambda: clock[0])
+    a = Admission(limits(memory_failures_per_minute=6, memory_failure_burst=3))
+    for _ in range(3):  # a successful attempt costs nothing; each failure one token of the burst
+        assert a.memory_refusal("1.1.1.1") is None
+        a.memory_failed("1.1.1.1")
+    r = a.memory_refusal("1.1.1.1")
+    assert r is not None and r.status == 429 and r.label == "memory_failures" and r.retry_after == pytest.approx(10)
+    assert "too many failed memory resumes or deletes (at most 6 a minute, burst 3)" in r.reason
+    assert a.memory_refusal("2.2.2.2") is None  # another address has its own budget
+    clock[0] += 10.0  # 6 a minute: one attempt back every 10 s
+    assert a.memory_refusal("1.1.1.1") is None
+    a.memory_failed("1.1.1.1")
+    assert a.memory_refusal("1.1.1.1") is not None
+    off = Admission(AdmissionLimits.off())
+    for _ in range(100):
+        off.memory_failed("1.1.1.1")
+    assert off.memory_refusal("1.1.1.1") is None
+    with pytest.raises(ValueError, match="memory_failure_burst must be >= 1, got 0"):
+        AdmissionLimits(memory_failure_burst=0)
+
+
 def test_open_conversations_per_address():
     a = Admission(limits())
     assert a.refusal("1.1.1.1") is None and a.refusal("1.1.1.1") is None

@@ -1,0 +1,310 @@
+"""Conversation memory over the websocket (`?memory=1`, `?resume=TOKEN`, `DELETE /api/memory/{id}`).
+
+One in-process server: the tiny demo TTT-Moshi (chunk 8, `ntp` TTT: the fast weights move), 2 slots, greedy,
+an API key, a checkpoint every chunk, the per-address memory failure budget at 12 a minute (burst 12).
+What the store holds is read back with the client's token (`moshi_ttt.testing.memory.stored`).
+"""
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import pytest
+from moshi_ttt.server import protocol
+from moshi_ttt.server.app import SESSIONS
+from moshi_ttt.server.cli import BackgroundServer
+from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+
+from moshi_ttt.models.memory_store import MemoryUnavailable, Token
+from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts
+from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+
+KEY = "memory-test-key"
+CHUNK = 8
+BURST = 12
+
+
+@pytest.fixture(scope="module")
+def mem_server(tmp_path_factory, demo_ttt_yaml):
+    d = tmp_path_factory.mktemp("memory_server")
+    srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(d / "cache"), "--max-conversations", "2",
+                            "--temp", "0", "--temp-text", "0", "--ttt-config", str(demo_ttt_yaml(chunk_size=CHUNK)),
+                            "--idle-timeout", "30", "--telemetry-interval", "0.3", "--api-key", KEY,
+                            "--memory-store", str(d / "store"), "--memory-save-every", "1",
+                            "--max-conversations-per-ip", "0", "--max-starts-per-minute", "0",
+                            "--memory-failures-per-minute", str(BURST), "--memory-failure-burst", str(BURST)])
+    srv.store = d / "store"
+    yield srv
+    srv.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def ended(srv) -> None:
+    """Until the server's sessions are over (their final saves done)."""
+    await wait_active(srv, 0, timeout=10)
+    for _ in range(200):
+        if not srv.server.runner.app[SESSIONS]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("sessions still running")
+
+
+async def metrics(http, srv) -> dict:
+    async with http.get(f"{srv.url}/metrics", headers={"X-API-Key": KEY}) as r:
+        return parse_prometheus(await r.text())
+
+
+def test_remember_disconnect_resume(mem_server, server_speech):
+    pcm = server_speech["a"][: 45 * FRAME]  # 45 frames: 5 chunks of 8 and a short last chunk of 5
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, final = await remember(http, mem_server.ws_url, pcm, api_key=KEY)
+            await ended(mem_server)
+            c2 = await resume(http, mem_server.ws_url, c.memory()["token"], api_key=KEY)
+            first = c2.ttt()[0]
+            mid = stored(mem_server.store, c2.memory()["token"])
+            n2 = await c2.send_pcm(server_speech["b"][: 16 * FRAME])
+            await c2.wait_output_frames(n2, timeout=60)
+            await c2.close()
+            await ended(mem_server)
+            return c, n, final, c2, first, mid, n2, await metrics(http, mem_server)
+
+    c, n, final, c2, first, mid, n2, fams = run(go())
+    m = c.memory()
+    # the memory message is the first message after the handshake; the token names the id; 30 days
+    assert c.kinds[:2] == [protocol.Kind.HANDSHAKE, protocol.Kind.METADATA] and c.metadata[0] == {"memory": m}
+    assert m["token"].startswith(m["id"] + ".") and len(m["id"]) == 32
+    assert m["expires"] == pytest.approx(time.time() + 30 * 86400, abs=120)
+    # the saved memory covers every frame heard: the short last chunk is folded (6 updates, not 5)
+    r = c2.memory()
+    assert r["resumed"] is True and r["frames"] == n == 45 and r["id"] == m["id"] and r["token"] != m["token"]
+    assert mid.frames == 45 and mid.chunks == 6 and all(lm.counters["updates"] == 6 for lm in mid.layers.values())
+    # the resumed conversation starts at the saved fast weights: its first telemetry is the saved drift
+    assert first["frames"] == 0 and all(v["updates"] == 6 for v in first["layers"].values()), first
+    for layer, d in drifts(mid).items():
+        assert telemetry_drifts(first)[layer] == pytest.approx(d, rel=1e-5), (layer, first, d)
+        assert telemetry_drifts(final)[layer] != pytest.approx(d, rel=1e-5)  # the 5 frames of the short chunk
+    # the old token stops working (the memory was re-sealed with the new key at once)
+    with pytest.raises(MemoryUnavailable):
+        stored(mem_server.store, m["token"])
+    # the resumed conversation is saved under the same id: frames add up
+    end = stored(mem_server.store, r["token"])
+    assert end.frames == 45 + n2 and end.chunks == 6 + 2
+    assert end.created == pytest.approx(mid.created)
+    # the metrics: saves by trigger, restores, bytes, save and restore seconds
+    saves = {lb["trigger"]: v for lb, v in fams["moshi_ttt_memory_saves_total"]}
+    assert saves.get("end", 0) >= 2 and saves.get("checkpoint", 0) >= 5 and saves.get("resume", 0) >= 1, saves
+    assert fams["moshi_ttt_memory_restores_total"][0][1] >= 1
+    assert fams["moshi_ttt_memory_save_seconds_count"][0][1] >= 7
+    assert fams["moshi_ttt_memory_restore_seconds_count"][0][1] >= 1
+    by_dir = {lb["direction"]: v for lb, v in fams["moshi_ttt_memory_bytes_total"]}
+    assert by_dir["saved"] > 0 and by_dir["restored"] > 0 and by_dir["read"] == by_dir["restored"]
+
+
+def test_checkpoint_while_the_conversation_runs(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 20 * FRAME], keep_open=True,
+                                     api_key=KEY)
+            await asyncio.sleep(0.3)
+            during = stored(mem_server.store, c.memory()["token"])  # the conversation is still open
+            await c.close()
+            await ended(mem_server)
+            return n, during, stored(mem_server.store, c.memory()["token"])
+
+    n, during, after = run(go())
+    # --memory-save-every 1: checkpoints after chunks 1 and 2 (frames 8, 16; taken a few frames later at most)
+    assert 8 <= during.frames <= n and after.frames == n == 20
+
+
+def test_a_close_right_after_sending_loses_no_frame(mem_server, server_speech):
+    """The client closes without waiting for its replies: the final save waits for its queued frames."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c = await ChatClient.connect(http, mem_server.ws_url, api_key=KEY, memory=True)
+            await c.wait_for(lambda: c.memory() is not None, 10, "the memory message")
+            n = await c.send_pcm(server_speech["a"][: 30 * FRAME])
+            await c.close()
+            await ended(mem_server)
+            return n, stored(mem_server.store, c.memory()["token"])
+
+    n, saved = run(go())
+    assert saved.frames == n == 30 and saved.chunks == 4
+
+
+def test_an_error_ending_saves_too(mem_server, server_speech):
+    """A conversation cut by the server (here a protocol error of the client) is saved like a clean close."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 11 * FRAME], keep_open=True,
+                                     api_key=KEY)
+            await c.send_raw(b"\x07")  # no such kind
+            await c.wait_closed(10)
+            await ended(mem_server)
+            return c, n, stored(mem_server.store, c.memory()["token"])
+
+    c, n, saved = run(go())
+    assert c.errors == ["protocol error: unknown message kind 0x07"] and c.close_code == 1003, c.errors
+    assert saved.frames == n == 11
+
+
+def test_memory_flags():
+    import argparse
+
+    from moshi_ttt.server.cli import _memory_flags, add_args
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    args = p.parse_args(["--demo", "--cache-dir", "/tmp/c"])
+    _memory_flags(args)
+    assert args.memory_store == "/tmp/c/memories" and args.memory_save_every == 4 and args.memory_ttl == 30
+    assert p.parse_args([]).memory_store is None  # a checkpoint: memory only with --memory-store
+    for flags, msg in ((["--memory-format", "rank:0"], "invalid memory format 'rank:0'"),
+                       (["--memory-save-every", "-1"], "--memory-save-every must be >= 0 chunks, got -1"),
+                       (["--memory-ttl", "0"], "--memory-ttl must be > 0 days, got 0.0")):
+        with pytest.raises(ValueError, match=msg):
+            _memory_flags(p.parse_args(["--memory-store", "/tmp/s", *flags]))
+
+
+def test_bad_tokens_get_one_refusal(mem_server, server_speech, caplog):
+    caplog.set_level(logging.WARNING, logger="moshi_ttt.server.memory")
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            ca, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 10 * FRAME], api_key=KEY)
+            cb, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 10 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            a, b = Token.parse(ca.memory()["token"]), Token.parse(cb.memory()["token"])
+            path = mem_server.store / f"{b.id}.mem"
+            blob = bytearray(path.read_bytes())
+            blob[-40] ^= 1  # one bit of the ciphertext
+            path.write_bytes(bytes(blob))
+            wrong_key = str(Token(a.id, Token.new().key))
+            out = {}
+            for name, tok in (("unknown", str(Token.new())), ("wrong key", wrong_key), ("tampered", str(b)),
+                              ("malformed", "not-a-token")):
+                ws = await http.ws_connect(mem_server.ws_url, params={"resume": tok, "api_key": KEY})
+                msgs = []
+                async for msg in ws:
+                    msgs.append(msg)
+                out[name] = ([protocol.decode_server_message(x.data) for x in msgs], ws.close_code)
+            return out
+
+    out = run(go())
+    expected = ([(protocol.Kind.ERROR, protocol.MEMORY_UNAVAILABLE)], 1008)
+    assert all(v == expected for v in out.values()), out  # byte for byte the same answer
+    logged = " | ".join(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    for cause in ("unknown id", "wrong key", "tampered", "malformed token"):  # the real cause is in the log
+        assert cause in logged, logged
+
+
+def test_delete_then_404_then_resume_refused(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 10 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            m = c.memory()
+            url = f"{mem_server.url}/api/memory/{m['id']}"
+            bearer = {"Authorization": f"Bearer {m['token']}"}
+            codes = {}
+            async with http.delete(url, headers=bearer) as r:  # the API key guards this endpoint too
+                codes["no api key"] = r.status
+            async with http.delete(url, headers={**bearer, "X-API-Key": KEY, "Authorization": "Bearer x.y"}) as r:
+                codes["bad token"] = r.status
+            other = str(Token.new())
+            async with http.delete(url, headers={"X-API-Key": KEY, "Authorization": f"Bearer {other}"}) as r:
+                codes["another id's token"] = r.status
+            present = (mem_server.store / f"{m['id']}.mem").exists()
+            async with http.delete(url, headers={**bearer, "X-API-Key": KEY}) as r:
+                codes["delete"] = r.status
+            gone = not (mem_server.store / f"{m['id']}.mem").exists()
+            async with http.delete(url, headers={**bearer, "X-API-Key": KEY}) as r:
+                codes["again"] = r.status
+            with pytest.raises(HandshakeError) as e:
+                await ChatClient.connect(http, mem_server.ws_url, api_key=KEY, resume=m["token"])
+            return codes, present, gone, str(e.value)
+
+    codes, present, gone, err = run(go())
+    assert codes == {"no api key": 401, "bad token": 404, "another id's token": 404, "delete": 204, "again": 404}
+    assert present and gone and protocol.MEMORY_UNAVAILABLE in err
+
+
+def test_failed_attempt_budget_blocks_the_address(mem_server):
+    """From 127.0.0.2 (its own budget): BURST failed resumes / deletes are answered, the next ones get 429."""
+    async def go():
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=conn) as http:
+            url = mem_server.ws_url.replace("localhost", "127.0.0.1")
+            base = mem_server.url.replace("localhost", "127.0.0.1")
+            answered = 0
+            for i in range(BURST):
+                tok = Token.new()
+                if i % 2:
+                    async with http.delete(f"{base}/api/memory/{tok.id}",
+                                           headers={"X-API-Key": KEY, "Authorization": f"Bearer {tok}"}) as r:
+                        answered += r.status == 404
+                else:
+                    with pytest.raises(HandshakeError):
+                        await ChatClient.connect(http, url, api_key=KEY, resume=str(tok))
+                    answered += 1
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await http.ws_connect(url, params={"resume": str(Token.new()), "api_key": KEY})
+            async with http.delete(f"{base}/api/memory/{'0' * 32}", headers={"X-API-Key": KEY}) as r:
+                delete_status, retry = r.status, r.headers.get("Retry-After")
+            return answered, e.value.status, delete_status, retry, await metrics(http, mem_server)
+
+    answered, ws_status, delete_status, retry, fams = run(go())
+    assert answered == BURST and ws_status == 429 and delete_status == 429 and int(retry) >= 1
+    causes = {lb["cause"]: v for lb, v in fams["moshi_ttt_memory_failures_total"]}
+    assert causes.get("unknown_id", 0) >= BURST  # every refusal counted with its real cause
+
+
+def test_plain_clients_see_moshis_protocol(mem_server, server_speech):
+    """A client that asks for nothing gets moshi's kinds only (no 0x04), and nothing is stored for it."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            before = set(mem_server.store.glob("*.mem"))
+            c = await ChatClient.connect(http, mem_server.ws_url, api_key=KEY)
+            n = await c.send_pcm(server_speech["b"][: 10 * FRAME])
+            await c.wait_output_frames(n, timeout=60)
+            await c.close()
+            await ended(mem_server)
+            return c, set(mem_server.store.glob("*.mem")) - before
+
+    c, new = run(go())
+    assert set(c.kinds) <= {protocol.Kind.HANDSHAKE, protocol.Kind.AUDIO, protocol.Kind.TEXT}, set(c.kinds)
+    assert not new
+    assert health(mem_server)["memory"] == {"format": "exact", "save_every_chunks": 1, "ttl_days": 30.0}
+
+
+def test_idle_timeout_saves_with_the_in_process_engine(tmp_path, demo_ttt_yaml, server_speech):
+    """`--workers 0` (the engine in the web process) and an ending by idle timeout: every frame is saved."""
+    srv = BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                            "--max-conversations", "1", "--temp", "0", "--temp-text", "0", "--no-per-ip-limits",
+                            "--ttt-config", str(demo_ttt_yaml(chunk_size=CHUNK)), "--idle-timeout", "1",
+                            "--telemetry-interval", "0.3", "--memory-save-every", "0"])
+
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, srv.ws_url, server_speech["b"][: 13 * FRAME], keep_open=True)
+            await c.wait_closed(10)
+            await ended(srv)
+            saved = stored(tmp_path / "cache" / "memories", c.memory()["token"])  # --demo's default store
+            c2 = await resume(http, srv.ws_url, c.memory()["token"])
+            await c2.close()
+            return c, n, saved, c2
+
+    try:
+        c, n, saved, c2 = run(go())
+    finally:
+        srv.stop()
+    assert c.errors and c.errors[0].startswith("idle timeout"), c.errors
+    assert saved.frames == n == 13 and saved.chunks == 2  # --memory-save-every 0: the one save at the end
+    assert c2.memory()["frames"] == 13
+    for layer, d in drifts(saved).items():
+        assert telemetry_drifts(c2.ttt()[0])[layer] == pytest.approx(d, rel=1e-5)
