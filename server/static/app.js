@@ -55,7 +55,7 @@ function explain(reason) {
   if (r.startsWith("idle timeout")) return "The server ended the conversation because it received no audio for a while. Is the microphone muted?";
   if (r.includes("shutting down")) return "The server is shutting down. Try again once it is back.";
   if (r.startsWith("invalid audio") || r.startsWith("protocol error")) return `The server could not use what this page sent (${reason}).`;
-  if (r.startsWith("memory unavailable")) return "The saved conversation could not be resumed: it expired, was deleted, or belongs to another model. It has been forgotten here.";
+  if (r.startsWith("memory not available")) return "The saved conversation could not be resumed: it expired, was deleted, or belongs to another model. It has been forgotten here.";
   if (r.startsWith("client too slow")) return "This browser fell too far behind the server's audio, so the server ended the conversation.";
   return `The server ended the conversation: ${reason}`;
 }
@@ -216,7 +216,7 @@ function onMessage(c, bytes) {
       const reason = new TextDecoder().decode(payload);
       stats.errors.push(reason);
       c.serverError = true;
-      if (c.resumeToken && reason.toLowerCase().startsWith("memory unavailable")) {
+      if (c.resumeToken && reason.toLowerCase().startsWith("memory not available")) {
         memory.clear();
         renderMemory(false);
       }
@@ -230,7 +230,7 @@ function onMessage(c, bytes) {
 
 function onMetadata(msg) {
   stats.metadataUpdates++;
-  if (msg.memory) {
+  if (msg.type === undefined && msg.memory?.token) { // the memory message (the info message also has a "memory" key)
     stats.memory = msg.memory;
     memory.issued(msg.memory);
   } else if (msg.type === "info") {
@@ -364,7 +364,7 @@ function refresh(c) {
 function init() {
   const key = new URLSearchParams(location.search).get("api_key");
   if (key) $("api-key").value = key;
-  $("connect").onclick = connect;
+  $("connect").onclick = () => connect();
   $("apikey-form").onsubmit = (e) => { e.preventDefault(); if (!$("connect").disabled) connect(); };
   $("disconnect").onclick = disconnect;
   $("resume").onclick = () => { const m = memory.get(); if (m) connect(m.token); };

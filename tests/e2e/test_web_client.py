@@ -6,8 +6,8 @@ The tests share one server and one browser and run in file order: the page's Ogg
 conversation checked through the page's own counters (`window.moshiStats`) and its DOM (handshake, Ogg Opus
 pages sent, server audio decoded by WebCodecs and played, transcript, TTT panel fed by the `?telemetry=1`
 0x04 messages) and a screenshot; while it runs, a second page gets the busy message (--max-conversations 1)
-and a page with a wrong API key the auth message; disconnect frees the slot; stopping the server shows the
-shutdown message. Any page JavaScript error, console error or unhandled promise rejection fails a test.
+and a page with a wrong API key the auth message; disconnect frees the slot; a remembered conversation is
+resumed after a reload and then forgotten; stopping the server shows the shutdown message. Any page JavaScript error, console error or unhandled promise rejection fails a test.
 
 Needs `pip install playwright pillow` (no `playwright install`: the Debian browser is used) and
 `apt-get install chromium espeak-ng`. Artefacts (screenshot, server log) go to $MOSHI_TTT_ARTIFACTS or
@@ -328,6 +328,65 @@ def test_disconnect_frees_the_slot_and_reconnect_starts_anew(demo_server, page_a
     page_a.page.click("#connect")
     s2 = page_a.wait_stats("s.handshake && s.tttUpdates >= 1 && s.decodedSamples > 0", 30, "a second conversation")
     assert s2["info"]["conversation"] != live["info"]["conversation"], (s2["info"], live["info"])
+
+
+def test_remember_reload_resume_then_forget(browser, demo_server, page_a):
+    """"Remember this conversation" (?memory=1): the token lands in localStorage; after a reload the page offers
+    "Resume (saved …, N min)", resumes with ?resume=TOKEN (the first telemetry starts at the saved drift, not 0;
+    a new token replaces the old), and "Forget" deletes the memory on the server (DELETE → 204; the old token then
+    opens nothing)."""
+    url, _ = demo_server
+    if page_a.stats()["state"] == "live":
+        page_a.page.click("#disconnect")
+        page_a.wait_stats("s.state === 'idle'", 10, "page A's disconnect")
+    wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 15, "the slot to be free")
+    d = Page(browser, "page D")
+    try:
+        d.page.goto(f"{url}/?api_key={API_KEY}")
+        assert d.page.locator("#saved").is_hidden()
+        d.page.check("#remember")
+        d.page.click("#connect")
+        s1 = d.wait_stats("s.memory && s.lastTelemetry && Object.values(s.lastTelemetry.layers).every(v => v.updates >= 2)",
+                          60, "the memory token and two chunk updates")
+        assert not s1["memory"].get("resumed") and s1["firstTelemetry"] is not None, s1["memory"]
+        stored = d.page.evaluate("JSON.parse(localStorage.getItem('moshi-ttt.memory'))")
+        assert stored["token"] == s1["memory"]["token"] and stored["id"] == s1["memory"]["id"], stored
+        d.page.click("#disconnect")
+        d.wait_stats("s.state === 'idle'", 10, "the disconnect")
+        wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 15, "the final save and the free slot")
+
+        d.page.reload()
+        d.wait_stats("s.state === 'idle'", 10, "the reloaded page")
+        assert d.page.locator("#saved").is_visible()
+        label = d.page.inner_text("#resume")
+        assert label.startswith("Resume (saved") and label.endswith("min)"), label
+        d.page.click("#resume")
+        s2 = d.wait_stats("s.memory && s.firstTelemetry", 60, "the resumed conversation's memory message and telemetry")
+        m2 = s2["memory"]
+        assert m2["resumed"] is True and m2["id"] == stored["id"] and m2["frames"] >= s1["lastTelemetry"]["frames"], m2
+        assert m2["token"] != stored["token"], "a resume must issue a new token"
+        first = s2["firstTelemetry"]["layers"]
+        last1 = s1["lastTelemetry"]["layers"]
+        for name, v in first.items():  # starts at the saved drift: ≥ the drift A had shown, never the fresh 0
+            assert v["drift"] > 0 and v["drift"] >= 0.5 * last1[name]["drift"], (name, v, last1[name])
+        assert d.page.evaluate("JSON.parse(localStorage.getItem('moshi-ttt.memory')).token") == m2["token"]
+        d.page.click("#disconnect")
+        d.wait_stats("s.state === 'idle'", 10, "the second disconnect")
+        wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 15, "the final save and the free slot")
+
+        d.page.click("#forget")
+        s3 = d.wait_stats("s.forgotten !== null", 10, "the DELETE")
+        assert s3["forgotten"] == 204, s3["forgotten"]
+        assert d.page.locator("#saved").is_hidden()
+        assert d.page.evaluate("localStorage.getItem('moshi-ttt.memory')") is None
+        req = urllib.request.Request(f"{url}/api/memory/{m2['id']}?api_key={API_KEY}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {m2['token']}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 404, e.value.code
+        assert not d.problems, d.problems
+    finally:
+        d.close()
 
 
 def test_server_stop_is_shown_in_plain_words(demo_server, page_a):
