@@ -25,6 +25,7 @@ import time
 import typing as tp
 from dataclasses import dataclass, field
 
+from . import bulk
 from .events import WORKER_RESTARTED, EngineClosed, Event, Sink
 from .metrics import Metrics
 from .shm_ring import Rings
@@ -110,12 +111,15 @@ class WorkerEngine:
         self.memory_fingerprint: str | None = None
         self._next_req = 1
         self._pending: dict[int, tp.Callable[[bool, tp.Any], None]] = {}  # memory requests awaiting their reply
+        self._bulk_dir: str | None = None  # memory bytes to and from the worker (`bulk`)
+        self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Spawns the worker and returns once it serves (model loaded, warm, rings attached)."""
         self._loop = asyncio.get_running_loop()
+        self._bulk_dir = bulk.private_dir()
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -140,7 +144,7 @@ class WorkerEngine:
             self.metrics.set_ttt_layers(info.get("ttt_layers", []))
         max_backlog = max(1, round(float(self.args.max_delay) / self.frame_seconds))
         proc.rings = Rings(self.n, self.frame_size, max_backlog + RING_SLACK, OUT_RING_FRAMES)
-        proc.ctrl.send(("attach", proc.rings.spec()))
+        proc.ctrl.send(("attach", proc.rings.spec(), self._bulk_dir))
         loop.add_reader(proc.wake_out.fileno(), self._on_output, proc)
         self._serving = True
         log.info("model worker pid %d serving (%d slots)", proc.process.pid, self.n)
@@ -167,6 +171,7 @@ class WorkerEngine:
             proc.process.kill()
             await asyncio.to_thread(proc.process.join, 5)
         self._detach(proc)
+        bulk.remove_dir(self._bulk_dir)
 
     @property
     def alive(self) -> bool:
@@ -226,8 +231,34 @@ class WorkerEngine:
         self._request(("snapshot", slot.index, conv_id, final), done)
 
     def restore_memory(self, slot: RemoteSlot, conv_id: int, data: bytes, done) -> None:
-        """As `Engine.restore_memory`, in the worker; `done` runs on the event loop thread."""
-        self._request(("restore", slot.index, conv_id, data), done)
+        """As `Engine.restore_memory`, in the worker; `done` runs on the event loop thread. The bytes go as a
+        file (`bulk`), written on a thread."""
+        async def send() -> None:
+            try:
+                ref = await asyncio.to_thread(bulk.put, data, self._bulk_dir)
+            except OSError as e:
+                done(False, f"memory bytes to the model worker: {e}")
+                return
+
+            def answered(ok: bool, payload: tp.Any) -> None:
+                if not ok:
+                    bulk.discard(ref)  # the worker never took it (refused before reading, or gone)
+                done(ok, payload)
+            self._request(("restore", slot.index, conv_id, ref), answered)
+        self._spawn_task(send())
+
+    def _spawn_task(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reply_bulk(self, done, payload: dict) -> None:
+        try:
+            data = await asyncio.to_thread(bulk.take, payload["data"])
+        except OSError as e:
+            done(False, f"memory bytes from the model worker: {e}")
+            return
+        done(True, {**payload, "data": data})
 
     def _request(self, msg: tuple, done) -> None:
         if not self.alive:
@@ -323,6 +354,9 @@ class WorkerEngine:
             done = self._pending.pop(req, None)
             if done is None:
                 log.warning("unexpected reply %r from the model worker", msg[1:3])
+                bulk.discard(payload)
+            elif ok and isinstance(payload, dict) and isinstance(payload.get("data"), bulk.Bulk):
+                self._spawn_task(self._reply_bulk(done, payload))  # read off the event loop
             else:
                 done(ok, payload)
             return

@@ -28,6 +28,8 @@ from moshi_ttt.models import memory as mem
 from moshi_ttt.models import memory_format as mf
 from moshi_ttt.ttt.memory import Compression
 
+from . import bulk
+
 log = logging.getLogger("moshi_ttt.server.memory")
 
 Done = tp.Callable[[bool, tp.Any], None]
@@ -97,7 +99,8 @@ class SlotMemory:
 
     # -- restore -------------------------------------------------------------------------------------------
 
-    def prepare(self, data: bytes, then: tp.Callable[[tp.Any, mem.Memory, tp.Any], None], done: Done) -> None:
+    def prepare(self, data: bytes | bulk.Bulk, then: tp.Callable[[tp.Any, mem.Memory, tp.Any], None],
+                done: Done) -> None:
         """Any thread: on the memory thread parses `data` and prepares it for this model, then calls
         `then(prepared, header-only memory, cuda event)` (which queues the `put`); refusals go to `done`."""
         self._pool.submit(self._prepare, data, then, done)
@@ -105,7 +108,7 @@ class SlotMemory:
     def _prepare(self, data: bytes, then, done: Done) -> None:
         try:
             with torch.inference_mode(), self._side():
-                m = mf.loads(data)
+                m = mf.loads(bulk.take(data) if isinstance(data, bulk.Bulk) else data)
                 prepared = mem.prepare(self.lm, m, self.fingerprint)
                 ev = self._event()  # the engine's stream waits for it before `put`
         except mem.MemoryRefused as e:

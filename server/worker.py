@@ -6,7 +6,7 @@ Transport (`shm_ring`): per slot, a fixed input and output PCM ring in shared me
 frame; a byte on a wake pipe after writes in each direction. Control messages are small tuples on a
 duplex `multiprocessing` pipe:
 
-web → worker   ("attach", rings spec)          once, after "started"
+web → worker   ("attach", rings spec, bulk dir)  once, after "started"
                ("claim", slot, conv)            reset the row for a new conversation → "ready"
                ("release", slot, conv)
                ("snapshot", req, slot, conv, final)   conversation memory (`slot_memory`): the memory file
@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+from . import bulk
 from .events import Event
 from .shm_ring import Rings
 
@@ -130,6 +131,7 @@ class _Bridge:
         self.wake_out = wake_out
         self.relay = relay
         self.rings: Rings | None = None
+        self.bulk_dir: str | None = None  # where memory bytes go to the web process (`bulk`)
         self.send = send
         self._last_flush = 0.0
         self._last_stats: dict = {}
@@ -186,7 +188,7 @@ class _Bridge:
     def _command(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "attach":
-            self.rings = Rings(**msg[1])
+            self.rings, self.bulk_dir = Rings(**msg[1]), msg[2]
         elif kind == "claim":
             _, index, conv = msg
             if self.engine.claim(self.sink_for(index, conv), index=index, conv_id=conv) is None:
@@ -207,6 +209,8 @@ class _Bridge:
     def _replier(self, req: int):
         def reply(ok: bool, payload) -> None:  # the engine or memory thread
             try:
+                if ok and isinstance(payload, dict) and isinstance(payload.get("data"), bytes):
+                    payload = {**payload, "data": bulk.put(payload["data"], self.bulk_dir)}  # memory thread
                 self.send(("reply", req, ok, payload))
             except (OSError, ValueError):  # the web process is gone
                 pass

@@ -7,7 +7,8 @@ conversation checked through the page's own counters (`window.moshiStats`) and i
 pages sent, server audio decoded by WebCodecs and played, transcript, TTT panel fed by the `?telemetry=1`
 0x04 messages) and a screenshot; while it runs, a second page gets the busy message (--max-conversations 1)
 and a page with a wrong API key the auth message; disconnect frees the slot; a remembered conversation is
-resumed after a reload and then forgotten; stopping the server shows the shutdown message. Any page JavaScript error, console error or unhandled promise rejection fails a test.
+resumed after a reload and then forgotten; stopping the server shows the shutdown message. Any page JavaScript
+error, console error or unhandled promise rejection fails a test.
 
 Needs `pip install playwright pillow` (no `playwright install`: the Debian browser is used) and
 `apt-get install chromium espeak-ng`. Artefacts (screenshot, server log) go to $MOSHI_TTT_ARTIFACTS or
@@ -346,7 +347,8 @@ def test_remember_reload_resume_then_forget(browser, demo_server, page_a):
         assert d.page.locator("#saved").is_hidden()
         d.page.check("#remember")
         d.page.click("#connect")
-        s1 = d.wait_stats("s.memory && s.lastTelemetry && Object.values(s.lastTelemetry.layers).every(v => v.updates >= 2)",
+        s1 = d.wait_stats("s.memory && s.lastTelemetry && "
+                          "Object.values(s.lastTelemetry.layers).every(v => v.updates >= 2)",
                           60, "the memory token and two chunk updates")
         assert not s1["memory"].get("resumed") and s1["firstTelemetry"] is not None, s1["memory"]
         stored = d.page.evaluate("JSON.parse(localStorage.getItem('moshi-ttt.memory'))")
