@@ -26,6 +26,7 @@ def _options(text: str) -> tuple[list[str], str]:
     return sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text[start:]))), text[start:]
 
 
+@pytest.mark.slow  # CLI start-ups, ~3 s each
 @pytest.mark.parametrize("module, command", [("moshi_ttt.server", "serve"), ("moshi_ttt.infer", "infer")])
 def test_python_m_is_the_command(module, command):
     if not SCRIPT.exists():

@@ -18,6 +18,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_exit_code_and_log(tmp_p
     assert srv.stop() == 2 and srv.stop() == 2  # idempotent
 
 
+@pytest.mark.slow  # a serve subprocess start-up, ~4 s
 def test_sigint_stops_a_listening_server_cleanly(tmp_path):
     srv = ServeProcess(tmp_path, ["--max-conversations", "1"], host="127.0.0.1")
     with srv:

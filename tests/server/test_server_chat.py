@@ -127,6 +127,7 @@ def test_concurrent_conversations_busy_and_isolation(chat_server, server_speech,
             await cd.wait_output_frames(nd, timeout=60)
             assert not cd.errors
             await cd.close()
+            await wait_active(chat_server, 0)  # a close is processed by the server asynchronously
             return result_a, nb
 
     (ca, na, final_a), nb = asyncio.run(go())

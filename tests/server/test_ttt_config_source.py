@@ -8,6 +8,7 @@ import pytest
 from moshi_ttt.testing.observe import health
 
 
+@pytest.mark.slow  # demo checkpoint builds, ~3 s each
 @pytest.mark.parametrize("extra, layers, source", [
     ([], "TTT layers [0, 2] of 4 (chunk 16 frames)", "config.json's 'ttt' section"),
     (["--ttt-config", "moshi7b_ttt"], "TTT layers [0] of 4 (chunk 256 frames)", "--ttt-config moshi7b_ttt"),

@@ -281,6 +281,7 @@ def test_read_alignments_sorts_and_drops_empty_words(tmp_path):
     assert [w.text for w in read_alignments(p, "x")] == ["a", "b"]
 
 
+@pytest.mark.slow  # two backward passes, ~4.5 s
 def test_gradient_checkpointing_gives_the_same_gradients(train_repo):
     import dataclasses
 
