@@ -21,7 +21,7 @@ N_MELS = 64
 
 
 @functools.lru_cache(maxsize=4)
-def _mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 60.0, fmax: float = 8000.0) -> torch.Tensor:
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 60.0, fmax: float = 8000.0) -> torch.Tensor:
     """Triangular mel filterbank [n_mels, n_fft // 2 + 1] (HTK mel scale)."""
     def mel(f):
         return 2595.0 * np.log10(1.0 + f / 700.0)
@@ -50,7 +50,7 @@ def log_mel(pcm, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, N_FFT - x.numel()))
     spec = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True, center=False)
     power = spec.abs().pow(2)
-    return torch.log(_mel_filters(sample_rate, N_FFT, N_MELS) @ power + 1e-5).T
+    return torch.log(mel_filters(sample_rate, N_FFT, N_MELS) @ power + 1e-5).T
 
 
 def mel_correlation(a, b, sample_rate: int = SAMPLE_RATE) -> float:
