@@ -5,7 +5,8 @@ with random pauses, random gain and a little white noise; random 0.96 s crops. S
 re-initialised at unit gain (`init_seanet`); Adam (0.5, 0.9). Loss: multi-resolution log-magnitude and
 log-mel L1 + 0.1 × waveform L1 + moshi's RVQ commitment penalty; moshi's own quantizer (EMA codebooks,
 dead-code replacement), bypassed for the first `--unquantized-steps`, then for half of each batch (Mimi's
-recipe); 4 codebooks (the demo's) on 3 steps in 4, all 8 else.
+recipe); 4 codebooks (the demo's) on 3 steps in 4, all 8 else. Finally the output gain is calibrated
+on training audio (`calibrate_gain`).
 Deterministic given --seed and --threads. Evaluates on held-out sentences in held-out voices (mel
 correlation, SI-SNR, see `testing.audio_match`) and writes the weights and the figures (JSON).
 
@@ -90,24 +91,24 @@ def init_seanet(mimi) -> None:
                 torch.nn.init.zeros_(m.bias)
 
 
-def f0_track(pcm: np.ndarray, hop: int = 240, win: int = 960) -> np.ndarray:
-    """Autocorrelation pitch (Hz) per 10 ms frame, 60–400 Hz; NaN where unvoiced (peak < 0.5) or quiet."""
+def pitch_track(pcm: np.ndarray, hop: int = 240, win: int = 960) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 10 ms frame: autocorrelation pitch (Hz, 60–400 Hz), its periodicity (normalised autocorrelation
+    peak, 1 = a pure tone), and whether the frame is loud (energy > 1 % of the loudest)."""
     frames = np.lib.stride_tricks.sliding_window_view(pcm, win)[::hop]
     frames = frames - frames.mean(1, keepdims=True)
     energy = (frames ** 2).mean(1)
-    spec = np.fft.rfft(frames, 2 * win)
-    ac = np.fft.irfft(np.abs(spec) ** 2)[:, : win]
+    ac = np.fft.irfft(np.abs(np.fft.rfft(frames, 2 * win)) ** 2)[:, : win]
     ac = ac / np.maximum(ac[:, :1], 1e-12)
     lo, hi = SR // 400, SR // 60
     lag = lo + ac[:, lo:hi].argmax(1)
-    voiced = (ac[np.arange(len(ac)), lag] > 0.5) & (energy > 1e-2 * energy.max())
-    return np.where(voiced, SR / lag, np.nan)
+    return SR / lag, ac[np.arange(len(ac)), lag], energy > 1e-2 * energy.max()
 
 
 def listening_proxies(ref: np.ndarray, out: np.ndarray) -> dict:
     """What a listener would notice, as numbers: loudness (RMS ratio), syllable rhythm (correlation of the
     10 ms log-RMS envelopes), per-0.3 s mel correlation (a word or syllable at a time, speech segments only),
-    and intonation (pitch error in semitones where both are voiced; voicing agreement)."""
+    and voicing (periodicity: median autocorrelation peak of loud frames; share of voiced frames; pitch
+    error in semitones where both are voiced, None if never)."""
     n = min(len(ref), len(out))
     ref, out = ref[:n], out[:n]
     env = [np.log(np.sqrt((np.lib.stride_tricks.sliding_window_view(v, 480)[::240] ** 2).mean(1)) + 1e-4)
@@ -117,13 +118,15 @@ def listening_proxies(ref: np.ndarray, out: np.ndarray) -> dict:
     for i in range(0, n - seg + 1, seg):
         if np.sqrt(np.mean(ref[i:i + seg] ** 2)) > 0.3 * loud:
             segs.append(audio_match.mel_correlation(ref[i:i + seg], out[i:i + seg]))
-    fr, fo = f0_track(ref), f0_track(out)
-    both = ~np.isnan(fr) & ~np.isnan(fo)
+    (fr, pr, lr), (fo, po, lo) = pitch_track(ref), pitch_track(out)
+    vr, vo = lr & (pr > 0.5), lo & (po > 0.5)  # voiced frames
+    both = vr & vo
     return {"rms_ratio": float(np.sqrt(np.mean(out ** 2)) / max(loud, 1e-12)),
             "envelope_correlation": float(np.corrcoef(env[0], env[1])[0, 1]),
             "segment_mel_median": float(np.median(segs)), "segments_above_0_5": float(np.mean(np.array(segs) > 0.5)),
-            "f0_error_semitones": float(np.median(np.abs(12 * np.log2(fo[both] / fr[both])))) if both.any() else None,
-            "voicing_agreement": float(np.mean(np.isnan(fr) == np.isnan(fo)))}
+            "periodicity_in": float(np.median(pr[lr])), "periodicity_out": float(np.median(po[lo])),
+            "voiced_in": float(vr.mean()), "voiced_out": float(vo.mean()),
+            "f0_error_semitones": float(np.median(np.abs(12 * np.log2(fo[both] / fr[both])))) if both.any() else None}
 
 
 @torch.no_grad()
@@ -160,6 +163,24 @@ def set_bypass(mimi, rate: float) -> None:
     """Probability that a training batch row skips quantization (moshi's `no_quantization_rate`)."""
     for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
         rvq.no_quantization_rate = rate
+
+
+@torch.no_grad()
+def calibrate_gain(mimi, stream: torch.Tensor, seed: int, n: int = 32) -> float:
+    """Scales the decoder's last convolution (linear: nothing follows it) so that `n` random 0.96 s crops
+    of the training audio decode (4 codebooks) at their own RMS; returns the gain. The spectral losses
+    leave the output ≈ 9 dB too quiet; the codes do not change."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    starts = torch.randint(0, len(stream) - CROP, (n,), generator=gen)
+    x = torch.stack([stream[s:s + CROP] for s in starts.tolist()])[:, None]
+    mimi.eval()
+    mimi.set_num_codebooks(4)
+    y = mimi.decode(mimi.encode(x))[..., :CROP]
+    gain = float(x.pow(2).mean().sqrt() / y.pow(2).mean().sqrt())
+    last = mimi.decoder.model[-1].conv.conv
+    last.weight.mul_(gain)
+    last.bias.mul_(gain)
+    return gain
 
 
 def train(args) -> dict:
@@ -203,7 +224,8 @@ def train(args) -> dict:
                        f"{evaluate(mimi, probe, 4)['mel_correlation']:.3f}", file=sys.stderr)
             mimi.train()
     wall = time.perf_counter() - t0
-    return {"mimi": mimi, "steps": done, "wall_s": wall, "s_per_step": wall / max(done, 1),
+    gain = calibrate_gain(mimi, stream, args.seed)
+    return {"mimi": mimi, "steps": done, "wall_s": wall, "s_per_step": wall / max(done, 1), "output_gain": gain,
             "final_spectral_loss": float(spec), "threads": torch.get_num_threads()}
 
 
