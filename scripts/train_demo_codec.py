@@ -153,7 +153,8 @@ def evaluate(mimi, utterances: list[np.ndarray], n_q: int, proxies: bool = False
 
 
 def random_codec():
-    """Today's (DEMO_VERSION 4) demo codec: random weights, codebooks fitted on synthetic audio."""
+    """The demo codec before trained weights shipped (DEMO_VERSION 4): random weights, codebooks fitted on
+    synthetic audio (still what the tests' random checkpoints use)."""
     mimi = loaders.get_mimi(None, mimi_config=demo.tiny_mimi_config())
     mimi.load_state_dict(demo.random_mimi_state(0))
     return mimi
