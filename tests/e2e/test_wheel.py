@@ -29,7 +29,7 @@ from moshi_ttt.testing import audio_match
 from moshi_ttt.testing.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-WHEEL_ECHO_MIN = 0.2  # placeholder until measured
+WHEEL_ECHO_MIN = 0.45  # the installed demo echoes its input (measured 0.70: docs/demo.md)
 SOURCES = ("pyproject.toml", "README.md", "moshi_ttt", "server", "configs")
 pytestmark = pytest.mark.wheel
 
@@ -122,6 +122,7 @@ def test_installed_infer_demo_writes_its_output(installed, speech, tmp_path):
     assert sr == 24000 and abs(pcm.shape[-1] - len(pcm_in)) < 1920 and abs(pcm).max() > 0
     # the shipped weights came with the wheel: the reply is the input's echo (figures: docs/demo.md)
     echo = audio_match.delayed_mel_correlation(pcm[0], pcm_in, demo.ECHO_OUTPUT_FRAMES * 1920)
+    print(f"installed infer --demo: echo {echo:.3f}")
     assert echo >= WHEEL_ECHO_MIN, echo
     tel = json.loads((tmp_path / "out.ttt.json").read_text())
     assert tel["ttt_layers"] == [0, 2] and tel["chunk_size"] == 16  # demo_ttt's section, read from the wheel
