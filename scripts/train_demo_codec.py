@@ -10,7 +10,7 @@ on training audio (`calibrate_gain`).
 Deterministic given --seed and --threads. Evaluates on held-out sentences in held-out voices (mel
 correlation, SI-SNR, see `testing.audio_match`) and writes the weights and the figures (JSON).
 
-    python scripts/train_demo_codec.py                      # the shipped weights (≈ 20–25 min, 1 thread)
+    python scripts/train_demo_codec.py                      # the shipped weights (≈ 14 min, 1 thread)
     python scripts/train_demo_codec.py --steps 20 --out /tmp/m.safetensors --figures /tmp/f.json   # smoke
     python scripts/train_demo_codec.py --eval-only moshi_ttt/models/demo_assets/mimi.safetensors
 """

@@ -120,8 +120,8 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
-    """The demo Mimi's weights: random, codebooks fitted on varied audio. Fitting takes ~10 s, so the
-    result is cached on disk (deterministic given the seed and recipe)."""
+    """The tests' random Mimi (the demo's too when no trained weights ship): codebooks fitted on varied
+    audio. Fitting takes ~10 s, so the result is cached on disk (deterministic given the seed and recipe)."""
     path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
     if path.exists():
         return load_file(str(path))
