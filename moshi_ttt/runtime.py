@@ -40,7 +40,7 @@ def _flag(help: str, moshi: bool = True) -> tp.Any:
 
 @dataclass(frozen=True)
 class CheckpointFlags:
-    """Where the model comes from: moshi's checkpoint flags, the TTT ones, and `demo` (the tiny random
+    """Where the model comes from: moshi's checkpoint flags, the TTT ones, and `demo` (the tiny echo
     checkpoint built and cached by `models.demo.demo_repo`; excludes moshi's flags). The one owner of these
     names: `add_checkpoint_args` makes the `infer` / `serve` flags from the fields (`--hf-repo` ...) and the
     training YAML's `model:` section is this dataclass (`hf_repo:` ...)."""
@@ -148,7 +148,7 @@ def open_checkpoint(flags: CheckpointFlags, cache_root: str | Path | None = None
                                                                                   for f in clash))
         ttt = load_ttt_config(flags.ttt_config) if flags.ttt_config else None
         repo = demo_repo(ttt, cache_root)
-        return checkpoint_info(str(repo)), f"demo (tiny random TTT-Moshi, {repo})", CheckpointFlags(
+        return checkpoint_info(str(repo)), f"demo (tiny echo TTT-Moshi, {repo})", CheckpointFlags(
             hf_repo=str(repo), ttt_config=flags.ttt_config, ttt_weights=flags.ttt_weights)
     repo = flags.hf_repo
     if repo and Path(repo).is_file():

@@ -3,8 +3,10 @@ Moshi's audio stream repeats the user's audio stream `ECHO_FRAMES` frames (0.96 
 stream is padding.
 
 Data: espeak-ng speech (training voices, other sentences than the codec's) encoded by the shipped demo
-codec (4 codebooks), random 32-frame windows (2 TTT chunks, half the attention context): user = the window,
-Moshi = the codec's silence code for the first ECHO_FRAMES frames, then the window delayed. Loss: the
+codec (4 codebooks), random 32-frame windows (2 TTT chunks), then (`--long-from`) 96-frame windows, longer
+than the 64-frame attention context: trained on short windows only, the copy held for ≈ 30 frames and then
+fell apart. User = the window, Moshi = the codec's silence code for the first ECHO_FRAMES frames, then the
+window delayed. Loss: the
 project's training loss (`moshi_ttt.train.loss`, text CE + audio CE). Deterministic given --seed and
 --threads. Evaluates `moshi-ttt infer` of the trained checkpoint on held-out speech (held-out voices,
 sentences) and writes the weights (float16 safetensors) and the figures (JSON).
@@ -42,7 +44,6 @@ from moshi_ttt.ttt.config import load_lm_and_ttt, load_ttt_config  # noqa: E402
 
 SR = 24000
 FRAME = 1920
-WINDOW = 32
 
 
 def data_seed(args) -> int:
@@ -73,12 +74,13 @@ def encode_stream(mimi, seed: int, n_sentences: int) -> tuple[torch.Tensor, torc
     return codes, silence
 
 
-def batch(codes: torch.Tensor, silence: torch.Tensor, gen: torch.Generator, b: int, pad_id: int) -> torch.Tensor:
-    """[b, 9, WINDOW]: text = pad, Moshi = silence then user delayed by ECHO_FRAMES, user = a random window."""
-    starts = torch.randint(0, codes.shape[-1] - WINDOW, (b,), generator=gen).tolist()
-    user = torch.stack([codes[:, s:s + WINDOW] for s in starts])
+def batch(codes: torch.Tensor, silence: torch.Tensor, gen: torch.Generator, b: int, pad_id: int,
+          window: int) -> torch.Tensor:
+    """[b, 9, window]: text = pad, Moshi = silence then user delayed by ECHO_FRAMES, user = a random window."""
+    starts = torch.randint(0, codes.shape[-1] - window, (b,), generator=gen).tolist()
+    user = torch.stack([codes[:, s:s + window] for s in starts])
     moshi = torch.cat([silence[None, :, None].expand(b, -1, demo.ECHO_FRAMES), user[..., :-demo.ECHO_FRAMES]], -1)
-    text = torch.full((b, 1, WINDOW), pad_id, dtype=user.dtype)
+    text = torch.full((b, 1, window), pad_id, dtype=user.dtype)
     return torch.cat([text, moshi, user], dim=1)
 
 
@@ -99,7 +101,8 @@ def train(args, codes, silence) -> dict:
     for step in bar:
         if args.minutes and time.perf_counter() - t0 > 60 * args.minutes:
             break
-        x = batch(codes, silence, gen, args.batch, pad)
+        long = step >= args.long_from
+        x = batch(codes, silence, gen, args.long_batch if long else args.batch, pad, args.long_window if long else 32)
         out = model(x)
         parts = loss_parts(out, x, model.audio_offset, model.dep_q, {pad, model.end_of_text_padding_id}, 1.0, 1.0)
         loss, text, audio = global_loss(parts)
@@ -118,14 +121,15 @@ def train(args, codes, silence) -> dict:
 
 def evaluate(lm_path: Path, codec_path: Path, seed: int, train_texts: set[str], n: int = 4) -> dict:
     """`moshi-ttt infer` of a demo checkpoint with these weights on `n` held-out utterances: the output's
-    mel correlation with the input ECHO_FRAMES later, and with an unrelated held-out utterance."""
+    mel correlation with the input `ECHO_OUTPUT_FRAMES` later (the delay heard), and with an unrelated
+    held-out utterance."""
     import sphn
 
     from moshi_ttt.apps import cli
 
     texts = [s for s in speech.sentences(len(train_texts) + 8 * n, seed + 2000) if s not in train_texts][: n + 1]
     pcms = speech.varied_speech(texts, speech.HELD_OUT_VOICES, seed + 2000)
-    delay = demo.ECHO_FRAMES * FRAME
+    delay = demo.ECHO_OUTPUT_FRAMES * FRAME
     rows = []
     with tempfile.TemporaryDirectory() as d:
         repo = demo.make_local_repo(Path(d) / "repo", ttt=load_ttt_config(demo.DEMO_TTT_CONFIG),
@@ -146,11 +150,15 @@ def evaluate(lm_path: Path, codec_path: Path, seed: int, train_texts: set[str], 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500: the shipped weights)")
+    p.add_argument("--steps", type=int, default=4500, help="optimizer steps (default: the shipped weights)")
     p.add_argument("--minutes", type=float, default=0, help="stop early after this many minutes (0: never)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--long-from", type=int, default=3000,
+                   help="from this step on, --long-batch windows of --long-window frames instead of --batch × 32")
+    p.add_argument("--long-window", type=int, default=96, help="longer than the 64-frame attention context")
+    p.add_argument("--long-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--sentences", type=int, default=600, help="training sentences")
+    p.add_argument("--sentences", type=int, default=5000, help="training sentences")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-reproducible; others within noise)")
     p.add_argument("--codec", default=str(demo.DEMO_ASSETS / "mimi.safetensors"))
@@ -159,13 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--eval-only", action="store_true", help="only evaluate --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rec: dict = {"seed": args.seed, "echo_frames": demo.ECHO_FRAMES}
+    torch.set_flush_denormal(True)  # speed only (docs/demo.md)
+    rec: dict = {"seed": args.seed, "echo_frames": demo.ECHO_FRAMES, "echo_output_frames": demo.ECHO_OUTPUT_FRAMES}
     if not args.eval_only:
         codes, silence = encode_stream(load_codec(Path(args.codec)), data_seed(args), args.sentences)
         print(f"training codes: {codes.shape[-1]} frames ({codes.shape[-1] / 12.5 / 60:.1f} min)", file=sys.stderr)
         run = train(args, codes, silence)
         model = run.pop("model")
-        rec.update(run, batch=args.batch, lr=args.lr, sentences=args.sentences, requested_steps=args.steps)
+        rec.update(run, batch=args.batch, lr=args.lr, sentences=args.sentences, requested_steps=args.steps,
+                   long_from=args.long_from, long_window=args.long_window, long_batch=args.long_batch)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_file(demo.half_state(model.state_dict()), args.out)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -113,8 +113,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="turn every per-address limit off (a trusted network; tests)")
 
     g = p.add_argument_group("model (as moshi.server)")
-    add_checkpoint_args(g, demo_help="no checkpoint: build the tiny random TTT-Moshi + reduced Mimi + tokenizer "
-                                     "in the cache and serve it, fully offline (its speech is not meaningful)")
+    add_checkpoint_args(g, demo_help="no checkpoint: build the tiny echo TTT-Moshi + reduced Mimi + tokenizer "
+                                     "(shipped weights) in the cache and serve it, fully offline: you hear "
+                                     "yourself ≈ 0.9 s later (a pipeline test, not a conversation)")
     g.add_argument("--no-fuse-lora", action="store_false", dest="fuse_lora", help="keep LoRA layers unfused")
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

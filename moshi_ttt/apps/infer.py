@@ -56,7 +56,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
     g = parser.add_argument_group("checkpoint")
-    add_checkpoint_args(g, demo_help="no checkpoint: the tiny random demo checkpoint of `serve --demo` "
+    add_checkpoint_args(g, demo_help="no checkpoint: the tiny echo demo checkpoint of `serve --demo` "
                                      "(configs/tiny.yaml, or the LM of tiny with --ttt-config's TTT section), built "
                                      "once in $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt")
     r = parser.add_argument_group("run")

@@ -6,7 +6,7 @@ The tests' checkpoints (`make_local_repo`) have random weights: the speech such 
 meaningful; the point is exercising the real formats and code paths. The `--demo` checkpoint (`demo_repo`)
 takes trained weights from `DEMO_ASSETS` when they are shipped there (`shipped_demo_weights`): a reduced Mimi
 trained on espeak-ng speech (scripts/train_demo_codec.py) and an echo LM whose audio repeats the user's
-`ECHO_FRAMES` frames later (scripts/train_demo_lm.py). Status and figures: docs/demo.md.
+`ECHO_OUTPUT_FRAMES` frames later (scripts/train_demo_lm.py). Status and figures: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
-    """The demo Mimi's weights: random, codebooks fitted on varied audio. Fitting takes ~10 s, so the
-    result is cached on disk (deterministic given the seed and recipe)."""
+    """The tests' random Mimi (the demo's too when no trained weights ship): codebooks fitted on varied
+    audio. Fitting takes ~10 s, so the result is cached on disk (deterministic given the seed and recipe)."""
     path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
     if path.exists():
         return load_file(str(path))
@@ -136,14 +136,17 @@ def random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-DEMO_VERSION = 4  # bump when the demo checkpoint recipe changes (invalidates the cache)
+DEMO_VERSION = 5  # bump when the demo checkpoint recipe changes (invalidates the cache)
 
 # The `--demo` LM is configs/tiny.yaml (the tests' model) with these changes: 4 Moshi + 4 user audio
 # codebooks instead of 8 + 8 (Moshi's delays: text and each side's semantic codebook 0, acoustic ones 1),
 # to keep `make demo` real time on 2 cores (docs/design.md, "Demo checkpoint"). Every code path is the same.
 DEMO_LM_OVERRIDES = {"n_q": 8, "dep_q": 4, "delays": [0, 0, 1, 1, 1, 0, 1, 1, 1]}
 DEMO_TTT_CONFIG = "demo_ttt"  # the TTT section the echo LM was trained with (configs/demo_ttt.yaml)
-ECHO_FRAMES = 12  # the echo LM's delay: 12 frames = 0.96 s, well inside tiny's 64-frame attention context
+ECHO_FRAMES = 12  # the echo LM's delay in its training sequences (0.96 s, inside tiny's 64-frame context)
+# The delay heard at the output: LMGen never emits Moshi's frame 0 (it holds the initial token), so the
+# first output frame is Moshi's frame 1 and the echo comes one frame sooner (0.88 s).
+ECHO_OUTPUT_FRAMES = ECHO_FRAMES - 1
 DEMO_WEIGHTS = (DEMO_ASSETS / "mimi.safetensors", DEMO_ASSETS / "echo_lm.safetensors")
 
 

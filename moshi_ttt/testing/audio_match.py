@@ -21,7 +21,7 @@ N_MELS = 64
 
 
 @functools.lru_cache(maxsize=4)
-def _mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 60.0, fmax: float = 8000.0) -> torch.Tensor:
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 60.0, fmax: float = 8000.0) -> torch.Tensor:
     """Triangular mel filterbank [n_mels, n_fft // 2 + 1] (HTK mel scale)."""
     def mel(f):
         return 2595.0 * np.log10(1.0 + f / 700.0)
@@ -50,12 +50,15 @@ def log_mel(pcm, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, N_FFT - x.numel()))
     spec = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True, center=False)
     power = spec.abs().pow(2)
-    return torch.log(_mel_filters(sample_rate, N_FFT, N_MELS) @ power + 1e-5).T
+    return torch.log(mel_filters(sample_rate, N_FFT, N_MELS) @ power + 1e-5).T
 
 
 def mel_correlation(a, b, sample_rate: int = SAMPLE_RATE) -> float:
     """Pearson correlation of the band-centred log-mels of `a` and `b` (cut to the shorter)."""
-    ma, mb = log_mel(a, sample_rate), log_mel(b, sample_rate)
+    return _mel_frames_correlation(log_mel(a, sample_rate), log_mel(b, sample_rate))
+
+
+def _mel_frames_correlation(ma: torch.Tensor, mb: torch.Tensor) -> float:
     n = min(len(ma), len(mb))
     if n < 2:
         raise ValueError(f"too short to compare: {n} mel frames")
@@ -96,14 +99,11 @@ def echo_matrix(outs: list, refs: list, delay_samples: int, slack_samples: int =
     return np.array([[echo_correlation(o, r, delay_samples, slack_samples) for r in refs] for o in outs])
 
 
-def demo_content_unavailable() -> str:
-    """Why the demo's audio carries no content ("" when it does): the trained demo weights are not shipped.
-    MOSHI_TTT_FORCE_CONTENT=1 returns "" anyway (to run the content tests against a random demo)."""
-    import os
-
-    from moshi_ttt.models import demo
-
-    if demo.shipped_demo_weights() is not None or os.environ.get("MOSHI_TTT_FORCE_CONTENT") == "1":
-        return ""
-    return ("no trained demo weights in moshi_ttt/models/demo_assets (docs/demo.md): the random demo's audio "
-            "carries no content; MOSHI_TTT_FORCE_CONTENT=1 runs this anyway")
+def best_echo(out, ref, max_delay_samples: int, sample_rate: int = SAMPLE_RATE) -> tuple[float, int]:
+    """(correlation, delay in samples) of the best `delayed_mel_correlation` of `out` with `ref` over delays
+    0 … max_delay_samples in 10 ms steps: for a reply whose delay is not known (a browser's microphone
+    starts before the connection does)."""
+    mo, mr = log_mel(out, sample_rate), log_mel(ref, sample_rate)
+    best = max((_mel_frames_correlation(mo[d:], mr), d) for d in range(0, max_delay_samples // HOP + 1)
+               if len(mo) - d >= 2)
+    return best[0], best[1] * HOP

@@ -238,7 +238,7 @@ function onMetadata(msg) {
     panel.setInfo(msg);
     const ttt = msg.ttt?.layer;
     $("model").textContent = [
-      msg.demo ? "demo model (tiny, random weights: expect noise, not words)" : msg.model, msg.device && `${msg.device}/${msg.dtype}`,
+      msg.demo ? "demo model: an echo (you hear yourself ≈ 1 s later, whispered) — a test of the pipeline, not a conversation" : msg.model, msg.device && `${msg.device}/${msg.dtype}`,
       msg.ttt_layers && `TTT layers ${msg.ttt_layers.join(", ")}`,
       ttt && `chunk ${ttt.chunk_size} frames (${(ttt.chunk_size / (msg.frame_rate || 12.5)).toFixed(2)} s), η ${ttt.lr}, init ${ttt.init}`,
     ].filter(Boolean).join(" · ");

@@ -59,6 +59,8 @@ export class Player {
     data.copyTo(samples, opts);
     this.decodedRate = data.sampleRate;
     this.decodedSamples += data.numberOfFrames;
+    // Test hook: a page script (or a test) that sets window.moshiRecord = [] gets a copy of every decoded block.
+    globalThis.moshiRecord?.push({ sampleRate: data.sampleRate, samples: samples.slice() });
     this.node.port.postMessage({ samples, sampleRate: data.sampleRate }, [samples.buffer]);
     data.close();
   }

@@ -29,6 +29,14 @@ def test_mel_correlation_same_delayed_unrelated_and_buzz(two_utterances):
     assert m[0, 0] > 0.95 and m[1, 1] > 0.95 and m[0, 1] < 0.3 and m[1, 0] < 0.3, m
 
 
+def test_best_echo_finds_an_unknown_delay(two_utterances):
+    a, b = two_utterances
+    echo = np.concatenate([np.zeros(31 * 240, np.float32), 0.5 * a])  # 0.31 s late
+    corr, delay = audio_match.best_echo(echo, a, 24000)
+    assert corr > 0.95 and delay == 31 * 240, (corr, delay)
+    assert audio_match.best_echo(echo, b, 24000)[0] < 0.5  # searching delays does not make b match a
+
+
 def test_si_snr(two_utterances):
     a, b = two_utterances
     assert audio_match.si_snr(a, 0.5 * a) > 100  # scale-invariant

@@ -1,8 +1,8 @@
 """`moshi-ttt infer --demo` carries content end to end: speech in, the echo LM's reply out.
 
-The demo checkpoint (trained codec + echo LM, see docs/demo.md) repeats the user's audio `ECHO_FRAMES`
-frames later. The reply's mel spectrogram must match the input delayed by that much, and not an
-unrelated utterance. Thresholds: docs/demo.md (measured figures, with margin).
+The demo checkpoint (trained codec + echo LM, see docs/demo.md) repeats the user's audio
+`ECHO_OUTPUT_FRAMES` frames later. The reply's mel spectrogram must match the input delayed by that much,
+and not an unrelated utterance. Thresholds: docs/demo.md (measured figures, with margin).
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import sphn
 from moshi_ttt.models import demo
 from moshi_ttt.testing import audio_match
 
-pytestmark = pytest.mark.skipif(bool(audio_match.demo_content_unavailable()),
-                                reason=audio_match.demo_content_unavailable())
 ROOT = Path(__file__).resolve().parents[2]
 FRAME = 1920
-DELAY = demo.ECHO_FRAMES * FRAME
-ECHO_MIN = 0.5  # the reply's echo correlation with its own input (measured: docs/demo.md)
-MARGIN = 0.3  # … and how much better than with an unrelated utterance
+DELAY = demo.ECHO_OUTPUT_FRAMES * FRAME
+ECHO_MIN = 0.4  # the reply's echo correlation with its own input (measured 0.57: docs/demo.md)
+MARGIN = 0.3  # … and how much better than unrelated / undelayed (measured 0.49 / 0.66)
 
 
 def _moshi_ttt() -> list[str]:
@@ -55,6 +53,7 @@ def test_infer_demo_reply_is_the_input_one_echo_delay_later(demo_reply, speech):
     echo = audio_match.delayed_mel_correlation(out, pcm, DELAY)
     unrelated = audio_match.delayed_mel_correlation(out, speech.pcm("echo1"), DELAY)
     undelayed = audio_match.mel_correlation(out, pcm)
+    print(f"infer --demo: echo {echo:.3f}, unrelated {unrelated:.3f}, undelayed {undelayed:.3f}")
     assert echo >= ECHO_MIN, (echo, unrelated, undelayed)
     assert echo - unrelated >= MARGIN, (echo, unrelated)
     assert echo - undelayed >= MARGIN, (echo, undelayed)  # the reply comes one echo delay later, not at once
@@ -63,6 +62,8 @@ def test_infer_demo_reply_is_the_input_one_echo_delay_later(demo_reply, speech):
 def test_infer_demo_reply_is_silent_before_the_echo_and_text_is_padding(demo_reply):
     pcm, out, text = demo_reply
     rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    print(f"infer --demo: RMS before the echo {rms(out[: DELAY - 2 * FRAME]):.4f}, during it "
+          f"{rms(out[DELAY: DELAY + len(pcm)]):.4f}; text {text.strip()!r}")
     # the first 0.8 s of the reply (before any echo can start) is much quieter than the echo itself
     assert rms(out[: DELAY - 2 * FRAME]) < 0.25 * rms(out[DELAY: DELAY + len(pcm)]), rms(out[: DELAY - 2 * FRAME])
     assert len(text.strip()) <= 5, text  # the echo LM's text stream is padding

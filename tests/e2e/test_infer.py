@@ -22,10 +22,12 @@ import yaml
 from moshi_ttt.apps.infer import output_paths, transcript
 from moshi_ttt.models import demo as assets
 from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
+from moshi_ttt.testing import audio_match
 from moshi_ttt.ttt.config import load_lm_and_ttt
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 8
+BATCH_ECHO_MIN = 0.45  # each item's echo correlation (measured 0.69 / 0.68: docs/demo.md)
 MAX_DELAY = 1  # max(delays) of configs/tiny.yaml: LMGen needs one extra step to emit the last frame
 ENV = dict(os.environ, NO_TORCH_COMPILE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
@@ -142,6 +144,13 @@ def test_infer_batch_of_two_stereo_demo(stereo_wav, ttt_yaml, tmp_path):
     txts = [tmp_path / "t_0.txt", tmp_path / "t_1.txt"]
     assert not out.exists()
     _check_run(stereo_wav, wavs, txts, tmp_path / "tel.json", batch=2)
+    # content: each item's reply is its own channel's echo (the demo's echo LM; docs/demo.md)
+    pcm_in = sphn.read(str(stereo_wav), sample_rate=SAMPLE_RATE)[0]
+    for i, w in enumerate(wavs):
+        out = sphn.read(str(w))[0][0]
+        echo = audio_match.delayed_mel_correlation(out, pcm_in[i], assets.ECHO_OUTPUT_FRAMES * FRAME)
+        print(f"infer --demo --batch-size 2, item {i}: echo {echo:.3f}")
+        assert echo >= BATCH_ECHO_MIN, (i, echo)
 
 
 @pytest.mark.parametrize("kind", ["not_a_wav", "missing"])

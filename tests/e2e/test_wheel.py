@@ -24,9 +24,12 @@ from pathlib import Path
 import pytest
 import sphn
 
+from moshi_ttt.models import demo
+from moshi_ttt.testing import audio_match
 from moshi_ttt.testing.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
+WHEEL_ECHO_MIN = 0.45  # the installed demo echoes its input (measured 0.70: docs/demo.md)
 SOURCES = ("pyproject.toml", "README.md", "moshi_ttt", "server", "configs")
 pytestmark = pytest.mark.wheel
 
@@ -60,6 +63,7 @@ def test_wheel_holds_one_package_with_configs_and_web_client(wheel):
     assert "index.html" in static
     assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/static/")} == static
     assert "moshi_ttt/server/app.py" in names and "moshi_ttt/train/example.yaml" in names
+    assert {f"moshi_ttt/models/demo_assets/{p.name}" for p in demo.DEMO_WEIGHTS} <= set(names)  # the trained demo
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +118,12 @@ def test_installed_infer_demo_writes_its_output(installed, speech, tmp_path):
                            "out.wav"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pcm, sr = sphn.read(str(tmp_path / "out.wav"))
-    n_in = sphn.read(str(infile), sample_rate=24000)[0].shape[-1]
-    assert sr == 24000 and abs(pcm.shape[-1] - n_in) < 1920 and abs(pcm).max() > 0
+    pcm_in = sphn.read(str(infile), sample_rate=24000)[0][0]
+    assert sr == 24000 and abs(pcm.shape[-1] - len(pcm_in)) < 1920 and abs(pcm).max() > 0
+    # the shipped weights came with the wheel: the reply is the input's echo (figures: docs/demo.md)
+    echo = audio_match.delayed_mel_correlation(pcm[0], pcm_in, demo.ECHO_OUTPUT_FRAMES * 1920)
+    print(f"installed infer --demo: echo {echo:.3f}")
+    assert echo >= WHEEL_ECHO_MIN, echo
     tel = json.loads((tmp_path / "out.ttt.json").read_text())
     assert tel["ttt_layers"] == [0, 2] and tel["chunk_size"] == 16  # demo_ttt's section, read from the wheel
     assert (tmp_path / "out.txt").is_file()
