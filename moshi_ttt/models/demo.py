@@ -4,7 +4,7 @@ Kyutai's Hugging Face repo layout (config.json + model.safetensors + Mimi + toke
 
 The tests' checkpoints (`make_local_repo`) have random weights: the speech such a model produces is not
 meaningful; the point is exercising the real formats and code paths. The `--demo` checkpoint (`demo_repo`)
-takes trained weights from `DEMO_ASSETS` when they are shipped there (`shipped_demo_weights`): a reduced Mimi
+takes the trained weights shipped in `DEMO_ASSETS` (`shipped_demo_weights`; refused if missing): a reduced Mimi
 trained on espeak-ng speech (scripts/train_demo_codec.py) and an echo LM whose audio repeats the user's
 `ECHO_OUTPUT_FRAMES` frames later (scripts/train_demo_lm.py). Status and figures: docs/demo.md.
 """
@@ -150,22 +150,27 @@ ECHO_OUTPUT_FRAMES = ECHO_FRAMES - 1
 DEMO_WEIGHTS = (DEMO_ASSETS / "mimi.safetensors", DEMO_ASSETS / "echo_lm.safetensors")
 
 
-def shipped_demo_weights() -> tuple[Path, Path] | None:
-    """`DEMO_WEIGHTS` if both files ship with the package, else None (the demo then stays random)."""
-    return DEMO_WEIGHTS if all(p.is_file() for p in DEMO_WEIGHTS) else None
+def shipped_demo_weights() -> tuple[Path, Path]:
+    """`DEMO_WEIGHTS`, both shipped with the package; FileNotFoundError naming the missing ones (a demo
+    with random weights would be a buzz, not an echo: never a silent fallback)."""
+    missing = [str(p) for p in DEMO_WEIGHTS if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the demo's trained weights are missing: {', '.join(missing)} (package data of "
+                                f"moshi_ttt; reinstall, or rebuild them with scripts/train_demo_codec.py and "
+                                f"scripts/train_demo_lm.py)")
+    return DEMO_WEIGHTS
 
 
 def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None = None) -> Path:
     """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml with `DEMO_LM_OVERRIDES`, and
-    `ttt` instead of tiny's TTT section if given, and the `shipped_demo_weights()` if any), built once per TTT
+    `ttt` instead of tiny's TTT section if given, and the `shipped_demo_weights()`), built once per TTT
     config and weights in `cache_root` (default `cache_dir()`) and reused."""
     import hashlib
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
     weights = shipped_demo_weights()
-    key = {"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES, "ttt": None if ttt is None else ttt.to_dict()}
-    if weights is not None:
-        key["weights"] = [hashlib.sha1(p.read_bytes()).hexdigest() for p in weights]
+    key = {"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES, "ttt": None if ttt is None else ttt.to_dict(),
+           "weights": [hashlib.sha1(p.read_bytes()).hexdigest() for p in weights]}
     key = json.dumps(key, sort_keys=True)
     folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     if (folder / "config.json").exists():

@@ -455,6 +455,15 @@ def test_plain_kyutai_checkpoint_gets_the_shipped_moshi_ttt_defaults(repo_copy, 
     assert model.ttt_layer_indices == [0, 2]
 
 
+def test_demo_without_its_trained_weights_is_refused_not_random(tmp_path, monkeypatch):
+    """A package missing the demo's weights must not serve a random (buzzing) demo: the error names the file."""
+    gone = tmp_path / "gone" / "echo_lm.safetensors"
+    monkeypatch.setattr(assets, "DEMO_WEIGHTS", (assets.DEMO_WEIGHTS[0], gone))
+    with pytest.raises(FileNotFoundError, match="echo_lm.safetensors"):
+        assets.demo_repo(cache_root=tmp_path)
+    assert not any(tmp_path.glob("demo-*"))
+
+
 def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
     """`--demo` is configs/tiny.yaml with `assets.DEMO_LM_OVERRIDES` only (4 Moshi + 4 user codebooks, Moshi's
     delays), and it streams through Mimi and moshi's LMGen with 4 codebooks: Mimi uses as many as the LM
