@@ -199,8 +199,9 @@ class Engine:
             self._commands.append(("snapshot", slot.index, conv_id, (done, final)))
             self._cond.notify_all()
 
-    def restore_memory(self, slot: Slot, conv_id: int, data: bytes, done) -> None:
-        """Puts the memory file `data` into the conversation's slot (claimed, reset, nothing stepped yet):
+    def restore_memory(self, slot: Slot, conv_id: int, data: tp.Any, done) -> None:
+        """Puts the memory file `data` (bytes, or in the worker the `bulk.Bulk` the web process wrote them to)
+        into the conversation's slot (claimed, reset, nothing stepped yet):
         parsed and prepared off the step path, copied in between two steps. `done(ok, payload)`."""
         if self.memory is None:
             done(False, "conversation memory is off")
