@@ -25,6 +25,7 @@ from moshi_ttt.models.loaders import (
     load_ttt_moshi,
     resolve_ttt,
 )
+from moshi_ttt.models.streams import FRAME_RATE
 from moshi_ttt.ttt.config import load_ttt_config
 from moshi_ttt.utils.validate import Checks
 
@@ -188,14 +189,16 @@ class Pieces:
 
 
 def load_pieces(info: loaders.CheckpointInfo, ttt: ResolvedTTT, device: torch.device, dtype: torch.dtype,
-                name: str = "", fuse_lora: bool = False, lm_overrides: dict | None = None) -> Pieces:
+                name: str = "", fuse_lora: bool = False, lm_overrides: dict | None = None,
+                load_weight: bool = True) -> Pieces:
     """Builds the LM (strict base state dict + TTT tensors), Mimi and the tokenizer. `lm_overrides` are
-    extra LMModel kwargs (training: gradient_checkpointing)."""
+    extra LMModel kwargs (training: gradient_checkpointing); `load_weight` False: a freshly initialised LM of
+    the checkpoint's architecture (training from random init; the TTT weights file still loads)."""
     if lm_overrides:
         import dataclasses
 
         info = dataclasses.replace(info, lm_config={**base_lm_kwargs(info), **lm_overrides})
-    lm = load_ttt_moshi(info, ttt=ttt, device=device, dtype=dtype, fuse_lora=fuse_lora)
+    lm = load_ttt_moshi(info, ttt=ttt, device=device, dtype=dtype, fuse_lora=fuse_lora, load_weight=load_weight)
     try:
         mimi = info.get_mimi(device=device)
     except Exception as e:  # moshi raises whatever torch/safetensors raise
@@ -208,15 +211,53 @@ def load_pieces(info: loaders.CheckpointInfo, ttt: ResolvedTTT, device: torch.de
 
 
 def load(flags: CheckpointFlags, device: torch.device, dtype: torch.dtype, fuse_lora: bool = False,
-         cache_root: str | Path | None = None, state_dtype: str | None = None) -> Pieces:
-    """open_checkpoint → resolve_ttt → load_pieces. `state_dtype` (None: the config's) overrides the TTT
-    config's streaming-state dtype (`TTTConfig.state_dtype`)."""
+         cache_root: str | Path | None = None, state_dtype: str | None = None, context: int | None = None) -> Pieces:
+    """open_checkpoint → resolve_ttt → load_pieces → apply_context. `state_dtype` (None: the config's) overrides
+    the TTT config's streaming-state dtype (`TTTConfig.state_dtype`); `context` (None: the checkpoint's) the
+    attention window."""
     info, name, flags = open_checkpoint(flags, cache_root)
     ttt = resolve_ttt(info, flags.ttt_config, flags.ttt_weights)
     if state_dtype is not None:
         cfg = ttt.config
         ttt = replace(ttt, config=replace(cfg, layer=cfg.layer.with_state(state_dtype=state_dtype)))
-    return load_pieces(info, ttt, device, dtype, name=name, fuse_lora=fuse_lora)
+    pieces = load_pieces(info, ttt, device, dtype, name=name, fuse_lora=fuse_lora)
+    apply_context(pieces.lm, context, info, "--context")
+    return pieces
+
+
+# -- the attention window ---------------------------------------------------------------------------
+
+CONTEXT_HELP = ("attention window of the main transformer in frames (12.5 per second): the KV cache holds this "
+                "many frames. Default: the checkpoint's config.json `context`, which `moshi-ttt train` sets to the "
+                "window it trained with")
+
+
+def checkpoint_context(info: loaders.CheckpointInfo) -> int | None:
+    """The attention window (frames) in the checkpoint's LM config (moshi's `context`; None: unbounded)."""
+    return base_lm_kwargs(info).get("context")
+
+
+def apply_context(lm: tp.Any, context: int | None, info: loaders.CheckpointInfo, source: str,
+                  warn: bool = True) -> int | None:
+    """Runs `lm`'s main transformer with an attention window of `context` frames through moshi's own
+    `set_attention_context` (the depformer keeps its own); None keeps the checkpoint's. Logs a warning naming
+    both windows when `context` differs from the checkpoint's config.json (with `warn`), and returns the window in
+    effect.
+    Call before streaming starts: the KV cache's capacity is the window."""
+    from moshi.modules.transformer import set_attention_context
+
+    configured = checkpoint_context(info)
+    if context is None:
+        return configured
+    _check.number(source, context, lo=1, integer=True)
+    if context != configured and warn:
+        log.warning("%s %d: the main transformer attends over %d frames (%.1f s), not the %s of the checkpoint's "
+                    "config.json (the window it was trained with, for a `moshi-ttt train` export)", source, context,
+                    context, context / FRAME_RATE,
+                    f"{configured} frames" if configured is not None else "unbounded window")
+    set_attention_context(lm.transformer, context)
+    lm.context = context
+    return context
 
 
 # -- generation -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.runtime import add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
 from moshi_ttt.ttt.config import STATE_DTYPES
 from moshi_ttt.ttt.memory import Compression
 
@@ -117,6 +117,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                      "(shipped weights) in the cache and serve it, fully offline: you hear "
                                      "yourself ≈ 0.9 s later (a pipeline test, not a conversation)")
     g.add_argument("--no-fuse-lora", action="store_false", dest="fuse_lora", help="keep LoRA layers unfused")
+    g.add_argument("--context", type=int, default=None, metavar="FRAMES", help=CONTEXT_HELP)
     g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")

@@ -41,7 +41,8 @@ def load(args, metrics: tp.Any = None) -> Loaded:
         log.info("--half is ignored on CPU (float32)")
     t = time.perf_counter()
     pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, fuse_lora=args.fuse_lora,
-                          cache_root=args.cache_dir, state_dtype=getattr(args, "ttt_state_dtype", None))
+                          cache_root=args.cache_dir, state_dtype=getattr(args, "ttt_state_dtype", None),
+                          context=getattr(args, "context", None))
     lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
     log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
              time.perf_counter() - t, lm.ttt_layer_indices)
@@ -77,7 +78,7 @@ def load(args, metrics: tp.Any = None) -> Loaded:
     model_info = {
         "model": model_name, "demo": bool(args.demo), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "max_conversations": n, "sample_rate": int(mimi.sample_rate), "frame_rate": float(mimi.frame_rate),
-        "ttt_layers": list(lm.ttt_layer_indices), "ttt": lm.ttt_config.to_dict(),
+        "ttt_layers": list(lm.ttt_layer_indices), "ttt": lm.ttt_config.to_dict(), "context": lm.context,
         "ttt_state_bytes_per_conversation": lm.ttt_state_bytes(),  # the engine's live states (streaming since start)
         "generation": {k: v for k, v in gen.items()}, "cfg_coef": args.cfg_coef,
     }

@@ -8,7 +8,8 @@ are still fed to the LM).
 `LMGen` emits nothing during its first `max_delay` steps, so `max_delay` frames of silence are fed after
 the input: the output has exactly as many frames as the padded input.
 
-Outputs: the WAV, a transcript (SentencePiece pieces, "▁" → space, text ids 0 and 3 skipped) and a
+Outputs: the WAV, a transcript (SentencePiece pieces, "▁" → space, text ids 0 and 3 skipped), the timed text
+beside it (`out.text.json`: each text token and word with its frame and time, see `timed_text`) and a
 telemetry JSON (see `_telemetry_doc`). User errors (missing or unreadable files, bad configs, broken
 checkpoints) print one line and exit with code 2.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS
-from moshi_ttt.runtime import add_checkpoint_args
+from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args
 
 EXIT_USER_ERROR = 2
 
@@ -53,7 +54,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _telemetry_doc
     parser.add_argument("infile", help="input audio (any sample rate / channels: resampled to 24 kHz mono)")
     parser.add_argument("outfile", help="output WAV (24 kHz mono, as many 80 ms frames as the input)")
-    parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt)")
+    parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt); its timed text (each "
+                                             "token and word with its frame and time) goes beside it, as .text.json")
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
     g = parser.add_argument_group("checkpoint")
     add_checkpoint_args(g, demo_help="no checkpoint: the tiny echo demo checkpoint of `serve --demo` "
@@ -63,6 +65,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="LM dtype (default: float32 on cpu, bfloat16 on cuda)")
+    r.add_argument("--context", type=int, default=None, metavar="FRAMES", help=CONTEXT_HELP)
     r.add_argument("--batch-size", type=int, default=1,
                    help="run the input as N independent conversations in one batch; with N > 1 every item "
                         "is written, with suffix _i (out_0.wav, out_0.txt, ...); the telemetry file holds "
@@ -166,9 +169,9 @@ def _prepare(args: argparse.Namespace) -> dict:
     device = runtime.pick_device(args.device)
     dtype = runtime.pick_dtype(device, args.dtype)
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
-    check_outputs([*wavs, *txts, tel])
+    check_outputs([*wavs, *txts, *map(timed_text_path, txts), tel])
     pcm = read_audio(args.infile)
-    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype)
+    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, context=args.context)
     gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
     conditions = runtime.condition_tensors(pieces, args.batch_size, args.cfg_coef, gen)
     if pieces.lm.dep_q == 0:
@@ -300,9 +303,11 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
         sphn.write_wav(str(wavs[b]), np.concatenate(out_pcm[b]) if out_pcm[b] else np.zeros(0, np.float32),
                        sample_rate=mimi.sample_rate)
         txts[b].write_text(transcript(tokenizer, text_ids[b]) + "\n")
+        timed_text_path(txts[b]).write_text(json.dumps(timed_text(tokenizer, text_ids[b], mimi.frame_rate)) + "\n")
     audio_seconds = pcm.shape[0] / mimi.sample_rate
     report = {
         "infile": str(args.infile), "outfiles": [str(w) for w in wavs], "transcripts": [str(t) for t in txts],
+        "timed_text": [str(timed_text_path(t)) for t in txts],
         "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(pcm.shape[0]),
         "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
         "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
@@ -343,6 +348,36 @@ def _memory_save(model, memory: dict, path: str) -> dict:
     mf.save(path, m, memory["comp"])
     return dict(m.meta(), path=str(path), compression=str(memory["comp"]),
                 layers=_memory_stats({i: (lm.delta, lm.counters["updates"]) for i, lm in m.layers.items()}))
+
+
+def timed_text_path(transcript_path: Path) -> Path:
+    """Where the timed text of a transcript goes: beside it, `out.txt` → `out.text.json`."""
+    return transcript_path.with_suffix(".text.json")
+
+
+def timed_text(tokenizer, ids: list[int], frame_rate: float) -> dict:
+    """The text stream with its timing: `ids[k]` is the LM's output k, Moshi's frame k + 1 (LMGen never emits
+    frame 0), and frame f covers the input's [f / frame_rate, (f + 1) / frame_rate) seconds. Padding ids are
+    left out. `tokens`: {frame, time, id, piece} each; `words`: {word, frame, time} each, the transcript's
+    whitespace-separated words (SentencePiece's "▁" is a space), each with the frame of its first piece."""
+    tokens: list[dict] = []
+    words: list[dict] = []
+    new_word = True
+    for k, i in enumerate(ids):
+        if i in TEXT_PADDING_IDS:
+            continue
+        frame = k + 1
+        piece = tokenizer.id_to_piece(i)
+        tokens.append({"frame": frame, "time": frame / frame_rate, "id": i, "piece": piece})
+        for ch in piece.replace("▁", " "):
+            if ch.isspace():
+                new_word = True
+            elif new_word:
+                words.append({"word": ch, "frame": frame, "time": frame / frame_rate})
+                new_word = False
+            else:
+                words[-1]["word"] += ch
+    return {"frame_rate": frame_rate, "first_frame": 1, "frames": len(ids), "tokens": tokens, "words": words}
 
 
 def transcript(tokenizer, ids: list[int]) -> str:

@@ -10,7 +10,8 @@ any world size, or a single process, resumes from it.
 
 Export folder `run_dir/export/` — a Kyutai-layout folder usable as `--hf-repo`:
   config.json             the base checkpoint's config with absolute paths to the base files, the
-                          trained "ttt" section and, for LoRA runs, "lora": true / rank / scaling
+                          trained "ttt" section, "context" = the attention window trained with and, for
+                          LoRA runs, "lora": true / rank / scaling
   ttt.safetensors(.json)  TTT-only weights + config (`--ttt-weights`)
   lora.safetensors        LoRA adapters (trainable: ttt+lora), named by config.json's lora_name
   model.safetensors       all weights incl. TTT (trainable: ttt+wdown / full, whose base weights change)
@@ -120,9 +121,10 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
 
 
 def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None,
-           state: dict[str, torch.Tensor] | None = None) -> Path:
+           state: dict[str, torch.Tensor] | None = None, context: int | None = None) -> Path:
     """Writes the export folder (see module docstring); returns its config.json. `state`: the full state dict
-    when `model` is sharded (FSDP, consolidated on rank 0); default `model.state_dict()`."""
+    when `model` is sharded (FSDP, consolidated on rank 0); default `model.state_dict()`. `context`: the
+    attention window the model trained with, written as config.json's `context`."""
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = model.state_dict()
@@ -147,6 +149,7 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
         adapters = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".lora_" in k}
         save_file(adapters, str(out / "lora.safetensors"))
         raw.update(lora=True, lora_rank=lora["rank"], lora_scaling=lora["scaling"], lora_name="lora.safetensors")
+    raw["context"] = context
     raw["ttt"] = model.ttt_config.to_dict()
     raw[TTT_NAME_KEY] = "ttt.safetensors"  # `--hf-repo RUN/export` alone loads the trained TTT weights
     raw.pop("gradient_checkpointing", None)

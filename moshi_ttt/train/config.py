@@ -4,8 +4,9 @@ Every invalid value raises `ValueError` naming the field (as `section.key`) and 
 
     run_dir: runs/tiny              # checkpoints/, metrics.jsonl, export/ (relative: to the YAML's folder)
     model:   {hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight, ttt_config, ttt_weights,
-              demo}                 # runtime.CheckpointFlags: the same names and meaning as `infer`'s flags
-    data:    {train, segment_frames | duration_sec, main_speaker, min_segment_frames, shuffle}
+              demo,                 # runtime.CheckpointFlags: the same names and meaning as `infer`'s flags
+              context, init}        # training only (ModelSection)
+    data:    {train, segment_frames | duration_sec, main_speaker, min_segment_frames, shuffle, code_cache}
     optim:   {lr, weight_decay, betas, eps, warmup_steps, schedule, min_lr_ratio}
     lora:    {rank, scaling}        # used by trainable: ttt+lora
     fsdp:    {reduce_dtype, reshard_after_forward}   # used when parallel resolves to fsdp
@@ -29,6 +30,7 @@ TRAINABLE_SETS = ("ttt", "ttt+lora", "ttt+wdown", "full")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float64")
 PARALLEL_MODES = ("auto", "ddp", "fsdp")
+INITS = ("checkpoint", "random")
 
 
 _check = Checks("train config")
@@ -43,6 +45,10 @@ class DataSection:
     is one document (fast weights start from W⁽⁰⁾). A last, shorter piece is kept (padded with
     moshi's zero token, masked out of the loss) if it has at least `min_segment_frames` real frames
     (default: chunk_size + 1, the least that gives the target parameters a gradient).
+
+    code_cache: where the codec codes of each recording are kept across runs (train/code_cache.py): "auto" (the
+    default: `codes/` in moshi-ttt's cache, $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt), a folder, or null (encode
+    in every run, as moshi-finetune does).
     """
 
     train: str | None = None
@@ -51,6 +57,7 @@ class DataSection:
     main_speaker: str = "SPEAKER_MAIN"
     min_segment_frames: int | None = None
     shuffle: bool = True
+    code_cache: str | None = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, str) or not self.train:
@@ -64,12 +71,38 @@ class DataSection:
         if not isinstance(self.main_speaker, str) or not self.main_speaker:
             raise _bad("data.main_speaker", self.main_speaker, "must be a non-empty speaker label")
         _check.flag("data.shuffle", self.shuffle)
+        _check.path("data.code_cache", self.code_cache)
 
     def frames(self, frame_rate: float) -> int:
         """Segment length in Mimi frames."""
         if self.segment_frames is not None:
             return self.segment_frames
         return math.ceil(self.duration_sec * frame_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(CheckpointFlags):
+    """The checkpoint flags (`runtime.CheckpointFlags`) and what only training sets:
+
+    context: the attention window of the main transformer while training, in frames (moshi's attention
+        `context`, applied with `set_attention_context`); null = the checkpoint's. It is written into the
+        export's config.json, so `serve` and `infer` of the export run with the window the model learnt with.
+    init: "checkpoint" (the default: the checkpoint's weights) or "random" (a fresh model of the checkpoint's
+        architecture, seeded by `seed`; its Mimi and tokenizer still come from the checkpoint). Needs
+        trainable: full.
+    """
+
+    context: int | None = None
+    init: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _num("model.context", self.context, lo=1, integer=True, optional=True)
+        _check.choice("model.init", self.init, INITS)
+
+    def flags(self) -> CheckpointFlags:
+        """The checkpoint flags alone (what `runtime.open_checkpoint` takes)."""
+        return CheckpointFlags(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CheckpointFlags)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +183,7 @@ class TrainConfig:
 
     run_dir: str
     data: DataSection
-    model: CheckpointFlags = dataclasses.field(default_factory=CheckpointFlags)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     fsdp: FsdpSection = dataclasses.field(default_factory=FsdpSection)
@@ -177,6 +210,9 @@ class TrainConfig:
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise _bad("run_dir", self.run_dir, "must be a folder path")
         _check.choice("trainable", self.trainable, TRAINABLE_SETS)
+        if self.model.init == "random" and self.trainable != "full":
+            raise _bad("trainable", self.trainable, "must be 'full' with model.init: random (a random base model "
+                       "whose weights do not train learns nothing)")
         _check.choice("parallel", self.parallel, PARALLEL_MODES)
         _num("batch_size", self.batch_size, lo=1, integer=True)
         _num("max_steps", self.max_steps, lo=1, integer=True)
@@ -207,7 +243,7 @@ class TrainConfig:
         if not isinstance(d, tp.Mapping):
             raise ValueError(f"invalid train config: expected a mapping, got {type(d).__name__}")
         d = dict(d)
-        sections = {"model": CheckpointFlags, "data": DataSection, "optim": OptimSection, "lora": LoraSection,
+        sections = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "lora": LoraSection,
                     "fsdp": FsdpSection}
         built = {}
         for name, sec_cls in sections.items():
@@ -237,8 +273,9 @@ class TrainConfig:
 
         model = dataclasses.replace(self.model, **{f: rel_if_exists(getattr(self.model, f)) for f in PATH_FLAGS})
         resume = self.resume if self.resume in ("auto", "never") else rel(self.resume)
+        cache = self.data.code_cache if self.data.code_cache in (None, "auto") else rel(self.data.code_cache)
         return dataclasses.replace(self, run_dir=rel(self.run_dir), data=dataclasses.replace(
-            self.data, train=rel(self.data.train)), model=model, resume=resume)
+            self.data, train=rel(self.data.train), code_cache=cache), model=model, resume=resume)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moshi_ttt.models.streams import FRAME_RATE, SAMPLE_RATE
+from moshi_ttt.train.code_cache import CodeCache
 
 
 class DataError(ValueError):
@@ -198,11 +199,12 @@ class Dataset:
 
     All files are checked at construction (existence, stereo, alignment JSON), so a bad file fails the run
     before any training step. Audio is encoded lazily, one whole recording at a time (each segment
-    encoded separately, as moshi-finetune does), on the device of `mimi`.
+    encoded separately, as moshi-finetune does), on the device of `mimi`, and kept in memory for the run and
+    in `code_cache` (if given) for the next runs.
     """
 
     def __init__(self, manifest: str | Path, segment_frames: int, min_segment_frames: int,
-                 main_speaker: str, frame_rate: float = FRAME_RATE):
+                 main_speaker: str, frame_rate: float = FRAME_RATE, code_cache: CodeCache | None = None):
         if segment_frames < 1:
             raise ValueError(f"segment_frames={segment_frames} must be >= 1")
         self.manifest = Path(manifest)
@@ -210,6 +212,7 @@ class Dataset:
         self.min_segment_frames = min_segment_frames
         self.main_speaker = main_speaker
         self.frame_rate = frame_rate
+        self.code_cache = code_cache
         self.frame_size = int(round(SAMPLE_RATE / frame_rate))
         self.recordings: list[Recording] = []
         self.segments: list[Segment] = []
@@ -247,8 +250,29 @@ class Dataset:
     def batch(self, indices: tp.Sequence[int], mimi, tokenizer, ids: TokenIds) -> torch.Tensor:
         return torch.stack([self.codes(i, mimi, tokenizer, ids) for i in indices])
 
-    @torch.no_grad()
     def _encode_recording(self, r: int, mimi, tokenizer, ids: TokenIds) -> None:
+        """Fills the in-memory codes of recording r's segments: from the code cache if it has them, else
+        encoded (and then cached)."""
+        rec = self.recordings[r]
+        key = None
+        if self.code_cache is not None:
+            key = self.code_cache.key(rec.path, rec.path.with_suffix(".json"), {
+                "segment_frames": self.segment_frames, "min_segment_frames": self.min_segment_frames,
+                "main_speaker": self.main_speaker, "frame_rate": self.frame_rate})
+            cached = self.code_cache.get(key)
+            mine = {seg.start_frame: i for i, seg in enumerate(self.segments) if seg.recording == r}
+            if cached is not None and set(cached) == set(mine):
+                for start, i in mine.items():
+                    self._cache[i] = cached[start]
+                return
+        fresh = self._encode(r, mimi, tokenizer, ids)
+        self._cache.update(fresh)
+        if key is not None:
+            self.code_cache.put(key, {self.segments[i].start_frame: c for i, c in fresh.items()})
+
+    @torch.no_grad()
+    def _encode(self, r: int, mimi, tokenizer, ids: TokenIds) -> dict[int, torch.Tensor]:
+        """{segment index: codes [1 + n_q, segment_frames] int32} of recording r's segments, encoded by `mimi`."""
         import sphn
 
         rec = self.recordings[r]
@@ -272,6 +296,7 @@ class Dataset:
                 raise ValueError(f"text tokenizer gives ids {bad[:3]} outside the model's text_card={ids.text_card}")
         device = next(iter(mimi.parameters())).device
         T, F = self.segment_frames, self.frame_size
+        out = {}
         for i, seg in enumerate(self.segments):
             if seg.recording != r:
                 continue
@@ -290,7 +315,8 @@ class Dataset:
             codes = torch.full((1 + audio.shape[0], T), ids.zero, dtype=torch.int32)
             codes[0, :seg.real_frames] = torch.tensor(text, dtype=torch.int32)
             codes[1:, :seg.real_frames] = audio.cpu().to(torch.int32)
-            self._cache[i] = codes
+            out[i] = codes
+        return out
 
 
 # -- data order ---------------------------------------------------------------------------------------

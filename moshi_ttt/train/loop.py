@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -30,16 +31,20 @@ import yaml
 
 from moshi_ttt import runtime
 from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.models.loaders import base_lm_kwargs
 from moshi_ttt.models.streams import FRAME_RATE
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.train import checkpointing as ckpt
 from moshi_ttt.train import fsdp
+from moshi_ttt.train.code_cache import CodeCache
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.data import BatchOrder, Dataset, TokenIds
 from moshi_ttt.train.dist import DistEnv, setup
 from moshi_ttt.train.loss import global_loss, loss_parts
 from moshi_ttt.train.params import MasterParams, add_lora, select_trainable
 from moshi_ttt.train.telemetry import FastWeightProbe, grad_norm, ttt_layer_params
+
+log = logging.getLogger("moshi_ttt.train")
 
 
 def check_segment(segment_frames: int, chunk: int, what: str = "data.segment_frames") -> None:
@@ -50,6 +55,32 @@ def check_segment(segment_frames: int, chunk: int, what: str = "data.segment_fra
             f"that fits in a single chunk never applies a fast-weight update (chunk i only uses the deltas of "
             f"chunks < i), so the TTT target parameters (conv, W_target) would get no gradient. Use segments of "
             f"more than {chunk} frames (at least 2 chunks), or a smaller ttt.layer.chunk_size.")
+
+
+def warn_inside_window(segment_frames: int, segment_name: str, context: int | None, context_name: str) -> bool:
+    """Warns (and returns True) when a segment fits in the attention window: training on such segments gives TTT
+    nothing to remember that attention cannot reach. A warning, not a refusal: TTT can still learn what helps
+    inside the window (the paper's in-context gains), and short segments are how smoke runs are made."""
+    if context is not None and segment_frames > context:
+        return False
+    window = (f"{context_name}={context} frames" if context is not None
+              else f"the attention window ({context_name}: null, unbounded)")
+    log.warning("%s=%d frames is not longer than %s: every frame of a segment is inside the attention window, so "
+                "TTT cannot learn to remember beyond the window. To teach memory beyond it, train on segments "
+                "several times longer than model.context (docs/training.md)", segment_name, segment_frames, window)
+    return True
+
+
+def code_cache(setting: str | None, pieces: runtime.Pieces, ids: TokenIds, frame_rate: float) -> CodeCache | None:
+    """data.code_cache → the cache of this run's codec and tokenizer (None: off)."""
+    if setting is None:
+        return None
+    from moshi_ttt.models.demo import cache_dir
+
+    root = cache_dir() / "codes" if setting == "auto" else Path(setting)
+    info = pieces.info
+    return CodeCache(root, CodeCache.codec_id_of(info.mimi_weights, info.mimi_config, pieces.mimi.num_codebooks,
+                                                 info.tokenizer, ids, frame_rate))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -85,25 +116,34 @@ class Trainer:
         self.dtype = runtime.pick_dtype(dev, cfg.dtype)
         torch.manual_seed(cfg.seed)
 
-        info, name, flags = runtime.open_checkpoint(cfg.model)
+        info, name, flags = runtime.open_checkpoint(cfg.model.flags())
         ttt = runtime.resolve_ttt(info, flags.ttt_config, flags.ttt_weights)
         ttt_cfg = ttt.config
         frame_rate = float((info.mimi_config or {}).get("frame_rate", FRAME_RATE))
         chunk = ttt_cfg.layer.chunk_size
+        has_ttt = bool(ttt_cfg.layer_indices(int(base_lm_kwargs(info).get("num_layers", 0))))
         self.segment_frames = cfg.data.frames(frame_rate)
-        check_segment(self.segment_frames, chunk,
-                      "data.segment_frames" if cfg.data.segment_frames is not None
-                      else f"data.duration_sec={cfg.data.duration_sec} s ⇒ segment_frames")
-        min_frames = cfg.data.min_segment_frames or chunk + 1
-        if cfg.data.min_segment_frames is not None:
+        segment_name = ("data.segment_frames" if cfg.data.segment_frames is not None
+                        else f"data.duration_sec={cfg.data.duration_sec} s ⇒ segment_frames")
+        if has_ttt:
+            check_segment(self.segment_frames, chunk, segment_name)
+        min_frames = cfg.data.min_segment_frames or (chunk + 1 if has_ttt else 1)
+        if cfg.data.min_segment_frames is not None and has_ttt:
             check_segment(min_frames, chunk, "data.min_segment_frames")
+        self.context = cfg.model.context if cfg.model.context is not None else runtime.checkpoint_context(info)
+        if has_ttt:
+            warn_inside_window(self.segment_frames, segment_name, self.context,
+                               "model.context" if cfg.model.context is not None else "the checkpoint's context")
         # Validates every data file before the (possibly long) model load.
         self.dataset = Dataset(cfg.data.train, self.segment_frames, min_frames, cfg.data.main_speaker, frame_rate)
         self.order = BatchOrder(len(self.dataset), cfg.batch_size, cfg.seed, cfg.data.shuffle)
         self.order.local_batch(0, env.rank, env.world_size)  # batch_size divisible by the world size
 
         pieces = runtime.load_pieces(info, ttt, dev, self.dtype, name=name,
-                                     lm_overrides={"gradient_checkpointing": cfg.gradient_checkpointing})
+                                     lm_overrides={"gradient_checkpointing": cfg.gradient_checkpointing},
+                                     load_weight=cfg.model.init == "checkpoint")
+        runtime.apply_context(pieces.lm, cfg.model.context, info, "model.context", warn=False)
+        self.dataset.code_cache = code_cache(cfg.data.code_cache, pieces, TokenIds.of(pieces.lm), frame_rate)
         self.info, model = pieces.info, pieces.lm
         _set_clip(model, cfg.ttt_clip_norm)
         if cfg.trainable == "ttt+lora":
@@ -315,7 +355,8 @@ class Trainer:
                      for k, v in fsdp.full_state_dict(self.model).items()}
         if env.is_main:
             lora = dataclasses.asdict(cfg.lora) if cfg.trainable == "ttt+lora" else None
-            export_cfg = ckpt.export(self.run_dir / "export", self.model, self.info, cfg.trainable, lora, state)
+            export_cfg = ckpt.export(self.run_dir / "export", self.model, self.info, cfg.trainable, lora, state,
+                                     context=self.context)
         env.barrier()
         return {"step": self.step, "rank": env.rank, "last": last, "export": str(self.run_dir / "export"),
                 "export_config": str(export_cfg) if export_cfg else None, "metrics": str(metrics_path)}

@@ -47,7 +47,7 @@ def select_trainable(model: TTTLMModel, trainable: str) -> list[str]:
         p.requires_grad_(on)
         if on:
             names.append(n)
-    if not any(TTT_KEY in n for n in names):
+    if trainable != "full" and not any(TTT_KEY in n for n in names):
         raise ValueError("the model has no TTT target parameters to train (no TTT layer, or the TTT config "
                          "disables both use_conv and use_target_proj)")
     return names

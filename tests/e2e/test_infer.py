@@ -19,7 +19,7 @@ import pytest
 import sphn
 import yaml
 
-from moshi_ttt.apps.infer import output_paths, transcript
+from moshi_ttt.apps.infer import output_paths, timed_text, timed_text_path, transcript
 from moshi_ttt.models import demo as assets
 from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
 from moshi_ttt.testing import audio_match
@@ -93,6 +93,12 @@ def _check_run(infile: Path, wavs: list[Path], txts: list[Path], tel_path: Path,
         assert np.isfinite(pcm).all() and np.abs(pcm).max() > 0
         assert txt.is_file()  # random weights: the text itself is meaningless
         assert "▁" not in txt.read_text()
+        timed = json.loads(timed_text_path(txt).read_text())  # the same words as the transcript, each with its frame
+        assert [w["word"] for w in timed["words"]] == txt.read_text().split()
+        assert timed["frame_rate"] == 12.5 and timed["frames"] == in_frames
+        frames = [t["frame"] for t in timed["tokens"]]
+        assert frames == sorted(set(frames)) and all(1 <= f <= in_frames for f in frames)
+        assert all(t["time"] == t["frame"] / 12.5 for t in timed["tokens"])
     tel = json.loads(tel_path.read_text())
     frames = tel["frames"]
     assert tel["input_frames"] == in_frames
@@ -211,6 +217,25 @@ def test_transcript_and_output_names():
     assert (wavs, txts, tel) == ([Path("d/out.wav")], [Path("d/out.txt")], Path("d/out.ttt.json"))
     wavs, txts, tel = output_paths("d/out.wav", 2, transcript="t.txt")
     assert wavs == [Path("d/out_0.wav"), Path("d/out_1.wav")] and txts == [Path("t_0.txt"), Path("t_1.txt")]
+    assert timed_text_path(Path("d/out_1.txt")) == Path("d/out_1.text.json")
+
+
+def test_timed_text_gives_each_word_its_output_frame():
+    """Output k of LMGen is Moshi's frame k + 1: a word's frame and time (frame / 12.5) are those of its first
+    piece; padding ids are skipped; "▁" alone ends a word; the words are the transcript's."""
+    class Tok:
+        pieces = {0: "<unk>", 3: "<pad>", 5: "▁sev", 6: "en", 7: "▁", 8: "two", 9: "▁nine"}
+
+        def id_to_piece(self, i):
+            return self.pieces[i]
+    ids = [3, 3, 0, 5, 6, 3, 7, 8, 3, 3, 9]
+    timed = timed_text(Tok(), ids, 12.5)
+    assert [(w["word"], w["frame"], w["time"]) for w in timed["words"]] == [
+        ("seven", 4, 4 / 12.5), ("two", 8, 8 / 12.5), ("nine", 11, 11 / 12.5)]
+    assert [(t["frame"], t["id"], t["piece"]) for t in timed["tokens"]] == [
+        (4, 5, "▁sev"), (5, 6, "en"), (7, 7, "▁"), (8, 8, "two"), (11, 9, "▁nine")]
+    assert " ".join(w["word"] for w in timed["words"]) == transcript(Tok(), ids)
+    assert timed["frames"] == len(ids) and timed["first_frame"] == 1
 
 
 @pytest.mark.slow  # three infer runs, ~8 s

@@ -1,0 +1,1 @@
+"""The spoken-memory benchmark: spoken conversations with facts asked back later, and their recall scorer."""
