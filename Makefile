@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 # System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
 # haproxy the scale-out test (Debian puts it in /usr/sbin).
 SYSDEPS := espeak-ng sox chromium haproxy
-.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench experiment gpu-check
+.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench experiment experiment-symbols gpu-check
 setup: $(STAMP)
 
 sysdeps:
@@ -65,9 +65,16 @@ bench: $(STAMP) sysdeps
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
-# Memory beyond the attention window (moshi_ttt/experiments/memory_experiment.py; ≈ 15 min on 2 idle cores;
-# resumable: finished runs are cached in docs/memory_experiment/runs/): results.json, the plot, and the table
-# in docs/memory-experiment.md.
-experiment: $(STAMP)
+# Does Moshi remember? The spoken-memory experiment (moshi_ttt/experiments/spoken/experiment.py, docs/spoken-memory.md):
+# data and checkpoints in $MOSHI_TTT_CACHE/spoken_memory (resumable), run records in docs/spoken_memory/runs/, then
+# results.json, the plot and the tables of docs/spoken-memory.md and the README, regenerated from the records.
+experiment: $(STAMP) sysdeps
+	OMP_NUM_THREADS=2 $(VENV)/bin/python -m moshi_ttt.experiments.spoken.experiment --out docs/spoken_memory \
+	  --doc docs/spoken-memory.md --readme README.md
+
+# The symbolic memory experiment (moshi_ttt/experiments/memory_experiment.py; ≈ 15 min on 2 idle cores; resumable:
+# finished runs are cached in docs/memory_experiment/runs/): results.json, the plot, and the table in
+# docs/memory-experiment.md.
+experiment-symbols: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_cross --out docs/memory_experiment

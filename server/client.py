@@ -6,8 +6,8 @@
         await conv.wait_output_frames(n)    # decoded reply audio, in 1920-sample frames
         await conv.close()
 
-Received messages are collected by a background task: `pcm` (decoded reply), `text` pieces,
-`metadata` (JSON objects), `errors` (0x05 reasons), `kinds` (the order of message kinds).
+Received messages are collected by a background task: `pcm` (decoded reply), `text` pieces (and `text_times`,
+when each arrived), `metadata` (JSON objects), `errors` (0x05 reasons), `kinds` (the order of message kinds).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ChatClient:
         self.n_samples = 0
         self.audio_times: list[tuple[float, int]] = []  # (monotonic time, total samples) per audio message
         self.text: list[str] = []
+        self.text_times: list[float] = []  # monotonic time each text piece arrived
         self.metadata: list[dict] = []
         self.errors: list[str] = []
         self.closed = asyncio.Event()
@@ -111,6 +112,7 @@ class ChatClient:
                         self.audio_times.append((time.monotonic(), self.n_samples))
                 elif kind == protocol.Kind.TEXT:
                     self.text.append(payload)
+                    self.text_times.append(time.monotonic())
                 elif kind == protocol.Kind.METADATA:
                     self.metadata.append(payload)
                 elif kind == protocol.Kind.ERROR:

@@ -34,8 +34,10 @@ EXIT_USER_ERROR = 2
 
 _telemetry_doc = """\
 telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size,
-batch_size, ttt_layers, sample_every, seconds (wall), audio_seconds, realtime_speed (audio seconds / wall
-seconds, > 1 is faster than real time), ms_per_frame, and per TTT layer ("layers": {"<index>": ...}) the
+batch_size, ttt_layers, sample_every, seconds (wall), audio_seconds (per conversation), realtime_speed
+(audio seconds / wall seconds per conversation, > 1 is faster than real time), ms_per_frame, for an input
+folder "items" (per item: infile, input_frames, outfile, transcript, timed_text), and per TTT layer
+("layers": {"<index>": ...}) the
 final per-item lists updates / clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and
 last_delta_norm (‖ΔW‖_F of the last completed chunk), one entry per sample (a list over batch items) at
 the LM steps in series_frames. With --memory or --save-memory,
@@ -52,8 +54,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                           "the answer WAV, its transcript and the TTT telemetry.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _telemetry_doc
-    parser.add_argument("infile", help="input audio (any sample rate / channels: resampled to 24 kHz mono)")
-    parser.add_argument("outfile", help="output WAV (24 kHz mono, as many 80 ms frames as the input)")
+    parser.add_argument("infile", help="input audio (any sample rate / channels: resampled to 24 kHz mono), or a "
+                                       "folder: each audio file in it is a conversation of its own, stepped in "
+                                       "batches of --batch-size (default 16)")
+    parser.add_argument("outfile", help="output WAV (24 kHz mono, as many 80 ms frames as the input), or for an input "
+                                        "folder the output folder (NAME.wav, .txt, .text.json per input NAME, and "
+                                        "batch_K.ttt.json per batch)")
     parser.add_argument("--transcript", help="transcript text file (default: OUTFILE with .txt); its timed text (each "
                                              "token and word with its frame and time) goes beside it, as .text.json")
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
@@ -66,10 +72,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="LM dtype (default: float32 on cpu, bfloat16 on cuda)")
     r.add_argument("--context", type=int, default=None, metavar="FRAMES", help=CONTEXT_HELP)
-    r.add_argument("--batch-size", type=int, default=1,
-                   help="run the input as N independent conversations in one batch; with N > 1 every item "
-                        "is written, with suffix _i (out_0.wav, out_0.txt, ...); the telemetry file holds "
-                        "per-item lists")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="run the input as N independent conversations in one batch (default 1); with N > 1 every "
+                        "item is written, with suffix _i (out_0.wav, out_0.txt, ...); the telemetry file holds "
+                        "per-item lists. With an input folder: how many of its files are stepped together "
+                        "(default 16)")
     r.add_argument("--seed", type=int, default=4242, help="random seed for sampling (default 4242, as moshi)")
     r.add_argument("--temp", type=float, default=None, help="audio sampling temperature (LMGen default 0.8)")
     r.add_argument("--temp-text", type=float, default=None, help="text sampling temperature (LMGen default 0.7)")
@@ -91,11 +98,54 @@ def run(args: argparse.Namespace) -> int:
 
     runtime.log_to_stderr("moshi-ttt infer")
     try:
+        if Path(args.infile).is_dir():
+            return _run_folder(args)
         setup = _prepare(args)
     except (UserError, CheckpointError, OSError, ValueError) as e:
         _fail(e)
         return EXIT_USER_ERROR
     _infer(args, **setup)
+    return 0
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+FOLDER_BATCH = 16
+
+
+def _run_folder(args: argparse.Namespace) -> int:
+    """An input folder: its audio files (sorted by name) in batches of --batch-size conversations, each item
+    with its own KV cache and fast weights, shorter ones padded with silence (their outputs cut to their own
+    length); outputs in the output folder."""
+    from moshi_ttt import runtime
+
+    folder, out = Path(args.infile), Path(args.outfile)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise UserError(f"input folder {folder} holds no audio file ({', '.join(AUDIO_SUFFIXES)})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out}: with an input folder the output must be a folder, not a file")
+    if args.memory or args.save_memory or args.transcript or args.telemetry:
+        raise UserError("--memory, --save-memory, --transcript and --telemetry take one conversation: not with an "
+                        "input folder")
+    B = args.batch_size or FOLDER_BATCH
+    if B < 1:
+        raise UserError(f"--batch-size must be >= 1, got {B}")
+    if args.telemetry_every < 0:
+        raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
+    pcms = [read_audio(f) for f in files]
+    out.mkdir(parents=True, exist_ok=True)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(device, args.dtype)
+    pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, context=args.context)
+    if pieces.lm.dep_q == 0:
+        raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
+    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    for k in range(0, len(files), B):
+        group = files[k:k + B]
+        conditions = runtime.condition_tensors(pieces, len(group), args.cfg_coef, gen)
+        _infer(args, pieces.lm, pieces.mimi, pieces.tokenizer, gen, conditions, pcms[k:k + B], device, dtype,
+               [out / f"{f.stem}.wav" for f in group], [out / f"{f.stem}.txt" for f in group],
+               out / f"batch_{k // B}.ttt.json", infiles=group)
     return 0
 
 
@@ -161,6 +211,8 @@ def _prepare(args: argparse.Namespace) -> dict:
     """Everything that can fail because of the user's input, before the (long) streaming loop."""
     from moshi_ttt import runtime
 
+    if args.batch_size is None:
+        args.batch_size = 1
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.telemetry_every < 0:
@@ -180,7 +232,8 @@ def _prepare(args: argparse.Namespace) -> dict:
     for p in [*wavs, *txts, tel]:
         p.parent.mkdir(parents=True, exist_ok=True)
     return dict(memory=memory, model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
-                conditions=conditions, pcm=pcm, device=device, dtype=dtype, wavs=wavs, txts=txts, tel=tel)
+                conditions=conditions, pcms=[pcm] * args.batch_size, device=device, dtype=dtype, wavs=wavs, txts=txts,
+                tel=tel)
 
 
 def _memory_args(args) -> dict:
@@ -239,20 +292,25 @@ def _to_list(t: torch.Tensor, n: int) -> list:
 
 
 @torch.no_grad()
-def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray, device, dtype, wavs, txts,
-           tel, memory: dict | None = None) -> None:
+def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.ndarray], device, dtype, wavs, txts,
+           tel, memory: dict | None = None, infiles: list[Path] | None = None) -> None:
+    """Streams `pcms` (one per batch item, [n] each) as a batch of conversations and writes item b's outputs to
+    wavs[b], txts[b] (+ timed text) and the batch's telemetry to `tel`. Items shorter than the longest hear
+    silence after their end; their outputs are cut to their own number of frames."""
     import sphn
     from moshi.run_inference import seed_all
     from tqdm import tqdm
 
-    B = args.batch_size
+    B = len(pcms)
     seed_all(args.seed)
     lm_gen = _make_lm_gen(args, model, gen_kwargs, conditions)
     frame = mimi.frame_size
-    n_in = math.ceil(pcm.shape[0] / frame)
-    padded = np.zeros(n_in * frame, dtype=np.float32)
-    padded[: pcm.shape[0]] = pcm
-    x = torch.from_numpy(padded).to(device)[None, None].expand(B, 1, -1)
+    n_items = [math.ceil(p.shape[0] / frame) for p in pcms]
+    n_in = max(n_items)
+    padded = np.zeros((B, 1, n_in * frame), dtype=np.float32)
+    for b, p in enumerate(pcms):
+        padded[b, 0, : p.shape[0]] = p
+    x = torch.from_numpy(padded).to(device)
     chunk = model.ttt_config.layer.chunk_size
     every = args.telemetry_every or chunk
     layers = list(model.ttt_layer_indices)
@@ -300,15 +358,19 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcm: np.ndarray
     elapsed = time.perf_counter() - start
 
     for b in range(B):
-        sphn.write_wav(str(wavs[b]), np.concatenate(out_pcm[b]) if out_pcm[b] else np.zeros(0, np.float32),
+        pcm_b, ids_b = out_pcm[b][: n_items[b]], text_ids[b][: n_items[b]]
+        sphn.write_wav(str(wavs[b]), np.concatenate(pcm_b) if pcm_b else np.zeros(0, np.float32),
                        sample_rate=mimi.sample_rate)
-        txts[b].write_text(transcript(tokenizer, text_ids[b]) + "\n")
-        timed_text_path(txts[b]).write_text(json.dumps(timed_text(tokenizer, text_ids[b], mimi.frame_rate)) + "\n")
-    audio_seconds = pcm.shape[0] / mimi.sample_rate
+        txts[b].write_text(transcript(tokenizer, ids_b) + "\n")
+        timed_text_path(txts[b]).write_text(json.dumps(timed_text(tokenizer, ids_b, mimi.frame_rate)) + "\n")
+    audio_seconds = sum(p.shape[0] for p in pcms) / B / mimi.sample_rate
+    items = {} if infiles is None else {"items": [
+        {"infile": str(f), "input_frames": n, "outfile": str(w), "transcript": str(t),
+         "timed_text": str(timed_text_path(t))} for f, n, w, t in zip(infiles, n_items, wavs, txts, strict=True)]}
     report = {
         "infile": str(args.infile), "outfiles": [str(w) for w in wavs], "transcripts": [str(t) for t in txts],
-        "timed_text": [str(timed_text_path(t)) for t in txts],
-        "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(pcm.shape[0]),
+        "timed_text": [str(timed_text_path(t)) for t in txts], **items,
+        "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(max(p.shape[0] for p in pcms)),
         "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
         "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),

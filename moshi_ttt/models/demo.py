@@ -183,7 +183,8 @@ def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None =
 def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
                     ttt: TTTModelConfig | None = None, ttt_in_weights: bool = True,
                     ttt_in_config: bool = True, lm_overrides: dict | None = None,
-                    demo_weights: tuple[str | Path, str | Path | None] | None = None) -> Path:
+                    demo_weights: tuple[str | Path, str | Path | None] | None = None,
+                    tokenizer: str | Path | None = None) -> Path:
     """Writes a Kyutai-style checkpoint folder: config.json (with a "ttt" section), model.safetensors
     (base + TTT tensors), a Mimi checkpoint + its config, and a SentencePiece tokenizer.
 
@@ -192,7 +193,8 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
     replace LMModel kwargs of `config` (Mimi then uses max(dep_q, n_q − dep_q) of its codebooks, as
     moshi's loader decides). `demo_weights` = (Mimi file, LM file or None): trained float16 weights instead
     of random ones; the LM file's tensors replace those of the same name and shape (a TTT config with other
-    layers or sizes keeps its fresh TTT tensors).
+    layers or sizes keeps its fresh TTT tensors). `tokenizer`: a SentencePiece model file copied in instead of
+    the tiny one `build_tokenizer` trains.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +216,11 @@ def make_local_repo(out_dir: str | Path, config: str = "tiny", seed: int = 0,
     mimi_cfg = tiny_mimi_config()
     save_file(mimi_state, str(out / "mimi.safetensors"))
     (out / "mimi_config.json").write_text(json.dumps(mimi_cfg, indent=1))
-    tok = build_tokenizer(out)
+    if tokenizer is None:
+        tok = build_tokenizer(out)
+    else:
+        tok = out / Path(tokenizer).name
+        tok.write_bytes(Path(tokenizer).read_bytes())
     raw = {"moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
            "mimi_config_name": "mimi_config.json", "tokenizer_name": tok.name, "model_type": "moshi",
            "lm_gen_config": {}, **lm_kwargs}

@@ -12,7 +12,7 @@ Export folder `run_dir/export/` — a Kyutai-layout folder usable as `--hf-repo`
   config.json             the base checkpoint's config with absolute paths to the base files, the
                           trained "ttt" section, "context" = the attention window trained with and, for
                           LoRA runs, "lora": true / rank / scaling
-  ttt.safetensors(.json)  TTT-only weights + config (`--ttt-weights`)
+  ttt.safetensors(.json)  TTT-only weights + config (`--ttt-weights`); none for a model without TTT layers
   lora.safetensors        LoRA adapters (trainable: ttt+lora), named by config.json's lora_name
   model.safetensors       all weights incl. TTT (trainable: ttt+wdown / full, whose base weights change)
 """
@@ -128,7 +128,9 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
     out.mkdir(parents=True, exist_ok=True)
     if state is None:
         state = model.state_dict()
-    write_ttt({k: v for k, v in state.items() if TTT_KEY in k}, model.ttt_config, out / "ttt.safetensors")
+    ttt = {k: v for k, v in state.items() if TTT_KEY in k}
+    if ttt:  # a model without TTT layers has no TTT weights file: TTT can be added to it later (`ttt_config`)
+        write_ttt(ttt, model.ttt_config, out / "ttt.safetensors")
     raw = dict(info.raw_config) if info.raw_config is not None else {}
     if not raw:  # legacy repo without config.json: moshi's defaults
         raw = base_lm_kwargs()
@@ -151,7 +153,9 @@ def export(out: Path, model: TTTLMModel, info, trainable: str, lora: dict | None
         raw.update(lora=True, lora_rank=lora["rank"], lora_scaling=lora["scaling"], lora_name="lora.safetensors")
     raw["context"] = context
     raw["ttt"] = model.ttt_config.to_dict()
-    raw[TTT_NAME_KEY] = "ttt.safetensors"  # `--hf-repo RUN/export` alone loads the trained TTT weights
+    raw.pop(TTT_NAME_KEY, None)
+    if ttt:
+        raw[TTT_NAME_KEY] = "ttt.safetensors"  # `--hf-repo RUN/export` alone loads the trained TTT weights
     raw.pop("gradient_checkpointing", None)
     cfg = out / "config.json"
     cfg.write_text(json.dumps(raw, indent=1) + "\n")

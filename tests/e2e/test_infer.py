@@ -275,3 +275,38 @@ def test_infer_memory_chains_conversations_and_refuses_another_model(speech_wav,
     errors = [line for line in err.splitlines() if "error:" in line]  # (an INFO line names the TTT config source)
     assert "Traceback" not in err and len(errors) == 1 and "another model or TTT config" in errors[0], err
     assert not (tmp_path / "c.wav").exists()
+
+
+@pytest.mark.slow  # three demo infer runs, ~10 s
+def test_an_input_folder_runs_its_files_as_batched_conversations(speech_wav, tmp_path):
+    """An input folder: each file is a conversation, stepped in batches of --batch-size; a shorter file's outputs
+    are cut to its own frames, and (greedy) it gets exactly what it gets alone: its own KV cache and fast weights,
+    whatever shares its batch."""
+    pcm, sr = sphn.read(str(speech_wav), sample_rate=SAMPLE_RATE)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sphn.write_wav(str(folder / "a_long.wav"), pcm[0], sample_rate=SAMPLE_RATE)
+    sphn.write_wav(str(folder / "b_short.wav"), pcm[0, : 2 * SAMPLE_RATE], sample_rate=SAMPLE_RATE)
+    sphn.write_wav(str(folder / "c_rev.wav"), pcm[0, ::-1].copy(), sample_rate=SAMPLE_RATE)
+    (folder / "notes.txt").write_text("not audio")
+    greedy = ["--demo", "--temp", "0", "--temp-text", "0"]
+    proc = _infer(folder, tmp_path / "out", "--batch-size", 2, *greedy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tels = [json.loads((tmp_path / "out" / f"batch_{k}.ttt.json").read_text()) for k in (0, 1)]
+    assert [[Path(i["infile"]).name for i in t["items"]] for t in tels] == [["a_long.wav", "b_short.wav"],
+                                                                          ["c_rev.wav"]]
+    assert tels[0]["batch_size"] == 2 and tels[1]["batch_size"] == 1
+    full = math.ceil(pcm.shape[-1] / FRAME)
+    for name, n in [("a_long", full), ("b_short", 25), ("c_rev", full)]:
+        out, _ = sphn.read(str(tmp_path / "out" / f"{name}.wav"))
+        assert out.shape[-1] == n * FRAME, name
+        timed = json.loads((tmp_path / "out" / f"{name}.text.json").read_text())
+        assert timed["frames"] == n
+    alone = tmp_path / "alone.wav"
+    proc = _infer(folder / "b_short.wav", alone, *greedy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batched, _ = sphn.read(str(tmp_path / "out" / "b_short.wav"))
+    single, _ = sphn.read(str(alone))
+    assert np.abs(batched - single).max() < 1e-4, np.abs(batched - single).max()
+    proc = _infer(folder, tmp_path / "x", "--demo", "--save-memory", tmp_path / "m.safetensors")
+    assert proc.returncode == 2 and "not with an input folder" in proc.stderr

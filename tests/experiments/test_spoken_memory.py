@@ -257,7 +257,7 @@ def test_the_score_command_on_a_generated_set(sets, tmp_path, capsys):
     assert "conv_00001.text.json" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # two `moshi-ttt infer` runs of the demo, ~10 s
+@pytest.mark.slow  # a `moshi-ttt infer` of the demo, ~6 s
 def test_evaluation_runs_infer_on_the_user_channel_and_scores_it(sets, tmp_path):
     """evaluate_set: infer hears the right (user) channel only, the timed text it writes is what is scored, one
     result per question, and a second call reuses the finished conversations."""
@@ -274,7 +274,7 @@ def test_evaluation_runs_infer_on_the_user_channel_and_scores_it(sets, tmp_path)
     assert np.abs(mono[0] - stereo[1]).max() < 1e-3 and np.abs(mono[0] - stereo[0]).max() > 0.1
 
     results = tmp_path / "results"
-    summary = evaluate.evaluate_set(manifest, results, ["--demo", "--seed", "1"], window_s=5.12, progress=False)
+    summary = evaluate.evaluate_set(manifest, results, ["--demo", "--seed", "1"], window_s=5.12)
     n_questions = sum(len(c["spoken_memory"]["questions"]) for _, c in _convs(manifest))
     assert len(summary["questions"]) == n_questions == summary["n"]
     assert summary["conversations"] == 2 and summary["infer_args"] == ["--demo", "--seed", "1"]
@@ -282,8 +282,9 @@ def test_evaluation_runs_infer_on_the_user_channel_and_scores_it(sets, tmp_path)
     expected = score.score_conversation(truth, timed)
     assert [r.to_dict() for r in expected] == [
         {k: v for k, v in q.items() if k != "conversation"} for q in summary["questions"] if q["conversation"] == 0]
-    assert not list(results.glob("*.user.wav"))
+    assert not (results / "input").exists()
+    assert json.loads((results / "batch_0.ttt.json").read_text())["batch_size"] == 2
     stamp = (results / f"{wav.stem}.text.json").stat().st_mtime_ns
-    again = evaluate.evaluate_set(manifest, results, ["--demo"], window_s=5.12, progress=False)
+    again = evaluate.evaluate_set(manifest, results, ["--demo"], window_s=5.12)
     assert again["questions"] == summary["questions"]
     assert (results / f"{wav.stem}.text.json").stat().st_mtime_ns == stamp

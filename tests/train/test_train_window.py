@@ -138,6 +138,11 @@ def test_random_init_trains_a_demo_sized_model_without_ttt_from_a_config(train_d
     assert _windows(pieces.lm) == {16} and pieces.lm.ttt_layer_indices == []
     for k, v in pieces.lm.state_dict().items():
         assert torch.equal(v, trainer.model.state_dict()[k]), k
+    # no TTT weights file, so TTT layers can be added to it (zero init: exactly this model until trained)
+    assert "ttt_name" not in raw and not (export / "ttt.safetensors").exists()
+    with_ttt = runtime.load(runtime.CheckpointFlags(hf_repo=str(export), ttt_config="demo_ttt"), torch.device("cpu"),
+                            torch.float32)
+    assert with_ttt.lm.ttt_layer_indices == [0, 2]
 
 
 def test_the_code_cache_encodes_each_recording_once(train_repo, train_dataset, tmp_path, caplog):

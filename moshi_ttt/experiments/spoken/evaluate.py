@@ -1,9 +1,11 @@
 """A spoken-memory set through `moshi-ttt infer` (streaming LMGen with TTT, as the server runs it), then scored.
 
 Per conversation `conv_NNNNN` of the manifest: the user's channel alone (right; the left one holds the answers)
-is written as a mono WAV, `moshi-ttt infer` runs on it with the caller's checkpoint flags, and its outputs go to
-`RESULTS/conv_NNNNN.{wav,txt,text.json,ttt.json}`. A conversation whose timed text exists is not run again
-(a run is resumable; delete RESULTS to redo it). The summary (`score.score_set`) goes to RESULTS/summary.json.
+is written as a mono WAV into an input folder, and `moshi-ttt infer` runs on that folder with the caller's flags:
+the conversations step together in batches (each with its own KV cache and fast weights, as the server runs
+them); its outputs go to `RESULTS/conv_NNNNN.{wav,txt,text.json}` (+ `batch_K.ttt.json`). A conversation whose
+timed text exists is not run again (resumable; delete RESULTS to redo it). The summary (`score.score_set`) goes
+to RESULTS/summary.json.
 
     python -m moshi_ttt.experiments.spoken.evaluate --manifest data/eval.jsonl --results R --window-s 9.6 \\
         -- --hf-repo RUN/export --temp-text 0
@@ -41,39 +43,39 @@ def user_channel(wav: Path, out: Path) -> Path:
     return out
 
 
-def run_infer(wav: Path, results: Path, infer_args: tp.Sequence[str]) -> Path:
-    """`moshi-ttt infer` (`python -m moshi_ttt infer`, a process of its own) on the user channel of `wav`;
-    returns the timed text path."""
+def run_infer(wavs: tp.Sequence[Path], results: Path, infer_args: tp.Sequence[str]) -> None:
+    """`moshi-ttt infer` (`python -m moshi_ttt infer`, a process of its own) on an input folder holding the user
+    channels of `wavs`: one batch of conversations (as the server steps them), outputs in `results`."""
+    import shutil
     import subprocess
 
-    stem = wav.stem
-    user = user_channel(wav, results / f"{stem}.user.wav")
-    cmd = [sys.executable, "-m", "moshi_ttt", "infer", str(user), str(results / f"{stem}.wav"), *infer_args]
+    inputs = results / "input"
+    shutil.rmtree(inputs, ignore_errors=True)
+    inputs.mkdir(parents=True)
+    for wav in wavs:
+        user_channel(wav, inputs / f"{wav.stem}.wav")
+    cmd = [sys.executable, "-m", "moshi_ttt", "infer", str(inputs), str(results), *infer_args]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
-        raise EvaluationError(f"moshi-ttt infer failed on {wav} (exit code {proc.returncode}): "
-                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-    user.unlink()
-    return results / f"{stem}.text.json"
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        raise EvaluationError(f"moshi-ttt infer failed on {inputs} (exit code {proc.returncode}): {last}")
+    shutil.rmtree(inputs)
 
 
 def evaluate_set(manifest: str | Path, results: str | Path, infer_args: tp.Sequence[str], window_s: float,
-                 bins: tp.Sequence[float] | None = None, max_latency_s: float = MAX_LATENCY_S,
-                 progress: bool = True) -> dict:
-    """Runs (or reuses) `infer` on every conversation of `manifest`, scores them and writes RESULTS/summary.json."""
-    from tqdm import tqdm
-
+                 bins: tp.Sequence[float] | None = None, max_latency_s: float = MAX_LATENCY_S) -> dict:
+    """Runs `infer` on the conversations of `manifest` without a timed text in RESULTS yet (all in one input
+    folder: `--batch-size` in `infer_args` sets how many step together), scores them all and writes
+    RESULTS/summary.json."""
     from moshi_ttt.train.data import read_manifest
 
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    pairs = []
     wavs = [wav for wav, _, _ in read_manifest(manifest)]
-    for wav in tqdm(wavs, desc="spoken-memory eval", unit="conversation", file=sys.stderr, disable=not progress):
-        timed = results / f"{wav.stem}.text.json"
-        if not timed.exists():
-            timed = run_infer(wav, results, infer_args)
-        pairs.append((wav.with_suffix(".json"), timed))
+    todo = [w for w in wavs if not (results / f"{w.stem}.text.json").exists()]
+    if todo:
+        run_infer(todo, results, infer_args)
+    pairs = [(w.with_suffix(".json"), results / f"{w.stem}.text.json") for w in wavs]
     summary = score_set(pairs, window_s, bins, max_latency_s)
     summary = {"manifest": str(manifest), "infer_args": list(infer_args), **summary}
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

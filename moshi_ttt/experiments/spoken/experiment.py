@@ -1,0 +1,419 @@
+"""Does Moshi remember? The spoken-memory experiment at Moshi's proportions (docs/spoken-memory.md).
+
+Stage 1 — a stand-in for pretrained Moshi: the architecture of configs/spoken_memory.yaml (window W = 120 frames,
+9.6 s), the demo codec, trained from random init with `moshi-ttt train` (`model.init: random`, `trainable:
+full`) on short conversations whose every question is inside W. Trained once.
+
+Stage 2 — the recipe under test, on long conversations (≥ 5·W, facts asked from inside W out to ≥ 4·W later),
+same data and steps for every variant (see VARIANTS).
+
+Everything big (data, checkpoints) lives in WORK (default $MOSHI_TTT_CACHE/spoken_memory, resumable: each stage
+and run skips what is done); the small records (per run: settings, timings, the recall summaries) go to
+OUT/runs/*.json, from which OUT/results.json, the plot and the tables are regenerated.
+
+    python -m moshi_ttt.experiments.spoken.experiment --out docs/spoken_memory [--work DIR] [--only stage1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from moshi_ttt.experiments.spoken.spec import ConversationSpec
+from moshi_ttt.utils.io import atomic_write
+
+FRAME_RATE = 12.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """One generated set: `n` conversations of `spec`, generator seed `seed`."""
+
+    n: int
+    seed: int
+    spec: ConversationSpec
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "spec": self.spec.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    segment_frames: int
+    min_segment_frames: int | None = None
+    text_padding_weight: float = 0.5
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+STAGE1_SPEC = ConversationSpec(facts=2, duration_s=16.0, min_distance_s=1.5, max_distance_s=6.0)
+# ≥ 5 windows long, facts asked from inside the window out to ≥ 4 windows later (W = 9.6 s)
+STAGE2_SPEC = ConversationSpec(facts=4, duration_s=48.0, min_distance_s=1.5, max_distance_s=40.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A stage-2 model: what trains, the attention window (frames; None = the experiment's W) and whether TTT
+    layers (configs/spoken_memory_ttt.yaml) are added to the stage-1 model."""
+
+    trainable: str
+    ttt: bool
+    context: int | None = None
+    lr: float = 1e-3
+    seeds: int = 3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# the floor and the ceiling fine-tune every weight (the strongest baselines: the base may learn to carry facts
+# forward through its layers); TTT trains its target parameters only, as a Moshi-7B user would.
+VARIANTS = {
+    "floor": Variant("full", ttt=False, lr=3e-4),
+    "ceiling": Variant("full", ttt=False, context=800, lr=3e-4),
+    "ttt": Variant("ttt", ttt=True),
+    "ttt_w4": Variant("ttt", ttt=True, context=30, seeds=2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the experiment's runs depend on (a cached stage or run is reused only if its settings are equal)."""
+
+    window: int = 120
+    stage1_train: DataSettings = DataSettings(1500, 100, STAGE1_SPEC)
+    stage1_eval: DataSettings = DataSettings(100, 101, STAGE1_SPEC)
+    stage1: TrainSettings = TrainSettings(steps=3000, batch=16, lr=1e-3, warmup=200, segment_frames=250,
+                                          min_segment_frames=125)
+    repo_seed: int = 0
+    stage1_seed: int = 0
+    stage2_train: DataSettings = DataSettings(400, 200, STAGE2_SPEC)
+    stage2_eval: tuple[tuple[int, DataSettings], ...] = (
+        (4, DataSettings(40, 201, STAGE2_SPEC)),
+        (2, DataSettings(40, 202, dataclasses.replace(STAGE2_SPEC, facts=2))),
+        (8, DataSettings(40, 203, dataclasses.replace(STAGE2_SPEC, facts=8))))
+    stage2: TrainSettings = TrainSettings(steps=400, batch=8, lr=1e-3, warmup=40, segment_frames=640,
+                                          min_segment_frames=320)
+    ttt_config: str = "spoken_memory_ttt"
+    architecture: str = "spoken_memory"
+    variants: tuple[tuple[str, Variant], ...] = tuple(VARIANTS.items())
+    eval_batch: int = 40
+
+    @property
+    def window_s(self) -> float:
+        return self.window / FRAME_RATE
+
+
+def data_set(work: Path, name: str, split: str, d: DataSettings, progress: bool = True) -> Path:
+    """The manifest of set `name`/`split`, generated unless it exists with these settings."""
+    from moshi_ttt.experiments.spoken.generate import write_set
+
+    manifest = work / "data" / name / f"{split}.jsonl"
+    meta = manifest.with_suffix(".meta.json")
+    if manifest.exists() and meta.exists():
+        m = json.loads(meta.read_text())
+        spec = json.loads(json.dumps(d.spec.to_dict()))
+        if (m.get("seed"), m.get("spec"), m.get("n_conversations")) == (d.seed, spec, d.n):
+            return manifest
+    t = time.time()
+    out = write_set(manifest.parent, split, d.n, d.seed, d.spec, progress=progress)
+    manifest.with_suffix(".seconds.json").write_text(json.dumps({"generate_s": time.time() - t}) + "\n")
+    return out
+
+
+def train_run(run_dir: Path, cfg: dict) -> Path:
+    """`moshi-ttt train` of the config dict (in this process; resumes from the run's last checkpoint); returns
+    the export folder."""
+    from moshi_ttt.train.config import TrainConfig
+    from moshi_ttt.train.loop import train
+
+    export = run_dir / "export"
+    done = run_dir / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("config") == cfg:
+        return export
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    train(TrainConfig.from_dict({**cfg, "run_dir": str(run_dir)}))
+    atomic_write(done, lambda tmp: tmp.write_text(json.dumps({"config": cfg, "seconds": time.time() - t}) + "\n"))
+    return export
+
+
+def stage1_config(work: Path, s: Settings) -> dict:
+    from moshi_ttt.experiments.spoken.checkpoint import make_repo
+
+    repo = make_repo(work / "repo", seed=s.repo_seed, architecture=s.architecture)
+    manifest = data_set(work, "stage1", "train", s.stage1_train)
+    t = s.stage1
+    return {"model": {"hf_repo": str(repo), "init": "random", "context": s.window},
+            "data": {"train": str(manifest), "segment_frames": t.segment_frames,
+                     "min_segment_frames": t.min_segment_frames},
+            "trainable": "full", "batch_size": t.batch, "max_steps": t.steps,
+            "optim": {"lr": t.lr, "warmup_steps": t.warmup, "schedule": "cosine", "min_lr_ratio": 0.1},
+            "text_padding_weight": t.text_padding_weight, "seed": s.stage1_seed, "ckpt_every": 100,
+            "keep_checkpoints": 2, "log_every": 10, "dtype": "float32"}
+
+
+def stage1(work: Path, s: Settings) -> Path:
+    """The stand-in for pretrained Moshi: its export folder."""
+    return train_run(work / "runs" / "stage1", stage1_config(work, s))
+
+
+def stage2_config(work: Path, s: Settings, name: str, v: Variant, seed: int) -> dict:
+    """The `moshi-ttt train` config of variant `name`, seed `seed`, on the stage-2 training set."""
+    base = stage1(work, s)
+    manifest = data_set(work, "stage2", "train", s.stage2_train)
+    t = s.stage2
+    model = {"hf_repo": str(base), "context": v.context or s.window}
+    if v.ttt:
+        from moshi_ttt.ttt.config import config_path
+
+        model["ttt_config"] = str(config_path(s.ttt_config))
+    return {"model": model,
+            "data": {"train": str(manifest), "segment_frames": t.segment_frames,
+                     "min_segment_frames": t.min_segment_frames},
+            "trainable": v.trainable, "batch_size": t.batch, "max_steps": t.steps,
+            "optim": {"lr": v.lr, "warmup_steps": t.warmup, "schedule": "cosine", "min_lr_ratio": 0.1},
+            "text_padding_weight": t.text_padding_weight, "seed": seed, "ckpt_every": 50, "keep_checkpoints": 1,
+            "log_every": 10, "dtype": "float32"}
+
+
+def bins(s: Settings) -> list[float]:
+    """Distance bin edges (s): quarter and half window, then whole windows out to 4 W."""
+    w = s.window_s
+    return [0.0, w / 4, w / 2, w, 2 * w, 3 * w, 4 * w]
+
+
+def evaluate(work: Path, s: Settings, export: Path, tag: str, facts: int, seed: int) -> dict:
+    """Recall of the export on the stage-2 eval set with `facts` facts, through `moshi-ttt infer` (greedy)."""
+    from moshi_ttt.experiments.spoken.evaluate import evaluate_set
+
+    d = dict(s.stage2_eval)[facts]
+    manifest = eval_set(work, facts, d)
+    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--seed", str(seed),
+            "--batch-size", str(s.eval_batch)]
+    summary = evaluate_set(manifest, work / "evals" / tag / f"facts{facts}", args, s.window_s, bins(s))
+    return summary
+
+
+def eval_set(work: Path, facts: int, d: DataSettings) -> Path:
+    """The held-out (eval split) set of `facts` facts per conversation."""
+    return data_set(work, f"stage2_eval{facts}", "eval", d)
+
+
+def run_path(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}_seed{seed}.json"
+
+
+def run_variant(work: Path, out: Path, s: Settings, name: str, v: Variant, seed: int) -> dict:
+    """Trains (or reuses) one stage-2 run and evaluates it on every eval set; the record goes to OUT/runs/."""
+    cfg = stage2_config(work, s, name, v, seed)
+    path = run_path(out, name, seed)
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec.get("config") == json.loads(json.dumps(_portable(cfg, work))):
+            return rec
+    run_dir = work / "runs" / f"{name}_seed{seed}"
+    t = time.time()
+    export = train_run(run_dir, cfg)
+    train_s = json.loads((run_dir / "done.json").read_text())["seconds"]
+    t = time.time()
+    evals = {str(f): _small(evaluate(work, s, export, f"{name}_seed{seed}", f, seed)) for f, _ in s.stage2_eval}
+    rec = {"variant": name, "seed": seed, "variant_settings": v.to_dict(), "config": _portable(cfg, work),
+           "window": v.context or s.window, "train_seconds": train_s, "eval_seconds": time.time() - t,
+           "evals": evals, "metrics_tail": _metrics_tail(run_dir)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
+    return rec
+
+
+def _portable(cfg: dict, work: Path) -> dict:
+    """The config with WORK's absolute path written as $WORK (records compare across machines)."""
+    return json.loads(json.dumps(cfg).replace(str(work), "$WORK"))
+
+
+def _small(summary: dict) -> dict:
+    """A summary without its per-question list's bulk: each question keeps distance and outcome."""
+    return {**{k: v for k, v in summary.items() if k != "questions"},
+            "questions": [[q["conversation"], round(q["distance"], 3), q["outcome"]] for q in summary["questions"]]}
+
+
+def _metrics_tail(run_dir: Path, n: int = 5) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[-n:]
+    keep = ("step", "loss", "text_loss", "audio_loss", "grad_norm", "ttt_grad_norm", "fast_drift")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, lines)]
+
+
+def prepare_data(work: Path, s: Settings) -> None:
+    """Every stage-2 set generated, and the training set's codes in the code cache (encoded once for every
+    variant and seed: the first run would otherwise spend its first epoch in the codec)."""
+    import torch
+
+    from moshi_ttt import runtime
+    from moshi_ttt.experiments.spoken.checkpoint import make_repo
+    from moshi_ttt.train.data import Dataset, TokenIds
+    from moshi_ttt.train.loop import code_cache
+
+    for f, d in s.stage2_eval:
+        eval_set(work, f, d)
+    manifest = data_set(work, "stage2", "train", s.stage2_train)
+    repo = make_repo(work / "repo", seed=s.repo_seed, architecture=s.architecture)
+    pieces = runtime.load(runtime.CheckpointFlags(hf_repo=str(repo)), torch.device("cpu"), torch.float32)
+    ids = TokenIds.of(pieces.lm)
+    t = s.stage2
+    ds = Dataset(manifest, t.segment_frames, t.min_segment_frames, "SPEAKER_MAIN",
+                 code_cache=code_cache("auto", pieces, ids, FRAME_RATE))
+    from tqdm import tqdm
+
+    t = time.time()
+    for i in tqdm(range(len(ds)), desc="stage-2 codes", unit="segment", file=sys.stderr, mininterval=10):
+        ds.codes(i, pieces.mimi, pieces.tokenizer, ids)
+    if ds.code_cache.misses:
+        manifest.with_suffix(".codes.json").write_text(json.dumps({"encode_s": time.time() - t}) + "\n")
+
+
+def run_pretrained(work: Path, out: Path, s: Settings) -> dict:
+    """The stage-1 model as it is (window W, no TTT, no stage-2 training), on every eval set."""
+    path = run_path(out, "pretrained", 0)
+    export = stage1(work, s)
+    cfg = _portable(stage1_config(work, s), work)
+    if path.exists() and json.loads(path.read_text()).get("config") == cfg:
+        return json.loads(path.read_text())
+    t = time.time()
+    evals = {str(f): _small(evaluate(work, s, export, "pretrained", f, 0)) for f, _ in s.stage2_eval}
+    stage1_eval = _small(evaluate_stage1(work, s, export))
+    done = json.loads((work / "runs" / "stage1" / "done.json").read_text())
+    rec = {"variant": "pretrained", "seed": 0, "config": cfg, "window": s.window, "train_seconds": done["seconds"],
+           "eval_seconds": time.time() - t, "evals": evals, "metrics_tail": _metrics_tail(work / "runs" / "stage1"),
+           "stage1_eval": stage1_eval}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
+    return rec
+
+
+def evaluate_stage1(work: Path, s: Settings, export: Path) -> dict:
+    """Stage 1's own test: recall on held-out short conversations whose questions are all inside W."""
+    from moshi_ttt.experiments.spoken.evaluate import evaluate_set
+
+    manifest = data_set(work, "stage1", "eval", s.stage1_eval)
+    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--batch-size", str(s.eval_batch)]
+    return evaluate_set(manifest, work / "evals" / "stage1", args, s.window_s, bins(s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moshi_ttt.models.demo import cache_dir
+
+    p = argparse.ArgumentParser(prog="python -m moshi_ttt.experiments.spoken.experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/spoken_memory", help="records, results, plot")
+    p.add_argument("--work", default=None, help="data and checkpoints (default $MOSHI_TTT_CACHE/spoken_memory)")
+    p.add_argument("--only", choices=["data", "stage1", "pretrained", "runs"], default=None,
+                   help="stop after this part (default: everything, then the report)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"stage-2 variants to run (default all: {list(VARIANTS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: each variant's)")
+    p.add_argument("--doc", default=None, help="markdown file whose spoken-memory markers get the tables")
+    p.add_argument("--readme", default=None, help="another one")
+    a = p.parse_args(argv)
+    work = Path(a.work) if a.work else cache_dir() / "spoken_memory"
+    out = Path(a.out)
+    s = Settings()
+    if a.only == "data":
+        prepare_data(work, s)
+        return 0
+    export = stage1(work, s)
+    print(f"stage 1: {export}", file=sys.stderr)
+    if a.only == "stage1":
+        return 0
+    rec = run_pretrained(work, out, s)
+    print(f"pretrained: stage-1 recall {rec['stage1_eval']['recall']:.3f}", file=sys.stderr)
+    if a.only == "pretrained":
+        return 0
+    unknown = sorted(set(a.variants or ()) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    variants = dict(s.variants)
+    for seed in range(max(v.seeds for v in variants.values())):  # seed-major: a stop leaves whole seeds
+        for name, v in variants.items():
+            if (a.variants and name not in a.variants) or seed >= v.seeds or (a.seeds and seed not in a.seeds):
+                continue
+            rec = run_variant(work, out, s, name, v, seed)
+            e = rec["evals"][str(s.stage2_eval[0][0])]
+            print(f"{name} seed {seed}: recall {e['recall']:.3f} (inside {e['inside']['recall']}, beyond "
+                  f"{e['beyond']['recall']})", file=sys.stderr)
+    if a.only == "runs":
+        return 0
+    from moshi_ttt.experiments.spoken import report
+
+    report.write(out, Path(a.doc) if a.doc else None, Path(a.readme) if a.readme else None, stage_times(work))
+    return 0
+
+
+def stage_times(work: Path) -> dict:
+    """Seconds each one-off stage took when it ran: data generation per set, encoding, stage-1 training."""
+    out = {}
+    for p in sorted((work / "data").glob("*/*.seconds.json")):
+        out[f"generate {p.parent.name}/{p.name.split('.')[0]}"] = json.loads(p.read_text())["generate_s"]
+    for p in sorted((work / "data").glob("*/*.codes.json")):
+        out[f"encode {p.parent.name}/{p.name.split('.')[0]}"] = json.loads(p.read_text())["encode_s"]
+    done = work / "runs" / "stage1" / "done.json"
+    if done.exists():
+        out["stage 1 training"] = json.loads(done.read_text())["seconds"]
+    return out
+
+
+def answer_accuracy(lm, mimi, tokenizer, manifest: Path, segment_frames: int, batch: int = 16) -> dict:
+    """Teacher-forced (parallel forward) diagnostic: the share of answer frames (the frame of each answer word's
+    first text token) where the text logits' argmax is that token, over the conversations of `manifest` cut
+    into `segment_frames` segments. Not the benchmark's recall (which streams through `infer`): a cheap probe."""
+    import torch
+
+    from moshi_ttt.train.data import Dataset, TokenIds
+
+    ids = TokenIds.of(lm)
+    ds = Dataset(manifest, segment_frames, 1, "SPEAKER_MAIN")
+    pads = {ids.text_padding, ids.end_of_text_padding}
+    hits = total = 0
+    was = lm.training
+    lm.eval()
+    with torch.no_grad():
+        for k in range(0, len(ds), batch):
+            codes = ds.batch(range(k, min(k + batch, len(ds))), mimi, tokenizer, ids)
+            logits = lm(codes).text_logits[:, 0]  # [B, T, card]
+            text = codes[:, 0]
+            is_answer = torch.zeros_like(text, dtype=torch.bool)
+            is_answer[:, 1:] = (text[:, 1:] >= 0) & ~torch.isin(text[:, 1:], torch.tensor(sorted(pads)))
+            is_answer[:, 1:] &= torch.isin(text[:, :-1], torch.tensor(sorted(pads)))  # a word's first token
+            hits += int((logits.argmax(-1)[is_answer] == text[is_answer]).sum())
+            total += int(is_answer.sum())
+    lm.train(was)
+    return {"answers": total, "accuracy": hits / max(total, 1)}
+
+
+def probe_checkpoint(work: Path, s: Settings, checkpoint: Path) -> dict:
+    """`answer_accuracy` of a stage-1 training checkpoint (its fp32 masters: every weight) on the stage-1 eval set."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moshi_ttt import runtime
+
+    repo = work / "repo"
+    info, name, flags = runtime.open_checkpoint(runtime.CheckpointFlags(hf_repo=str(repo)))
+    ttt = runtime.resolve_ttt(info)
+    pieces = runtime.load_pieces(info, ttt, torch.device("cpu"), torch.float32, load_weight=False)
+    runtime.apply_context(pieces.lm, s.window, info, "probe", warn=False)
+    pieces.lm.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=True)
+    manifest = data_set(work, "stage1", "eval", s.stage1_eval)
+    return answer_accuracy(pieces.lm, pieces.mimi, pieces.tokenizer, manifest, s.stage1.segment_frames)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

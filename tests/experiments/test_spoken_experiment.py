@@ -1,0 +1,71 @@
+"""The spoken-memory experiment's plumbing at tiny sizes (moshi_ttt/experiments/spoken/experiment.py): stage 1
+trains from random init with its window and no TTT, the stage-2 variants train from it (TTT added for `ttt`),
+every model is evaluated through `moshi-ttt infer`, runs are cached, and the report regenerates from the records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moshi_ttt.experiments.spoken import experiment as ex
+from moshi_ttt.experiments.spoken import report
+from moshi_ttt.experiments.spoken.spec import ConversationSpec
+from moshi_ttt.ttt.config import config_path, load_lm_and_ttt
+
+
+def _tiny_settings(tmp: Path) -> ex.Settings:
+    lm, _ = load_lm_and_ttt("spoken_memory")
+    lm.update(dim=32, num_layers=2, num_heads=2, context=40, depformer_dim=16, depformer_dim_feedforward=32,
+              depformer_num_heads=1)
+    arch = tmp / "tiny_arch.yaml"
+    arch.write_text(yaml.safe_dump({"lm": lm, "ttt": {"layers": [], "layer": {"chunk_size": 12}}}))
+    short = ConversationSpec(facts=1, duration_s=8.0, min_distance_s=1.5, max_distance_s=3.0)
+    long = ConversationSpec(facts=2, duration_s=12.0, min_distance_s=1.5, max_distance_s=7.0)
+    train = ex.TrainSettings(steps=2, batch=2, lr=1e-3, warmup=1, segment_frames=200, min_segment_frames=60)
+    return dataclasses.replace(
+        ex.Settings(), window=40, architecture=str(arch), eval_batch=2,
+        stage1_train=ex.DataSettings(2, 1, short), stage1_eval=ex.DataSettings(2, 2, short), stage1=train,
+        stage2_train=ex.DataSettings(2, 3, long), stage2_eval=((2, ex.DataSettings(2, 4, long)),), stage2=train,
+        variants=(("floor", ex.Variant("full", ttt=False, seeds=1)), ("ttt", ex.Variant("ttt", ttt=True, seeds=1))))
+
+
+@pytest.mark.slow  # 3 tiny trainings and 4 infer runs, ~40 s
+def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSHI_TTT_CACHE", str(tmp_path / "cache"))
+    s = _tiny_settings(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    base = ex.stage1(work, s)
+    raw = json.loads((base / "config.json").read_text())
+    assert raw["context"] == 40 and raw["ttt"]["layers"] == [] and raw["moshi_name"] == "model.safetensors"
+    pre = ex.run_pretrained(work, out, s)
+    assert set(pre["evals"]) == {"2"} and pre["stage1_eval"]["n"] == 2  # one question per stage-1 conversation
+    recs = {name: ex.run_variant(work, out, s, name, v, 0) for name, v in s.variants}
+    ttt_export = json.loads((work / "runs" / "ttt_seed0" / "export" / "config.json").read_text())
+    assert ttt_export["ttt"]["layers"] is None and ttt_export["ttt"]["every"] == 3  # spoken_memory_ttt: layer 0
+    assert recs["ttt"]["config"]["model"]["ttt_config"] == str(config_path("spoken_memory_ttt"))
+    assert recs["ttt"]["config"]["trainable"] == "ttt" and recs["floor"]["config"]["trainable"] == "full"
+    assert recs["floor"]["config"]["model"]["hf_repo"] == "$WORK/runs/stage1/export"
+    for rec in recs.values():
+        e = rec["evals"]["2"]
+        assert e["n"] == 4 and len(e["questions"]) == 4  # 2 conversations × 2 facts, each asked once
+        assert sum(e[o] for o in ("right", "wrong", "late", "missing")) == 4
+    stamp = (work / "runs" / "ttt_seed0" / "done.json").stat().st_mtime_ns
+    assert ex.run_variant(work, out, s, "ttt", dict(s.variants)["ttt"], 0) == recs["ttt"]  # cached: no retraining
+    assert (work / "runs" / "ttt_seed0" / "done.json").stat().st_mtime_ns == stamp
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
+    res = report.write(out, doc, None, {"stage 1 training": 1.0})
+    assert set(res["variants"]) == {"pretrained", "floor", "ttt"}
+    assert res["variants"]["ttt"]["evals"]["2"]["all"]["values"] == [recs["ttt"]["evals"]["2"]["recall"]]
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "**TTT, window W**" in text and "floor: no TTT, window W" in text
+    assert (out / "recall_by_distance.png").stat().st_size > 1000
+    again = report.write(out, None, None)  # regenerated from the records alone: same results, stage times kept
+    assert again == res
