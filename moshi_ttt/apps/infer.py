@@ -33,16 +33,15 @@ from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args
 EXIT_USER_ERROR = 2
 
 _telemetry_doc = """\
-telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size,
-batch_size, ttt_layers, sample_every, seconds (wall), audio_seconds (per conversation), realtime_speed
-(audio seconds / wall seconds per conversation, > 1 is faster than real time), ms_per_frame, for an input
-folder "items" (per item: infile, input_frames, outfile, transcript, timed_text), and per TTT layer
-("layers": {"<index>": ...}) the
-final per-item lists updates / clips / skipped plus the time series drift (‖W − W⁽⁰⁾‖_F) and
-last_delta_norm (‖ΔW‖_F of the last completed chunk), one entry per sample (a list over batch items) at
-the LM steps in series_frames. With --memory or --save-memory,
-"memory": loaded (the memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates of item 0 as
-it starts) and end (the saved memory's header and the same per-layer stats)."""
+telemetry JSON: frames (LM steps = input frames + the LM's max delay), input_frames, chunk_size, context (the
+attention window in frames), batch_size, ttt_layers, sample_every, seconds (wall), audio_seconds (per
+conversation), realtime_speed (audio seconds / wall seconds per conversation, > 1 is faster than real time),
+ms_per_frame, for an input folder "items" (per item: infile, input_frames, outfile, transcript, timed_text),
+and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates / clips / skipped plus the time
+series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last completed chunk), one entry per sample (a
+list over batch items) at the LM steps in series_frames. With --memory or --save-memory, "memory": loaded (the
+memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates of item 0 as it starts) and end (the saved
+memory's header and the same per-layer stats)."""
 
 
 class UserError(Exception):
@@ -372,7 +371,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
         "timed_text": [str(timed_text_path(t)) for t in txts], **items,
         "sample_rate": mimi.sample_rate, "frame_size": frame, "input_samples": int(max(p.shape[0] for p in pcms)),
         "input_frames": n_in, "output_frames": len(out_pcm[0]), "frames": steps,
-        "chunk_size": chunk, "batch_size": B, "ttt_layers": layers, "sample_every": every,
+        "chunk_size": chunk, "context": model.context, "batch_size": B, "ttt_layers": layers, "sample_every": every,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "seconds": elapsed, "audio_seconds": audio_seconds, "realtime_speed": audio_seconds / elapsed,
         "ms_per_frame": 1000 * elapsed / max(steps, 1),

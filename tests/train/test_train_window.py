@@ -175,6 +175,24 @@ def test_the_code_cache_encodes_each_recording_once(train_repo, train_dataset, t
     assert len(_warnings(caplog, "is unreadable")) == 1
 
 
+@pytest.mark.slow  # two infer runs, ~4 s each
+def test_infer_runs_the_export_with_its_window_or_the_logged_override(window_run, speech, tmp_path):
+    import subprocess
+    import sys
+
+    export = window_run[1]["export"]
+    seen = []
+    for extra in ([], ["--context", "40"]):
+        out = tmp_path / f"out{len(seen)}.wav"
+        proc = subprocess.run([sys.executable, "-m", "moshi_ttt", "infer", str(speech.wav("infer")), str(out),
+                               "--hf-repo", export, *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen.append((json.loads(out.with_suffix(".ttt.json").read_text())["context"], proc.stderr))
+    assert seen[0][0] == 24 and "--context" not in seen[0][1]
+    assert seen[1][0] == 40 and "--context 40: the main transformer attends over 40 frames" in seen[1][1]
+    assert "not the 24 frames of the checkpoint's config.json" in seen[1][1]
+
+
 @pytest.mark.slow  # two server start-ups, ~3 s each
 def test_serve_runs_the_export_with_its_window_or_the_logged_override(window_run, caplog):
     from moshi_ttt.server.cli import BackgroundServer

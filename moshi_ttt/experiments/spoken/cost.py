@@ -21,8 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+from moshi_ttt.models.streams import FRAME_RATE
+
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 (NVIDIA's datasheet; 1979e12 is with sparsity)
-FRAME_RATE = 12.5
 
 
 @dataclasses.dataclass(frozen=True)
