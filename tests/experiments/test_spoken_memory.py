@@ -160,6 +160,23 @@ def test_generation_is_deterministic_in_the_seed(sets, tmp_path):
         assert (tmp_path / "other" / n).read_bytes() != (root / n).read_bytes(), n
 
 
+def test_a_larger_set_keeps_the_conversations_already_written(sets, tmp_path):
+    """Growing a set (same seed and spec) reuses the files on disk and writes the same manifest as a fresh one."""
+    import shutil
+
+    shutil.copytree(sets["train"].parent, tmp_path / "grown")
+    stamp = (tmp_path / "grown" / "train" / "conv_00001.wav").stat().st_mtime_ns
+    _write(tmp_path / "grown", "train", n=3)
+    _write(tmp_path / "fresh", "train", n=3)
+    assert (tmp_path / "grown" / "train" / "conv_00001.wav").stat().st_mtime_ns == stamp
+    for n in ("train.jsonl", "train/conv_00002.json", "train/conv_00001.wav"):
+        assert (tmp_path / "grown" / n).read_bytes() == (tmp_path / "fresh" / n).read_bytes(), n
+    (tmp_path / "grown" / "train" / "conv_00000.json").write_text("{trunc")  # a torn write: generated again
+    _write(tmp_path / "grown", "train", n=3)
+    assert (tmp_path / "grown" / "train" / "conv_00000.json").read_bytes() == \
+        (tmp_path / "fresh" / "train" / "conv_00000.json").read_bytes()
+
+
 @pytest.mark.parametrize("field,value", [
     ("facts", 0), ("facts", 9), ("facts", 2.5), ("duration_s", -1.0), ("duration_s", 5.0), ("min_distance_s", 0.0),
     ("max_distance_s", 1.0), ("pause_s", (1.0, 0.3)), ("pause_s", (0.3,)), ("rate_wpm", (175.0, 175)),

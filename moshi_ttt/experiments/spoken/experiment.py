@@ -55,8 +55,8 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
 
-# One speaking rate and pitch for every user (the voices still vary, and eval's are held out): with rates of
-# 150–190 wpm and pitches 30–70 the first stage-1 model memorised its 1500 training conversations instead of
+# One speaking rate and pitch for every user (the voices still vary, and eval's are held out), and 20000 short
+# conversations: the first stage-1 models memorised their 1500 and 4000 training conversations instead of
 # learning to listen (docs/spoken-memory.md, "What was tried").
 SIMPLE_AUDIO = {"rate_wpm": (175, 175), "pitch": (50, 50)}
 STAGE1_SPEC = ConversationSpec(facts=2, duration_s=10.0, min_distance_s=1.5, max_distance_s=4.5, **SIMPLE_AUDIO)
@@ -94,7 +94,7 @@ class Settings:
     """What the experiment's runs depend on (a cached stage or run is reused only if its settings are equal)."""
 
     window: int = 120
-    stage1_train: DataSettings = DataSettings(4000, 100, STAGE1_SPEC)
+    stage1_train: DataSettings = DataSettings(20000, 100, STAGE1_SPEC)
     stage1_eval: DataSettings = DataSettings(100, 101, STAGE1_SPEC)
     stage1_val: DataSettings = DataSettings(50, 102, STAGE1_SPEC)  # training voices, new conversations
     stage1: TrainSettings = TrainSettings(steps=3000, batch=16, lr=1e-3, warmup=200, segment_frames=200,
@@ -351,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
     variants = dict(s.variants)
+    order = a.variants or list(variants)  # in the order asked
     for seed in range(max(v.seeds for v in variants.values())):  # seed-major: a stop leaves whole seeds
-        for name, v in variants.items():
-            if (a.variants and name not in a.variants) or seed >= v.seeds or (a.seeds and seed not in a.seeds):
+        for name in order:
+            v = variants[name]
+            if seed >= v.seeds or (a.seeds and seed not in a.seeds):
                 continue
             rec = run_variant(work, out, s, name, v, seed)
             e = rec["evals"][str(s.stage2_eval[0][0])]

@@ -210,10 +210,23 @@ def write_conversation(conv: Conversation, wav_path: str | Path) -> Path:
     return wav_path
 
 
+def _existing(wav: Path, seed: int, spec: ConversationSpec) -> float | None:
+    """The duration of conversation `wav` if it is already on disk as this (seed, spec) would write it (its JSON,
+    written after the WAV, names them): generation is deterministic, so a larger set reuses a smaller one's files."""
+    try:
+        rec = json.loads(wav.with_suffix(".json").read_text())["spoken_memory"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not wav.exists() or rec.get("seed") != seed or rec.get("spec") != json.loads(json.dumps(spec.to_dict())):
+        return None
+    return rec["duration"]
+
+
 def write_set(out_dir: str | Path, split: str, n_conversations: int, seed: int, spec: ConversationSpec,
               progress: bool = True) -> Path:
     """`n_conversations` conversations of `split` under `out_dir` (module doc); returns the manifest
-    `<out_dir>/<split>.jsonl`, written last (with `<split>.meta.json`)."""
+    `<out_dir>/<split>.jsonl`, written last (with `<split>.meta.json`). Conversations already there with the same
+    seed and spec are kept, not generated again."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {SPLITS}")
     if isinstance(n_conversations, bool) or not isinstance(n_conversations, int) or n_conversations < 1:
@@ -222,10 +235,13 @@ def write_set(out_dir: str | Path, split: str, n_conversations: int, seed: int, 
     (out / split).mkdir(parents=True, exist_ok=True)
     lines = []
     for i in tqdm(range(n_conversations), desc=f"spoken-memory {split}", file=sys.stderr, disable=not progress):
-        conv = generate_conversation(spec, conversation_seed(seed, split, i), split)
         rel = f"{split}/conv_{i:05d}.wav"
-        write_conversation(conv, out / rel)
-        lines.append(json.dumps({"path": rel, "duration": conv.duration}) + "\n")
+        duration = _existing(out / rel, conversation_seed(seed, split, i), spec)
+        if duration is None:
+            conv = generate_conversation(spec, conversation_seed(seed, split, i), split)
+            write_conversation(conv, out / rel)
+            duration = conv.duration
+        lines.append(json.dumps({"path": rel, "duration": duration}) + "\n")
     meta = {"format": FORMAT, "split": split, "seed": seed, "n_conversations": n_conversations,
             "spec": spec.to_dict(), "user_voices": list(VOICES[split]), "train_voices": list(TRAIN_VOICES),
             "eval_voices": list(EVAL_VOICES), "moshi_voice": MOSHI_VOICE, "filler_partition": FILLER_PARTITION,
