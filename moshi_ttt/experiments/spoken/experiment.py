@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -229,9 +230,9 @@ def run_variant(work: Path, out: Path, s: Settings, name: str, v: Variant, seed:
         if rec.get("config") == json.loads(json.dumps(_portable(cfg, work))):
             return rec
     run_dir = work / "runs" / f"{name}_seed{seed}"
-    t = time.time()
     export = train_run(run_dir, cfg)
     train_s = json.loads((run_dir / "done.json").read_text())["seconds"]
+    shutil.rmtree(work / "evals" / f"{name}_seed{seed}", ignore_errors=True)  # outputs of an earlier model
     t = time.time()
     evals = {str(f): _small(evaluate(work, s, export, f"{name}_seed{seed}", f, seed)) for f, _ in s.stage2_eval}
     rec = {"variant": name, "seed": seed, "variant_settings": v.to_dict(), "config": _portable(cfg, work),
@@ -297,6 +298,8 @@ def run_pretrained(work: Path, out: Path, s: Settings) -> dict:
     cfg = _portable(stage1_config(work, s), work)
     if path.exists() and json.loads(path.read_text()).get("config") == cfg:
         return json.loads(path.read_text())
+    for tag in ("pretrained", "stage1"):  # outputs of an earlier model
+        shutil.rmtree(work / "evals" / tag, ignore_errors=True)
     t = time.time()
     evals = {str(f): _small(evaluate(work, s, export, "pretrained", f, 0)) for f, _ in s.stage2_eval}
     stage1_eval = _small(evaluate_stage1(work, s, export))
