@@ -29,6 +29,7 @@ def _tiny_settings(tmp: Path) -> ex.Settings:
     return dataclasses.replace(
         ex.Settings(), window=40, architecture=str(arch), eval_batch=2,
         stage1_train=ex.DataSettings(2, 1, short), stage1_eval=ex.DataSettings(2, 2, short), stage1=train,
+        listen_n=1, listen=train,
         stage2_train=ex.DataSettings(2, 3, long), stage2_eval=((2, ex.DataSettings(2, 4, long)),), stage2=train,
         variants=(("floor", ex.Variant("full", ttt=False, seeds=1)), ("ttt", ex.Variant("ttt", ttt=True, seeds=1))))
 
@@ -40,6 +41,10 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "out"
 
     base = ex.stage1(work, s)
+    listen = json.loads((work / "runs" / "listen" / "done.json").read_text())["config"]
+    assert listen["model"]["init"] == "random" and listen["data"]["train"].endswith("stage1_listen/train.jsonl")
+    task = json.loads((work / "runs" / "stage1" / "done.json").read_text())["config"]
+    assert task["model"] == {"hf_repo": str(work / "runs" / "listen" / "export"), "context": 40}  # from listening
     raw = json.loads((base / "config.json").read_text())
     assert raw["context"] == 40 and raw["ttt"]["layers"] == [] and raw["moshi_name"] == "model.safetensors"
     pre = ex.run_pretrained(work, out, s)

@@ -147,6 +147,26 @@ def test_files_load_in_the_training_data_reader(sets):
             assert rec.num_frames == -(-_stereo(wav).shape[1] // 1920)
 
 
+def test_a_listening_set_transcribes_the_user_after_each_fact_and_question(sets, tmp_path):
+    from moshi_ttt.train.data import Dataset
+
+    with pytest.raises(ValueError, match="n_conversations=3: must be an integer in 1..2"):
+        generate.write_listening_set(sets["train"], tmp_path / "listen", 3)
+    manifest = generate.write_listening_set(sets["train"], tmp_path / "listen", 1)
+    convs = _convs(manifest)
+    assert len(convs) == 1 and manifest.name == "train.jsonl"
+    (wav, doc), (src_wav, src) = convs[0], _convs(sets["train"])[0]
+    assert wav.read_bytes() == src_wav.read_bytes()  # the same audio
+    said = [u for u in src["spoken_memory"]["utterances"] if u["kind"] in ("fact", "question")]
+    assert len(said) == 2 * SPEC.facts and len(doc["alignments"]) == len(said)
+    for (text, (start, end), speaker), u in zip(doc["alignments"], said):
+        assert text == u["text"] and speaker == "SPEAKER_MAIN"
+        assert start == pytest.approx(u["end"] + generate.LISTEN_LAG_S, abs=1e-6)  # heard before transcribed
+        assert end - start == pytest.approx(u["end"] - u["start"], abs=1e-5)
+    rec = Dataset(manifest, segment_frames=400, min_segment_frames=1, main_speaker="SPEAKER_MAIN").recordings[0]
+    assert [w.text for w in rec.words] == [u["text"] for u in said]  # the trainer reads it as Moshi's text
+
+
 def test_generation_is_deterministic_in_the_seed(sets, tmp_path):
     root = sets["train"].parent
     _write(tmp_path / "again", "train")

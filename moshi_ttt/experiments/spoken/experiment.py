@@ -1,8 +1,9 @@
 """Does Moshi remember? The spoken-memory experiment at Moshi's proportions (docs/spoken-memory.md).
 
 Stage 1 — a stand-in for pretrained Moshi: the architecture of configs/spoken_memory.yaml (window W = 120 frames,
-9.6 s), the demo codec, trained from random init with `moshi-ttt train` (`model.init: random`, `trainable:
-full`) on short conversations whose every question is inside W. Trained once.
+9.6 s), the demo codec, trained with `moshi-ttt train` in two phases, once: listening (from random init,
+`model.init: random`, `trainable: full`: its text stream transcribes the user's facts and questions), then the
+task from that model (short conversations whose every question is inside W; Moshi says the answers).
 
 Stage 2 — the recipe under test, on long conversations (≥ 5·W, facts asked from inside W out to ≥ 4·W later),
 same data and steps for every variant (see VARIANTS).
@@ -98,7 +99,10 @@ class Settings:
     stage1_train: DataSettings = DataSettings(20000, 100, STAGE1_SPEC)
     stage1_eval: DataSettings = DataSettings(100, 101, STAGE1_SPEC)
     stage1_val: DataSettings = DataSettings(50, 102, STAGE1_SPEC)  # training voices, new conversations
-    stage1: TrainSettings = TrainSettings(steps=3000, batch=16, lr=1e-3, warmup=200, segment_frames=200,
+    listen_n: int = 6000  # the first conversations of stage1_train, transcribed (generate.write_listening_set)
+    listen: TrainSettings = TrainSettings(steps=800, batch=16, lr=1e-3, warmup=100, segment_frames=200,
+                                          min_segment_frames=100, weight_decay=0.1)
+    stage1: TrainSettings = TrainSettings(steps=1500, batch=16, lr=5e-4, warmup=100, segment_frames=200,
                                           min_segment_frames=100, weight_decay=0.1)
     repo_seed: int = 0
     stage1_seed: int = 0
@@ -153,20 +157,34 @@ def train_run(run_dir: Path, cfg: dict) -> Path:
     return export
 
 
-def stage1_config(work: Path, s: Settings) -> dict:
-    from moshi_ttt.experiments.spoken.checkpoint import make_repo
-
-    repo = make_repo(work / "repo", seed=s.repo_seed, architecture=s.architecture)
-    manifest = data_set(work, "stage1", "train", s.stage1_train)
-    t = s.stage1
-    return {"model": {"hf_repo": str(repo), "init": "random", "context": s.window},
-            "data": {"train": str(manifest), "segment_frames": t.segment_frames,
-                     "min_segment_frames": t.min_segment_frames},
+def _full_config(model: dict, manifest: Path, t: TrainSettings, seed: int) -> dict:
+    """A `trainable: full` stage-1 phase's config."""
+    return {"model": model, "data": {"train": str(manifest), "segment_frames": t.segment_frames,
+                                     "min_segment_frames": t.min_segment_frames},
             "trainable": "full", "batch_size": t.batch, "max_steps": t.steps,
             "optim": {"lr": t.lr, "warmup_steps": t.warmup, "schedule": "cosine", "min_lr_ratio": 0.1,
                       "weight_decay": t.weight_decay},
-            "text_padding_weight": t.text_padding_weight, "seed": s.stage1_seed, "ckpt_every": 100,
+            "text_padding_weight": t.text_padding_weight, "seed": seed, "ckpt_every": 100,
             "keep_checkpoints": 2, "log_every": 10, "dtype": "float32"}
+
+
+def listen_config(work: Path, s: Settings) -> dict:
+    """Stage 1's listening phase: random init, the text stream transcribes the user."""
+    from moshi_ttt.experiments.spoken.checkpoint import make_repo
+    from moshi_ttt.experiments.spoken.generate import write_listening_set
+
+    repo = make_repo(work / "repo", seed=s.repo_seed, architecture=s.architecture)
+    source = data_set(work, "stage1", "train", s.stage1_train)
+    manifest = write_listening_set(source, work / "data" / "stage1_listen", s.listen_n)
+    return _full_config({"hf_repo": str(repo), "init": "random", "context": s.window}, manifest, s.listen,
+                        s.stage1_seed)
+
+
+def stage1_config(work: Path, s: Settings) -> dict:
+    """Stage 1's task phase: from the listening phase's export, Moshi answers."""
+    listened = train_run(work / "runs" / "listen", listen_config(work, s))
+    manifest = data_set(work, "stage1", "train", s.stage1_train)
+    return _full_config({"hf_repo": str(listened), "context": s.window}, manifest, s.stage1, s.stage1_seed)
 
 
 def stage1(work: Path, s: Settings) -> Path:
@@ -303,8 +321,8 @@ def run_pretrained(work: Path, out: Path, s: Settings) -> dict:
     t = time.time()
     evals = {str(f): _small(evaluate(work, s, export, "pretrained", f, 0)) for f, _ in s.stage2_eval}
     stage1_eval = _small(evaluate_stage1(work, s, export))
-    done = json.loads((work / "runs" / "stage1" / "done.json").read_text())
-    rec = {"variant": "pretrained", "seed": 0, "config": cfg, "window": s.window, "train_seconds": done["seconds"],
+    seconds = sum(json.loads((work / "runs" / r / "done.json").read_text())["seconds"] for r in ("listen", "stage1"))
+    rec = {"variant": "pretrained", "seed": 0, "config": cfg, "window": s.window, "train_seconds": seconds,
            "eval_seconds": time.time() - t, "evals": evals, "metrics_tail": _metrics_tail(work / "runs" / "stage1"),
            "stage1_eval": stage1_eval}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/spoken_memory", help="records, results, plot")
     p.add_argument("--work", default=None, help="data and checkpoints (default $MOSHI_TTT_CACHE/spoken_memory)")
-    p.add_argument("--only", choices=["data", "stage1", "pretrained", "runs"], default=None,
+    p.add_argument("--only", choices=["data", "listen", "stage1", "pretrained", "runs"], default=None,
                    help="stop after this part (default: everything, then the report)")
     p.add_argument("--variants", nargs="+", default=None,
                    help=f"stage-2 variants to run (default all: {list(VARIANTS)})")
@@ -341,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings()
     if a.only == "data":
         prepare_data(work, s)
+        return 0
+    if a.only == "listen":
+        print(f"stage 1, listening: {train_run(work / 'runs' / 'listen', listen_config(work, s))}", file=sys.stderr)
         return 0
     export = stage1(work, s)
     print(f"stage 1: {export}", file=sys.stderr)
@@ -379,21 +400,28 @@ def stage_times(work: Path) -> dict:
         out[f"generate {p.parent.name}/{p.name.split('.')[0]}"] = json.loads(p.read_text())["generate_s"]
     for p in sorted((work / "data").glob("*/*.codes.json")):
         out[f"encode {p.parent.name}/{p.name.split('.')[0]}"] = json.loads(p.read_text())["encode_s"]
-    done = work / "runs" / "stage1" / "done.json"
-    if done.exists():
-        out["stage 1 training"] = json.loads(done.read_text())["seconds"]
+    for run, label in (("listen", "stage 1 training: listening"), ("stage1", "stage 1 training: the task")):
+        done = work / "runs" / run / "done.json"
+        if done.exists():
+            out[label] = json.loads(done.read_text())["seconds"]
     return out
 
 
-def answer_accuracy(lm, mimi, tokenizer, manifest: Path, segment_frames: int, batch: int = 16) -> dict:
-    """Teacher-forced (parallel forward) diagnostic: the share of answer frames (the frame of each answer word's
-    first text token) where the text logits' argmax is that token, over the conversations of `manifest` cut
-    into `segment_frames` segments. Not the benchmark's recall (which streams through `infer`): a cheap probe."""
+def answer_accuracy(lm, mimi, tokenizer, manifest: Path, segment_frames: int, batch: int = 16,
+                    tokens: str = "first") -> dict:
+    """Teacher-forced (parallel forward) diagnostic: the share of text frames where the text logits' argmax is
+    the target, over the conversations of `manifest` cut into `segment_frames` segments. `tokens`: "first" =
+    each word's first token (an answer), "numbers" = the number words' tokens (a listening set's transcripts:
+    the facts' numbers). Not the benchmark's recall (which streams through `infer`): a cheap probe."""
     import torch
 
+    from moshi_ttt.experiments.spoken.spec import NUMBERS
     from moshi_ttt.train.data import Dataset, TokenIds
 
+    if tokens not in ("first", "numbers"):
+        raise ValueError(f"tokens={tokens!r}: must be 'first' or 'numbers'")
     ids = TokenIds.of(lm)
+    numbers = torch.tensor(sorted({t for n in NUMBERS for t in tokenizer.encode(n)}))
     ds = Dataset(manifest, segment_frames, 1, "SPEAKER_MAIN")
     pads = {ids.text_padding, ids.end_of_text_padding}
     hits = total = 0
@@ -407,13 +435,16 @@ def answer_accuracy(lm, mimi, tokenizer, manifest: Path, segment_frames: int, ba
             is_answer = torch.zeros_like(text, dtype=torch.bool)
             is_answer[:, 1:] = (text[:, 1:] >= 0) & ~torch.isin(text[:, 1:], torch.tensor(sorted(pads)))
             is_answer[:, 1:] &= torch.isin(text[:, :-1], torch.tensor(sorted(pads)))  # a word's first token
+            if tokens == "numbers":
+                is_answer = torch.isin(text, numbers)
             hits += int((logits.argmax(-1)[is_answer] == text[is_answer]).sum())
             total += int(is_answer.sum())
     lm.train(was)
     return {"answers": total, "accuracy": hits / max(total, 1)}
 
 
-def probe_checkpoint(work: Path, s: Settings, checkpoint: Path, manifest: Path | None = None) -> dict:
+def probe_checkpoint(work: Path, s: Settings, checkpoint: Path, manifest: Path | None = None,
+                     tokens: str = "first") -> dict:
     """`answer_accuracy` of a stage-1 training checkpoint (its fp32 masters: every weight) on `manifest` (default:
     the stage-1 validation set: new conversations, training voices and fillers; never the eval set)."""
     import torch
@@ -428,7 +459,8 @@ def probe_checkpoint(work: Path, s: Settings, checkpoint: Path, manifest: Path |
     runtime.apply_context(pieces.lm, s.window, info, "probe", warn=False)
     pieces.lm.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=True)
     manifest = manifest or data_set(work, "stage1_val", "train", s.stage1_val)
-    return answer_accuracy(pieces.lm, pieces.mimi, pieces.tokenizer, manifest, s.stage1.segment_frames)
+    return answer_accuracy(pieces.lm, pieces.mimi, pieces.tokenizer, manifest, s.stage1.segment_frames,
+                           tokens=tokens)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,45 @@ def write_set(out_dir: str | Path, split: str, n_conversations: int, seed: int, 
     return atomic_write(out / f"{split}.jsonl", lambda p: p.write_text("".join(lines)))
 
 
+LISTEN_KINDS = ("fact", "question")  # the user utterances a listening set transcribes
+LISTEN_LAG_S = 0.16  # a transcript starts this long (2 frames) after its utterance has ended
+
+
+def listening_alignments(record: dict) -> list:
+    """The alignments of a listening set: each fact's and question's text, as SPEAKER_MAIN words, starting
+    LISTEN_LAG_S after the utterance ends (its audio is all heard before its first text token; a transcript
+    lasts as long as its utterance). Moshi's answers and the fillers are not transcribed."""
+    return [[u["text"], [round(u["end"] + LISTEN_LAG_S, 6), round(2 * u["end"] - u["start"] + LISTEN_LAG_S, 6)],
+             MAIN_SPEAKER] for u in record["utterances"] if u["kind"] in LISTEN_KINDS]
+
+
+def write_listening_set(source: str | Path, out_dir: str | Path, n_conversations: int) -> Path:
+    """A listening set from the first `n_conversations` of the set `source` (a manifest): the same audio
+    (symlinked), alignments that transcribe the user (`listening_alignments`) so that a model trained on it
+    learns to recognise the user's words before it is asked to remember them. Returns its manifest
+    `<out_dir>/<source's name>`; files already there are rewritten (they are cheap)."""
+    source = Path(source)
+    lines = source.read_text().splitlines()
+    if isinstance(n_conversations, bool) or not isinstance(n_conversations, int) or not 1 <= n_conversations <= len(
+            lines):
+        raise ValueError(f"n_conversations={n_conversations!r}: must be an integer in 1..{len(lines)} "
+                         f"(the conversations of {source})")
+    out = Path(out_dir)
+    kept = []
+    for line in lines[:n_conversations]:
+        rel = json.loads(line)["path"]
+        wav, dst = (source.parent / rel).resolve(), out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        rec = json.loads(wav.with_suffix(".json").read_text())["spoken_memory"]
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(wav)
+        doc = {"alignments": listening_alignments(rec), "listening_of": str(wav)}
+        atomic_write(dst.with_suffix(".json"), lambda p, doc=doc: p.write_text(json.dumps(doc) + "\n"))
+        kept.append(line + "\n")
+    return atomic_write(out / source.name, lambda p: p.write_text("".join(kept)))
+
+
 def _pair(kind: type, name: str) -> Callable[[list[str]], tuple]:
     def parse(values: list[str]) -> tuple:
         if len(values) not in (1, 2):
