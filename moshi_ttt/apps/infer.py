@@ -41,7 +41,7 @@ and per TTT layer ("layers": {"<index>": ...}) the final per-item lists updates 
 series drift (‖W − W⁽⁰⁾‖_F) and last_delta_norm (‖ΔW‖_F of the last completed chunk), one entry per sample (a
 list over batch items) at the LM steps in series_frames. With --memory or --save-memory, "memory": loaded (the
 memory's header), start (per layer: drift, delta_sum = Σ ΔW, updates of item 0 as it starts) and end (the saved
-memory's header and the same per-layer stats)."""
+memory's header and the same per-layer stats); for an input folder, "memory": {"items": [the same, per item]}."""
 
 
 class UserError(Exception):
@@ -85,9 +85,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="sample the drift series every N LM steps (default: every chunk boundary)")
     m = parser.add_argument_group("memory (docs/memory.md)")
     m.add_argument("--memory", metavar="M.safetensors",
-                   help="start from this conversation memory (every batch item), not from W⁽⁰⁾")
+                   help="start from this conversation memory (every batch item), not from W⁽⁰⁾; with an input "
+                        "folder, a folder of memories: each input NAME starts from NAME.safetensors in it")
     m.add_argument("--save-memory", metavar="M.safetensors",
-                   help="save the conversation's memory at the end (every frame heard; --batch-size 1)")
+                   help="save the conversation's memory at the end (every frame heard; --batch-size 1); with an "
+                        "input folder, a folder: each input NAME's memory goes to NAME.safetensors in it, taken "
+                        "when that conversation ends (its frames and the LM's delay: what it would save alone)")
     m.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
 
 
@@ -123,14 +126,14 @@ def _run_folder(args: argparse.Namespace) -> int:
         raise UserError(f"input folder {folder} holds no audio file ({', '.join(AUDIO_SUFFIXES)})")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out}: with an input folder the output must be a folder, not a file")
-    if args.memory or args.save_memory or args.transcript or args.telemetry:
-        raise UserError("--memory, --save-memory, --transcript and --telemetry take one conversation: not with an "
-                        "input folder")
+    if args.transcript or args.telemetry:
+        raise UserError("--transcript and --telemetry take one conversation: not with an input folder")
     B = args.batch_size or FOLDER_BATCH
     if B < 1:
         raise UserError(f"--batch-size must be >= 1, got {B}")
     if args.telemetry_every < 0:
         raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
+    comp, loads, saves = _folder_memory(args, files)
     pcms = [read_audio(f) for f in files]
     out.mkdir(parents=True, exist_ok=True)
     device = runtime.pick_device(args.device)
@@ -139,13 +142,65 @@ def _run_folder(args: argparse.Namespace) -> int:
     if pieces.lm.dep_q == 0:
         raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
     gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    plan = _check_memory(pieces.lm, comp=comp)
+    if saves:
+        saves[0].parent.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(files), B):
         group = files[k:k + B]
         conditions = runtime.condition_tensors(pieces, len(group), args.cfg_coef, gen)
+        memory = None
+        if plan is not None:
+            loaded = [_load_memory(p) for p in loads[k:k + B]] if loads else [None] * len(group)
+            memory = dict(plan, loaded=_checked(loaded, plan["fp"]),
+                          save={b: p for b, p in enumerate(saves[k:k + B])} if saves else {}, folder=True)
         _infer(args, pieces.lm, pieces.mimi, pieces.tokenizer, gen, conditions, pcms[k:k + B], device, dtype,
                [out / f"{f.stem}.wav" for f in group], [out / f"{f.stem}.txt" for f in group],
-               out / f"batch_{k // B}.ttt.json", infiles=group)
+               out / f"batch_{k // B}.ttt.json", memory=memory, infiles=group)
     return 0
+
+
+def _folder_memory(args: argparse.Namespace, files: list[Path]) -> tuple:
+    """(compression, memory paths to load per file or None, paths to save per file or None) of an input folder's
+    --memory / --save-memory folders; refuses a missing memory or a file where a folder is due, up front."""
+    if not (args.memory or args.save_memory):
+        return None, None, None
+    comp = _memory_args(args, one_conversation=False)["comp"]
+    loads = saves = None
+    if args.memory:
+        src = Path(args.memory)
+        if not src.is_dir():
+            raise UserError(f"--memory {src}: with an input folder, give the folder of memories (NAME.safetensors "
+                            "per input NAME)")
+        loads = [src / f"{f.stem}.safetensors" for f in files]
+        missing = [p.name for p in loads if not p.is_file()]
+        if missing:
+            raise UserError(f"--memory {src}: no memory for {len(missing)} input(s): {', '.join(missing[:5])}"
+                            f"{' …' if len(missing) > 5 else ''}")
+    if args.save_memory:
+        dst = Path(args.save_memory)
+        if dst.exists() and not dst.is_dir():
+            raise UserError(f"--save-memory {dst}: with an input folder this must be a folder, not a file")
+        saves = [dst / f"{f.stem}.safetensors" for f in files]
+        check_outputs(saves)
+    return comp, loads, saves
+
+
+def _load_memory(path: Path):
+    from moshi_ttt.models import memory_format as mf
+    from moshi_ttt.models.memory import MemoryRefused
+
+    try:
+        return mf.load(path)
+    except (ValueError, MemoryRefused) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _checked(loaded: list, fp: str) -> list:
+    """`loaded` (memories or None), each refused if another model made it."""
+    for m in loaded:
+        if m is not None and m.fingerprint != fp:
+            raise UserError(_another_model(m.fingerprint, fp))
+    return loaded
 
 
 def _fail(e: BaseException) -> None:
@@ -228,6 +283,9 @@ def _prepare(args: argparse.Namespace) -> dict:
     if pieces.lm.dep_q == 0:
         raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
     memory = _check_memory(pieces.lm, **memory_args)
+    if memory is not None:
+        memory = dict(memory, loaded=[memory["loaded"]] * args.batch_size,
+                      save={0: Path(args.save_memory)} if args.save_memory else {}, folder=False)
     for p in [*wavs, *txts, tel]:
         p.parent.mkdir(parents=True, exist_ok=True)
     return dict(memory=memory, model=pieces.lm, mimi=pieces.mimi, tokenizer=pieces.tokenizer, gen_kwargs=gen,
@@ -235,7 +293,8 @@ def _prepare(args: argparse.Namespace) -> dict:
                 tel=tel)
 
 
-def _memory_args(args) -> dict:
+def _memory_args(args, one_conversation: bool = True) -> dict:
+    """{"loaded", "comp"} of --memory / --save-memory (loaded: only for one conversation); {} without them."""
     from moshi_ttt.models import memory_format as mf
     from moshi_ttt.models.memory import MemoryRefused
     from moshi_ttt.ttt.memory import Compression
@@ -244,6 +303,11 @@ def _memory_args(args) -> dict:
         return {}
     if args.cfg_coef != 1.0:
         raise UserError(f"--memory / --save-memory need --cfg-coef 1 (got {args.cfg_coef})")
+    if not one_conversation:
+        try:
+            return {"loaded": None, "comp": Compression.parse(args.memory_format)}
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if args.save_memory and args.batch_size != 1:
         raise UserError(f"--save-memory saves one conversation: needs --batch-size 1, got {args.batch_size}")
     if args.save_memory:
@@ -267,9 +331,13 @@ def _check_memory(model, loaded=None, comp=None) -> dict | None:
         raise UserError("--memory / --save-memory need a model with TTT layers")
     fp = mem.fingerprint(model)
     if loaded is not None and loaded.fingerprint != fp:
-        raise UserError(f"--memory: this memory was made by another model or TTT config (fingerprint "
-                        f"{loaded.fingerprint[:16]}…, this model is {fp[:16]}…): refusing to load it")
+        raise UserError(_another_model(loaded.fingerprint, fp))
     return {"loaded": loaded, "comp": comp, "fp": fp}
+
+
+def _another_model(theirs: str, fp: str) -> str:
+    return (f"--memory: this memory was made by another model or TTT config (fingerprint {theirs[:16]}…, this "
+            f"model is {fp[:16]}…): refusing to load it")
 
 
 def _memory_stats(layers) -> dict:
@@ -327,10 +395,14 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
 
     n_steps = n_in + lm_gen.max_delay
     start = time.perf_counter()
-    memory_report: dict = {}
+    reports: list[dict] = []
+    due: dict[int, list[int]] = {}  # LM step -> the items whose memory is saved after it
+    if memory is not None:
+        for b in memory["save"]:
+            due.setdefault(n_items[b] + lm_gen.max_delay if memory["folder"] else n_steps, []).append(b)
     with mimi.streaming(B), lm_gen.streaming(B):
         if memory is not None:
-            memory_report = _memory_start(model, B, memory)
+            reports = _memory_start(model, B, memory)
         for f in tqdm(range(n_steps), desc="frames", unit="frame", file=sys.stderr, dynamic_ncols=True):
             if f < n_in:
                 codes = mimi.encode(x[:, :, f * frame:(f + 1) * frame])
@@ -343,6 +415,8 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
                 steps += 1
                 if layers and steps % every == 0:
                     sample()
+                for b in due.get(steps, ()):
+                    reports[b]["end"] = _memory_save(model, memory, b)
                 if tokens is None:
                     continue
                 audio = mimi.decode(tokens[:, 1:]).float().cpu().numpy()  # [B, 1, frame]
@@ -352,8 +426,7 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
         if layers and (not series_frames or series_frames[-1] != steps):
             sample()
         final = model.ttt_telemetry() if layers else {}
-        if memory is not None and args.save_memory:
-            memory_report["end"] = _memory_save(model, memory, args.save_memory)
+    memory_report = {} if memory is None else {"items": reports} if memory["folder"] else reports[0]
     elapsed = time.perf_counter() - start
 
     for b in range(B):
@@ -385,27 +458,31 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
           file=sys.stderr)
 
 
-def _memory_start(model, B: int, memory: dict) -> dict:
-    """Streaming, before the first step: every item resumed from the loaded memory (if any); the factor log on
-    for an exact save. Returns the telemetry's `memory` entry with `start` (the fast weights as resumed)."""
+def _memory_start(model, B: int, memory: dict) -> list[dict]:
+    """Streaming, before the first step: item b resumed from `memory["loaded"][b]` (if any); the factor log on
+    for an exact save. Returns per item the telemetry's `memory` entry: `loaded` (the header) and `start` (the
+    fast weights as resumed)."""
     from moshi_ttt.models import memory as mem
 
     if memory["comp"].kind == "exact":
         mem.keep_factors(model)
-    if memory["loaded"] is not None:
-        for b in range(B):
-            mem.resume(model, b, memory["loaded"], memory["fp"])
+    for b, m in enumerate(memory["loaded"][:B]):
+        if m is not None:
+            mem.resume(model, b, m, memory["fp"])
     states = {i: g._require_state() for i, g in model.ttt_gatings().items()}
-    return {"loaded": memory["loaded"].meta() if memory["loaded"] is not None else None,
-            "start": _memory_stats({i: (st.delta()[0], st.updates[0]) for i, st in states.items()})}
+    return [{"loaded": m.meta() if m is not None else None,
+             "start": _memory_stats({i: (st.delta()[b], st.updates[b]) for i, st in states.items()})}
+            for b, m in enumerate(memory["loaded"][:B])]
 
 
-def _memory_save(model, memory: dict, path: str) -> dict:
-    """Saves item 0's memory (every frame heard, the last chunk closed) to `path`; returns its `end` stats."""
+def _memory_save(model, memory: dict, item: int) -> dict:
+    """Saves item `item`'s memory (every frame it heard, the last chunk closed) to `memory["save"][item]`; returns
+    its `end` stats."""
     from moshi_ttt.models import memory as mem
     from moshi_ttt.models import memory_format as mf
 
-    m = mem.capture(model, 0, memory["fp"], base=memory["loaded"])
+    path = memory["save"][item]
+    m = mem.capture(model, item, memory["fp"], base=memory["loaded"][item])
     mf.save(path, m, memory["comp"])
     return dict(m.meta(), path=str(path), compression=str(memory["comp"]),
                 layers=_memory_stats({i: (lm.delta, lm.counters["updates"]) for i, lm in m.layers.items()}))

@@ -308,5 +308,45 @@ def test_an_input_folder_runs_its_files_as_batched_conversations(speech_wav, tmp
     batched, _ = sphn.read(str(tmp_path / "out" / "b_short.wav"))
     single, _ = sphn.read(str(alone))
     assert np.abs(batched - single).max() < 1e-4, np.abs(batched - single).max()
-    proc = _infer(folder, tmp_path / "x", "--demo", "--save-memory", tmp_path / "m.safetensors")
+    proc = _infer(folder, tmp_path / "x", "--demo", "--transcript", tmp_path / "t.txt")
     assert proc.returncode == 2 and "not with an input folder" in proc.stderr
+
+
+@pytest.mark.slow  # four demo infer runs, ~14 s
+def test_an_input_folder_saves_and_resumes_one_memory_per_conversation(speech_wav, ttt_yaml, tmp_path):
+    """--save-memory / --memory with an input folder: NAME's memory is taken when NAME ends (its own frames and the
+    LM's delay), so a short conversation batched with a long one saves what it saves alone; a folder of memories
+    resumes each input from its own; a missing memory or a file for a folder is refused up front."""
+    pcm, _ = sphn.read(str(speech_wav), sample_rate=SAMPLE_RATE)
+    folder, again = tmp_path / "in", tmp_path / "again"
+    folder.mkdir(), again.mkdir()
+    sphn.write_wav(str(folder / "a_long.wav"), pcm[0], sample_rate=SAMPLE_RATE)
+    sphn.write_wav(str(folder / "b_short.wav"), pcm[0, : 2 * SAMPLE_RATE], sample_rate=SAMPLE_RATE)
+    sphn.write_wav(str(again / "b_short.wav"), pcm[0, ::-1].copy(), sample_rate=SAMPLE_RATE)
+    run = ["--demo", "--ttt-config", ttt_yaml, "--temp", "0", "--temp-text", "0"]
+    mems = tmp_path / "mems"
+    proc = _infer(folder, tmp_path / "out", "--batch-size", 2, "--save-memory", mems, *run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    items = json.loads((tmp_path / "out" / "batch_0.ttt.json").read_text())["memory"]["items"]
+    proc = _infer(folder / "b_short.wav", tmp_path / "alone.wav", "--save-memory", tmp_path / "alone.safetensors", *run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = json.loads((tmp_path / "alone.ttt.json").read_text())["memory"]["end"]
+    short, long = items[1]["end"], items[0]["end"]
+    assert short["path"] == str(mems / "b_short.safetensors") and long["path"] == str(mems / "a_long.safetensors")
+    assert short["frames"] == alone["frames"] < long["frames"]
+    for k, layer in alone["layers"].items():
+        assert short["layers"][k]["updates"] == layer["updates"] < long["layers"][k]["updates"]
+        assert math.isclose(short["layers"][k]["drift"], layer["drift"], rel_tol=1e-4), (k, short, layer)
+    proc = _infer(again, tmp_path / "out2", "--memory", mems, *run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "out2" / "batch_0.ttt.json").read_text())["memory"]["items"][0]
+    assert resumed["loaded"]["frames"] == short["frames"]
+    for k, layer in short["layers"].items():
+        assert math.isclose(resumed["start"][k]["drift"], layer["drift"], rel_tol=1e-6)
+        assert resumed["start"][k]["updates"] == layer["updates"]
+    (mems / "b_short.safetensors").unlink()
+    proc = _infer(again, tmp_path / "out3", "--memory", mems, *run)
+    assert proc.returncode == 2 and "no memory for 1 input(s): b_short.safetensors" in proc.stderr, proc.stderr
+    proc = _infer(again, tmp_path / "out3", "--save-memory", tmp_path / "alone.safetensors", *run)
+    assert proc.returncode == 2 and "must be a folder, not a file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out3").exists()
