@@ -31,7 +31,8 @@ def _tiny_settings(tmp: Path) -> ex.Settings:
         stage1_train=ex.DataSettings(2, 1, short), stage1_eval=ex.DataSettings(2, 2, short), stage1=train,
         listen_n=1, listen=train,
         stage2_train=ex.DataSettings(2, 3, long), stage2_eval=((2, ex.DataSettings(2, 4, long)),), stage2=train,
-        variants=(("floor", ex.Variant("full", ttt=False, seeds=1)), ("ttt", ex.Variant("ttt", ttt=True, seeds=1))))
+        variants=(("floor", ex.Variant("full", ttt=False, seeds=1)), ("ttt", ex.Variant("ttt", ttt=True, seeds=1))),
+        cross=(("ttt", 1),))
 
 
 @pytest.mark.slow  # 3 tiny trainings and 4 infer runs, ~40 s
@@ -63,6 +64,17 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert ex.run_variant(work, out, s, "ttt", dict(s.variants)["ttt"], 0) == recs["ttt"]  # cached: no retraining
     assert (work / "runs" / "ttt_seed0" / "done.json").stat().st_mtime_ns == stamp
 
+    cross = ex.run_cross(work, out, s, "ttt", 0)
+    assert cross["memory"]["n"] == cross["fresh"]["n"] >= 1  # B's questions, scored with and without A's memory
+    res_dir = work / "evals" / "cross_ttt_seed0"
+    saved = {p.stem: p for p in (res_dir / "memories").glob("*.safetensors")}
+    assert saved and set(saved) == {p.stem for p in (work / "data" / "cross2" / "b").glob("*.wav")}
+    items = json.loads((res_dir / "b_memory" / "batch_0.ttt.json").read_text())["memory"]["items"]
+    a_ends = json.loads((res_dir / "a" / "batch_0.ttt.json").read_text())["memory"]["items"]
+    assert [i["loaded"]["frames"] for i in items] == [e["end"]["frames"] for e in a_ends]  # B resumes A's memory
+    assert "memory" not in json.loads((res_dir / "b_fresh" / "batch_0.ttt.json").read_text())
+    assert ex.run_cross(work, out, s, "ttt", 0) == cross  # cached
+
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
     res = report.write(out, doc, None, {"stage 1 training": 1.0})
@@ -70,7 +82,8 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert res["variants"]["ttt"]["evals"]["2"]["all"]["values"] == [recs["ttt"]["evals"]["2"]["recall"]]
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
-    assert "**TTT, window W**" in text and "floor: no TTT, window W" in text
+    assert "**TTT, window W**" in text and "floor: no TTT, window W" in text and "B with A's memory" in text
+    assert res["cross"]["ttt"]["memory"]["all"]["values"] == [cross["memory"]["recall"]]
     assert (out / "recall_by_distance.png").stat().st_size > 1000
     again = report.write(out, None, None)  # regenerated from the records alone: same results, stage times kept
     assert again == res

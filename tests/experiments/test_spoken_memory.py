@@ -167,6 +167,38 @@ def test_a_listening_set_transcribes_the_user_after_each_fact_and_question(sets,
     assert [w.text for w in rec.words] == [u["text"] for u in said]  # the trainer reads it as Moshi's text
 
 
+def test_a_cross_set_cuts_each_conversation_after_its_last_fact(sets, tmp_path):
+    """Part A holds every fact, part B the questions still due; A + B is the user's channel; B's timed text is
+    scored in the whole conversation's time."""
+    from moshi_ttt.experiments.spoken import cross
+
+    path = cross.write_cross_set(sets["eval"], tmp_path / "cross")
+    rows = json.loads(path.read_text())
+    assert rows and len(rows) <= len(_convs(sets["eval"]))
+    for row in rows:
+        wav = sets["eval"].parent / "eval" / f"{row['conversation']}.wav"
+        rec = json.loads(wav.with_suffix(".json").read_text())["spoken_memory"]
+        facts = [u for u in rec["utterances"] if u["kind"] == "fact"]
+        later = [u for u in rec["utterances"] if u["start"] >= row["cut"]]
+        assert max(f["end"] for f in facts) < row["cut"] <= later[0]["start"]  # between two utterances
+        assert (row["cut"] * 12.5) == pytest.approx(round(row["cut"] * 12.5))  # a frame boundary
+        user = _stereo(wav)[1]
+        a, b = (_stereo_mono(tmp_path / "cross" / part / wav.name) for part in ("a", "b"))
+        assert len(a) == _samples(row["cut"]) and len(a) + len(b) == len(user)
+        assert np.abs(np.concatenate([a, b]).astype(int) - user).max() <= 1  # (float32 and back to int16)
+        qs = cross.b_questions(row)
+        assert qs and [q.q_start for q in qs] == [q["q_start"] for q in rec["questions"] if q["q_start"] >= row["cut"]]
+        timed = tmp_path / "t.json"
+        timed.write_text(json.dumps({"words": [{"word": qs[0].answer, "time": qs[0].q_end - row["cut"] + 0.4}]}))
+        assert score.score_conversation(qs[:1], cross.shifted(timed, row["cut"]))[0].outcome == "right"
+
+
+def _stereo_mono(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getframerate()) == (1, SAMPLE_RATE)
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
 def test_generation_is_deterministic_in_the_seed(sets, tmp_path):
     root = sets["train"].parent
     _write(tmp_path / "again", "train")

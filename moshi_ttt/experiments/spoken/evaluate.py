@@ -47,19 +47,25 @@ def run_infer(wavs: tp.Sequence[Path], results: Path, infer_args: tp.Sequence[st
     """`moshi-ttt infer` (`python -m moshi_ttt infer`, a process of its own) on an input folder holding the user
     channels of `wavs`: one batch of conversations (as the server steps them), outputs in `results`."""
     import shutil
-    import subprocess
 
     inputs = results / "input"
     shutil.rmtree(inputs, ignore_errors=True)
     inputs.mkdir(parents=True)
     for wav in wavs:
         user_channel(wav, inputs / f"{wav.stem}.wav")
+    infer_folder(inputs, results, infer_args)
+    shutil.rmtree(inputs)
+
+
+def infer_folder(inputs: Path, results: Path, infer_args: tp.Sequence[str]) -> None:
+    """`moshi-ttt infer INPUTS RESULTS *infer_args` in a process of its own; EvaluationError if it fails."""
+    import subprocess
+
     cmd = [sys.executable, "-m", "moshi_ttt", "infer", str(inputs), str(results), *infer_args]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         raise EvaluationError(f"moshi-ttt infer failed on {inputs} (exit code {proc.returncode}): {last}")
-    shutil.rmtree(inputs)
 
 
 def evaluate_set(manifest: str | Path, results: str | Path, infer_args: tp.Sequence[str], window_s: float,

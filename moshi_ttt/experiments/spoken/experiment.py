@@ -116,6 +116,7 @@ class Settings:
     ttt_config: str = "spoken_memory_ttt"
     architecture: str = "spoken_memory"
     variants: tuple[tuple[str, Variant], ...] = tuple(VARIANTS.items())
+    cross: tuple[tuple[str, int], ...] = (("ttt", 2),)  # across conversations: (variant, seeds), main eval set
     eval_batch: int = 40
 
     @property
@@ -233,6 +234,36 @@ def evaluate(work: Path, s: Settings, export: Path, tag: str, facts: int, seed: 
 def eval_set(work: Path, facts: int, d: DataSettings) -> Path:
     """The held-out (eval split) set of `facts` facts per conversation."""
     return data_set(work, f"stage2_eval{facts}", "eval", d)
+
+
+def run_cross(work: Path, out: Path, s: Settings, name: str, seed: int) -> dict:
+    """Variant `name`'s seed-`seed` model across conversations (cross.py) on the main eval set's conversations cut
+    after their last fact; the record goes to OUT/cross/. The run must be trained (run_variant) first."""
+    from moshi_ttt.experiments.spoken.cross import evaluate_cross, write_cross_set
+
+    facts, d = s.stage2_eval[0]
+    cross_dir = work / "data" / f"cross{facts}"
+    if not (cross_dir / "cross.json").exists():
+        write_cross_set(eval_set(work, facts, d), cross_dir)
+    run = run_path(out, name, seed)
+    if not run.exists():
+        raise FileNotFoundError(f"{run}: variant {name!r} seed {seed} is not trained and evaluated yet")
+    path = out / "cross" / f"{name}_seed{seed}.json"
+    trained = json.loads(run.read_text())["config"]
+    if path.exists() and json.loads(path.read_text()).get("config") == trained:
+        return json.loads(path.read_text())
+    export = work / "runs" / f"{name}_seed{seed}" / "export"
+    results = work / "evals" / f"cross_{name}_seed{seed}"
+    shutil.rmtree(results, ignore_errors=True)  # outputs of an earlier model
+    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--seed", str(seed),
+            "--batch-size", str(s.eval_batch)]
+    t = time.time()
+    summary = evaluate_cross(cross_dir, results, args, s.window_s, bins(s))
+    rec = {"variant": name, "seed": seed, "config": trained, "facts": facts, "eval_seconds": time.time() - t,
+           **{k: _small(summary[k]) for k in ("memory", "fresh")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
+    return rec
 
 
 def run_path(out: Path, name: str, seed: int) -> Path:
@@ -385,6 +416,15 @@ def main(argv: list[str] | None = None) -> int:
             e = rec["evals"][str(s.stage2_eval[0][0])]
             print(f"{name} seed {seed}: recall {e['recall']:.3f} (inside {e['inside']['recall']}, beyond "
                   f"{e['beyond']['recall']})", file=sys.stderr)
+    for name, seeds in s.cross:
+        if name not in order:
+            continue
+        for seed in range(seeds):
+            if a.seeds and seed not in a.seeds:
+                continue
+            rec = run_cross(work, out, s, name, seed)
+            print(f"{name} seed {seed} across conversations: recall {rec['memory']['recall']:.3f} with A's memory, "
+                  f"{rec['fresh']['recall']:.3f} fresh", file=sys.stderr)
     if a.only == "runs":
         return 0
     from moshi_ttt.experiments.spoken import report

@@ -31,6 +31,23 @@ def load_runs(out: Path) -> list[dict]:
     return sorted(recs, key=lambda r: (ORDER.index(r["variant"]) if r["variant"] in ORDER else 99, r["seed"]))
 
 
+def load_cross(out: Path) -> list[dict]:
+    """Every across-conversations record of OUT/cross (experiment.run_cross), in (variant, seed) order."""
+    recs = [json.loads(p.read_text()) for p in sorted((out / "cross").glob("*.json"))]
+    return sorted(recs, key=lambda r: (r["variant"], r["seed"]))
+
+
+def cross_results(recs: list[dict]) -> dict:
+    """Per variant: recall of part B with part A's memory and fresh, mean ± std over seeds (all, and beyond W)."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["variant"] for r in recs):
+        mine = [r for r in recs if r["variant"] == name]
+        out[name] = {"seeds": [r["seed"] for r in mine], "facts": mine[0]["facts"], "questions": mine[0]["memory"]["n"],
+                     **{k: {"all": _stats([r[k]["recall"] for r in mine]),
+                            "beyond": _stats([r[k]["beyond"]["recall"] for r in mine])} for k in ("memory", "fresh")}}
+    return out
+
+
 def _stats(xs: list[float | None]) -> dict:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -92,6 +109,18 @@ def render_table(res: dict) -> str:
             e = vs[n]["evals"][facts]
             lines.append(f"| {LABELS.get(n, n)} | {facts} | {_ms(e['all'])} | {_ms(e['inside'])} | "
                          f"{_ms(e['beyond'])} |")
+    cross = res.get("cross") or {}
+    if cross:
+        lines += ["", "| model, across conversations | seeds | B with A's memory | B fresh (no memory) |",
+                  "|---|---|---|---|"]
+        for n, c in cross.items():
+            lines.append(f"| {LABELS.get(n, n)} | {len(c['seeds'])} | {_ms(c['memory']['all'])} | "
+                         f"{_ms(c['fresh']['all'])} |")
+        c = next(iter(cross.values()))
+        lines += ["", f"Each conversation of the {c['facts']}-facts set cut after its last fact: A (every fact) "
+                  "runs with `infer --save-memory`, B (the questions still due, "
+                  f"{c['questions']} questions) as a new conversation with a fresh KV cache, with `--memory` "
+                  "(A's) or without."]
     return "\n".join(lines)
 
 
@@ -135,7 +164,7 @@ def write(out: Path, doc: Path | None = None, readme: Path | None = None, stages
     """results.json (+ `stages`: seconds of the one-off stages), the plot, and the tables into `doc` / `readme`."""
     if stages is None and (out / "results.json").exists():  # regenerating from the runs keeps the stage times
         stages = json.loads((out / "results.json").read_text()).get("stage_seconds")
-    res = {**results(load_runs(out)), "stage_seconds": stages or {}}
+    res = {**results(load_runs(out)), "cross": cross_results(load_cross(out)), "stage_seconds": stages or {}}
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     if res["variants"]:
         plot(res, out / "recall_by_distance.png")
