@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import typing as tp
 from pathlib import Path
 
@@ -86,6 +87,42 @@ def evaluate_set(manifest: str | Path, results: str | Path, infer_args: tp.Seque
     summary = {"manifest": str(manifest), "infer_args": list(infer_args), **summary}
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_s: float = 1.0) -> dict:
+    """Streams the mono 24 kHz `pcm` (then `tail_s` of silence) to a `moshi-ttt serve` at `url` over its websocket
+    (`server.client.ChatClient`, paced at `realtime`) and returns Moshi's text as timed text (`score.timed_words`'
+    form): each word of the 0x02 text pieces with its arrival time, in seconds after the first audio was sent (so
+    the server's latency is included)."""
+    import asyncio
+
+    import aiohttp
+
+    from moshi_ttt.server.client import ChatClient
+
+    async def go() -> tuple[list[str], list[float], float]:
+        async with aiohttp.ClientSession() as http:
+            c = await ChatClient.connect(http, url.replace("http://", "ws://").rstrip("/") + "/api/chat")
+            t0 = time.monotonic()
+            silence = np.zeros(round(tail_s * 24000), np.float32)
+            await c.send_pcm(np.concatenate([np.asarray(pcm, np.float32), silence]), realtime=realtime)
+            await asyncio.sleep(0.5)
+            await c.close()
+            return list(c.text), list(c.text_times), t0
+
+    pieces, times, t0 = asyncio.run(go())
+    words: list[dict] = []
+    new_word = True
+    for piece, t in zip(pieces, times, strict=True):
+        for ch in piece:
+            if ch.isspace():
+                new_word = True
+            elif new_word:
+                words.append({"word": ch, "time": t - t0})
+                new_word = False
+            else:
+                words[-1]["word"] += ch
+    return {"words": words, "pieces": [[p, t - t0] for p, t in zip(pieces, times, strict=True)]}
 
 
 def main(argv: list[str] | None = None) -> int:
