@@ -4,9 +4,8 @@ control pipe: the worker's reply carries a `Bulk` reference, read (and removed) 
 import os
 
 import pytest
-
-from server import bulk
-from server.worker import _Bridge
+from moshi_ttt.server import bulk
+from moshi_ttt.server.worker import _Bridge
 
 
 def test_put_take_round_trip_removes_the_file(tmp_path):
