@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grimp
 from importlinter.contracts.acyclic_siblings import AcyclicSiblingsContract
+from importlinter.contracts.forbidden import ForbiddenContract
 from importlinter.contracts.layers import LayersContract
 from importlinter.domain import fields
 from importlinter.domain.contract import ContractCheck
@@ -92,21 +93,28 @@ def with_installed_imports(graph: grimp.ImportGraph, raw_names: list[str]) -> gr
     return graph
 
 
-class InstalledLayersContract(LayersContract):
+class _Installed:
+    """Checks a copy of the graph with the imports spelled with `installed_names` added."""
+
+    installed_names = fields.ListField(subfield=fields.StringField())
+
+    def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
+        return super().check(with_installed_imports(graph, self.installed_names), verbose)
+
+
+class InstalledLayersContract(_Installed, LayersContract):
     """`layers`, with imports spelled with installed names counted."""
 
     type_name = "installed_layers"
-    installed_names = fields.ListField(subfield=fields.StringField())
-
-    def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
-        return super().check(with_installed_imports(graph, self.installed_names), verbose)
 
 
-class InstalledAcyclicSiblingsContract(AcyclicSiblingsContract):
+class InstalledAcyclicSiblingsContract(_Installed, AcyclicSiblingsContract):
     """`acyclic_siblings`, with imports spelled with installed names counted."""
 
     type_name = "installed_acyclic_siblings"
-    installed_names = fields.ListField(subfield=fields.StringField())
 
-    def check(self, graph: grimp.ImportGraph, verbose: bool) -> ContractCheck:
-        return super().check(with_installed_imports(graph, self.installed_names), verbose)
+
+class InstalledForbiddenContract(_Installed, ForbiddenContract):
+    """`forbidden`, with imports spelled with installed names counted."""
+
+    type_name = "installed_forbidden"

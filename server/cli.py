@@ -21,9 +21,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.ttt.compression import Compression
 from moshi_ttt.ttt.config import STATE_DTYPES
-from moshi_ttt.ttt.memory import Compression
+from moshi_ttt.utils.cache import cache_dir
 
 from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
@@ -32,7 +33,6 @@ from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
 from .http_guard import GuardedSite, HttpLimits
 from .memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
-from .model import load
 from .remote import WorkerEngine
 from .session import SessionConfig
 
@@ -220,8 +220,6 @@ def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
 def _memory_flags(args) -> None:
     """Checks the memory flags; `--demo` keeps its memories in the cache unless --memory-store is given."""
     if args.memory_store is None and args.demo:
-        from moshi_ttt.models.demo import cache_dir
-
         args.memory_store = str(Path(args.cache_dir or cache_dir()) / "memories")
         args.memory_store_default = True
     Compression.parse(args.memory_format)  # ValueError naming the bad value
@@ -229,6 +227,14 @@ def _memory_flags(args) -> None:
         raise ValueError(f"--memory-save-every must be >= 0 chunks, got {args.memory_save_every}")
     if not args.memory_ttl > 0:
         raise ValueError(f"--memory-ttl must be > 0 days, got {args.memory_ttl}")
+
+
+def _in_process_model() -> tp.Any:
+    """`--workers 0`: the model side (`model`), imported only then: it loads torch into the web process, which
+    `--workers 1` keeps out of it (the model steps in the worker process)."""
+    from . import model
+
+    return model
 
 
 async def start(args) -> RunningServer:
@@ -271,7 +277,7 @@ async def start(args) -> RunningServer:
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
                     "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
     if args.workers == 0:
-        loaded = await asyncio.to_thread(load, args)
+        loaded = await asyncio.to_thread(_in_process_model().load, args)
         engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
     else:
         engine = WorkerEngine(args, log_level=args.log_level)
@@ -335,12 +341,11 @@ class BackgroundServer:
     """
 
     def __init__(self, argv: tp.Sequence[str], timeout: float = 120.0):
-        import torch
-
         p = argparse.ArgumentParser(prog="moshi-ttt serve")
         add_args(p)
         self.args = p.parse_args(list(argv))
-        self._torch_threads = torch.get_num_threads()  # the engine sets the process-wide value; restored by stop()
+        # an in-process engine sets torch's process-wide thread count; stop() puts it back
+        self._restore_threads = _in_process_model().torch_threads_restorer() if self.args.workers == 0 else None
         self.loop = asyncio.new_event_loop()
         self.server: RunningServer | None = None
         self._error: BaseException | None = None
@@ -387,9 +392,8 @@ class BackgroundServer:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
-        import torch
-
-        torch.set_num_threads(self._torch_threads)
+        if self._restore_threads is not None:
+            self._restore_threads()
 
 
 def setup_logging(level: str = "info") -> None:

@@ -21,7 +21,7 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
-from moshi_ttt.models.memory_format import header
+from moshi_ttt.models.memory_header import header
 from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
 
 from .metrics import Metrics

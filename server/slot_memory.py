@@ -26,7 +26,7 @@ import torch
 
 from moshi_ttt.models import memory as mem
 from moshi_ttt.models import memory_format as mf
-from moshi_ttt.ttt.memory import Compression
+from moshi_ttt.ttt.compression import Compression
 
 from . import bulk
 

@@ -38,7 +38,7 @@ def _copy_tree(dst: Path) -> Path:
 def test_import_contracts_are_kept():
     out = _lint(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 kept, 0 broken" in out.stdout, out.stdout
+    assert "3 kept, 0 broken" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("module,upward", [
@@ -52,13 +52,30 @@ def test_import_contracts_are_kept():
     ("moshi_ttt/runtime.py", "from moshi_ttt.server.engine import Engine"),
 ])
 def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
+    _assert_planted_breaks(tmp_path, module, upward)
+
+
+@pytest.mark.parametrize("module,line", [
+    ("server/session.py", "import torch"),                                  # the web side importing torch
+    ("server/app.py", "from moshi_ttt import runtime"),                    # ... through a module that does
+    ("server/protocol.py", "from moshi_ttt.server import engine"),         # ... the model side, installed name
+    ("server/remote.py", "from server.slot_memory import SlotMemory"),     # ... the model side, on-disk name
+])
+def test_torch_on_the_web_side_breaks_the_contract(tmp_path, module, line):
+    _assert_planted_breaks(tmp_path, module, line, contract="the web side of serve never imports torch")
+
+
+def _assert_planted_breaks(tmp_path: Path, module: str, line: str, contract: str = "") -> None:
+    """`line` appended to `module` in a copy of the tree makes the lint fail, naming the module (and `contract`)."""
     root = _copy_tree(tmp_path)
     path = root / module
-    path.write_text(path.read_text() + f"\n{upward}  # noqa: E402,F401\n")
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
     out = _lint(root)
     assert out.returncode != 0, out.stdout
     assert "BROKEN" in out.stdout and module.replace("/", ".").removesuffix(".py").split("moshi_ttt.")[-1] in \
         out.stdout, out.stdout
+    broken = out.stdout[out.stdout.index("Broken contracts"):]
+    assert contract in broken, out.stdout
 
 
 def test_the_installed_names_are_the_packaging():

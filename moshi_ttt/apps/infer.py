@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args
 from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS
-from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args
 
 EXIT_USER_ERROR = 2
 
@@ -238,7 +238,7 @@ def _prepare(args: argparse.Namespace) -> dict:
 def _memory_args(args) -> dict:
     from moshi_ttt.models import memory_format as mf
     from moshi_ttt.models.memory import MemoryRefused
-    from moshi_ttt.ttt.memory import Compression
+    from moshi_ttt.ttt.compression import Compression
 
     if not (args.memory or args.save_memory):
         return {}

@@ -18,13 +18,10 @@ import typing as tp
 import torch
 
 from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.models.memory_header import MemoryRefused
 from moshi_ttt.ttt.memory import close
 
 COUNTERS = ("updates", "clips", "skipped", "lost")
-
-
-class MemoryRefused(ValueError):
-    """A memory that this model must not load (another model, a foreign or damaged file)."""
 
 
 @dataclasses.dataclass

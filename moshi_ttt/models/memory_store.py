@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from moshi_ttt.models.memory_backends import Backend, backend
-from moshi_ttt.models.memory_format import FORMAT_VERSION
+from moshi_ttt.models.memory_header import FORMAT_VERSION
 
 MAGIC = b"MTTMEM1\n"
 SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)

@@ -165,8 +165,9 @@ class TTTGating(StreamingModule[TTTState]):
     def _init_streaming_state(self, batch_size: int) -> TTTState:
         w0, cfg = self._base_weight(), self.cfg
         acc = self._acc_dtype(w0.dtype)
+        state = torch.bfloat16 if cfg.state_dtype == "bfloat16" else acc  # the fast weight's dtype
         return TTTState(batch_size, cfg.chunk_size, w0, acc, self.ttt.w_target, self.ttt.conv_weight, cfg.past_frames,
-                        state_dtype=cfg.state_torch_dtype(acc), stochastic=cfg.state_rounding == "stochastic",
+                        state_dtype=state, stochastic=cfg.state_rounding == "stochastic",
                         rounding_seed=cfg.rounding_seed)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
