@@ -34,6 +34,7 @@ from .admission import Admission, AdmissionLimits
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .memories import Memories
 from .metrics import CONTENT_TYPE, Metrics
+from .reasons import busy
 from .session import Session, SessionConfig, peer_of
 
 log = logging.getLogger("moshi_ttt.server.app")
@@ -129,7 +130,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             return _refuse(503, "the model is restarting, try again in a few seconds", 5)
         if engine.active_count() >= engine.n:
             metrics.rejected_conversation("busy")
-            return _refuse(503, f"server busy: all {engine.n} conversation slots are in use, try again later", 2)
+            return _refuse(503, busy(engine.n), 2)
     refusal = admission.refusal(addr)
     if refusal is not None:
         metrics.rejected_conversation(refusal.label)
@@ -198,7 +199,7 @@ async def _on_shutdown(app: web.Application) -> None:
         return
     log.info("shutting down: ending %d conversation(s)", len(sessions))
     for s in sessions:
-        s.shutdown("server shutting down")
+        s.shutdown()
     cfg = app[CONFIG]
     # a remembered conversation's final save runs before its session ends: bounded by the memory timeout
     grace = cfg.shutdown_grace + (cfg.memories.cfg.timeout if cfg.memories is not None else 0.0)

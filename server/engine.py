@@ -26,8 +26,9 @@ import torch
 from moshi_ttt.models.lm import make_lm_gen
 from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
-from .events import EngineClosed, Event, Sink
+from .events import EngineClosed, Event, EventKind, Sink
 from .metrics import Metrics
+from .reasons import Reason
 
 log = logging.getLogger("moshi_ttt.server.engine")
 
@@ -138,7 +139,7 @@ class Engine:
 
     def claim(self, sink: Sink, index: int | None = None, conv_id: int | None = None) -> tuple[Slot, int] | None:
         """A free slot for a new conversation, or None when all are taken. The slot gets reset by the
-        worker, which then sends `Event("ready")` to `sink`. `index`/`conv_id`: the slot and id chosen
+        worker, which then sends `Event(EventKind.READY)` to `sink`. `index`/`conv_id`: the slot and id chosen
         by the caller (the worker process: the web process allocates); None if that slot is taken."""
         with self._cond:
             if self._stop or not self.alive:
@@ -253,7 +254,7 @@ class Engine:
         except BaseException as e:  # reported to every conversation, then re-raised in start()
             self._fatal = e
             log.exception("engine worker crashed")
-            self._fail_all(f"internal error: engine stopped ({type(e).__name__}: {e})")
+            self._fail_all(f"engine stopped ({type(e).__name__}: {e})")
         finally:
             self._started.set()
 
@@ -340,7 +341,7 @@ class Engine:
             rows = self._telemetry_rows() if self.ttt_layers else None
         except Exception as e:
             log.exception("slot %d: reset failed", index)
-            self._emit(slot, conv_id, Event("error", reason=f"internal error: slot reset failed ({e})"))
+            self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.INTERNAL, detail=f"slot reset failed ({e})"))
             return
         slot.ttt_seen = {}
         slot.dirty = False
@@ -352,7 +353,7 @@ class Engine:
             if slot.conv_id != conv_id:
                 return
             slot.ready = True
-        self._emit(slot, conv_id, Event("ready", telemetry=tele, frame=0))
+        self._emit(slot, conv_id, Event(EventKind.READY, telemetry=tele, frame=0))
 
     def _memory_command(self, kind: str, slot: Slot, conv_id: int, extra: tuple) -> None:
         done = extra[0] if kind == "snapshot" else extra[3]
@@ -459,7 +460,7 @@ class Engine:
         except Exception as e:  # fail the conversations of this step, keep serving
             log.exception("step failed for slots %s", [s.index for s, *_ in batch])
             for slot, conv_id, *_ in batch:
-                self._emit(slot, conv_id, Event("error", reason=f"internal error during step: {type(e).__name__}"))
+                self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.STEP_FAILED, detail=type(e).__name__))
             return
         dt = time.perf_counter() - t0
         self.steps += 1
@@ -483,7 +484,8 @@ class Engine:
                 tid = int(text_ids[i])
                 text = self._pieces[tid] if 0 <= tid < len(self._pieces) else None
             self.metrics.observe_frame_latency(now - t_push)
-            self._emit(slot, conv_id, Event("frame", pcm=pcm_np[i].copy(), text=text, frame=frame_no, text_id=tid))
+            self._emit(slot, conv_id, Event(EventKind.FRAME, pcm=pcm_np[i].copy(), text=text, frame=frame_no,
+                                            text_id=tid))
 
     # -- telemetry -----------------------------------------------------------------------------------
 
@@ -549,7 +551,7 @@ class Engine:
                 continue
             slot.dirty = False
             tele = self._account_ttt(slot, rows)
-            self._emit(slot, conv_id, Event("telemetry", telemetry=tele, frame=slot.frames_in))
+            self._emit(slot, conv_id, Event(EventKind.TELEMETRY, telemetry=tele, frame=slot.frames_in))
 
     # -- delivery --------------------------------------------------------------------------------------
 
@@ -561,11 +563,11 @@ class Engine:
         try:
             sink(event)
         except Exception:  # e.g. the session's loop is closed
-            log.debug("slot %d: dropping %s event (sink failed)", slot.index, event.kind, exc_info=True)
+            log.debug("slot %d: dropping %s event (sink failed)", slot.index, event.kind.value, exc_info=True)
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, detail: str) -> None:
         for slot in self.slots:
             with self._cond:
                 conv_id = slot.conv_id
             if conv_id is not None:
-                self._emit(slot, conv_id, Event("error", reason=reason))
+                self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.INTERNAL, detail=detail))

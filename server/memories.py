@@ -43,12 +43,6 @@ class MemoryConfig:
     timeout: float = SAVE_TIMEOUT_S
 
 
-def cause_label(cause: str) -> str:
-    """A low-cardinality metrics label of a `MemoryUnavailable.cause` ("tampered: InvalidTag" → tampered)."""
-    head = cause.split(":", 1)[0].split("(", 1)[0].strip().lower().replace(" ", "_")
-    return "".join(ch for ch in head if ch.isalnum() or ch == "_")[:32] or "other"
-
-
 async def engine_call(start: tp.Callable[..., None], *args, timeout: float, **kwargs) -> tp.Any:
     """Runs an engine memory request (`Engine.save_memory` / `restore_memory`, or the worker's) whose
     `done(ok, payload)` may come from any thread; returns the payload, raises `MemoryOpFailed`."""
@@ -90,14 +84,14 @@ class Memories:
         counted by the caller through `refused`)."""
         token = Token.parse(token_text)
         if token.id in self.live:
-            raise MemoryUnavailable("in use: a conversation on this instance holds it")
+            raise MemoryUnavailable("in use: a conversation on this instance holds it", "in_use")
         t0 = time.perf_counter()
         data = await asyncio.to_thread(self.store.load, token, self.fingerprint)
         self.metrics.observe_memory_read(time.perf_counter() - t0, len(data))
         return token, data
 
     def refused(self, e: MemoryUnavailable, peer: str, what: str) -> None:
-        self.metrics.inc_memory_failure(cause_label(e.cause))
+        self.metrics.inc_memory_failure(e.label)
         log.warning("memory %s from %s refused: %s", what, peer, e.cause)
 
     async def write(self, token: Token, data: bytes, meta: dict, trigger: str, t0: float) -> float:
@@ -112,7 +106,7 @@ class Memories:
         try:
             token = Token.parse(token_text)
             if token.id != memory_id:
-                raise MemoryUnavailable("token of another id")
+                raise MemoryUnavailable("token of another id", "token_of_another_id")
             await asyncio.to_thread(self.store.delete, token)
         except MemoryUnavailable as e:
             self.refused(e, peer, "delete")

@@ -8,7 +8,7 @@ from the rings on the event loop (a reader on the wake pipe) and handed to each 
 in order; control events for a slot are delivered only after its ring is drained.
 
 Fault isolation: the worker's sentinel is a reader on the event loop, so a dead worker is noticed at
-once. Every live conversation then gets an error event `WORKER_RESTARTED`, every slot is freed, `alive`
+once. Every live conversation then gets an error event `Reason.WORKER_RESTARTED`, every slot is freed, `alive`
 is False (/health 503) and a new worker is spawned after a backoff that doubles while workers die young
 (`RESTART_BACKOFF_S` up to `RESTART_BACKOFF_MAX_S`). Must be used from one event loop thread.
 """
@@ -26,8 +26,9 @@ import typing as tp
 from dataclasses import dataclass, field
 
 from . import bulk
-from .events import WORKER_RESTARTED, EngineClosed, Event, Sink
+from .events import EngineClosed, Event, EventKind, Sink
 from .metrics import Metrics
+from .reasons import WORKER_RESTARTING, Reason
 from .shm_ring import Rings
 from .worker import USER_ERRORS, worker_main
 
@@ -185,7 +186,7 @@ class WorkerEngine:
 
     def claim(self, sink: Sink) -> tuple[RemoteSlot, int] | None:
         if self._closing or not self.alive:
-            raise EngineClosed("the model worker is restarting" if not self._closing else "the engine is stopping")
+            raise EngineClosed(WORKER_RESTARTING if not self._closing else "the engine is stopping")
         free = next((s for s in self.slots if s.conv_id is None), None)
         if free is None:
             return None
@@ -194,7 +195,7 @@ class WorkerEngine:
         try:
             self._proc.ctrl.send(("claim", free.index, conv))
         except (OSError, ValueError):  # it died just now: the sentinel is about to report it
-            raise EngineClosed("the model worker is restarting") from None
+            raise EngineClosed(WORKER_RESTARTING) from None
         free.conv_id, free.sink, free.ready = conv, sink, False
         free.pushed.clear()
         self.metrics.set_active(self.active_count())
@@ -262,7 +263,7 @@ class WorkerEngine:
 
     def _request(self, msg: tuple, done) -> None:
         if not self.alive:
-            done(False, "the model worker is restarting")
+            done(False, WORKER_RESTARTING)
             return
         req = self._next_req
         self._next_req += 1
@@ -271,7 +272,7 @@ class WorkerEngine:
             self._proc.ctrl.send((msg[0], req, *msg[1:]))
         except (OSError, ValueError):
             self._pending.pop(req, None)
-            done(False, "the model worker is restarting")
+            done(False, WORKER_RESTARTING)
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}
@@ -315,7 +316,7 @@ class WorkerEngine:
                     slot.pushed.popleft()
                 self.metrics.observe_transport("out", now - stamp)
                 text = self.pieces[tid] if 0 <= tid < len(self.pieces) else None
-                slot.sink(Event("frame", pcm=pcm, text=text, frame=frame_no, text_id=tid))
+                slot.sink(Event(EventKind.FRAME, pcm=pcm, text=text, frame=frame_no, text_id=tid))
 
     def _on_ctrl(self, proc: _Proc) -> None:
         try:
@@ -367,11 +368,11 @@ class WorkerEngine:
             return
         if kind == "ready":
             slot.ready = True
-            slot.sink(Event("ready", telemetry=msg[3], frame=0))
+            slot.sink(Event(EventKind.READY, telemetry=msg[3], frame=0))
         elif kind == "telemetry":
-            slot.sink(Event("telemetry", telemetry=msg[3], frame=msg[4]))
+            slot.sink(Event(EventKind.TELEMETRY, telemetry=msg[3], frame=msg[4]))
         elif kind == "error":
-            slot.sink(Event("error", reason=msg[3]))
+            slot.sink(Event(EventKind.ERROR, reason=msg[3], detail=msg[4]))
 
     def _on_exit(self, proc: _Proc) -> None:
         self._detach(proc)
@@ -390,13 +391,13 @@ class WorkerEngine:
         log.error("model worker pid %d died (exit code %s) after %.1f s: ending %d conversation(s), restarting",
                   proc.process.pid, code, lived, self.active_count())
         self._stats_base = (self.steps, self.step_seconds, self.step_cpu_seconds, self.rows_stepped)
-        self._fail_pending(WORKER_RESTARTED)
+        self._fail_pending(Reason.WORKER_RESTARTED.says())
         for slot in self.slots:
             sink = slot.sink
             slot.conv_id, slot.sink, slot.ready = None, None, False
             slot.pushed.clear()
             if sink is not None:
-                sink(Event("error", reason=WORKER_RESTARTED))
+                sink(Event(EventKind.ERROR, reason=Reason.WORKER_RESTARTED))
         if self.metrics is not None:
             self.metrics.set_active(0)
         if lived > STABLE_S:

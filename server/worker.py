@@ -15,7 +15,7 @@ web → worker   ("attach", rings spec, bulk dir)  once, after "started"
 worker → web   ("started", info)                model loaded and warm: info = model description + "frame_size",
                                                 "sample_rate", "frame_seconds", "pieces" (text id → piece)
                ("ready", slot, conv, telemetry) ("telemetry", slot, conv, telemetry, frame)
-               ("error", slot, conv, reason)    ("reply", req, ok, payload)
+               ("error", slot, conv, reason, detail)  (a `reasons.Reason`)    ("reply", req, ok, payload)
                ("metrics", ops, stats)          every `FLUSH_S`: metric calls to replay, step counters
                ("fatal", reason, user error class or None, message)   the engine died or did not load:
                                                 the process exits 1
@@ -34,7 +34,8 @@ import threading
 import time
 
 from . import bulk
-from .events import Event
+from .events import Event, EventKind
+from .reasons import Reason
 from .shm_ring import Rings
 
 log = logging.getLogger("moshi_ttt.server.worker")
@@ -144,17 +145,17 @@ class _Bridge:
 
     def sink_for(self, index: int, conv: int):
         def sink(ev: Event) -> None:  # engine thread
-            if ev.kind == "frame":
+            if ev.kind is EventKind.FRAME:
                 if not self.rings.put_output(index, conv, ev.frame, ev.text_id, ev.pcm, time.monotonic()):
                     log.warning("slot %d: output ring full, frame %d dropped", index, ev.frame)
                 self._wake_web()
-            elif ev.kind == "ready":
+            elif ev.kind is EventKind.READY:
                 self.send(("ready", index, conv, ev.telemetry))
-            elif ev.kind == "telemetry":
+            elif ev.kind is EventKind.TELEMETRY:
                 self.send(("telemetry", index, conv, ev.telemetry, ev.frame))
-            elif ev.kind == "error":
+            elif ev.kind is EventKind.ERROR:
                 self._wake_web()
-                self.send(("error", index, conv, ev.reason))
+                self.send(("error", index, conv, ev.reason, ev.detail))
         return sink
 
     def run(self) -> int:
@@ -192,7 +193,7 @@ class _Bridge:
         elif kind == "claim":
             _, index, conv = msg
             if self.engine.claim(self.sink_for(index, conv), index=index, conv_id=conv) is None:
-                self.send(("error", index, conv, "internal error: slot still in use in the model worker"))
+                self.send(("error", index, conv, Reason.INTERNAL, "slot still in use in the model worker"))
         elif kind == "release":
             _, index, conv = msg
             self.engine.release(self.engine.slots[index], conv)

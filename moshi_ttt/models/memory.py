@@ -20,8 +20,7 @@ import torch
 from moshi_ttt.models.lm import TTTLMModel
 from moshi_ttt.models.memory_header import MemoryRefused
 from moshi_ttt.ttt.memory import close
-
-COUNTERS = ("updates", "clips", "skipped", "lost")
+from moshi_ttt.ttt.stream import COUNTERS
 
 
 @dataclasses.dataclass
