@@ -31,6 +31,7 @@ from aiohttp import web
 from . import protocol
 from .access import AccessPolicy, key_matches
 from .admission import Admission, AdmissionLimits
+from .engine_api import ServingEngine
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .memories import Memories
 from .metrics import CONTENT_TYPE, Metrics
@@ -59,7 +60,7 @@ class AppConfig:
     memories: Memories | None = None  # conversation memory (None: off, --memory-store not given)
 
 
-ENGINE = web.AppKey("engine", object)  # remote.WorkerEngine, or engine.Engine with --workers 0
+ENGINE = web.AppKey("engine", ServingEngine)  # remote.WorkerEngine, or engine.Engine with --workers 0
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", AppConfig)
 SESSIONS = web.AppKey("sessions", set)
@@ -208,7 +209,7 @@ async def _on_shutdown(app: web.Application) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
+def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     admission = Admission(cfg.admission)
     app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)

@@ -30,6 +30,7 @@ from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .agent import start_agent
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
+from .engine_api import ServingEngine
 from .http_guard import GuardedSite, HttpLimits
 from .memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
@@ -173,7 +174,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 @dataclass
 class RunningServer:
     runner: web.AppRunner
-    engine: tp.Any  # WorkerEngine, or Engine with --workers 0
+    engine: ServingEngine  # WorkerEngine, or Engine with --workers 0
     metrics: Metrics
     host: str
     port: int
@@ -197,10 +198,7 @@ class RunningServer:
                 self.agent.close()
             await self.runner.cleanup()
         finally:
-            if isinstance(self.engine, WorkerEngine):
-                await self.engine.close()
-            else:
-                await asyncio.to_thread(self.engine.close)
+            await self.engine.close()
             if self.switch_interval is not None:
                 sys.setswitchinterval(self.switch_interval)
 
@@ -276,13 +274,14 @@ async def start(args) -> RunningServer:
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
                     "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
+    engine: ServingEngine
     if args.workers == 0:
         loaded = await asyncio.to_thread(_in_process_model().load, args)
         engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
     else:
-        engine = WorkerEngine(args, log_level=args.log_level)
-        await engine.start()
-        metrics, info = engine.metrics, engine.info
+        worker = WorkerEngine(args, log_level=args.log_level)
+        await worker.start()
+        engine, metrics, info = worker, worker.metrics, worker.info
     memories = None
     if args.memory_store and engine.memory_fingerprint is not None:
         chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
@@ -305,10 +304,7 @@ async def start(args) -> RunningServer:
         await site.start()
         agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
     except BaseException:
-        if isinstance(engine, WorkerEngine):
-            await engine.close()
-        else:
-            engine.close()
+        await engine.close()
         raise
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     running = RunningServer(runner, engine, metrics, args.host, site.port,
@@ -379,9 +375,14 @@ class BackgroundServer:
         return self.server.ws_url
 
     @property
-    def engine(self):
+    def engine(self) -> ServingEngine:
         assert self.server is not None
         return self.server.engine
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The event loop thread's ident (profilers sample its stacks)."""
+        return self._thread.ident
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.server is not None and self.loop.is_running():

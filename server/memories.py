@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from moshi_ttt.models.memory_header import header
 from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
 
+from .engine_api import ServingEngine
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.memory")
@@ -122,7 +123,7 @@ class ConversationMemory:
     """One conversation's memory: its `token` (the current one), `frames` restored (0 for a new memory), the
     memory it continues, saves one at a time."""
 
-    def __init__(self, memories: Memories, engine: tp.Any, token: Token, resumed_frames: int | None = None):
+    def __init__(self, memories: Memories, engine: ServingEngine, token: Token, resumed_frames: int | None = None):
         self.memories, self.engine, self.token = memories, engine, token
         self.resumed_frames = resumed_frames
         self.slot = self.conv_id = None

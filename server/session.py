@@ -41,6 +41,7 @@ from aiohttp import web
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
 
 from . import protocol
+from .engine_api import ServingEngine
 from .events import EngineClosed, Event, EventKind
 from .limits import Budget, ConnectionBudget
 from .memories import ConversationMemory, Memories, MemoryOpFailed
@@ -85,7 +86,7 @@ class End:
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, engine: tp.Any, metrics: Metrics, cfg: SessionConfig,
+    def __init__(self, ws: web.WebSocketResponse, engine: ServingEngine, metrics: Metrics, cfg: SessionConfig,
                  peer: str = "?", info: dict | None = None, telemetry: bool = False,
                  on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None,
                  memories: Memories | None = None, remember: bool = False, resume: str | None = None,

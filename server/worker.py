@@ -182,7 +182,7 @@ class _Bridge:
                     return self._stop("the web process is gone")
                 self._move_inputs()  # frames of a conversation may have come with its claim
             if not self.engine.alive:
-                self.send(("fatal", f"engine stopped: {self.engine._fatal!r}"))
+                self.send(("fatal", f"engine stopped: {self.engine.failure!r}"))
                 return 1
             self._flush()
 
@@ -192,7 +192,7 @@ class _Bridge:
             self.rings, self.bulk_dir = Rings(**msg[1]), msg[2]
         elif kind == "claim":
             _, index, conv = msg
-            if self.engine.claim(self.sink_for(index, conv), index=index, conv_id=conv) is None:
+            if self.engine.claim_at(self.sink_for(index, conv), index, conv) is None:
                 self.send(("error", index, conv, Reason.INTERNAL, "slot still in use in the model worker"))
         elif kind == "release":
             _, index, conv = msg
@@ -224,7 +224,7 @@ class _Bridge:
         for i in range(self.rings.n):
             for conv, t_push, pcm in self.rings.take_input(i):
                 self.relay.observe_transport("in", now - t_push)
-                self.engine.push(self.engine.slots[i], conv, [pcm], t_push=t_push)
+                self.engine.push_at(self.engine.slots[i], conv, [pcm], t_push)
 
     def _flush(self) -> None:
         now = time.monotonic()
@@ -242,7 +242,7 @@ class _Bridge:
     def _stop(self, why: str | None) -> int:
         if why:
             log.warning("model worker stopping: %s", why)
-        self.engine.close()
+        self.engine.stop()
         try:
             self._flush_now()
         except (OSError, EOFError):
@@ -279,7 +279,7 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
     engine = loaded.engine
     info = dict(loaded.info, frame_size=engine.frame_size, sample_rate=engine.sample_rate,
                 memory_fingerprint=engine.memory_fingerprint,
-                frame_seconds=engine.frame_seconds, pieces=engine._pieces)
+                frame_seconds=engine.frame_seconds, pieces=engine.pieces)
     bridge = _Bridge(engine, ctrl, wake_in, wake_out, relay, send)
     bridge.send(("started", info))
     sys.exit(bridge.run())
