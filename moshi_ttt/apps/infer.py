@@ -395,7 +395,7 @@ def _memory_start(model, B: int, memory: dict) -> dict:
     if memory["loaded"] is not None:
         for b in range(B):
             mem.resume(model, b, memory["loaded"], memory["fp"])
-    states = {i: g._require_state() for i, g in model.ttt_gatings().items()}
+    states = {i: g.ttt_state() for i, g in model.ttt_gatings().items()}
     return {"loaded": memory["loaded"].meta() if memory["loaded"] is not None else None,
             "start": _memory_stats({i: (st.delta()[0], st.updates[0]) for i, st in states.items()})}
 
