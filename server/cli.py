@@ -228,11 +228,11 @@ def _memory_flags(args) -> None:
 
 
 def _in_process_model() -> tp.Any:
-    """`--workers 0`: the model side (`model`), imported only then: it loads torch into the web process, which
+    """`--workers 0`: the model side (`build_engine`), imported only then: it loads torch into the web process, which
     `--workers 1` keeps out of it (the model steps in the worker process)."""
-    from . import model
+    from . import build_engine
 
-    return model
+    return build_engine
 
 
 async def start(args) -> RunningServer:

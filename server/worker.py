@@ -260,7 +260,7 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(send)]
     root.setLevel(getattr(logging, log_level.upper()))
-    from .model import load
+    from .build_engine import load
 
     relay = MetricsRelay()
     try:
