@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import logging
 
+from .engine_api import ServingEngine
+
 log = logging.getLogger("moshi_ttt.server.agent")
 
 
-def agent_line(engine) -> bytes:
+def agent_line(engine: ServingEngine) -> bytes:
     return f"up maxconn:{engine.n}\n".encode() if engine.alive else b"down\n"
 
 
-async def start_agent(engine, host: str, port: int) -> asyncio.AbstractServer:
+async def start_agent(engine: ServingEngine, host: str, port: int) -> asyncio.AbstractServer:
     """Listens on (host, port) and answers `agent_line(engine)` to every connection."""
 
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -31,9 +31,11 @@ from aiohttp import web
 from . import protocol
 from .access import AccessPolicy, key_matches
 from .admission import Admission, AdmissionLimits
+from .engine_api import ServingEngine
 from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
 from .memories import Memories
 from .metrics import CONTENT_TYPE, Metrics
+from .reasons import busy
 from .session import Session, SessionConfig, peer_of
 
 log = logging.getLogger("moshi_ttt.server.app")
@@ -58,7 +60,7 @@ class AppConfig:
     memories: Memories | None = None  # conversation memory (None: off, --memory-store not given)
 
 
-ENGINE = web.AppKey("engine", object)  # remote.WorkerEngine, or engine.Engine with --workers 0
+ENGINE = web.AppKey("engine", ServingEngine)  # remote.WorkerEngine, or engine.Engine with --workers 0
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", AppConfig)
 SESSIONS = web.AppKey("sessions", set)
@@ -129,7 +131,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             return _refuse(503, "the model is restarting, try again in a few seconds", 5)
         if engine.active_count() >= engine.n:
             metrics.rejected_conversation("busy")
-            return _refuse(503, f"server busy: all {engine.n} conversation slots are in use, try again later", 2)
+            return _refuse(503, busy(engine.n), 2)
     refusal = admission.refusal(addr)
     if refusal is not None:
         metrics.rejected_conversation(refusal.label)
@@ -198,7 +200,7 @@ async def _on_shutdown(app: web.Application) -> None:
         return
     log.info("shutting down: ending %d conversation(s)", len(sessions))
     for s in sessions:
-        s.shutdown("server shutting down")
+        s.shutdown()
     cfg = app[CONFIG]
     # a remembered conversation's final save runs before its session ends: bounded by the memory timeout
     grace = cfg.shutdown_grace + (cfg.memories.cfg.timeout if cfg.memories is not None else 0.0)
@@ -207,7 +209,7 @@ async def _on_shutdown(app: web.Application) -> None:
         await asyncio.sleep(0.05)
 
 
-def create_app(engine, metrics: Metrics, cfg: AppConfig) -> web.Application:
+def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     admission = Admission(cfg.admission)
     app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)

@@ -21,18 +21,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.ttt.compression import Compression
 from moshi_ttt.ttt.config import STATE_DTYPES
-from moshi_ttt.ttt.memory import Compression
+from moshi_ttt.utils.cache import cache_dir
 
 from . import admission, limits, protocol
 from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .agent import start_agent
 from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
+from .engine_api import ServingEngine
 from .http_guard import GuardedSite, HttpLimits
 from .memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
-from .model import load
 from .remote import WorkerEngine
 from .session import SessionConfig
 
@@ -173,7 +174,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 @dataclass
 class RunningServer:
     runner: web.AppRunner
-    engine: tp.Any  # WorkerEngine, or Engine with --workers 0
+    engine: ServingEngine  # WorkerEngine, or Engine with --workers 0
     metrics: Metrics
     host: str
     port: int
@@ -197,10 +198,7 @@ class RunningServer:
                 self.agent.close()
             await self.runner.cleanup()
         finally:
-            if isinstance(self.engine, WorkerEngine):
-                await self.engine.close()
-            else:
-                await asyncio.to_thread(self.engine.close)
+            await self.engine.close()
             if self.switch_interval is not None:
                 sys.setswitchinterval(self.switch_interval)
 
@@ -220,8 +218,6 @@ def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
 def _memory_flags(args) -> None:
     """Checks the memory flags; `--demo` keeps its memories in the cache unless --memory-store is given."""
     if args.memory_store is None and args.demo:
-        from moshi_ttt.models.demo import cache_dir
-
         args.memory_store = str(Path(args.cache_dir or cache_dir()) / "memories")
         args.memory_store_default = True
     Compression.parse(args.memory_format)  # ValueError naming the bad value
@@ -229,6 +225,14 @@ def _memory_flags(args) -> None:
         raise ValueError(f"--memory-save-every must be >= 0 chunks, got {args.memory_save_every}")
     if not args.memory_ttl > 0:
         raise ValueError(f"--memory-ttl must be > 0 days, got {args.memory_ttl}")
+
+
+def _in_process_model() -> tp.Any:
+    """`--workers 0`: the model side (`build_engine`), imported only then: it loads torch into the web process, which
+    `--workers 1` keeps out of it (the model steps in the worker process)."""
+    from . import build_engine
+
+    return build_engine
 
 
 async def start(args) -> RunningServer:
@@ -270,13 +274,14 @@ async def start(args) -> RunningServer:
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
                     "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
+    engine: ServingEngine
     if args.workers == 0:
-        loaded = await asyncio.to_thread(load, args)
+        loaded = await asyncio.to_thread(_in_process_model().load, args)
         engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
     else:
-        engine = WorkerEngine(args, log_level=args.log_level)
-        await engine.start()
-        metrics, info = engine.metrics, engine.info
+        worker = WorkerEngine(args, log_level=args.log_level)
+        await worker.start()
+        engine, metrics, info = worker, worker.metrics, worker.info
     memories = None
     if args.memory_store and engine.memory_fingerprint is not None:
         chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
@@ -299,10 +304,7 @@ async def start(args) -> RunningServer:
         await site.start()
         agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
     except BaseException:
-        if isinstance(engine, WorkerEngine):
-            await engine.close()
-        else:
-            engine.close()
+        await engine.close()
         raise
     sys.setswitchinterval(args.gil_switch_ms / 1000)
     running = RunningServer(runner, engine, metrics, args.host, site.port,
@@ -335,12 +337,11 @@ class BackgroundServer:
     """
 
     def __init__(self, argv: tp.Sequence[str], timeout: float = 120.0):
-        import torch
-
         p = argparse.ArgumentParser(prog="moshi-ttt serve")
         add_args(p)
         self.args = p.parse_args(list(argv))
-        self._torch_threads = torch.get_num_threads()  # the engine sets the process-wide value; restored by stop()
+        # an in-process engine sets torch's process-wide thread count; stop() puts it back
+        self._restore_threads = _in_process_model().torch_threads_restorer() if self.args.workers == 0 else None
         self.loop = asyncio.new_event_loop()
         self.server: RunningServer | None = None
         self._error: BaseException | None = None
@@ -374,9 +375,14 @@ class BackgroundServer:
         return self.server.ws_url
 
     @property
-    def engine(self):
+    def engine(self) -> ServingEngine:
         assert self.server is not None
         return self.server.engine
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The event loop thread's ident (profilers sample its stacks)."""
+        return self._thread.ident
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.server is not None and self.loop.is_running():
@@ -387,9 +393,8 @@ class BackgroundServer:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
-        import torch
-
-        torch.set_num_threads(self._torch_threads)
+        if self._restore_threads is not None:
+            self._restore_threads()
 
 
 def setup_logging(level: str = "info") -> None:

@@ -12,6 +12,7 @@ never per frame. Batching, telemetry and reset choices: docs/design.md, "Serving
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -26,8 +27,9 @@ import torch
 from moshi_ttt.models.lm import make_lm_gen
 from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
-from .events import EngineClosed, Event, Sink
+from .events import EngineClosed, Event, EventKind, Sink
 from .metrics import Metrics
+from .reasons import Reason
 
 log = logging.getLogger("moshi_ttt.server.engine")
 
@@ -83,7 +85,7 @@ class Engine:
         self.sample_rate = int(mimi.sample_rate)
         self.frame_seconds = self.frame_size / self.sample_rate
         self.ttt_layers: list[int] = list(getattr(lm, "ttt_layer_indices", []))
-        self._pieces = self._text_pieces(tokenizer)
+        self.pieces = self._text_pieces(tokenizer)  # text id → piece, None for ids that are not text
         self.slots = [Slot(i) for i in range(self.n)]
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()
@@ -114,7 +116,8 @@ class Engine:
         if self._fatal is not None:
             raise RuntimeError(f"engine failed to start: {self._fatal!r}") from self._fatal
 
-    def close(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the worker thread (blocking: joins it) and the memory's threads."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -124,6 +127,19 @@ class Engine:
                 log.warning("engine thread did not stop within %.0f s", timeout)
         if self.memory is not None:
             self.memory.close()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        await asyncio.to_thread(self.stop, timeout)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the worker thread stopped (None while it runs, or after a clean `stop`)."""
+        return self._fatal
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The worker thread's ident (profilers sample its stacks); None before `start`."""
+        return None if self._thread is None else self._thread.ident
 
     @property
     def memory_fingerprint(self) -> str | None:
@@ -136,10 +152,14 @@ class Engine:
 
     # -- API for sessions (any thread) -------------------------------------------------------------
 
-    def claim(self, sink: Sink, index: int | None = None, conv_id: int | None = None) -> tuple[Slot, int] | None:
+    def claim(self, sink: Sink) -> tuple[Slot, int] | None:
         """A free slot for a new conversation, or None when all are taken. The slot gets reset by the
-        worker, which then sends `Event("ready")` to `sink`. `index`/`conv_id`: the slot and id chosen
-        by the caller (the worker process: the web process allocates); None if that slot is taken."""
+        worker thread, which then sends `Event(EventKind.READY)` to `sink`."""
+        return self.claim_at(sink, None, None)
+
+    def claim_at(self, sink: Sink, index: int | None, conv_id: int | None) -> tuple[Slot, int] | None:
+        """`claim` of the slot `index` for the conversation `conv_id` chosen by the caller (the model worker
+        process: the web process allocates); None if that slot is taken. None picks as `claim` does."""
         with self._cond:
             if self._stop or not self.alive:
                 raise EngineClosed("the engine is not running")
@@ -161,9 +181,14 @@ class Engine:
             self.metrics.set_active(self.active_count())
             return free, conv_id
 
-    def push(self, slot: Slot, conv_id: int, frames: list[np.ndarray], t_push: float | None = None) -> bool:
+    def push(self, slot: Slot, conv_id: int, frames: list[np.ndarray]) -> bool:
         """Queues input frames (each exactly `frame_size` float32 samples). False if the slot is no
-        longer this conversation's. `t_push`: when they were complete (monotonic; default now)."""
+        longer this conversation's."""
+        return self.push_at(slot, conv_id, frames, None)
+
+    def push_at(self, slot: Slot, conv_id: int, frames: list[np.ndarray], t_push: float | None) -> bool:
+        """`push` of frames that were complete at `t_push` (monotonic; None: now), as the model worker
+        process knows it from the ring."""
         if not frames:
             return True
         now = time.monotonic() if t_push is None else t_push
@@ -253,7 +278,7 @@ class Engine:
         except BaseException as e:  # reported to every conversation, then re-raised in start()
             self._fatal = e
             log.exception("engine worker crashed")
-            self._fail_all(f"internal error: engine stopped ({type(e).__name__}: {e})")
+            self._fail_all(f"engine stopped ({type(e).__name__}: {e})")
         finally:
             self._started.set()
 
@@ -261,7 +286,7 @@ class Engine:
         everyone = torch.ones(self.n, dtype=torch.bool)  # host masks; moshi moves them to the device
         t = time.perf_counter()
         for _ in range(self.cfg.warmup_steps):
-            self._compute(everyone, torch.zeros(self.n, 1, self.frame_size), torch.zeros(self.n, dtype=torch.bool))
+            self.compute(everyone, torch.zeros(self.n, 1, self.frame_size), torch.zeros(self.n, dtype=torch.bool))
         self.mimi.reset_streaming(everyone)
         self.lm_gen.reset_streaming(everyone)
         self._idle_masks()
@@ -340,7 +365,7 @@ class Engine:
             rows = self._telemetry_rows() if self.ttt_layers else None
         except Exception as e:
             log.exception("slot %d: reset failed", index)
-            self._emit(slot, conv_id, Event("error", reason=f"internal error: slot reset failed ({e})"))
+            self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.INTERNAL, detail=f"slot reset failed ({e})"))
             return
         slot.ttt_seen = {}
         slot.dirty = False
@@ -352,7 +377,7 @@ class Engine:
             if slot.conv_id != conv_id:
                 return
             slot.ready = True
-        self._emit(slot, conv_id, Event("ready", telemetry=tele, frame=0))
+        self._emit(slot, conv_id, Event(EventKind.READY, telemetry=tele, frame=0))
 
     def _memory_command(self, kind: str, slot: Slot, conv_id: int, extra: tuple) -> None:
         done = extra[0] if kind == "snapshot" else extra[3]
@@ -415,7 +440,7 @@ class Engine:
                     batch.append((s, s.conv_id, pcm, t_push, s.frames_in == 0))
             return batch
 
-    def _compute(self, host_mask: torch.Tensor, pcm: torch.Tensor, first: torch.Tensor
+    def compute(self, host_mask: torch.Tensor, pcm: torch.Tensor, first: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One batched step. host_mask [N] bool, pcm [N, 1, frame], first [N] (all CPU). Returns (pcm_out
         [N, frame] CPU, text ids [N] CPU, generated [N] bool CPU) — rows with generated False carry no
@@ -453,13 +478,13 @@ class Engine:
             if self.cfg.fail_step and self.steps + 1 == self.cfg.fail_step:
                 self.steps += 1
                 raise RuntimeError("injected failure (--fail-step)")
-            pcm_out, text_ids, gen = self._compute(exec_mask, pcm, first)
+            pcm_out, text_ids, gen = self.compute(exec_mask, pcm, first)
             if self.cfg.step_delay > 0:
                 time.sleep(self.cfg.step_delay)
         except Exception as e:  # fail the conversations of this step, keep serving
             log.exception("step failed for slots %s", [s.index for s, *_ in batch])
             for slot, conv_id, *_ in batch:
-                self._emit(slot, conv_id, Event("error", reason=f"internal error during step: {type(e).__name__}"))
+                self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.STEP_FAILED, detail=type(e).__name__))
             return
         dt = time.perf_counter() - t0
         self.steps += 1
@@ -481,9 +506,10 @@ class Engine:
             text, tid = None, -1
             if bool(gen[i]):
                 tid = int(text_ids[i])
-                text = self._pieces[tid] if 0 <= tid < len(self._pieces) else None
+                text = self.pieces[tid] if 0 <= tid < len(self.pieces) else None
             self.metrics.observe_frame_latency(now - t_push)
-            self._emit(slot, conv_id, Event("frame", pcm=pcm_np[i].copy(), text=text, frame=frame_no, text_id=tid))
+            self._emit(slot, conv_id, Event(EventKind.FRAME, pcm=pcm_np[i].copy(), text=text, frame=frame_no,
+                                            text_id=tid))
 
     # -- telemetry -----------------------------------------------------------------------------------
 
@@ -549,7 +575,7 @@ class Engine:
                 continue
             slot.dirty = False
             tele = self._account_ttt(slot, rows)
-            self._emit(slot, conv_id, Event("telemetry", telemetry=tele, frame=slot.frames_in))
+            self._emit(slot, conv_id, Event(EventKind.TELEMETRY, telemetry=tele, frame=slot.frames_in))
 
     # -- delivery --------------------------------------------------------------------------------------
 
@@ -561,11 +587,11 @@ class Engine:
         try:
             sink(event)
         except Exception:  # e.g. the session's loop is closed
-            log.debug("slot %d: dropping %s event (sink failed)", slot.index, event.kind, exc_info=True)
+            log.debug("slot %d: dropping %s event (sink failed)", slot.index, event.kind.value, exc_info=True)
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, detail: str) -> None:
         for slot in self.slots:
             with self._cond:
                 conv_id = slot.conv_id
             if conv_id is not None:
-                self._emit(slot, conv_id, Event("error", reason=reason))
+                self._emit(slot, conv_id, Event(EventKind.ERROR, reason=Reason.INTERNAL, detail=detail))

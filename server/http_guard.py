@@ -11,7 +11,7 @@
   handshakes, refused clients) are capped; a connection over the cap is aborted on accept. Running
   conversations are capped separately by the conversation slots.
 - Pipelining: aiohttp < 3.12 parses every pipelined request a connection sends without
-  backpressure (100k queued `GET /health` cost gigabytes). There, a plain HTTP request stops the
+  backpressure (what that costs: docs/serving.md, Limits). There, a plain HTTP request stops the
   parser (`RequestHandler.close()`: later bytes are dropped unparsed) and its connection closes
   after the one response. Websocket upgrades are not affected.
 
@@ -186,9 +186,9 @@ class _GuardedProtocol(asyncio.Protocol):
                 self.feeding = False
                 return
         if self.backlog or len(data) > FEED_SLICE:
-            # aiohttp parses a whole read (up to 256 KB: ~37k tiny websocket frames, a second of pure
-            # Python) before the session sees the first message. Hand it over in slices, one per loop
-            # iteration, so a session's budget check runs in between and can stop the rest unparsed.
+            # aiohttp parses a whole read before the session sees its first message (docs/serving.md,
+            # Limits). Hand it over in slices, one per loop iteration, so a session's budget check runs in
+            # between and can stop the rest unparsed.
             self.backlog += data
             self.transport.pause_reading()
             if len(self.backlog) == len(data):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .reasons import Reason
+
 DEFAULT_MESSAGES_PER_S = 50.0
 DEFAULT_BYTES_PER_S = 256 * 1024
 DEFAULT_PINGS_PER_S = 2.0
@@ -60,8 +62,8 @@ class TokenBucket:
 
 
 class ConnectionBudget:
-    """The three buckets of one connection. `charge` returns None while within budget, else the
-    reason to send in the 0x05 (it names the limit that was exceeded)."""
+    """The three buckets of one connection. `charge` returns None while within budget, else the reason
+    (which names the limit that was exceeded) and its detail, for the 0x05."""
 
     def __init__(self, budget: Budget, min_bytes: int = 0):
         now = time.monotonic()
@@ -70,18 +72,18 @@ class ConnectionBudget:
         self.bytes = TokenBucket(budget.bytes_per_s, max(budget.bytes_per_s * budget.burst_s, 2 * min_bytes), now)
         self.pings = TokenBucket(budget.pings_per_s, max(1.0, budget.pings_per_s * budget.burst_s), now)
 
-    def charge(self, nbytes: int, control: bool = False) -> str | None:
+    def charge(self, nbytes: int, control: bool = False) -> tuple[Reason, str] | None:
         """One message of `nbytes` (websocket payload); `control`: a websocket PING/PONG frame."""
         now = time.monotonic()
         b = self.budget
         if control:
             if not self.pings.take(1, now):
-                return (f"too many pings: more than {b.pings_per_s:g} websocket pings per second "
-                        f"(burst {self.pings.capacity:g})")
+                return Reason.TOO_MANY_PINGS, (f"more than {b.pings_per_s:g} websocket pings per second "
+                                               f"(burst {self.pings.capacity:g})")
         elif not self.messages.take(1, now):
-            return (f"too many messages: more than {b.messages_per_s:g} messages per second "
-                    f"(burst {self.messages.capacity:g})")
+            return Reason.TOO_MANY_MESSAGES, (f"more than {b.messages_per_s:g} messages per second "
+                                              f"(burst {self.messages.capacity:g})")
         if not self.bytes.take(nbytes, now):
-            return (f"too many bytes: more than {b.bytes_per_s:g} bytes per second "
-                    f"(burst {self.bytes.capacity:g})")
+            return Reason.TOO_MANY_BYTES, (f"more than {b.bytes_per_s:g} bytes per second "
+                                           f"(burst {self.bytes.capacity:g})")
         return None

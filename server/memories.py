@@ -21,9 +21,10 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
-from moshi_ttt.models.memory_format import header
+from moshi_ttt.models.memory_header import header
 from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
 
+from .engine_api import ServingEngine
 from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.memory")
@@ -41,12 +42,6 @@ class MemoryConfig:
     save_every: int = DEFAULT_SAVE_EVERY  # chunks; 0 = only when the conversation ends
     chunk_size: int = 16  # frames per chunk (the TTT config's)
     timeout: float = SAVE_TIMEOUT_S
-
-
-def cause_label(cause: str) -> str:
-    """A low-cardinality metrics label of a `MemoryUnavailable.cause` ("tampered: InvalidTag" → tampered)."""
-    head = cause.split(":", 1)[0].split("(", 1)[0].strip().lower().replace(" ", "_")
-    return "".join(ch for ch in head if ch.isalnum() or ch == "_")[:32] or "other"
 
 
 async def engine_call(start: tp.Callable[..., None], *args, timeout: float, **kwargs) -> tp.Any:
@@ -90,14 +85,14 @@ class Memories:
         counted by the caller through `refused`)."""
         token = Token.parse(token_text)
         if token.id in self.live:
-            raise MemoryUnavailable("in use: a conversation on this instance holds it")
+            raise MemoryUnavailable("in use: a conversation on this instance holds it", "in_use")
         t0 = time.perf_counter()
         data = await asyncio.to_thread(self.store.load, token, self.fingerprint)
         self.metrics.observe_memory_read(time.perf_counter() - t0, len(data))
         return token, data
 
     def refused(self, e: MemoryUnavailable, peer: str, what: str) -> None:
-        self.metrics.inc_memory_failure(cause_label(e.cause))
+        self.metrics.inc_memory_failure(e.label)
         log.warning("memory %s from %s refused: %s", what, peer, e.cause)
 
     async def write(self, token: Token, data: bytes, meta: dict, trigger: str, t0: float) -> float:
@@ -112,7 +107,7 @@ class Memories:
         try:
             token = Token.parse(token_text)
             if token.id != memory_id:
-                raise MemoryUnavailable("token of another id")
+                raise MemoryUnavailable("token of another id", "token_of_another_id")
             await asyncio.to_thread(self.store.delete, token)
         except MemoryUnavailable as e:
             self.refused(e, peer, "delete")
@@ -128,7 +123,7 @@ class ConversationMemory:
     """One conversation's memory: its `token` (the current one), `frames` restored (0 for a new memory), the
     memory it continues, saves one at a time."""
 
-    def __init__(self, memories: Memories, engine: tp.Any, token: Token, resumed_frames: int | None = None):
+    def __init__(self, memories: Memories, engine: ServingEngine, token: Token, resumed_frames: int | None = None):
         self.memories, self.engine, self.token = memories, engine, token
         self.resumed_frames = resumed_frames
         self.slot = self.conv_id = None

@@ -8,7 +8,7 @@ from the rings on the event loop (a reader on the wake pipe) and handed to each 
 in order; control events for a slot are delivered only after its ring is drained.
 
 Fault isolation: the worker's sentinel is a reader on the event loop, so a dead worker is noticed at
-once. Every live conversation then gets an error event `WORKER_RESTARTED`, every slot is freed, `alive`
+once. Every live conversation then gets an error event `Reason.WORKER_RESTARTED`, every slot is freed, `alive`
 is False (/health 503) and a new worker is spawned after a backoff that doubles while workers die young
 (`RESTART_BACKOFF_S` up to `RESTART_BACKOFF_MAX_S`). Must be used from one event loop thread.
 """
@@ -25,11 +25,13 @@ import time
 import typing as tp
 from dataclasses import dataclass, field
 
-from . import bulk
-from .events import WORKER_RESTARTED, EngineClosed, Event, Sink
+from . import bulk, messages
+from .engine_api import Done
+from .events import EngineClosed, Event, EventKind, Sink
 from .metrics import Metrics
+from .reasons import WORKER_RESTARTING, Reason
 from .shm_ring import Rings
-from .worker import USER_ERRORS, worker_main
+from .worker import USER_ERRORS, MetricsRelay, worker_main
 
 log = logging.getLogger("moshi_ttt.server.remote")
 
@@ -144,7 +146,7 @@ class WorkerEngine:
             self.metrics.set_ttt_layers(info.get("ttt_layers", []))
         max_backlog = max(1, round(float(self.args.max_delay) / self.frame_seconds))
         proc.rings = Rings(self.n, self.frame_size, max_backlog + RING_SLACK, OUT_RING_FRAMES)
-        proc.ctrl.send(("attach", proc.rings.spec(), self._bulk_dir))
+        proc.ctrl.send(messages.Attach(proc.rings.spec(), self._bulk_dir))
         loop.add_reader(proc.wake_out.fileno(), self._on_output, proc)
         self._serving = True
         log.info("model worker pid %d serving (%d slots)", proc.process.pid, self.n)
@@ -162,7 +164,7 @@ class WorkerEngine:
             return
         self._fail_pending("the engine is stopping")
         with contextlib.suppress(OSError, ValueError):
-            proc.ctrl.send(("stop",))
+            proc.ctrl.send(messages.Stop())
         deadline = time.monotonic() + timeout
         while proc.process.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -185,16 +187,16 @@ class WorkerEngine:
 
     def claim(self, sink: Sink) -> tuple[RemoteSlot, int] | None:
         if self._closing or not self.alive:
-            raise EngineClosed("the model worker is restarting" if not self._closing else "the engine is stopping")
+            raise EngineClosed(WORKER_RESTARTING if not self._closing else "the engine is stopping")
         free = next((s for s in self.slots if s.conv_id is None), None)
         if free is None:
             return None
         conv = self._next_conv
         self._next_conv += 1
         try:
-            self._proc.ctrl.send(("claim", free.index, conv))
+            self._proc.ctrl.send(messages.Claim(free.index, conv))
         except (OSError, ValueError):  # it died just now: the sentinel is about to report it
-            raise EngineClosed("the model worker is restarting") from None
+            raise EngineClosed(WORKER_RESTARTING) from None
         free.conv_id, free.sink, free.ready = conv, sink, False
         free.pushed.clear()
         self.metrics.set_active(self.active_count())
@@ -222,13 +224,13 @@ class WorkerEngine:
         slot.pushed.clear()
         if self.alive:
             with contextlib.suppress(OSError, ValueError):
-                self._proc.ctrl.send(("release", slot.index, conv_id))
+                self._proc.ctrl.send(messages.Release(slot.index, conv_id))
         if self.metrics is not None:
             self.metrics.set_active(self.active_count())
 
     def save_memory(self, slot: RemoteSlot, conv_id: int, done, final: bool = False) -> None:
         """As `Engine.save_memory`, in the worker; `done` runs on the event loop thread."""
-        self._request(("snapshot", slot.index, conv_id, final), done)
+        self._request(lambda req: messages.Snapshot(req, slot.index, conv_id, final), done)
 
     def restore_memory(self, slot: RemoteSlot, conv_id: int, data: bytes, done) -> None:
         """As `Engine.restore_memory`, in the worker; `done` runs on the event loop thread. The bytes go as a
@@ -244,7 +246,7 @@ class WorkerEngine:
                 if not ok:
                     bulk.discard(ref)  # the worker never took it (refused before reading, or gone)
                 done(ok, payload)
-            self._request(("restore", slot.index, conv_id, ref), answered)
+            self._request(lambda req: messages.Restore(req, slot.index, conv_id, ref), answered)
         self._spawn_task(send())
 
     def _spawn_task(self, coro) -> None:
@@ -260,18 +262,19 @@ class WorkerEngine:
             return
         done(True, {**payload, "data": data})
 
-    def _request(self, msg: tuple, done) -> None:
+    def _request(self, message: tp.Callable[[int], messages.Snapshot | messages.Restore], done: Done) -> None:
+        """Sends `message(req)` with a new request number; `done` gets its Reply."""
         if not self.alive:
-            done(False, "the model worker is restarting")
+            done(False, WORKER_RESTARTING)
             return
         req = self._next_req
         self._next_req += 1
         self._pending[req] = done
         try:
-            self._proc.ctrl.send((msg[0], req, *msg[1:]))
+            self._proc.ctrl.send(message(req))
         except (OSError, ValueError):
             self._pending.pop(req, None)
-            done(False, "the model worker is restarting")
+            done(False, WORKER_RESTARTING)
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}
@@ -315,7 +318,7 @@ class WorkerEngine:
                     slot.pushed.popleft()
                 self.metrics.observe_transport("out", now - stamp)
                 text = self.pieces[tid] if 0 <= tid < len(self.pieces) else None
-                slot.sink(Event("frame", pcm=pcm, text=text, frame=frame_no, text_id=tid))
+                slot.sink(Event(EventKind.FRAME, pcm=pcm, text=text, frame=frame_no, text_id=tid))
 
     def _on_ctrl(self, proc: _Proc) -> None:
         try:
@@ -324,54 +327,50 @@ class WorkerEngine:
         except (EOFError, OSError):
             self._loop.remove_reader(proc.ctrl.fileno())  # the sentinel reports the exit
 
-    def _message(self, proc: _Proc, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "started":
-            if self._started is not None and not self._started.done():
-                self._started.set_result(msg[1])
-            return
-        if kind == "metrics":
-            _, ops, stats = msg
-            for name, a in ops:
-                getattr(self.metrics, name)(*a)
-            s0, w0, c0, r0 = self._stats_base
-            self.steps, self.step_seconds = s0 + stats["steps"], w0 + stats["step_seconds"]
-            self.step_cpu_seconds, self.rows_stepped = c0 + stats["step_cpu_seconds"], r0 + stats["rows_stepped"]
-            return
-        if kind == "log":
-            record = logging.makeLogRecord(msg[1])
-            logging.getLogger(record.name).handle(record)
-            return
-        if kind == "fatal":
-            _, reason, user_error, message = msg
-            if self._serving:
-                log.error("model worker pid %d: %s", proc.process.pid, reason)
-            err = {c.__name__: c for c in USER_ERRORS}.get(user_error, RuntimeError)
-            self._fatal = err(message) if user_error else RuntimeError(f"model worker failed: {reason}")
-            return
-        if kind == "reply":
-            _, req, ok, payload = msg
-            done = self._pending.pop(req, None)
-            if done is None:
-                log.warning("unexpected reply %r from the model worker", msg[1:3])
-                bulk.discard(payload)
-            elif ok and isinstance(payload, dict) and isinstance(payload.get("data"), bulk.Bulk):
-                self._spawn_task(self._reply_bulk(done, payload))  # read off the event loop
-            else:
-                done(ok, payload)
-            return
-        index, conv = msg[1], msg[2]
-        slot = self.slots[index]
+    def _message(self, proc: _Proc, msg: messages.ToWeb) -> None:
+        match msg:
+            case messages.Started(info):
+                if self._started is not None and not self._started.done():
+                    self._started.set_result(info)
+            case messages.MetricsFlush(calls, stats):
+                MetricsRelay.replay(self.metrics, calls)
+                s0, w0, c0, r0 = self._stats_base
+                self.steps, self.step_seconds = s0 + stats["steps"], w0 + stats["step_seconds"]
+                self.step_cpu_seconds = c0 + stats["step_cpu_seconds"]
+                self.rows_stepped = r0 + stats["rows_stepped"]
+            case messages.Log(fields):
+                record = logging.makeLogRecord(fields)
+                logging.getLogger(record.name).handle(record)
+            case messages.Fatal(reason, user_error, message):
+                if self._serving:
+                    log.error("model worker pid %d: %s", proc.process.pid, reason)
+                err = {c.__name__: c for c in USER_ERRORS}.get(user_error, RuntimeError)
+                self._fatal = err(message) if user_error else RuntimeError(f"model worker failed: {reason}")
+            case messages.Reply(req, ok, payload):
+                done = self._pending.pop(req, None)
+                if done is None:
+                    log.warning("unexpected reply %r from the model worker", (req, ok))
+                    bulk.discard(payload)
+                elif ok and isinstance(payload, dict) and isinstance(payload.get("data"), bulk.Bulk):
+                    self._spawn_task(self._reply_bulk(done, payload))  # read off the event loop
+                else:
+                    done(ok, payload)
+            case messages.Ready() | messages.Telemetry() | messages.Error():
+                self._slot_message(proc, msg)
+
+    def _slot_message(self, proc: _Proc, msg: messages.Ready | messages.Telemetry | messages.Error) -> None:
+        slot = self.slots[msg.slot]
         self._drain(proc)  # frames before the event, in order
-        if slot.conv_id != conv or slot.sink is None:
+        if slot.conv_id != msg.conv or slot.sink is None:
             return
-        if kind == "ready":
-            slot.ready = True
-            slot.sink(Event("ready", telemetry=msg[3], frame=0))
-        elif kind == "telemetry":
-            slot.sink(Event("telemetry", telemetry=msg[3], frame=msg[4]))
-        elif kind == "error":
-            slot.sink(Event("error", reason=msg[3]))
+        match msg:
+            case messages.Ready(telemetry=telemetry):
+                slot.ready = True
+                slot.sink(Event(EventKind.READY, telemetry=telemetry, frame=0))
+            case messages.Telemetry(telemetry=telemetry, frame=frame):
+                slot.sink(Event(EventKind.TELEMETRY, telemetry=telemetry, frame=frame))
+            case messages.Error(reason=reason, detail=detail):
+                slot.sink(Event(EventKind.ERROR, reason=reason, detail=detail))
 
     def _on_exit(self, proc: _Proc) -> None:
         self._detach(proc)
@@ -390,13 +389,13 @@ class WorkerEngine:
         log.error("model worker pid %d died (exit code %s) after %.1f s: ending %d conversation(s), restarting",
                   proc.process.pid, code, lived, self.active_count())
         self._stats_base = (self.steps, self.step_seconds, self.step_cpu_seconds, self.rows_stepped)
-        self._fail_pending(WORKER_RESTARTED)
+        self._fail_pending(Reason.WORKER_RESTARTED.says())
         for slot in self.slots:
             sink = slot.sink
             slot.conv_id, slot.sink, slot.ready = None, None, False
             slot.pushed.clear()
             if sink is not None:
-                sink(Event("error", reason=WORKER_RESTARTED))
+                sink(Event(EventKind.ERROR, reason=Reason.WORKER_RESTARTED))
         if self.metrics is not None:
             self.metrics.set_active(0)
         if lived > STABLE_S:

@@ -41,10 +41,12 @@ from aiohttp import web
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
 
 from . import protocol
-from .events import WORKER_RESTARTED, EngineClosed, Event
+from .engine_api import ServingEngine
+from .events import EngineClosed, Event, EventKind
 from .limits import Budget, ConnectionBudget
 from .memories import ConversationMemory, Memories, MemoryOpFailed
 from .metrics import Metrics
+from .reasons import Reason, busy
 
 log = logging.getLogger("moshi_ttt.server.session")
 
@@ -63,16 +65,28 @@ class SessionConfig:
 
 @dataclass
 class End:
-    """Why a conversation ended. `error` None ⇒ the client closed it (no 0x05 is sent)."""
+    """Why a conversation ended. `reason` None ⇒ the client closed it (no 0x05 is sent); else the 0x05 says
+    `reason.says(says)` and the close code is `reason.close` unless `close` overrides it."""
 
-    error: str | None = None
-    code: int = aiohttp.WSCloseCode.OK
-    detail: str = ""
+    reason: Reason | None = None
+    says: str = ""  # the message's detail after the reason's head
+    close: int | None = None
+    detail: str = ""  # for the log only
     hostile: bool = False  # over a budget: close without waiting for the client's close frame
+
+    @property
+    def error(self) -> str | None:
+        return None if self.reason is None else self.reason.says(self.says)
+
+    @property
+    def code(self) -> int:
+        if self.close is not None:
+            return self.close
+        return aiohttp.WSCloseCode.OK if self.reason is None else self.reason.close
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, engine: tp.Any, metrics: Metrics, cfg: SessionConfig,
+    def __init__(self, ws: web.WebSocketResponse, engine: ServingEngine, metrics: Metrics, cfg: SessionConfig,
                  peer: str = "?", info: dict | None = None, telemetry: bool = False,
                  on_claimed: tp.Callable[[], None] | None = None, drop_input: tp.Callable[[], None] | None = None,
                  memories: Memories | None = None, remember: bool = False, resume: str | None = None,
@@ -96,7 +110,7 @@ class Session:
         self.frames_out = 0
         self.last_audio = time.monotonic()
         self.last_output = 0.0
-        self._shutdown: asyncio.Future[str] = self.loop.create_future()
+        self._shutdown: asyncio.Future[None] = self.loop.create_future()
         self.started = time.monotonic()
         self.end: End | None = None  # how the conversation ended (None: refused, or still running)
         self.memories = memories
@@ -114,9 +128,9 @@ class Session:
 
     # -- entry points --------------------------------------------------------------------------------
 
-    def shutdown(self, reason: str = "server shutting down") -> None:
+    def shutdown(self) -> None:
         if not self._shutdown.done():
-            self._shutdown.set_result(reason)
+            self._shutdown.set_result(None)
 
     def _sink(self, event: Event) -> None:  # engine thread
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -140,7 +154,7 @@ class Session:
             self.memories.refused(e, self.peer, "resume")
             if self.on_memory_refused is not None:
                 self.on_memory_refused()
-            await self._end_with_error(protocol.MEMORY_UNAVAILABLE, aiohttp.WSCloseCode.POLICY_VIOLATION,
+            await self._end_with_error(Reason.MEMORY_UNAVAILABLE.says(), Reason.MEMORY_UNAVAILABLE.close,
                                        wait=self.cfg.refused_close_wait)
             return False
         self.memory = ConversationMemory(self.memories, self.engine, token)
@@ -151,23 +165,22 @@ class Session:
             return
         behind = self.metrics.behind_real_time()
         if behind is not None and self.engine.oldest_wait() > self.cfg.admit_lag:
-            self.metrics.rejected_conversation("overloaded")
-            log.warning("conversation from %s refused: server overloaded (%s)", self.peer, behind)
-            await self._end_with_error(f"server overloaded: {behind}; try again later",
-                                       aiohttp.WSCloseCode.TRY_AGAIN_LATER, wait=self.cfg.refused_close_wait)
+            refusal = Reason.OVERLOADED_AT_START
+            self.metrics.rejected_conversation(refusal.label)
+            log.warning("conversation from %s refused: %s (%s)", self.peer, refusal.head, behind)
+            await self._end_with_error(refusal.says(f"{behind}; try again later"), refusal.close,
+                                       wait=self.cfg.refused_close_wait)
             return
         try:
             claimed = self.engine.claim(self._sink)
         except EngineClosed as e:
-            await self._end_with_error(f"server unavailable: {e}", aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+            await self._end_with_error(Reason.UNAVAILABLE.says(str(e)), Reason.UNAVAILABLE.close)
             return
         if claimed is None:
-            self.metrics.rejected_conversation("busy")
-            log.info("conversation from %s refused: server busy (%d/%d slots in use)", self.peer,
+            self.metrics.rejected_conversation(Reason.BUSY.label)
+            log.info("conversation from %s refused: %s (%d/%d slots in use)", self.peer, Reason.BUSY.head,
                      self.engine.active_count(), self.engine.n)
-            await self._end_with_error(f"server busy: all {self.engine.n} conversation slots are in use, "
-                                       "try again later", aiohttp.WSCloseCode.TRY_AGAIN_LATER,
-                                       wait=self.cfg.refused_close_wait)
+            await self._end_with_error(busy(self.engine.n), Reason.BUSY.close, wait=self.cfg.refused_close_wait)
             return
         self.slot, self.conv_id = claimed
         if self.memory is not None:
@@ -176,19 +189,19 @@ class Session:
             self.on_claimed()
         self.metrics.conversation_started()
         tag = f"conversation #{self.conv_id} (slot {self.slot.index}, {self.peer})"
-        end = End(error="internal error", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+        end = End(Reason.INTERNAL)
         try:
             end = await self._serve(tag)
         except asyncio.CancelledError:
-            end = End(error="server shutting down", code=aiohttp.WSCloseCode.GOING_AWAY)
+            end = End(Reason.SHUTTING_DOWN)
             raise
         except ConnectionError as e:
             end = End(detail=f"connection lost ({type(e).__name__})")
         except Exception as e:  # one conversation's bug must not take the server down
             log.exception("%s: unexpected error", tag)
-            end = End(error=f"internal error: {type(e).__name__}", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+            end = End(Reason.INTERNAL, type(e).__name__)
         finally:
-            if self.memory is not None and self.served and end.error != WORKER_RESTARTED:
+            if self.memory is not None and self.served and end.reason is not Reason.WORKER_RESTARTED:
                 try:  # every frame heard, before the slot is released (bounded by the memory timeout)
                     await asyncio.shield(self.memory.finish())
                 except (Exception, asyncio.CancelledError):
@@ -196,8 +209,8 @@ class Session:
             self.engine.release(self.slot, self.conv_id)
             self.end = end
             dur = time.monotonic() - self.started
-            if end.error is not None:
-                self.metrics.inc_error(_reason_label(end.error))
+            if end.reason is not None:
+                self.metrics.inc_error(end.reason.label)
                 log.warning("%s ended after %.1f s, %d frames in / %d out: %s%s", tag, dur, self.frames_in,
                             self.frames_out, end.error, f" ({end.detail})" if end.detail else "")
                 wait = self.cfg.refused_close_wait if end.hostile else None
@@ -213,18 +226,19 @@ class Session:
         try:
             ev = await asyncio.wait_for(self.events.get(), self.cfg.ready_timeout)
         except asyncio.TimeoutError:
-            return End(error="server overloaded: slot not ready in time", code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
-        if ev.kind == "error":
-            return End(error=ev.reason, code=aiohttp.WSCloseCode.INTERNAL_ERROR)
-        assert ev.kind == "ready", ev.kind
+            return End(Reason.OVERLOADED, "slot not ready in time")
+        if ev.kind is EventKind.ERROR:
+            return _engine_end(ev)
+        assert ev.kind is EventKind.READY, ev.kind
         if self._resume_data is not None:
             try:
                 out = await self.memory.restore(self._resume_data)
             except (MemoryOpFailed, OSError, MemoryUnavailable) as e:
-                self.memories.refused(MemoryUnavailable(f"restore failed: {e}"), self.peer, "resume")
-                return End(error=protocol.MEMORY_UNAVAILABLE, code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+                self.memories.refused(MemoryUnavailable(f"restore failed: {e}", "restore_failed"), self.peer,
+                                      "resume")
+                return End(Reason.MEMORY_UNAVAILABLE)
             self._resume_data = None
-            ev = Event("telemetry", telemetry=out["telemetry"], frame=0)
+            ev = Event(EventKind.TELEMETRY, telemetry=out["telemetry"], frame=0)
             log.info("%s resumed memory %s… (%d frames heard before)", tag, self.memory.token.id[:8],
                      self.memory.resumed_frames)
         await self.ws.send_bytes(protocol.handshake())
@@ -264,25 +278,24 @@ class Session:
             if control or msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                 over = self.budget.charge(len(msg.data) if msg.data else 0, control=control)
                 if over is not None:
-                    self.metrics.inc_over_budget(over.split(":", 1)[0].replace(" ", "_"))
-                    return End(error=over, code=aiohttp.WSCloseCode.POLICY_VIOLATION, hostile=True)
+                    self.metrics.inc_over_budget(over[0].label)
+                    return End(*over, hostile=True)
             if msg.type == aiohttp.WSMsgType.PING:
                 await self.ws.pong(msg.data)
                 continue
             if msg.type == aiohttp.WSMsgType.ERROR:
                 # aiohttp has already closed the connection (e.g. 1009 above its hard size limit).
                 err = msg.data if msg.data is not None else self.ws.exception()
-                return End(error=f"websocket error: {err}",
-                           code=getattr(err, "code", aiohttp.WSCloseCode.PROTOCOL_ERROR))
+                return End(Reason.WEBSOCKET_ERROR, str(err), close=getattr(err, "code", None))
             if msg.type == aiohttp.WSMsgType.TEXT:
-                return End(error="protocol error: text websocket frames are not part of the protocol "
-                                 "(send binary messages)", code=aiohttp.WSCloseCode.UNSUPPORTED_DATA)
+                return End(Reason.PROTOCOL_ERROR, "text websocket frames are not part of the protocol (send binary "
+                           "messages)", close=aiohttp.WSCloseCode.UNSUPPORTED_DATA)
             if msg.type != aiohttp.WSMsgType.BINARY:
                 continue
             try:
                 m = protocol.parse(msg.data, self.cfg.max_message_bytes)
             except protocol.ProtocolError as e:
-                return End(error=f"protocol error: {e.reason}", code=e.close_code)
+                return End(Reason.PROTOCOL_ERROR, e.reason, close=e.close_code)
             if m.kind != protocol.Kind.AUDIO:
                 log.debug("ignoring client message kind %s (%d bytes)", m.kind.name, len(m.payload))
                 continue
@@ -291,8 +304,7 @@ class Session:
             try:
                 pcm = reader.append_bytes(m.payload)
             except Exception as e:  # sphn raises ValueError/RuntimeError for bad streams
-                return End(error=f"invalid audio: not an Ogg Opus stream ({e})",
-                           code=aiohttp.WSCloseCode.INVALID_TEXT)
+                return End(Reason.INVALID_AUDIO, f"not an Ogg Opus stream ({e})")
             self.last_audio = time.monotonic()
             if self.first_audio is None:
                 self.first_audio = self.last_audio
@@ -310,7 +322,7 @@ class Session:
                 if self.engine.queued_frames(self.slot) + n > max_backlog:
                     return self._backlog_end(max_backlog)
                 if not self.engine.push(self.slot, self.conv_id, frames):
-                    return End(error="internal error: conversation slot lost", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+                    return End(Reason.INTERNAL, "conversation slot lost")
         # The loop ends when the client closes (CLOSE/CLOSING/CLOSED); a partial frame is dropped.
         if pending.size:
             return End(detail=f"closed mid-frame, {pending.size} samples dropped")
@@ -320,7 +332,7 @@ class Session:
         writer = sphn.OpusStreamWriter(self.engine.sample_rate)
         while True:
             ev = await self.events.get()
-            if ev.kind == "frame":
+            if ev.kind is EventKind.FRAME:
                 ogg = writer.append_pcm(ev.pcm)
                 self.frames_out += 1
                 if self.memory is not None:
@@ -330,28 +342,26 @@ class Session:
                     await self.ws.send_bytes(protocol.audio(bytes(ogg)))
                 if ev.text:
                     await self.ws.send_bytes(protocol.text(ev.text))
-            elif ev.kind == "telemetry":
+            elif ev.kind is EventKind.TELEMETRY:
                 await self._send_telemetry(ev)
-            elif ev.kind == "error":
-                return End(error=ev.reason or "internal error", code=aiohttp.WSCloseCode.INTERNAL_ERROR)
+            elif ev.kind is EventKind.ERROR:
+                return _engine_end(ev)
 
     async def _watchdog(self) -> End:
         tick = max(0.05, min(1.0, self.cfg.idle_timeout / 4)) if self.cfg.idle_timeout > 0 else 1.0
         while True:
             try:
-                reason = await asyncio.wait_for(asyncio.shield(self._shutdown), tick)
-                return End(error=reason, code=aiohttp.WSCloseCode.GOING_AWAY)
+                await asyncio.wait_for(asyncio.shield(self._shutdown), tick)
+                return End(Reason.SHUTTING_DOWN)
             except asyncio.TimeoutError:
                 pass
             # A client that stops reading blocks the send loop in drain: its replies pile up here.
             if self.events.qsize() > self.cfg.max_output_backlog:
-                return End(error=f"client too slow: {self.events.qsize()} output frames waiting",
-                           code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+                return End(Reason.CLIENT_TOO_SLOW, f"{self.events.qsize()} output frames waiting")
             # Idle = no audio from the client and nothing of its audio left to process.
             idle = time.monotonic() - max(self.last_audio, self.last_output)
             if self.cfg.idle_timeout > 0 and idle > self.cfg.idle_timeout:
-                return End(error=f"idle timeout: no audio received for {self.cfg.idle_timeout:g} s",
-                           code=aiohttp.WSCloseCode.OK)
+                return End(Reason.IDLE, f"no audio received for {self.cfg.idle_timeout:g} s")
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -362,10 +372,10 @@ class Session:
         ahead = self.frames_in * fsec - (time.monotonic() - (self.first_audio or self.started))
         waiting = f"{max_backlog * fsec:g} s of audio waiting"
         if ahead > self.cfg.max_delay / 2:
-            return End(error=f"too much audio queued: {waiting} (the client sends faster than real time: "
-                             f"{ahead:.1f} s ahead of the clock)", code=aiohttp.WSCloseCode.POLICY_VIOLATION)
+            return End(Reason.TOO_FAST, f"{waiting} (the client sends faster than real time: {ahead:.1f} s ahead of "
+                                        "the clock)")
         behind = self.metrics.behind_real_time() or "it cannot keep up with real time"
-        return End(error=f"server overloaded: {waiting} ({behind})", code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+        return End(Reason.OVERLOADED, f"{waiting} ({behind})")
 
     async def _send_telemetry(self, ev: Event) -> None:
         if not ev.telemetry or not self.telemetry:
@@ -389,10 +399,9 @@ class Session:
                                    10 if wait is None else wait)
 
 
-def _reason_label(reason: str) -> str:
-    """A low-cardinality label for the errors counter: the text before the first colon."""
-    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
-    return "".join(ch for ch in head if ch.isalnum() or ch == "_")[:40] or "other"
+def _engine_end(ev: Event) -> End:
+    """The end of a conversation whose engine reported an error (always closed as an internal error)."""
+    return End(ev.reason or Reason.INTERNAL, ev.detail, close=Reason.INTERNAL.close)
 
 
 def peer_of(request: web.Request) -> str:

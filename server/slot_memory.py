@@ -26,13 +26,13 @@ import torch
 
 from moshi_ttt.models import memory as mem
 from moshi_ttt.models import memory_format as mf
-from moshi_ttt.ttt.memory import Compression
+from moshi_ttt.ttt.compression import Compression
 
 from . import bulk
+from .engine_api import Done
 
 log = logging.getLogger("moshi_ttt.server.memory")
 
-Done = tp.Callable[[bool, tp.Any], None]
 
 
 def _header_only(m: mem.Memory) -> mem.Memory:

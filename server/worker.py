@@ -3,28 +3,15 @@ one) and steps the batch; the web process (`remote.WorkerEngine`) owns sockets, 
 and admission. Started with the `spawn` method (CUDA state does not survive fork).
 
 Transport (`shm_ring`): per slot, a fixed input and output PCM ring in shared memory, no pickling per
-frame; a byte on a wake pipe after writes in each direction. Control messages are small tuples on a
-duplex `multiprocessing` pipe:
-
-web → worker   ("attach", rings spec, bulk dir)  once, after "started"
-               ("claim", slot, conv)            reset the row for a new conversation → "ready"
-               ("release", slot, conv)
-               ("snapshot", req, slot, conv, final)   conversation memory (`slot_memory`): the memory file
-               ("restore", req, slot, conv, data)     bytes out / in; each answered ("reply", req, ok, payload)
-               ("stop",)                        clean exit, code 0
-worker → web   ("started", info)                model loaded and warm: info = model description + "frame_size",
-                                                "sample_rate", "frame_seconds", "pieces" (text id → piece)
-               ("ready", slot, conv, telemetry) ("telemetry", slot, conv, telemetry, frame)
-               ("error", slot, conv, reason)    ("reply", req, ok, payload)
-               ("metrics", ops, stats)          every `FLUSH_S`: metric calls to replay, step counters
-               ("fatal", reason, user error class or None, message)   the engine died or did not load:
-                                                the process exits 1
-               ("log", record fields)           the worker's log records, re-emitted by the web process
+frame; a byte on a wake pipe after writes in each direction. Control messages are the dataclasses of
+`messages` on a duplex `multiprocessing` pipe; the engine's metric calls cross as `MetricCall`s
+(`MetricsRelay`), its log records as `Log`.
 A worker whose control pipe reaches EOF (the web process died) stops.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -32,9 +19,30 @@ import signal
 import sys
 import threading
 import time
+import typing as tp
 
 from . import bulk
-from .events import Event
+from .events import Event, EventKind
+from .messages import (
+    Attach,
+    Claim,
+    Error,
+    Fatal,
+    Log,
+    MetricCall,
+    MetricsFlush,
+    Ready,
+    Release,
+    Reply,
+    Restore,
+    Snapshot,
+    Started,
+    Stop,
+    Telemetry,
+    ToWeb,
+    ToWorker,
+)
+from .reasons import Reason
 from .shm_ring import Rings
 
 log = logging.getLogger("moshi_ttt.server.worker")
@@ -44,51 +52,44 @@ USER_ERRORS = (FileNotFoundError, ValueError, OSError)  # re-raised as such by t
 
 
 class MetricsRelay:
-    """Stands in for `Metrics` in the worker: the engine's calls are queued and replayed by the web
-    process (`Metrics` and its Prometheus registry live there)."""
+    """Stands in for `Metrics` in the worker: each call of a `FORWARDED` method is queued as a `MetricCall`
+    and replayed on the web process's `Metrics` (`replay`), where the Prometheus registry lives; the web
+    process keeps the `KEPT` ones itself (it counts its slots, it knows the layers from Started)."""
 
-    FORWARDED = ("observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift", "clear_drift",
-                 "observe_memory_pause")
+    FORWARDED = frozenset({"observe_step", "observe_frame_latency", "observe_transport", "inc_ttt", "set_drift",
+                           "clear_drift", "observe_memory_pause"})
+    KEPT = frozenset({"set_active", "set_ttt_layers"})
 
     def __init__(self):
-        self._ops: list[tuple] = []
+        self._calls: list[MetricCall] = []
         self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> tp.Callable[..., None]:
+        if name in MetricsRelay.FORWARDED:
+            return functools.partial(self._record, name)
+        if name in MetricsRelay.KEPT:
+            return _ignore
+        raise AttributeError(f"{type(self).__name__} has no {name!r}: not a Metrics method the engine may call")
 
     def _record(self, name: str, *args) -> None:
         with self._lock:
-            self._ops.append((name, args))
+            self._calls.append(MetricCall(name, args))
 
-    def observe_step(self, *a) -> None:
-        self._record("observe_step", *a)
-
-    def observe_frame_latency(self, *a) -> None:
-        self._record("observe_frame_latency", *a)
-
-    def observe_transport(self, *a) -> None:
-        self._record("observe_transport", *a)
-
-    def inc_ttt(self, *a) -> None:
-        self._record("inc_ttt", *a)
-
-    def set_drift(self, *a) -> None:
-        self._record("set_drift", *a)
-
-    def clear_drift(self, *a) -> None:
-        self._record("clear_drift", *a)
-
-    def observe_memory_pause(self, *a) -> None:
-        self._record("observe_memory_pause", *a)
-
-    def set_active(self, n: int) -> None:  # the web process counts its slots itself
-        pass
-
-    def set_ttt_layers(self, layers) -> None:
-        pass
-
-    def drain(self) -> list[tuple]:
+    def drain(self) -> list[MetricCall]:
         with self._lock:
-            ops, self._ops = self._ops, []
-        return ops
+            calls, self._calls = self._calls, []
+        return calls
+
+    @staticmethod
+    def replay(metrics: tp.Any, calls: list[MetricCall]) -> None:
+        """The worker's calls, on the web process's `Metrics`."""
+        for call in calls:
+            if call.name in MetricsRelay.FORWARDED:
+                getattr(metrics, call.name)(*call.args)
+
+
+def _ignore(*args) -> None:
+    pass
 
 
 class _Sender:
@@ -98,7 +99,7 @@ class _Sender:
         self.ctrl = ctrl
         self.lock = threading.Lock()
 
-    def __call__(self, msg: tuple) -> None:
+    def __call__(self, msg: ToWeb) -> None:
         with self.lock:
             self.ctrl.send(msg)
 
@@ -113,9 +114,9 @@ class _PipeLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             exc = self.format(record).split("\n", 1)[1] if record.exc_info else None
-            self.send(("log", {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
-                               "msg": record.getMessage(), "args": None, "exc_text": exc, "created": record.created,
-                               "processName": "model-worker", "process": record.process}))
+            self.send(Log({"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                           "msg": record.getMessage(), "args": None, "exc_text": exc, "created": record.created,
+                           "processName": "model-worker", "process": record.process}))
         except Exception:  # noqa: BLE001 — the pipe is gone: the web process is too
             self.handleError(record)
 
@@ -144,17 +145,17 @@ class _Bridge:
 
     def sink_for(self, index: int, conv: int):
         def sink(ev: Event) -> None:  # engine thread
-            if ev.kind == "frame":
+            if ev.kind is EventKind.FRAME:
                 if not self.rings.put_output(index, conv, ev.frame, ev.text_id, ev.pcm, time.monotonic()):
                     log.warning("slot %d: output ring full, frame %d dropped", index, ev.frame)
                 self._wake_web()
-            elif ev.kind == "ready":
-                self.send(("ready", index, conv, ev.telemetry))
-            elif ev.kind == "telemetry":
-                self.send(("telemetry", index, conv, ev.telemetry, ev.frame))
-            elif ev.kind == "error":
+            elif ev.kind is EventKind.READY:
+                self.send(Ready(index, conv, ev.telemetry))
+            elif ev.kind is EventKind.TELEMETRY:
+                self.send(Telemetry(index, conv, ev.telemetry, ev.frame))
+            elif ev.kind is EventKind.ERROR:
                 self._wake_web()
-                self.send(("error", index, conv, ev.reason))
+                self.send(Error(index, conv, ev.reason or Reason.INTERNAL, ev.detail))
         return sink
 
     def run(self) -> int:
@@ -174,44 +175,41 @@ class _Bridge:
                 try:
                     while self.ctrl.poll():
                         msg = self.ctrl.recv()
-                        if msg[0] == "stop":
+                        if isinstance(msg, Stop):
                             return self._stop(None)
                         self._command(msg)
                 except (EOFError, OSError):
                     return self._stop("the web process is gone")
                 self._move_inputs()  # frames of a conversation may have come with its claim
             if not self.engine.alive:
-                self.send(("fatal", f"engine stopped: {self.engine._fatal!r}"))
+                self.send(Fatal(f"engine stopped: {self.engine.failure!r}"))
                 return 1
             self._flush()
 
-    def _command(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "attach":
-            self.rings, self.bulk_dir = Rings(**msg[1]), msg[2]
-        elif kind == "claim":
-            _, index, conv = msg
-            if self.engine.claim(self.sink_for(index, conv), index=index, conv_id=conv) is None:
-                self.send(("error", index, conv, "internal error: slot still in use in the model worker"))
-        elif kind == "release":
-            _, index, conv = msg
-            self.engine.release(self.engine.slots[index], conv)
-        elif kind == "snapshot":
-            _, req, index, conv, final = msg
-            self._move_inputs()  # frames written before the request are the conversation's
-            self.engine.save_memory(self.engine.slots[index], conv, self._replier(req), final)
-        elif kind == "restore":
-            _, req, index, conv, data = msg
-            self.engine.restore_memory(self.engine.slots[index], conv, data, self._replier(req))
-        else:
-            log.warning("unknown control message %r", kind)
+    def _command(self, msg: ToWorker) -> None:
+        slots = self.engine.slots
+        match msg:
+            case Attach(rings, bulk_dir):
+                self.rings, self.bulk_dir = Rings(**rings), bulk_dir
+            case Claim(index, conv):
+                if self.engine.claim_at(self.sink_for(index, conv), index, conv) is None:
+                    self.send(Error(index, conv, Reason.INTERNAL, "slot still in use in the model worker"))
+            case Release(index, conv):
+                self.engine.release(slots[index], conv)
+            case Snapshot(req, index, conv, final):
+                self._move_inputs()  # frames written before the request are the conversation's
+                self.engine.save_memory(slots[index], conv, self._replier(req), final)
+            case Restore(req, index, conv, data):
+                self.engine.restore_memory(slots[index], conv, data, self._replier(req))
+            case _:
+                log.warning("unknown control message %r", type(msg).__name__)
 
     def _replier(self, req: int):
         def reply(ok: bool, payload) -> None:  # the engine or memory thread
             try:
                 if ok and isinstance(payload, dict) and isinstance(payload.get("data"), bytes):
                     payload = {**payload, "data": bulk.put(payload["data"], self.bulk_dir)}  # memory thread
-                self.send(("reply", req, ok, payload))
+                self.send(Reply(req, ok, payload))
             except (OSError, ValueError):  # the web process is gone
                 pass
         return reply
@@ -223,25 +221,25 @@ class _Bridge:
         for i in range(self.rings.n):
             for conv, t_push, pcm in self.rings.take_input(i):
                 self.relay.observe_transport("in", now - t_push)
-                self.engine.push(self.engine.slots[i], conv, [pcm], t_push=t_push)
+                self.engine.push_at(self.engine.slots[i], conv, [pcm], t_push)
 
     def _flush(self) -> None:
         now = time.monotonic()
         if now - self._last_flush < FLUSH_S:
             return
         self._last_flush = now
-        ops = self.relay.drain()
+        calls = self.relay.drain()
         e = self.engine
         stats = {"steps": e.steps, "step_seconds": e.step_seconds, "step_cpu_seconds": e.step_cpu_seconds,
                  "rows_stepped": e.rows_stepped}
-        if ops or stats != self._last_stats:
+        if calls or stats != self._last_stats:
             self._last_stats = stats
-            self.send(("metrics", ops, stats))
+            self.send(MetricsFlush(calls, stats))
 
     def _stop(self, why: str | None) -> int:
         if why:
             log.warning("model worker stopping: %s", why)
-        self.engine.close()
+        self.engine.stop()
         try:
             self._flush_now()
         except (OSError, EOFError):
@@ -262,7 +260,7 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(send)]
     root.setLevel(getattr(logging, log_level.upper()))
-    from .model import load
+    from .build_engine import load
 
     relay = MetricsRelay()
     try:
@@ -272,13 +270,13 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
         if not user_error:
             log.exception("model worker failed to start")
         try:
-            send(("fatal", f"{type(e).__name__}: {e}", type(e).__name__ if user_error else None, str(e)))
+            send(Fatal(f"{type(e).__name__}: {e}", type(e).__name__ if user_error else None, str(e)))
         finally:
             sys.exit(1)
     engine = loaded.engine
     info = dict(loaded.info, frame_size=engine.frame_size, sample_rate=engine.sample_rate,
                 memory_fingerprint=engine.memory_fingerprint,
-                frame_seconds=engine.frame_seconds, pieces=engine._pieces)
+                frame_seconds=engine.frame_seconds, pieces=engine.pieces)
     bridge = _Bridge(engine, ctrl, wake_in, wake_out, relay, send)
-    bridge.send(("started", info))
+    bridge.send(Started(info))
     sys.exit(bridge.run())

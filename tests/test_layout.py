@@ -13,8 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
-# grimp reads server/ as the top-level package `server`, so imports spelled `moshi_ttt.server...` are not in its
-# graph: this test owns that rule. Only these layers (above the server) may import it.
+# grimp reads server/ as the top-level package `server`; the contracts' `installed_*` types
+# (scripts/import_contracts.py) count imports spelled `moshi_ttt.server...` as the `server...` imports they are.
+# Only these layers (above the server) may import it.
 MAY_IMPORT_SERVER = ("moshi_ttt/apps/", "moshi_ttt/testing/", "moshi_ttt/experiments/")
 
 
@@ -28,29 +29,65 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
 def _copy_tree(dst: Path) -> Path:
     for name in ("moshi_ttt", "server", "configs"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
+    (dst / "scripts").mkdir()
+    for name in ("pyproject.toml", "scripts/import_contracts.py"):
+        shutil.copy(ROOT / name, dst / name)
     return dst
 
 
 def test_import_contracts_are_kept():
     out = _lint(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 kept, 0 broken" in out.stdout, out.stdout
+    assert "3 kept, 0 broken" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("module,upward", [
     ("moshi_ttt/ttt/chunk.py", "from moshi_ttt.models import lm"),          # math importing a model
     ("moshi_ttt/models/lm.py", "from moshi_ttt import runtime"),            # a model importing app glue
     ("server/protocol.py", "from moshi_ttt.apps import infer"),              # the server importing an app
+    # the server, from below, under its on-disk and its installed names
+    ("moshi_ttt/ttt/stream.py", "import server.engine"),
+    ("moshi_ttt/ttt/stream.py", "import moshi_ttt.server.engine"),
+    ("moshi_ttt/ttt/stream.py", "from moshi_ttt.server import engine"),
+    ("moshi_ttt/runtime.py", "from moshi_ttt.server.engine import Engine"),
 ])
 def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
+    _assert_planted_breaks(tmp_path, module, upward)
+
+
+@pytest.mark.parametrize("module,line", [
+    ("server/session.py", "import torch"),                                  # the web side importing torch
+    ("server/app.py", "from moshi_ttt import runtime"),                    # ... through a module that does
+    ("server/protocol.py", "from moshi_ttt.server import engine"),         # ... the model side, installed name
+    ("server/remote.py", "from server.slot_memory import SlotMemory"),     # ... the model side, on-disk name
+])
+def test_torch_on_the_web_side_breaks_the_contract(tmp_path, module, line):
+    _assert_planted_breaks(tmp_path, module, line, contract="the web side of serve never imports torch")
+
+
+def _assert_planted_breaks(tmp_path: Path, module: str, line: str, contract: str = "") -> None:
+    """`line` appended to `module` in a copy of the tree makes the lint fail, naming the module (and `contract`)."""
     root = _copy_tree(tmp_path)
     path = root / module
-    path.write_text(path.read_text() + f"\n{upward}  # noqa: E402,F401\n")
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402,F401\n")
     out = _lint(root)
     assert out.returncode != 0, out.stdout
     assert "BROKEN" in out.stdout and module.replace("/", ".").removesuffix(".py").split("moshi_ttt.")[-1] in \
         out.stdout, out.stdout
+    broken = out.stdout[out.stdout.index("Broken contracts"):]
+    assert contract in broken, out.stdout
+
+
+def test_the_installed_names_are_the_packaging():
+    """The contracts' `installed_names` are pyproject's package-dir renames (installed name != folder)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    roots = cfg["tool"]["importlinter"]["root_packages"]
+    renamed = {f"{k}: {v}" for k, v in cfg["tool"]["setuptools"]["package-dir"].items() if k != v and v in roots}
+    assert renamed == {"moshi_ttt.server: server"}
+    for contract in cfg["tool"]["importlinter"]["contracts"]:
+        assert set(contract["installed_names"]) == renamed, contract["name"]
 
 
 def _imports_of(path: Path) -> list[str]:
@@ -71,6 +108,16 @@ def test_only_the_layers_above_the_server_import_it():
             continue
         offenders += [f"{rel}: {m}" for m in _imports_of(path) if m == "moshi_ttt.server" or
                       m.startswith("moshi_ttt.server.")]
+    assert not offenders, offenders
+
+
+def test_the_server_is_imported_under_its_installed_name():
+    """`server.X` and `moshi_ttt.server.X` would be two module objects for one file: only the latter is used."""
+    offenders = []
+    for folder in ("moshi_ttt", "server", "scripts", "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            offenders += [f"{path.relative_to(ROOT)}: {m}" for m in _imports_of(path)
+                          if m == "server" or m.startswith("server.")]
     assert not offenders, offenders
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args
 from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS
-from moshi_ttt.runtime import CONTEXT_HELP, add_checkpoint_args
 
 EXIT_USER_ERROR = 2
 
@@ -297,7 +297,7 @@ def _memory_args(args, one_conversation: bool = True) -> dict:
     """{"loaded", "comp"} of --memory / --save-memory (loaded: only for one conversation); {} without them."""
     from moshi_ttt.models import memory_format as mf
     from moshi_ttt.models.memory import MemoryRefused
-    from moshi_ttt.ttt.memory import Compression
+    from moshi_ttt.ttt.compression import Compression
 
     if not (args.memory or args.save_memory):
         return {}
@@ -469,7 +469,7 @@ def _memory_start(model, B: int, memory: dict) -> list[dict]:
     for b, m in enumerate(memory["loaded"][:B]):
         if m is not None:
             mem.resume(model, b, m, memory["fp"])
-    states = {i: g._require_state() for i, g in model.ttt_gatings().items()}
+    states = {i: g.ttt_state() for i, g in model.ttt_gatings().items()}
     return [{"loaded": m.meta() if m is not None else None,
              "start": _memory_stats({i: (st.delta()[b], st.updates[b]) for i, st in states.items()})}
             for b, m in enumerate(memory["loaded"][:B])]

@@ -8,8 +8,8 @@ import argparse
 import json
 import time
 
+from moshi_ttt.flags import add_store_args, store_of
 from moshi_ttt.models.memory_store import MemoryUnavailable
-from moshi_ttt.runtime import add_store_args, store_of
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

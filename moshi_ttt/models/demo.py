@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import sentencepiece as spm
@@ -25,6 +24,7 @@ from moshi_ttt.models.lm import build_ttt_lm
 from moshi_ttt.models.loaders import moshi_private
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt
+from moshi_ttt.utils.cache import cache_dir
 from moshi_ttt.utils.io import atomic_dir, atomic_write
 
 _CORPUS = """hello there how are you today
@@ -111,11 +111,6 @@ def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 MIMI_RECIPE = 2  # bump when the tiny Mimi recipe changes (invalidates cached weights)
-
-
-def cache_dir() -> Path:
-    """moshi-ttt's cache: $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt."""
-    return Path(os.environ.get("MOSHI_TTT_CACHE") or Path.home() / ".cache" / "moshi_ttt")
 
 
 @functools.lru_cache(maxsize=4)

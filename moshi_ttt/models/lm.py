@@ -68,11 +68,11 @@ class TTTLMModel(LMModel):
         """Declares (streaming mode) that a driver calls `ttt_fold` after every step, so the layers never
         fold on their own and the captured step holds no host logic."""
         for g in self.ttt_gatings().values():
-            g._require_state().host_folds = enabled
+            g.ttt_state().host_folds = enabled
 
     def ttt_state_bytes(self) -> int:
         """Fast-state bytes per conversation summed over TTT layers (needs streaming mode)."""
-        return sum(g._require_state().bytes for g in self.ttt_gatings().values())
+        return sum(g.ttt_state().bytes for g in self.ttt_gatings().values())
 
 
 def build_ttt_lm(lm_kwargs: dict, ttt: TTTModelConfig, device: torch.device | str = "cpu",

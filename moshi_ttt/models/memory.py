@@ -18,13 +18,9 @@ import typing as tp
 import torch
 
 from moshi_ttt.models.lm import TTTLMModel
+from moshi_ttt.models.memory_header import MemoryRefused
 from moshi_ttt.ttt.memory import close
-
-COUNTERS = ("updates", "clips", "skipped", "lost")
-
-
-class MemoryRefused(ValueError):
-    """A memory that this model must not load (another model, a foreign or damaged file)."""
+from moshi_ttt.ttt.stream import COUNTERS
 
 
 @dataclasses.dataclass
@@ -77,7 +73,7 @@ def keep_factors(model: TTTLMModel, enabled: bool = True) -> None:
     """Streaming mode: every TTT layer logs its folded chunks as factors (`TTTState.keep_factors`), so that an
     `exact` memory of a short conversation can be stored as factors, smaller than the dense delta."""
     for g in model.ttt_gatings().values():
-        g._require_state().keep_factors(enabled)
+        g.ttt_state().keep_factors(enabled)
 
 
 Taken = dict[int, tuple[dict[str, torch.Tensor], list | None]]
@@ -88,7 +84,7 @@ def take(model: TTTLMModel, item: int) -> Taken:
     (a list copy of immutable tensors; None if the state keeps none)."""
     out = {}
     for i, g in model.ttt_gatings().items():
-        st = g._require_state()
+        st = g.ttt_state()
         log = None if st.factors is None or st.factors[item] is None else list(st.factors[item])
         out[i] = (st.snapshot(item), log)
     return out
@@ -108,7 +104,7 @@ def build(model: TTTLMModel, taken: Taken, fp: str, base: Memory | None = None,
     folds = int(snap0["updates"]) + int(snap0["skipped"])
     pos = int(snap0["pos"])
     for i, (snap, log) in taken.items():
-        st = gatings[i]._require_state()
+        st = gatings[i].ttt_state()
         closed, last = close(st, snap, cfg)
         factors = None
         if log is not None:
@@ -147,7 +143,7 @@ def prepare(model: TTTLMModel, memory: Memory, fp: str) -> Prepared:
         raise MemoryRefused(f"memory has TTT layers {sorted(memory.layers)}, this model {sorted(gatings)}")
     out = {}
     for i, g in gatings.items():
-        st, lm = g._require_state(), memory.layers[i]
+        st, lm = g.ttt_state(), memory.layers[i]
         if tuple(lm.delta.shape) != tuple(st.w0.shape):
             raise MemoryRefused(f"memory layer {i} delta is {tuple(lm.delta.shape)}, this model's W⁽⁰⁾ is "
                                 f"{tuple(st.w0.shape)}")
@@ -167,7 +163,7 @@ def put(model: TTTLMModel, item: int, prepared: Prepared) -> None:
     """Between two steps, right after the item's reset: copies a `prepare`d memory into the item, and seeds
     its factor log (if the state keeps one) with the memory's factors."""
     for i, g in model.ttt_gatings().items():
-        st = g._require_state()
+        st = g.ttt_state()
         snap, factors = prepared[i]
         st.restore(item, snap)
         if st.factors is not None and factors is not None:

@@ -2,14 +2,13 @@
 
 Header (all strings): `moshi_ttt_memory` = FORMAT_VERSION, `fingerprint`, `frames`, `chunks`, `created`,
 `last_used` (Unix seconds), `compression` (`exact`, `bf16`, `rank:R`), `forms` (JSON: layer → form of
-`moshi_ttt.ttt.memory.FORMS`) and `counters` (JSON: layer → the `LayerMemory` counters). Tensors:
+`moshi_ttt.ttt.compression.FORMS`) and `counters` (JSON: layer → the `LayerMemory` counters). Tensors:
 `<layer>.<name>` of that layer's form (`delta`; `u`, `z`; `p`, `q`).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import typing as tp
 from pathlib import Path
 
@@ -17,12 +16,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from moshi_ttt.models.memory import LayerMemory, Memory, MemoryRefused
-from moshi_ttt.ttt.memory import Compression, decode, encode
+from moshi_ttt.models.memory import LayerMemory, Memory
+from moshi_ttt.models.memory_header import FORMAT_VERSION, MAGIC, MemoryRefused, header
+from moshi_ttt.ttt.compression import Compression
+from moshi_ttt.ttt.memory import decode, encode
 from moshi_ttt.utils.io import atomic_write
-
-FORMAT_VERSION = "1"
-MAGIC = "moshi_ttt_memory"
 
 
 def dumps(memory: Memory, comp: Compression | str = "exact") -> bytes:
@@ -37,22 +35,6 @@ def dumps(memory: Memory, comp: Compression | str = "exact") -> bytes:
             "last_used": repr(float(memory.last_used)), "compression": str(comp), "forms": json.dumps(forms),
             "counters": json.dumps({str(i): lm.counters for i, lm in sorted(memory.layers.items())})}
     return st_save(tensors, metadata=meta)
-
-
-def header(data: bytes) -> dict[str, str]:
-    """The metadata header alone (no tensor is read); `MemoryRefused` if `data` is not a memory file of a
-    version this code reads."""
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (struct.error, ValueError, AttributeError) as e:
-        raise MemoryRefused(f"not a moshi-ttt memory file (no safetensors header: {e})") from None
-    if MAGIC not in meta:
-        raise MemoryRefused("not a moshi-ttt memory file (its safetensors header has no "
-                            f"{MAGIC!r} version)")
-    if meta[MAGIC] != FORMAT_VERSION:
-        raise MemoryRefused(f"memory file format version {meta[MAGIC]!r}, this code reads {FORMAT_VERSION!r}")
-    return meta
 
 
 def loads(data: bytes, dtype: torch.dtype | None = None) -> Memory:

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from moshi_ttt.models.memory_backends import Backend, backend
-from moshi_ttt.models.memory_format import FORMAT_VERSION
+from moshi_ttt.models.memory_header import FORMAT_VERSION
 
 MAGIC = b"MTTMEM1\n"
 SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)
@@ -42,11 +42,12 @@ HEADER_BYTES = 1 << 16  # a stored header is well under this (its fields are fix
 
 
 class MemoryUnavailable(Exception):
-    """The one refusal for a token that does not open a memory; `cause` is for logs, never for clients."""
+    """The one refusal for a token that does not open a memory; `cause` is for logs and `label` (few values,
+    e.g. "tampered") for metrics, never for clients."""
 
-    def __init__(self, cause: str):
+    def __init__(self, cause: str, label: str):
         super().__init__("memory not available")
-        self.cause = cause
+        self.cause, self.label = cause, label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Token:
         except (binascii.Error, ValueError):
             key = b""
         if not _ID.fullmatch(mid) or len(key) != 32:
-            raise MemoryUnavailable(f"malformed token ({len(text)} characters)")
+            raise MemoryUnavailable(f"malformed token ({len(text)} characters)", "malformed_token")
         return cls(mid, key)
 
     def __str__(self) -> str:
@@ -115,11 +116,11 @@ def unseal(token: Token, fp: str, blob: bytes) -> bytes:
     try:
         head, off = read_header(blob)
     except (ValueError, struct.error) as e:
-        raise MemoryUnavailable(f"tampered: unreadable header ({e})") from None
+        raise MemoryUnavailable(f"tampered: unreadable header ({e})", "tampered") from None
     if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
-        raise MemoryUnavailable("wrong key")
+        raise MemoryUnavailable("wrong key", "wrong_key")
     if head.get("fingerprint") != fp:
-        raise MemoryUnavailable(f"another model (fingerprint {str(head.get('fingerprint'))[:16]}…)")
+        raise MemoryUnavailable(f"another model (fingerprint {str(head.get('fingerprint'))[:16]}…)", "another_model")
     ad = associated_data(token.id, fp) + b"|" + blob[len(MAGIC) + 4:off]
     aes, out = AESGCM(token.key), []
     try:
@@ -131,9 +132,9 @@ def unseal(token: Token, fp: str, blob: bytes) -> bytes:
                                    ad + struct.pack("<I?", i, i == n - 1)))
             off += seg
     except (InvalidTag, KeyError, ValueError, TypeError) as e:
-        raise MemoryUnavailable(f"tampered: {type(e).__name__}") from None
+        raise MemoryUnavailable(f"tampered: {type(e).__name__}", "tampered") from None
     if off != len(blob):
-        raise MemoryUnavailable("tampered: trailing bytes")
+        raise MemoryUnavailable("tampered: trailing bytes", "tampered")
     return b"".join(out)
 
 
@@ -157,7 +158,7 @@ class MemoryStore:
     def path(self, memory_id: str) -> tp.Any:
         """The backend's address of `memory_id` (a `Path` in a local directory); refuses a malformed id."""
         if not _ID.fullmatch(memory_id):
-            raise MemoryUnavailable(f"malformed id {memory_id[:40]!r}")
+            raise MemoryUnavailable(f"malformed id {memory_id[:40]!r}", "malformed_id")
         return self.backend.locate(f"{memory_id}{SUFFIX}")
 
     def save(self, token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any] | None = None) -> float:
@@ -179,10 +180,10 @@ class MemoryStore:
         try:
             blob = self.backend.get(path)
         except FileNotFoundError:
-            raise MemoryUnavailable("unknown id") from None
+            raise MemoryUnavailable("unknown id", "unknown_id") from None
         data = unseal(token, fp, blob)
         if self._expired(read_header(blob)[0]):
-            raise MemoryUnavailable("expired")
+            raise MemoryUnavailable("expired", "expired")
         self.backend.touch(path, self.clock())
         return data
 
@@ -193,11 +194,11 @@ class MemoryStore:
         try:
             head, _ = read_header(self.backend.head(path, HEADER_BYTES))
         except FileNotFoundError:
-            raise MemoryUnavailable("unknown id") from None
+            raise MemoryUnavailable("unknown id", "unknown_id") from None
         except (ValueError, struct.error) as e:
-            raise MemoryUnavailable(f"tampered: unreadable header ({e})") from None
+            raise MemoryUnavailable(f"tampered: unreadable header ({e})", "tampered") from None
         if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
-            raise MemoryUnavailable("wrong key")
+            raise MemoryUnavailable("wrong key", "wrong_key")
         self.backend.delete(path)
 
     # -- operator side (`moshi-ttt memory`): metadata only --------------------------------------------------

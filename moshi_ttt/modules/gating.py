@@ -152,7 +152,7 @@ class TTTGating(StreamingModule[TTTState]):
 
     def fold(self, items: tp.Sequence[int]) -> None:
         """Folds the completed chunks of the listed streaming items (host side, between steps)."""
-        self._require_state().fold(items, self.cfg)
+        self.ttt_state().fold(items, self.cfg)
 
     def _base_weight(self) -> torch.Tensor:
         """W⁽⁰⁾ [d, h] as the base MLP applies it (a LoRA-wrapped linear_out is merged)."""
@@ -165,20 +165,21 @@ class TTTGating(StreamingModule[TTTState]):
     def _init_streaming_state(self, batch_size: int) -> TTTState:
         w0, cfg = self._base_weight(), self.cfg
         acc = self._acc_dtype(w0.dtype)
+        state = torch.bfloat16 if cfg.state_dtype == "bfloat16" else acc  # the fast weight's dtype
         return TTTState(batch_size, cfg.chunk_size, w0, acc, self.ttt.w_target, self.ttt.conv_weight, cfg.past_frames,
-                        state_dtype=cfg.state_torch_dtype(acc), stochastic=cfg.state_rounding == "stochastic",
+                        state_dtype=state, stochastic=cfg.state_rounding == "stochastic",
                         rounding_seed=cfg.rounding_seed)
 
     # -- telemetry (host side, any time; never called from the per-frame path) ---------------------
 
     def fast_weight_delta(self) -> torch.Tensor:
         """W − W⁽⁰⁾ per streaming item, [B, d, h]."""
-        return self._require_state().delta()
+        return self.ttt_state().delta()
 
     def telemetry(self) -> dict[str, torch.Tensor]:
         """Per item [B]: updates applied, clips, skipped non-finite deltas, ‖last ΔW‖ (raw), drift
         ‖W − W⁽⁰⁾‖, and frames until the next update."""
-        state = self._require_state()
+        state = self.ttt_state()
         drift = torch.linalg.matrix_norm(self.fast_weight_delta())
         return {
             "updates": state.updates.clone(), "clips": state.clips.clone(), "skipped": state.skipped.clone(),
@@ -186,7 +187,8 @@ class TTTGating(StreamingModule[TTTState]):
             "drift": drift, "frames_to_update": self.cfg.chunk_size - state.pos,
         }
 
-    def _require_state(self) -> TTTState:
+    def ttt_state(self) -> TTTState:
+        """The streaming fast-weight state (one row per streaming item); RuntimeError outside streaming mode."""
         if self._streaming_state is None:
             raise RuntimeError("TTT telemetry needs streaming mode (`with model.streaming(B):`)")
         return self._streaming_state

@@ -41,12 +41,14 @@ def raw_request(url: str, data: bytes, timeout: float = 10.0) -> bytes:
     return out
 
 
-def ws_handshake(url: str, extra_headers: str = "", timeout: float = 10.0):
-    """A raw websocket upgrade to /api/chat: returns (socket, status line, bytes after the headers)."""
+def ws_handshake(url: str, extra_headers: str = "", timeout: float = 10.0, source: str | None = None):
+    """A raw websocket upgrade to /api/chat (from the local address `source`, default any): returns (socket,
+    status line, bytes after the headers)."""
     import socket
 
     host, port = host_port(url)
-    s = socket.create_connection((host, port), timeout=timeout)
+    s = socket.create_connection((host, port), timeout=timeout,
+                                 source_address=None if source is None else (source, 0))
     s.sendall((f"GET /api/chat HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                f"{extra_headers}\r\n").encode())

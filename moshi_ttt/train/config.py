@@ -4,7 +4,7 @@ Every invalid value raises `ValueError` naming the field (as `section.key`) and 
 
     run_dir: runs/tiny              # checkpoints/, metrics.jsonl, export/ (relative: to the YAML's folder)
     model:   {hf_repo, moshi_weight, mimi_weight, tokenizer, config_path, lora_weight, ttt_config, ttt_weights,
-              demo,                 # runtime.CheckpointFlags: the same names and meaning as `infer`'s flags
+              demo,                 # flags.CheckpointFlags: the same names and meaning as `infer`'s flags
               context, init}        # training only (ModelSection)
     data:    {train, segment_frames | duration_sec, main_speaker, min_segment_frames, shuffle, code_cache}
     optim:   {lr, weight_decay, betas, eps, warmup_steps, schedule, min_lr_ratio}
@@ -22,7 +22,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-from moshi_ttt.runtime import PATH_FLAGS, CheckpointFlags
+from moshi_ttt.flags import PATH_FLAGS, CheckpointFlags
 from moshi_ttt.ttt.config import read_config_file
 from moshi_ttt.utils.validate import Checks
 
@@ -82,7 +82,7 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection(CheckpointFlags):
-    """The checkpoint flags (`runtime.CheckpointFlags`) and what only training sets:
+    """The checkpoint flags (`flags.CheckpointFlags`) and what only training sets:
 
     context: the attention window of the main transformer while training, in frames (moshi's attention
         `context`, applied with `set_attention_context`); null = the checkpoint's. It is written into the

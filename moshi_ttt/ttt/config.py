@@ -13,8 +13,6 @@ import typing as tp
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from moshi_ttt.utils.validate import Checks, is_int, is_number
 
 INIT_MODES = ("zero", "ntp")
@@ -105,10 +103,6 @@ class TTTConfig:
         if bad:
             raise ValueError(f"invalid TTT config: {bad} are not state fields {STATE_FIELDS}")
         return dataclasses.replace(self, **{k: v for k, v in state.items() if v is not None})
-
-    def state_torch_dtype(self, acc_dtype: torch.dtype) -> torch.dtype:
-        """The fast weight's dtype in a model accumulating in `acc_dtype` (fp32, or fp64)."""
-        return torch.bfloat16 if self.state_dtype == "bfloat16" else acc_dtype
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

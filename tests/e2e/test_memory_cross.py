@@ -54,7 +54,7 @@ def test_conversation_b_starts_from_the_fast_weights_a_saved(tmp_path, fmt):
         mc.restorer(model, memories, fmt, fp, MemoryStore(tmp_path), sizes)()
         for item, m in enumerate(memories):  # W⁽⁰⁾ + the delta A saved, dense, fp32
             for i, g in model.ttt_gatings().items():
-                st, delta = g._require_state(), m.layers[i].delta
+                st, delta = g.ttt_state(), m.layers[i].delta
                 seen.append(float((st.w[item] - (st.w0 + delta)).abs().max() / delta.abs().max()))
                 assert int(st.pos[item]) == 0 and float(delta.abs().max()) > 0
 

@@ -35,7 +35,7 @@ def _run(gen, m, B, n, seed):
 
 
 def _w(m, item):
-    return {i: g._require_state().w[item].clone() for i, g in m.ttt_gatings().items()}
+    return {i: g.ttt_state().w[item].clone() for i, g in m.ttt_gatings().items()}
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +89,12 @@ def test_file_roundtrip_header_and_resume_into_another_slot(model, tmp_path):
         mem.resume(model, 0, loaded, fp)
         tel = model.ttt_telemetry()
         for i, lm in memory.layers.items():
-            st = model.ttt_gatings()[i]._require_state()
+            st = model.ttt_gatings()[i].ttt_state()
             assert torch.allclose(st.w[0], st.w0 + lm.delta, rtol=0, atol=1e-7)
             assert int(st.pos[0]) == 0 and int(st.updates[0]) == 3
             assert torch.allclose(tel[i]["drift"][0], torch.linalg.matrix_norm(lm.delta), rtol=1e-5)
         _run(gen, model, 2, CHUNK, 2)  # the resumed slot folds its next chunk on time
-        assert all(int(g._require_state().updates[0]) == 4 for g in model.ttt_gatings().values())
+        assert all(int(g.ttt_state().updates[0]) == 4 for g in model.ttt_gatings().values())
 
 
 def test_exact_factors_and_dense_restore_the_same_fast_weights(model):
@@ -121,8 +121,8 @@ def test_exact_factors_and_dense_restore_the_same_fast_weights(model):
         for i in ws[0]:
             scale = float(ws[1][i].abs().max())
             assert torch.allclose(ws[0][i], ws[1][i], rtol=0, atol=1e-6 * scale), i
-            assert not torch.equal(ws[1][i], model.ttt_gatings()[i]._require_state().w0)
-        assert all(g._require_state().factors == [None] for g in model.ttt_gatings().values())  # dense: unknown
+            assert not torch.equal(ws[1][i], model.ttt_gatings()[i].ttt_state().w0)
+        assert all(g.ttt_state().factors == [None] for g in model.ttt_gatings().values())  # dense: unknown
         # a resumed factor memory keeps logging: its next memory is still factors, covering both conversations
         gen.reset_streaming()
         mem.resume(model, 0, mf.loads(f_data), fp)

@@ -14,7 +14,7 @@ from moshi_ttt.server.admission import Admission, AdmissionLimits, parse_network
 from moshi_ttt.server.cli import BackgroundServer
 from moshi_ttt.server.client import FRAME, ChatClient
 
-from moshi_ttt.testing.probe import host_port
+from moshi_ttt.testing.probe import ws_handshake
 
 
 def limits(**kw) -> AdmissionLimits:
@@ -120,18 +120,8 @@ def limited_server(tmp_path_factory):
 
 def upgrade_status(url: str, source: str, headers: str = "") -> tuple[int, socket.socket]:
     """A raw websocket upgrade from the source address `source`: (HTTP status, the open socket)."""
-    host, port = host_port(url)
-    s = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
-    s.sendall((f"GET /api/chat HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-               f"{headers}\r\n").encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    return int(buf.split(b" ", 2)[1]), s
+    s, status, _ = ws_handshake(url, headers, source=source)
+    return int(status.split(" ", 2)[1]), s
 
 
 def snapshot(url: str) -> tuple[dict, dict]:

@@ -4,9 +4,9 @@ control pipe: the worker's reply carries a `Bulk` reference, read (and removed) 
 import os
 
 import pytest
-
-from server import bulk
-from server.worker import _Bridge
+from moshi_ttt.server import bulk
+from moshi_ttt.server.messages import Reply
+from moshi_ttt.server.worker import _Bridge
 
 
 def test_put_take_round_trip_removes_the_file(tmp_path):
@@ -42,8 +42,8 @@ def test_the_workers_memory_reply_carries_a_file_not_the_bytes(tmp_path):
         bridge._replier(9)(True, {"frames": 12, "telemetry": {}})
     finally:
         os.close(r)
-    (kind, req, ok, payload), refusal, restored = sent
-    assert (kind, req, ok) == ("reply", 7, True) and payload["frames"] == 12
+    (kind, req, ok, payload), refusal, restored = ((type(m), m.req, m.ok, m.payload) for m in sent)
+    assert (kind, req, ok) == (Reply, 7, True) and payload["frames"] == 12
     assert isinstance(payload["data"], bulk.Bulk) and bulk.take(payload["data"]) == b"memory file bytes"
-    assert refusal == ("reply", 8, False, "refused: another model")
-    assert restored == ("reply", 9, True, {"frames": 12, "telemetry": {}})
+    assert refusal == (Reply, 8, False, "refused: another model")
+    assert restored == (Reply, 9, True, {"frames": 12, "telemetry": {}})

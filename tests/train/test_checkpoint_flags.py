@@ -1,4 +1,4 @@
-"""One dataclass, `runtime.CheckpointFlags`, is both the `infer` / `serve` checkpoint flags and the training
+"""One dataclass, `flags.CheckpointFlags`, is both the `infer` / `serve` checkpoint flags and the training
 YAML's `model:` section: same names, same values, errors naming the YAML field."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import yaml
 
-from moshi_ttt.runtime import MOSHI_FLAGS, PATH_FLAGS, CheckpointFlags, add_checkpoint_args
+from moshi_ttt.flags import MOSHI_FLAGS, PATH_FLAGS, CheckpointFlags, add_checkpoint_args
 from moshi_ttt.train.config import TrainConfig
 
 BASE = {"run_dir": "r", "data": {"train": "t.jsonl", "segment_frames": 48}}

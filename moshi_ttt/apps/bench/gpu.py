@@ -11,7 +11,7 @@ interleaved rounds over B (base block, TTT block, for every B) of:
   boundary, so its p99 is the fold step;
 * the fold: that step minus the window's median, for all B conversations, per conversation, and
   amortised over the C frames of a chunk;
-* the frame: Mimi encode + LM step + Mimi decode through serve's own batched step (`Engine._compute`);
+* the frame: Mimi encode + LM step + Mimi decode through serve's own batched step (`Engine.compute`);
   B conversations run in real time on this GPU when the median frame is ≤ `FRAME_MS`;
 * memory: `torch.cuda.max_memory_allocated` per LM block; bytes per added conversation = its slope over
   B, next to the computed KV cache and fast-state bytes.
@@ -170,8 +170,8 @@ def frame_block(mimi, lm: LMModel, B: int, steps: int, device: torch.device, war
     pcm = 0.1 * torch.randn(B, 1, eng.frame_size)
     with torch.inference_mode(), mimi.streaming(B), eng.lm_gen.streaming(B):
         for _ in range(warm):
-            eng._compute(everyone, pcm, first)
-        times = _timed(lambda: eng._compute(everyone, pcm, first), steps, device)
+            eng.compute(everyone, pcm, first)
+        times = _timed(lambda: eng.compute(everyone, pcm, first), steps, device)
     return {"median": statistics.median(times), "p99": _pct(times, 0.99)}
 
 

@@ -51,7 +51,7 @@ ENGINE_STAGES: list[tuple[str, str, str, str | None]] = [
     ("Mimi decode", "moshi/models/compression.py", "decode", None),
     ("LM step other (sampling text, token cache)", "moshi/models/lm.py", "_step", None),
     ("step: batch assembly, host copies, emit", "server/engine.py", "_step", None),
-    ("step: batch assembly, host copies, emit", "server/engine.py", "_compute", None),
+    ("step: batch assembly, host copies, emit", "server/engine.py", "compute", None),
     ("idle: waiting for frames", "server/engine.py", "_select", None),
     ("idle: waiting for frames", "server/engine.py", "_loop", None),
 ]
@@ -225,8 +225,8 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
         if profile:
             prof: dict[int, dict[str, dict[str, float]]] = {}
             for n in (1, 4):
-                sampler = StackSampler({"engine": (srv.engine._thread.ident, ENGINE_STAGES),
-                                        "loop": (srv._thread.ident, LOOP_STAGES)})
+                sampler = StackSampler({"engine": (srv.engine.thread_ident, ENGINE_STAGES),
+                                        "loop": (srv.thread_ident, LOOP_STAGES)})
                 r = _session(srv, pcm, n, sampler)
                 prof[n] = {}
                 for thread, counts in sampler.counts.items():

@@ -24,6 +24,14 @@ class Loaded:
     info: dict
 
 
+def torch_threads_restorer() -> tp.Callable[[], None]:
+    """A function that puts torch's process-wide CPU thread count, which the engine sets, back to what it is now."""
+    import torch
+
+    n = torch.get_num_threads()
+    return lambda: torch.set_num_threads(n)
+
+
 def load(args, metrics: tp.Any = None) -> Loaded:
     """Loads the model described by the flags and starts the engine (blocking; seconds). `metrics`: what
     the engine records into (default a new `Metrics`)."""
