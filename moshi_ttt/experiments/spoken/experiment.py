@@ -100,7 +100,7 @@ class Settings:
     stage1_eval: DataSettings = DataSettings(100, 101, STAGE1_SPEC)
     stage1_val: DataSettings = DataSettings(50, 102, STAGE1_SPEC)  # training voices, new conversations
     listen_n: int = 6000  # the first conversations of stage1_train, transcribed (generate.write_listening_set)
-    listen: TrainSettings = TrainSettings(steps=800, batch=16, lr=1e-3, warmup=100, segment_frames=200,
+    listen: TrainSettings = TrainSettings(steps=2000, batch=16, lr=1e-3, warmup=100, segment_frames=200,
                                           min_segment_frames=100, weight_decay=0.1)
     stage1: TrainSettings = TrainSettings(steps=1500, batch=16, lr=5e-4, warmup=100, segment_frames=200,
                                           min_segment_frames=100, weight_decay=0.1)
