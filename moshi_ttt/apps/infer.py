@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args
-from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS
+from moshi_ttt.models.streams import SAMPLE_RATE, TEXT_PADDING_IDS, words_of
 
 EXIT_USER_ERROR = 2
 
@@ -498,23 +498,9 @@ def timed_text(tokenizer, ids: list[int], frame_rate: float) -> dict:
     frame 0), and frame f covers the input's [f / frame_rate, (f + 1) / frame_rate) seconds. Padding ids are
     left out. `tokens`: {frame, time, id, piece} each; `words`: {word, frame, time} each, the transcript's
     whitespace-separated words (SentencePiece's "▁" is a space), each with the frame of its first piece."""
-    tokens: list[dict] = []
-    words: list[dict] = []
-    new_word = True
-    for k, i in enumerate(ids):
-        if i in TEXT_PADDING_IDS:
-            continue
-        frame = k + 1
-        piece = tokenizer.id_to_piece(i)
-        tokens.append({"frame": frame, "time": frame / frame_rate, "id": i, "piece": piece})
-        for ch in piece.replace("▁", " "):
-            if ch.isspace():
-                new_word = True
-            elif new_word:
-                words.append({"word": ch, "frame": frame, "time": frame / frame_rate})
-                new_word = False
-            else:
-                words[-1]["word"] += ch
+    tokens = [{"frame": k + 1, "time": (k + 1) / frame_rate, "id": i, "piece": tokenizer.id_to_piece(i)}
+              for k, i in enumerate(ids) if i not in TEXT_PADDING_IDS]
+    words = words_of((t["piece"], {"frame": t["frame"], "time": t["time"]}) for t in tokens)
     return {"frame_rate": frame_rate, "first_frame": 1, "frames": len(ids), "tokens": tokens, "words": words}
 
 

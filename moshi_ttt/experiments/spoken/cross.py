@@ -82,12 +82,11 @@ def evaluate_cross(cross: str | Path, results: str | Path, infer_args: tp.Sequen
     cross, results = Path(cross), Path(results)
     rows = json.loads((cross / "cross.json").read_text())
     mems = results / "memories"
-    steps = (("a", results / "a", ["--save-memory", str(mems)], lambda r: mems / f"{r['conversation']}.safetensors"),
-             ("b", results / "b_memory", ["--memory", str(mems)], None),
-             ("b", results / "b_fresh", [], None))
-    for part, dst, extra, made in steps:
-        done = made or (lambda r, dst=dst: dst / f"{r['conversation']}.text.json")
-        if not all(done(r).exists() for r in rows):
+    runs = (("a", results / "a", ["--save-memory", str(mems)]),  # infer saves the memories before the texts
+            ("b", results / "b_memory", ["--memory", str(mems)]),
+            ("b", results / "b_fresh", []))
+    for part, dst, extra in runs:
+        if not all((dst / f"{r['conversation']}.text.json").exists() for r in rows):
             infer_folder(cross / part, dst, [*infer_args, *extra])
     summary = {}
     for name, dst in (("memory", results / "b_memory"), ("fresh", results / "b_fresh")):

@@ -110,18 +110,10 @@ def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_
             await c.close()
             return list(c.text), list(c.text_times), t0
 
+    from moshi_ttt.models.streams import words_of
+
     pieces, times, t0 = asyncio.run(go())
-    words: list[dict] = []
-    new_word = True
-    for piece, t in zip(pieces, times, strict=True):
-        for ch in piece:
-            if ch.isspace():
-                new_word = True
-            elif new_word:
-                words.append({"word": ch, "time": t - t0})
-                new_word = False
-            else:
-                words[-1]["word"] += ch
+    words = words_of((p, {"time": t - t0}) for p, t in zip(pieces, times, strict=True))
     return {"words": words, "pieces": [[p, t - t0] for p, t in zip(pieces, times, strict=True)]}
 
 
