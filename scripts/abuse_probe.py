@@ -88,7 +88,7 @@ def attacker(kind: str, url: str, seconds: float, out) -> None:
 
 
 async def good_client(url: str, pcm, seconds: float) -> dict:
-    from moshi_ttt.server.client import FRAME, ChatClient
+    from moshi_ttt.server.web.client import FRAME, ChatClient
 
     ws_url = url.replace("http://", "ws://") + "/api/chat"
     async with aiohttp.ClientSession() as http:

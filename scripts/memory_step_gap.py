@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 from moshi_ttt.testing.launcher import ServeProcess
 from moshi_ttt.testing.observe import parse_prometheus

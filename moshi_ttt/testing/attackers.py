@@ -107,7 +107,7 @@ def _audio3x(url: str, source: str | None, stop_at: float, counts: dict, pcm) ->
 
     import aiohttp
 
-    from moshi_ttt.server.client import ChatClient, HandshakeError
+    from moshi_ttt.server.web.client import ChatClient, HandshakeError
 
     async def go() -> None:
         ws_url = url.replace("http://", "ws://") + "/api/chat"

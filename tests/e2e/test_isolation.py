@@ -19,7 +19,7 @@ import urllib.request
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.client import ChatClient
+from moshi_ttt.server.web.client import ChatClient
 
 from moshi_ttt.testing.attackers import Attack
 from moshi_ttt.testing.launcher import ServeProcess

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from moshi_ttt.apps.cli import main
+from moshi_ttt.apps.commands import main
 from moshi_ttt.models.memory_store import MemoryStore, Token
 
 FP = "a" * 64

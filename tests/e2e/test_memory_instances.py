@@ -16,8 +16,8 @@ import signal
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.testing.launcher import ServeProcess
 from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts, wait_stored

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from moshi_ttt.apps.cli import main
+from moshi_ttt.apps.commands import main
 from moshi_ttt.models import memory_backends as mb
 from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token, open_store
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 from moshi_ttt.testing.launcher import ServeProcess
 from moshi_ttt.testing.memory import drifts, remember, resume, telemetry_drifts, wait_stored

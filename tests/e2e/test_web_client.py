@@ -1,4 +1,4 @@
-"""The web client (server/static/) end to end: Debian's Chromium, headless, driven by Playwright, against a
+"""The web client (server/web/static/) end to end: Debian's Chromium, headless, driven by Playwright, against a
 real `moshi-ttt serve --demo` subprocess on loopback (shipped `demo_ttt` config: next-token init, so the
 fast weights visibly move), with an espeak-ng WAV as the fake microphone.
 

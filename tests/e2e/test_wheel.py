@@ -61,8 +61,8 @@ def test_wheel_holds_one_package_with_configs_and_web_client(wheel):
     assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/configs/") and n.endswith(".yaml")} == configs
     static = {p.name for p in (ROOT / "server" / "static").iterdir() if p.is_file()}
     assert "index.html" in static
-    assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/static/")} == static
-    assert "moshi_ttt/server/app.py" in names and "moshi_ttt/train/example.yaml" in names
+    assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/web/static/")} == static
+    assert "moshi_ttt/server/web/app.py" in names and "moshi_ttt/train/example.yaml" in names
     assert {f"moshi_ttt/models/demo_assets/{p.name}" for p in demo.DEMO_WEIGHTS} <= set(names)  # the trained demo
 
 
@@ -88,7 +88,7 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_installed_package_is_the_wheels(installed, tmp_path):
     bin_dir, env = installed
-    out = subprocess.run([str(bin_dir / "python"), "-c", "import json, moshi_ttt, moshi_ttt.server.app as a, "
+    out = subprocess.run([str(bin_dir / "python"), "-c", "import json, moshi_ttt, moshi_ttt.server.web.app as a, "
                           "moshi_ttt.ttt.config as c; print(json.dumps([moshi_ttt.__file__, str(a.DEFAULT_STATIC), "
                           "sorted(c.shipped_configs())]))"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -11,10 +11,10 @@ import time
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.app import SESSIONS
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.app import SESSIONS
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
 from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts
@@ -156,7 +156,7 @@ def test_an_error_ending_saves_too(mem_server, server_speech):
 def test_memory_flags():
     import argparse
 
-    from moshi_ttt.server.cli import _memory_flags, add_args
+    from moshi_ttt.server.serve import _memory_flags, add_args
 
     p = argparse.ArgumentParser()
     add_args(p)

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 from moshi_ttt.models import demo
 from moshi_ttt.testing import audio_match

@@ -8,9 +8,9 @@ import asyncio
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.models import demo
 from moshi_ttt.testing import audio_match

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import sphn
-from moshi_ttt.server import protocol
 from moshi_ttt.server.metrics import Metrics
+from moshi_ttt.server.web import protocol
 
 from moshi_ttt.testing.observe import parse_prometheus
 

@@ -21,8 +21,9 @@ import threading
 import time
 import typing as tp
 
+from ..core.events import Event, EventKind
+from ..core.reasons import Reason
 from . import bulk
-from .events import Event, EventKind
 from .messages import (
     Attach,
     Claim,
@@ -42,7 +43,6 @@ from .messages import (
     ToWeb,
     ToWorker,
 )
-from .reasons import Reason
 from .shm_ring import Rings
 
 log = logging.getLogger("moshi_ttt.server.worker")
@@ -200,7 +200,8 @@ class _Bridge:
                 self._move_inputs()  # frames written before the request are the conversation's
                 self.engine.save_memory(slots[index], conv, self._replier(req), final)
             case Restore(req, index, conv, data):
-                self.engine.restore_memory(slots[index], conv, data, self._replier(req))
+                read = functools.partial(bulk.take, data)  # on the memory thread
+                self.engine.restore_memory(slots[index], conv, read, self._replier(req))
             case _:
                 log.warning("unknown control message %r", type(msg).__name__)
 
@@ -260,7 +261,7 @@ def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(send)]
     root.setLevel(getattr(logging, log_level.upper()))
-    from .build_engine import load
+    from ..step.build_engine import load
 
     relay = MetricsRelay()
     try:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from moshi_ttt.models.memory_header import header
 from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
 
-from .engine_api import ServingEngine
-from .metrics import Metrics
+from ..core.engine_api import ServingEngine
+from ..metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.memory")
 

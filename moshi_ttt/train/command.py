@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    if not os.path.exists("/dev/nvidia0"):  # as moshi_ttt.apps.cli: torch.compile only helps on CUDA
+    if not os.path.exists("/dev/nvidia0"):  # as moshi_ttt.apps.commands: torch.compile only helps on CUDA
         os.environ.setdefault("NO_TORCH_COMPILE", "1")
     parser = argparse.ArgumentParser(prog="python -m moshi_ttt.train")
     add_args(parser)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import typing as tp
 from dataclasses import dataclass, field
 
-from .reasons import Reason
+from ..core.reasons import Reason
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
+from ..metrics import Metrics
 from .engine import Engine, EngineConfig
-from .metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server")
 
@@ -72,7 +72,7 @@ def load(args, metrics: tp.Any = None) -> Loaded:
                     metrics=metrics, lm_gen_kwargs=gen, cfg_coef=args.cfg_coef,
                     condition_tensors=condition_tensors or None, device=device)
     if getattr(args, "memory_store", None):
-        from .slot_memory import SlotMemory
+        from ..memory.slot_memory import SlotMemory
 
         why = (f"--cfg-coef {args.cfg_coef} (a memory holds one row: needs 1)" if args.cfg_coef != 1.0 else
                "a model without TTT layers (a memory is its fast weights)" if not lm.ttt_layer_indices else None)

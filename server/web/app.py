@@ -28,14 +28,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..core.engine_api import ServingEngine
+from ..core.reasons import busy
+from ..guards.access import AccessPolicy, key_matches
+from ..guards.admission import Admission, AdmissionLimits
+from ..guards.http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
+from ..memory.memories import Memories
+from ..metrics import CONTENT_TYPE, Metrics
 from . import protocol
-from .access import AccessPolicy, key_matches
-from .admission import Admission, AdmissionLimits
-from .engine_api import ServingEngine
-from .http_guard import GUARD, ConnectionGuard, HttpLimits, guard_middleware
-from .memories import Memories
-from .metrics import CONTENT_TYPE, Metrics
-from .reasons import busy
 from .session import Session, SessionConfig, peer_of
 
 log = logging.getLogger("moshi_ttt.server.app")

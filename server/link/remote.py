@@ -25,11 +25,11 @@ import time
 import typing as tp
 from dataclasses import dataclass, field
 
+from ..core.engine_api import Done
+from ..core.events import EngineClosed, Event, EventKind, Sink
+from ..core.reasons import WORKER_RESTARTING, Reason
+from ..metrics import Metrics
 from . import bulk, messages
-from .engine_api import Done
-from .events import EngineClosed, Event, EventKind, Sink
-from .metrics import Metrics
-from .reasons import WORKER_RESTARTING, Reason
 from .shm_ring import Rings
 from .worker import USER_ERRORS, MetricsRelay, worker_main
 

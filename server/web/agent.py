@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 
-from .engine_api import ServingEngine
+from ..core.engine_api import ServingEngine
 
 log = logging.getLogger("moshi_ttt.server.agent")
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import enum
 
-from . import protocol
-
 
 class Close(enum.IntEnum):
     """The websocket close codes the server sends (RFC 6455; aiohttp's `WSCloseCode` names)."""
@@ -34,7 +32,10 @@ class Reason(enum.Enum):
     BUSY = ("busy", "server busy", Close.TRY_AGAIN_LATER)
     OVERLOADED_AT_START = ("overloaded", "server overloaded", Close.TRY_AGAIN_LATER)
     UNAVAILABLE = ("unavailable", "server unavailable", Close.TRY_AGAIN_LATER)
-    MEMORY_UNAVAILABLE = ("memory_not_available", protocol.MEMORY_UNAVAILABLE, Close.POLICY_VIOLATION)
+    # the one 0x05 refusal of a resume token, whatever the cause (unknown, wrong key, tampered, expired, deleted)
+    MEMORY_UNAVAILABLE = ("memory_not_available",
+                          "memory not available: this resume token does not open a memory on this server",
+                          Close.POLICY_VIOLATION)
     # a served conversation ended by the server
     INTERNAL = ("internal_error", "internal error", Close.INTERNAL_ERROR)
     STEP_FAILED = ("internal_error_during_step", "internal error during step", Close.INTERNAL_ERROR)

@@ -28,8 +28,7 @@ from moshi_ttt.models import memory as mem
 from moshi_ttt.models import memory_format as mf
 from moshi_ttt.ttt.compression import Compression
 
-from . import bulk
-from .engine_api import Done
+from ..core.engine_api import Done
 
 log = logging.getLogger("moshi_ttt.server.memory")
 
@@ -99,16 +98,17 @@ class SlotMemory:
 
     # -- restore -------------------------------------------------------------------------------------------
 
-    def prepare(self, data: bytes | bulk.Bulk, then: tp.Callable[[tp.Any, mem.Memory, tp.Any], None],
+    def prepare(self, data: bytes | tp.Callable[[], bytes], then: tp.Callable[[tp.Any, mem.Memory, tp.Any], None],
                 done: Done) -> None:
-        """Any thread: on the memory thread parses `data` and prepares it for this model, then calls
-        `then(prepared, header-only memory, cuda event)` (which queues the `put`); refusals go to `done`."""
+        """Any thread: on the memory thread reads `data` (the file bytes, or a callable that reads them: the
+        worker's bulk file), parses it and prepares it for this model, then calls `then(prepared, header-only
+        memory, cuda event)` (which queues the `put`); refusals go to `done`."""
         self._pool.submit(self._prepare, data, then, done)
 
-    def _prepare(self, data: bytes, then, done: Done) -> None:
+    def _prepare(self, data: bytes | tp.Callable[[], bytes], then, done: Done) -> None:
         try:
             with torch.inference_mode(), self._side():
-                m = mf.loads(bulk.take(data) if isinstance(data, bulk.Bulk) else data)
+                m = mf.loads(data() if callable(data) else data)
                 prepared = mem.prepare(self.lm, m, self.fingerprint)
                 ev = self._event()  # the engine's stream waits for it before `put`
         except mem.MemoryRefused as e:

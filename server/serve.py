@@ -1,6 +1,6 @@
 """`moshi-ttt serve`: flags, model loading (a Kyutai checkpoint + TTT, or the offline `--demo`), startup.
 
-`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.cli` calls. `start(args)` (async) returns a
+`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.commands` calls. `start(args)` (async) returns a
 running server (tests use it with `--port 0`).
 """
 
@@ -26,16 +26,17 @@ from moshi_ttt.ttt.compression import Compression
 from moshi_ttt.ttt.config import STATE_DTYPES
 from moshi_ttt.utils.cache import cache_dir
 
-from . import admission, limits, protocol
-from .access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
-from .agent import start_agent
-from .app import DEFAULT_STATIC, GUARD, AppConfig, create_app
-from .engine_api import ServingEngine
-from .http_guard import GuardedSite, HttpLimits
-from .memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
+from .core.engine_api import ServingEngine
+from .guards import admission, limits
+from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
+from .guards.http_guard import GuardedSite, HttpLimits
+from .link.remote import WorkerEngine
+from .memory.memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
-from .remote import WorkerEngine
-from .session import SessionConfig
+from .web import protocol
+from .web.agent import start_agent
+from .web.app import DEFAULT_STATIC, GUARD, AppConfig, create_app
+from .web.session import SessionConfig
 
 log = logging.getLogger("moshi_ttt.server")
 
@@ -230,7 +231,7 @@ def _memory_flags(args) -> None:
 def _in_process_model() -> tp.Any:
     """`--workers 0`: the model side (`build_engine`), imported only then: it loads torch into the web process, which
     `--workers 1` keeps out of it (the model steps in the worker process)."""
-    from . import build_engine
+    from .step import build_engine
 
     return build_engine
 

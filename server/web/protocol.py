@@ -21,6 +21,8 @@ import json
 import typing as tp
 from dataclasses import dataclass
 
+from ..core.reasons import Reason
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024  # an 80 ms Ogg page is ~300 bytes; the web client sends 40 ms pages
 
 
@@ -39,8 +41,7 @@ TELEMETRY_QUERY = "telemetry"  # ?telemetry=1: also send the 0x04 info and TTT t
 MEMORY_QUERY = "memory"  # ?memory=1: keep the conversation's memory; a 0x04 {"memory": {id, token, expires}}
 RESUME_QUERY = "resume"  # ?resume=TOKEN: continue a remembered conversation
 MEMORY_PATH = "/api/memory/"  # DELETE /api/memory/{id} with "Authorization: Bearer TOKEN"
-# The one 0x05 refusal of a resume token, whatever the cause (unknown, wrong key, tampered, expired, deleted)
-MEMORY_UNAVAILABLE = "memory not available: this resume token does not open a memory on this server"
+MEMORY_UNAVAILABLE = Reason.MEMORY_UNAVAILABLE.head  # the one 0x05 refusal of a resume token (`reasons`)
 
 
 def flag_requested(name: str, value: str | None) -> bool:

@@ -40,13 +40,13 @@ from aiohttp import web
 
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
 
+from ..core.engine_api import ServingEngine
+from ..core.events import EngineClosed, Event, EventKind
+from ..core.reasons import Reason, busy
+from ..guards.limits import Budget, ConnectionBudget
+from ..memory.memories import ConversationMemory, Memories, MemoryOpFailed
+from ..metrics import Metrics
 from . import protocol
-from .engine_api import ServingEngine
-from .events import EngineClosed, Event, EventKind
-from .limits import Budget, ConnectionBudget
-from .memories import ConversationMemory, Memories, MemoryOpFailed
-from .metrics import Metrics
-from .reasons import Reason, busy
 
 log = logging.getLogger("moshi_ttt.server.session")
 

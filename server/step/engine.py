@@ -27,9 +27,9 @@ import torch
 from moshi_ttt.models.lm import make_lm_gen
 from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
-from .events import EngineClosed, Event, EventKind, Sink
-from .metrics import Metrics
-from .reasons import Reason
+from ..core.events import EngineClosed, Event, EventKind, Sink
+from ..core.reasons import Reason
+from ..metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.engine")
 
@@ -225,8 +225,8 @@ class Engine:
             self._cond.notify_all()
 
     def restore_memory(self, slot: Slot, conv_id: int, data: tp.Any, done) -> None:
-        """Puts the memory file `data` (bytes, or in the worker the `bulk.Bulk` the web process wrote them to)
-        into the conversation's slot (claimed, reset, nothing stepped yet):
+        """Puts the memory file `data` (bytes, or in the worker a callable that reads the bulk file the web
+        process wrote them to) into the conversation's slot (claimed, reset, nothing stepped yet):
         parsed and prepared off the step path, copied in between two steps. `done(ok, payload)`."""
         if self.memory is None:
             done(False, "conversation memory is off")

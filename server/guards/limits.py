@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .reasons import Reason
+from ..core.reasons import Reason
 
 DEFAULT_MESSAGES_PER_S = 50.0
 DEFAULT_BYTES_PER_S = 256 * 1024
