@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing.launcher import ServeProcess
+
+from support.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAME_24K = 1920
@@ -287,7 +288,7 @@ def test_played_audio_is_the_microphone_file_echoed(page_a, live, speech):
     """The echo demo through the browser: what the page played matches the fake microphone's file (which
     Chromium loops; the file position at the first sent frame is unknown, so every offset is tried)
     clearly better than an unrelated utterance. Figures: docs/demo.md."""
-    from moshi_ttt.testing import audio_match
+    from support import audio_match
 
     out = played_audio(page_a.page)
     assert len(out) > 6 * 24000, len(out)

@@ -25,8 +25,9 @@ import pytest
 import sphn
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing import audio_match
-from moshi_ttt.testing.launcher import ServeProcess
+
+from support import audio_match
+from support.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEEL_ECHO_MIN = 0.45  # the installed demo echoes its input (measured 0.70: docs/demo.md)

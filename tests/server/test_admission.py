@@ -14,7 +14,7 @@ from moshi_ttt.server.guards.admission import Admission, AdmissionLimits, parse_
 from moshi_ttt.server.serve import BackgroundServer
 from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.probe import ws_handshake
+from support.probe import ws_handshake
 
 
 def limits(**kw) -> AdmissionLimits:

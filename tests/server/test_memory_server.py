@@ -2,7 +2,7 @@
 
 One in-process server: the tiny demo TTT-Moshi (chunk 8, `ntp` TTT: the fast weights move), 2 slots, greedy,
 an API key, a checkpoint every chunk, the per-address memory failure budget at 12 a minute (burst 12).
-What the store holds is read back with the client's token (`moshi_ttt.testing.memory.stored`).
+What the store holds is read back with the client's token (`support.memory_client.stored`).
 """
 
 import asyncio
@@ -17,8 +17,9 @@ from moshi_ttt.server.web.app import SESSIONS
 from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.models.memory_store import MemoryUnavailable, Token
-from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+
+from support.memory_client import drifts, remember, resume, stored, telemetry_drifts
+from support.observe import health, parse_prometheus, wait_active
 
 KEY = "memory-test-key"
 CHUNK = 8

@@ -12,8 +12,8 @@ import pytest
 import torch
 from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_http_free
+from support.launcher import ServeProcess
+from support.observe import health, parse_prometheus, wait_http_free
 
 KEY = "s3cret-key"
 FLAGS = ["--max-conversations", "1", "--api-key", KEY, "--log-level", "warning"]

@@ -9,7 +9,7 @@ import sphn
 from moshi_ttt.server.metrics import Metrics
 from moshi_ttt.server.web import protocol
 
-from moshi_ttt.testing.observe import parse_prometheus
+from support.observe import parse_prometheus
 
 
 def test_parse_accepts_every_kind_and_splits_payload():

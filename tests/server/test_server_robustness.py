@@ -11,7 +11,7 @@ import pytest
 from moshi_ttt.server.serve import BackgroundServer
 from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+from support.observe import health, parse_prometheus, wait_active
 
 MAX_MSG = 4096
 IDLE = 1.5

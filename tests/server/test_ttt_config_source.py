@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from moshi_ttt.testing.observe import health
+from support.observe import health
 
 
 @pytest.mark.slow  # demo checkpoint builds, ~3 s each

@@ -7,11 +7,11 @@ import typing as tp
 from pathlib import Path
 
 import torch
+from moshi_ttt.server.web.client import ChatClient
 
 from moshi_ttt.models import memory_format as mf
 from moshi_ttt.models.memory import Memory
 from moshi_ttt.models.memory_store import MemoryStore, Token, read_header
-from moshi_ttt.server.web.client import ChatClient
 
 
 def stored(store_dir: str | Path, token: str | Token) -> Memory:

@@ -106,7 +106,6 @@ def _audio3x(url: str, source: str | None, stop_at: float, counts: dict, pcm) ->
     import asyncio
 
     import aiohttp
-
     from moshi_ttt.server.web.client import ChatClient, HandshakeError
 
     async def go() -> None:

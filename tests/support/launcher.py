@@ -1,4 +1,4 @@
-"""The one `moshi-ttt serve` subprocess launcher of the tests, probes and benchmarks.
+"""The one `moshi-ttt serve` subprocess launcher of the tests and of the scripts that probe a server.
 
     with ServeProcess(workdir, ["--max-conversations", "1"]) as srv:   # `serve --demo --port 0 ...`
         urllib.request.urlopen(srv.url + "/health")
