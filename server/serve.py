@@ -22,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
-from moshi_ttt.ttt.compression import Compression
+from moshi_ttt.memory.compression import Compression
 from moshi_ttt.ttt.config import STATE_DTYPES
 from moshi_ttt.utils.cache import cache_dir
 

@@ -66,6 +66,14 @@ def test_torch_on_the_web_side_breaks_the_contract(tmp_path, module, line):
     _assert_planted_breaks(tmp_path, module, line, contract="the web side of serve never imports torch")
 
 
+@pytest.mark.parametrize("module,line", [
+    ("moshi_ttt/memory/store.py", "import torch"),                            # the memory core importing torch
+    ("moshi_ttt/memory/seal.py", "from moshi_ttt.models import lm_memory"),   # ... through a module that does
+])
+def test_torch_in_the_memory_core_breaks_the_contract(tmp_path, module, line):
+    _assert_planted_breaks(tmp_path, module, line, contract="conversation memory's core")
+
+
 @pytest.mark.parametrize("module,line,contract", [
     # a room importing one above it, under the server's on-disk and installed names
     ("server/core/events.py", "from server.web import session", "the server's rooms"),

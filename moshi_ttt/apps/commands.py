@@ -12,7 +12,7 @@ from moshi_ttt.startup import compile_only_on_cuda
 COMMANDS = {
     "bench": ("moshi_ttt.apps.bench", "measure what TTT costs (latency, memory, exactness)"),
     "infer": ("moshi_ttt.apps.infer", "offline WAV → WAV + transcript + TTT telemetry"),
-    "memory": ("moshi_ttt.apps.memory", "the conversation-memory store: ls, show, rm, gc"),
+    "memory": ("moshi_ttt.apps.memory_admin", "the conversation-memory store: ls, show, rm, gc"),
     "serve": ("moshi_ttt.server.serve", "real-time full-duplex websocket server"),
     "train": ("moshi_ttt.train.command", "TTT-aware finetuning on conversation audio"),
 }

@@ -21,8 +21,9 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
-from moshi_ttt.models.memory_header import header
-from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
+from moshi_ttt.memory.header import header
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
+from moshi_ttt.memory.store import MemoryStore
 
 from ..core.engine_api import ServingEngine
 from ..metrics import Metrics

@@ -1,11 +1,11 @@
 """The model side of conversation memory, in the process that steps the model (`engine.Engine`).
 
 Between two steps, on the engine thread, only copies of one slot's TTT state: `take` (device-side clones,
-`moshi_ttt.models.memory.take`) for a save, `put` (`memory.put`, one copy per layer, right after the slot's
+`moshi_ttt.models.lm_memory.take`) for a save, `put` (`lm_memory.put`, one copy per layer, right after the slot's
 reset) for a restore. Everything else runs on this object's own thread: for a save, closing the last chunk,
-the deltas and the file bytes (`memory.build`, `memory_format.dumps`: the device-to-host copy happens here);
+the deltas and the file bytes (`lm_memory.build`, `memory_format.dumps`: the device-to-host copy happens here);
 for a restore, parsing and checking the file and W⁽⁰⁾ + Δ on the device (`memory_format.loads`,
-`memory.prepare`). The memory file bytes are what crosses to the web process, which seals and stores them.
+`lm_memory.prepare`). The memory file bytes are what crosses to the web process, which seals and stores them.
 
 On CUDA the memory thread works on its own stream (a non-blocking one, so that its device-to-host copy never
 queues in front of the engine's kernels), ordered after the engine's clones / before the engine's `put` by
@@ -24,9 +24,9 @@ import typing as tp
 
 import torch
 
-from moshi_ttt.models import memory as mem
+from moshi_ttt.memory.compression import Compression
+from moshi_ttt.models import lm_memory as mem
 from moshi_ttt.models import memory_format as mf
-from moshi_ttt.ttt.compression import Compression
 
 from ..core.engine_api import Done
 
@@ -35,7 +35,7 @@ log = logging.getLogger("moshi_ttt.server.memory")
 
 
 def _header_only(m: mem.Memory) -> mem.Memory:
-    """`m` without its tensors: what `memory.build` needs of the memory a conversation resumed from."""
+    """`m` without its tensors: what `lm_memory.build` needs of the memory a conversation resumed from."""
     layers = {i: mem.LayerMemory(torch.empty(0), None, dict(lm.counters)) for i, lm in m.layers.items()}
     return dataclasses.replace(m, layers=layers)
 

@@ -38,7 +38,7 @@ import numpy as np
 import sphn
 from aiohttp import web
 
-from moshi_ttt.models.memory_store import MemoryUnavailable, Token
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
 
 from ..core.engine_api import ServingEngine
 from ..core.events import EngineClosed, Event, EventKind

@@ -6,7 +6,8 @@ import json
 import os
 
 from moshi_ttt.apps.commands import main
-from moshi_ttt.models.memory_store import MemoryStore, Token
+from moshi_ttt.memory.seal import Token
+from moshi_ttt.memory.store import MemoryStore
 
 FP = "a" * 64
 

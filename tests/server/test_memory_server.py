@@ -16,7 +16,7 @@ from moshi_ttt.server.web import protocol
 from moshi_ttt.server.web.app import SESSIONS
 from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.models.memory_store import MemoryUnavailable, Token
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
 
 from support.memory_client import drifts, remember, resume, stored, telemetry_drifts
 from support.observe import health, parse_prometheus, wait_active

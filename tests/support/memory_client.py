@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from moshi_ttt.server.web.client import ChatClient
 
+from moshi_ttt.memory.seal import Token, read_header
+from moshi_ttt.memory.store import MemoryStore
 from moshi_ttt.models import memory_format as mf
-from moshi_ttt.models.memory import Memory
-from moshi_ttt.models.memory_store import MemoryStore, Token, read_header
+from moshi_ttt.models.lm_memory import Memory
 
 
 def stored(store_dir: str | Path, token: str | Token) -> Memory:
@@ -27,7 +28,7 @@ async def wait_stored(store_dir: str | Path, token: str, frames: int, timeout: f
     """Until the memory `token` opens holds `frames` frames (a conversation's final save, by another process)."""
     import asyncio
 
-    from moshi_ttt.models.memory_store import MemoryUnavailable
+    from moshi_ttt.memory.seal import MemoryUnavailable
 
     last = None
     for _ in range(int(timeout / 0.1)):

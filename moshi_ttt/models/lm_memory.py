@@ -3,7 +3,7 @@
 `take` (between two steps: device-side clones only) → `build` (any thread: closes the last chunk, forms the
 deltas) gives a `Memory`; `prepare` (any thread) → `put` (between two steps: one copy per layer, right after
 the item's reset) puts one back. A memory holds, per TTT layer, W⁽ⁱ⁾ − W⁽⁰⁾ after every frame heard
-(`moshi_ttt.ttt.memory.close`) and the counters, plus the model `fingerprint`: a memory is refused
+(`moshi_ttt.ttt.layer_memory.close`) and the counters, plus the model `fingerprint`: a memory is refused
 (`MemoryRefused`) by a model whose fingerprint differs. The file format is `memory_format`.
 """
 
@@ -17,9 +17,9 @@ import typing as tp
 
 import torch
 
+from moshi_ttt.memory.header import MemoryRefused
 from moshi_ttt.models.lm import TTTLMModel
-from moshi_ttt.models.memory_header import MemoryRefused
-from moshi_ttt.ttt.memory import close
+from moshi_ttt.ttt.layer_memory import close
 from moshi_ttt.ttt.stream import COUNTERS
 
 

@@ -9,7 +9,7 @@ import json
 import time
 
 from moshi_ttt.flags import add_store_args, store_of
-from moshi_ttt.models.memory_store import MemoryUnavailable
+from moshi_ttt.memory.seal import MemoryUnavailable
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

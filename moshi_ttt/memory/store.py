@@ -1,145 +1,37 @@
-"""Encrypted conversation memories in a store (one object per memory id: a local directory or an S3 bucket,
-`memory_backends`), keyed by client tokens; `open_store(spec, ttl, max_bytes)` opens one from a spec.
+"""Sealed conversation memories in a store (one object per memory id: a local directory or an S3 bucket,
+`backends`), keyed by client tokens (`seal`); `open_store(spec, ttl, max_bytes)` opens one from a spec.
 
-A `Token` is `<id>.<key>`: a random 128-bit id (hex) and a random 256-bit key (base64url), issued to the
-client and never written. A stored memory is `MAGIC`, a u32 length, a JSON header (id, fingerprint, format
-version, sizes, times, a key check) and the memory file's bytes sealed with AES-256-GCM in segments (16 MiB by
-default) (nonce = 8 random bytes + the u32 segment index; associated data = `associated_data(...)` +
-header + index + last flag, so segments cannot be reordered, cut or moved to another id, model or format).
 Every way a token can fail (malformed, unknown id, wrong key, tampered, expired, another model) raises the
-same `MemoryUnavailable`; its `cause` (for the server log only) says which. Writes are atomic (the backend's
-`put`); `gc` drops expired memories, then the least recently used until `max_bytes`.
+same `seal.MemoryUnavailable`; its `cause` (for the server log only) says which. Writes are atomic (the
+backend's `put`); `gc` drops expired memories, then the least recently used until `max_bytes`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
-import hashlib
-import hmac
-import json
-import os
-import re
 import struct
 import time
 import typing as tp
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from moshi_ttt.memory.backends import Backend, backend
+from moshi_ttt.memory.seal import (
+    SEGMENT,
+    MemoryUnavailable,
+    Token,
+    is_memory_id,
+    key_matches,
+    read_header,
+    seal,
+    unseal,
+)
 
-from moshi_ttt.models.memory_backends import Backend, backend
-from moshi_ttt.models.memory_header import FORMAT_VERSION
-
-MAGIC = b"MTTMEM1\n"
-SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)
-TAG = 16
 DAY = 86400.0
-_ID = re.compile(r"[0-9a-f]{32}")
 SUFFIX = ".mem"
 HEADER_BYTES = 1 << 16  # a stored header is well under this (its fields are fixed and small)
 
 
-class MemoryUnavailable(Exception):
-    """The one refusal for a token that does not open a memory; `cause` is for logs and `label` (few values,
-    e.g. "tampered") for metrics, never for clients."""
-
-    def __init__(self, cause: str, label: str):
-        super().__init__("memory not available")
-        self.cause, self.label = cause, label
-
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    id: str
-    key: bytes
-
-    @classmethod
-    def new(cls, memory_id: str | None = None) -> Token:
-        """A fresh 256-bit key, for a new id or (a resumed conversation) for `memory_id`."""
-        return cls(memory_id or os.urandom(16).hex(), AESGCM.generate_key(bit_length=256))
-
-    @classmethod
-    def parse(cls, text: str) -> Token:
-        mid, _, k = str(text).partition(".")
-        try:
-            key = base64.urlsafe_b64decode(k + "=" * (-len(k) % 4))
-        except (binascii.Error, ValueError):
-            key = b""
-        if not _ID.fullmatch(mid) or len(key) != 32:
-            raise MemoryUnavailable(f"malformed token ({len(text)} characters)", "malformed_token")
-        return cls(mid, key)
-
-    def __str__(self) -> str:
-        return f"{self.id}.{base64.urlsafe_b64encode(self.key).rstrip(b'=').decode()}"
-
-    def __repr__(self) -> str:  # never the key
-        return f"Token(id={self.id!r})"
-
-
-def associated_data(memory_id: str, fp: str) -> bytes:
-    return f"moshi-ttt-memory|{FORMAT_VERSION}|{memory_id}|{fp}".encode()
-
-
-def _check(key: bytes, memory_id: str) -> str:
-    return hmac.new(key, b"moshi-ttt-memory-check|" + memory_id.encode(), hashlib.sha256).hexdigest()
-
-
-def seal(token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any], segment: int = SEGMENT) -> list[bytes]:
-    """The stored bytes of `data` (a memory file), as parts to write in order."""
-    nonce = os.urandom(8)
-    n = max(1, -(-len(data) // segment))
-    head = json.dumps(dict(meta, id=token.id, fingerprint=fp, version=FORMAT_VERSION, plain_bytes=len(data),
-                           segment=segment, segments=n, nonce=nonce.hex(), check=_check(token.key, token.id)),
-                      sort_keys=True).encode()
-    ad = associated_data(token.id, fp) + b"|" + head
-    aes = AESGCM(token.key)
-    parts = [MAGIC, struct.pack("<I", len(head)), head]
-    for i in range(n):
-        seg = data[i * segment:(i + 1) * segment]
-        parts.append(aes.encrypt(nonce + struct.pack("<I", i), seg, ad + struct.pack("<I?", i, i == n - 1)))
-    return parts
-
-
-def read_header(blob: bytes) -> tuple[dict, int]:
-    """(header, offset of the first segment); ValueError for a file that is not a stored memory."""
-    if blob[:len(MAGIC)] != MAGIC:
-        raise ValueError("no memory-store magic")
-    (n,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
-    start = len(MAGIC) + 4
-    return json.loads(blob[start:start + n]), start + n
-
-
-def unseal(token: Token, fp: str, blob: bytes) -> bytes:
-    """The memory file inside `blob`; `MemoryUnavailable` for any failure."""
-    try:
-        head, off = read_header(blob)
-    except (ValueError, struct.error) as e:
-        raise MemoryUnavailable(f"tampered: unreadable header ({e})", "tampered") from None
-    if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
-        raise MemoryUnavailable("wrong key", "wrong_key")
-    if head.get("fingerprint") != fp:
-        raise MemoryUnavailable(f"another model (fingerprint {str(head.get('fingerprint'))[:16]}…)", "another_model")
-    ad = associated_data(token.id, fp) + b"|" + blob[len(MAGIC) + 4:off]
-    aes, out = AESGCM(token.key), []
-    try:
-        nonce, n, size = bytes.fromhex(head["nonce"]), int(head["segments"]), int(head["plain_bytes"])
-        step = int(head["segment"])
-        for i in range(n):
-            seg = min(step, size - i * step) + TAG
-            out.append(aes.decrypt(nonce + struct.pack("<I", i), blob[off:off + seg],
-                                   ad + struct.pack("<I?", i, i == n - 1)))
-            off += seg
-    except (InvalidTag, KeyError, ValueError, TypeError) as e:
-        raise MemoryUnavailable(f"tampered: {type(e).__name__}", "tampered") from None
-    if off != len(blob):
-        raise MemoryUnavailable("tampered: trailing bytes", "tampered")
-    return b"".join(out)
-
-
 class MemoryStore:
-    """Memories in a backend (`memory_backends`: a local directory, an S3 bucket; `<id>.mem`), `ttl` seconds
+    """Memories in a backend (`backends`: a local directory, an S3 bucket; `<id>.mem`), `ttl` seconds
     after their last save, at most `max_bytes` in all (None: unbounded), the least recently used (saved or
     loaded) evicted first; sealed in `segment`-byte segments. `root`: a backend or a spec (`open_store`)."""
 
@@ -157,7 +49,7 @@ class MemoryStore:
 
     def path(self, memory_id: str) -> tp.Any:
         """The backend's address of `memory_id` (a `Path` in a local directory); refuses a malformed id."""
-        if not _ID.fullmatch(memory_id):
+        if not is_memory_id(memory_id):
             raise MemoryUnavailable(f"malformed id {memory_id[:40]!r}", "malformed_id")
         return self.backend.locate(f"{memory_id}{SUFFIX}")
 
@@ -197,7 +89,7 @@ class MemoryStore:
             raise MemoryUnavailable("unknown id", "unknown_id") from None
         except (ValueError, struct.error) as e:
             raise MemoryUnavailable(f"tampered: unreadable header ({e})", "tampered") from None
-        if not hmac.compare_digest(str(head.get("check", "")), _check(token.key, token.id)):
+        if not key_matches(token, head):
             raise MemoryUnavailable("wrong key", "wrong_key")
         self.backend.delete(path)
 
@@ -207,7 +99,7 @@ class MemoryStore:
         """Per stored memory: its header without the key check, plus bytes, last_used, expires."""
         out = []
         for st in self.backend.list(SUFFIX):
-            if not _ID.fullmatch(st.name[:-len(SUFFIX)]):
+            if not is_memory_id(st.name[:-len(SUFFIX)]):
                 continue
             try:
                 head = read_header(self.backend.head(self.backend.locate(st.name), HEADER_BYTES))[0]
@@ -240,7 +132,7 @@ class MemoryStore:
         live = []
         for st in self.backend.list(SUFFIX):
             mid = st.name[:-len(SUFFIX)]
-            if not _ID.fullmatch(mid):
+            if not is_memory_id(mid):
                 continue
             saved = st.saved
             if saved is None:

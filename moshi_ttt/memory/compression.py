@@ -1,6 +1,6 @@
 """How a conversation's memory is stored, torch-free (the web process of `serve` checks `--memory-format`
 without loading the model): `FORMS`, the stored forms of one layer's delta, and `Compression`, the
-`--memory-format` asked for. `ttt.memory` encodes and decodes them.
+`--memory-format` asked for. `moshi_ttt.ttt.layer_memory` encodes and decodes them.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import typing as tp
 
 import torch
 
-from moshi_ttt.ttt.compression import FORMS, Compression
+from moshi_ttt.memory.compression import FORMS, Compression
 from moshi_ttt.ttt.config import TTTConfig
 from moshi_ttt.ttt.stream import TTTState, chunk_update
 

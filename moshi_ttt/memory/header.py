@@ -1,5 +1,5 @@
-"""The memory file's versioned metadata header (`memory_format` has the file), read without torch: the web
-process of `serve` checks a stored memory's header before the model worker loads it.
+"""The memory file's versioned metadata header (`moshi_ttt.models.memory_format` has the file), read without
+torch: the web process of `serve` checks a stored memory's header before the model worker loads it.
 """
 
 from __future__ import annotations
