@@ -46,33 +46,30 @@ def _reconnect_flood(url: str, source: str | None, stop_at: float, frame: bytes,
             counts["cut"] = counts.get("cut", 0) + 1
 
 
-def _pipelining(url: str, source: str | None, stop_at: float, counts: dict) -> None:
-    host, port = host_port(url)
-    data = f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() * 100_000
+def _send_and_drain(url: str, source: str | None, stop_at: float, counts: dict, data: bytes, **connect) -> None:
+    """Until `stop_at`: a new connection sends `data` and reads until the server closes it; one run each."""
     while time.monotonic() < stop_at:
         try:
-            with _connect(url, source, timeout=10) as s:
+            with _connect(url, source, **connect) as s:
                 s.sendall(data)
                 while s.recv(65536):
                     pass
         except OSError:
             pass
         counts["runs"] = counts.get("runs", 0) + 1
+
+
+def _pipelining(url: str, source: str | None, stop_at: float, counts: dict) -> None:
+    host, port = host_port(url)
+    data = f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() * 100_000
+    _send_and_drain(url, source, stop_at, counts, data, timeout=10)
 
 
 def _headers(url: str, source: str | None, stop_at: float, counts: dict) -> None:
     host, port = host_port(url)
     data = (f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n" + "".join(f"X-H{i}: {'x' * 100}\r\n"
                                                                       for i in range(600)) + "\r\n").encode()
-    while time.monotonic() < stop_at:
-        try:
-            with _connect(url, source) as s:
-                s.sendall(data)
-                while s.recv(65536):
-                    pass
-        except OSError:
-            pass
-        counts["runs"] = counts.get("runs", 0) + 1
+    _send_and_drain(url, source, stop_at, counts, data)
 
 
 def _slowloris(url: str, source: str | None, stop_at: float, counts: dict, n: int = 20) -> None:
