@@ -1,6 +1,6 @@
 """The engine as the web side sees it: `ServingEngine`, implemented with the same signatures by
-`engine.Engine` (the model in the web process, `--workers 0`) and `remote.WorkerEngine` (its proxy for the
-model worker process). Sessions, the routes, the HAProxy agent, conversation memory and the CLI use only
+`step.engine.Engine` (the model in the web process, `--workers 0`) and `link.remote.WorkerEngine` (its proxy
+for the model worker process). Sessions, the routes, the HAProxy agent, conversation memory and the CLI use only
 this. Torch-free.
 
 A conversation claims a slot (`claim(sink)` → (slot, conversation id), None when all are taken), pushes

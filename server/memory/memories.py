@@ -9,7 +9,7 @@ working).
 Its memory is saved every `save_every` chunks (`checkpoint`) and when it ends (`final`).
 
 Every failure of a token (malformed, unknown id, wrong key, tampered, expired, deleted, in use on this
-instance) is the same refusal for the client (`protocol.MEMORY_UNAVAILABLE`); the real cause goes to the
+instance) is the same refusal for the client (`Reason.MEMORY_UNAVAILABLE`); the real cause goes to the
 log and to the failures metric.
 """
 

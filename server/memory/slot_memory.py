@@ -1,4 +1,4 @@
-"""The model side of conversation memory, in the process that steps the model (`engine.Engine`).
+"""The model side of conversation memory, in the process that steps the model (`step.engine.Engine`).
 
 Between two steps, on the engine thread, only copies of one slot's TTT state: `take` (device-side clones,
 `moshi_ttt.models.lm_memory.take`) for a save, `put` (`lm_memory.put`, one copy per layer, right after the slot's
