@@ -450,7 +450,7 @@ def test_server_stop_is_shown_in_plain_words(demo_server, page_a):
 def test_insecure_origin_message(browser):
     """Served over plain http from a host that is not localhost, the page says why the microphone cannot
     work (instead of failing silently) and disables Connect. The page is served by Playwright's router."""
-    static = ROOT / "server" / "static"
+    static = ROOT / "server" / "web" / "static"
     types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
     def serve(route):

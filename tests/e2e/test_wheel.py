@@ -60,7 +60,7 @@ def test_wheel_holds_one_package_with_configs_and_web_client(wheel):
     configs = {p.name for p in (ROOT / "configs").glob("*.yaml")}
     assert configs >= {"moshi7b_ttt.yaml", "tiny.yaml", "demo_ttt.yaml"}
     assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/configs/") and n.endswith(".yaml")} == configs
-    static = {p.name for p in (ROOT / "server" / "static").iterdir() if p.is_file()}
+    static = {p.name for p in (ROOT / "server" / "web" / "static").iterdir() if p.is_file()}
     assert "index.html" in static
     assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/web/static/")} == static
     assert "moshi_ttt/server/web/app.py" in names and "moshi_ttt/train/example.yaml" in names
