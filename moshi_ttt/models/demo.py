@@ -98,6 +98,9 @@ def fit_codebooks(mimi, pcm: torch.Tensor) -> None:
 
 
 DEMO_ASSETS = Path(__file__).with_name("demo_assets")  # trained demo weights (package data)
+# the spoken-memory experiment's TTT model (TTT at window W, seed 0) with one of its held-out conversations:
+# a `--hf-repo` folder (moshi_ttt/experiments/spoken/bundle.py, docs/spoken-memory.md)
+SPOKEN_MEMORY_MODEL = DEMO_ASSETS / "spoken_memory"
 
 
 def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

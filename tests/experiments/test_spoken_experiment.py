@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from moshi_ttt import runtime
+from moshi_ttt.experiments.spoken import bundle, report
 from moshi_ttt.experiments.spoken import experiment as ex
-from moshi_ttt.experiments.spoken import report
 from moshi_ttt.experiments.spoken.spec import ConversationSpec
 from moshi_ttt.ttt.config import config_path, load_lm_and_ttt
 
@@ -75,6 +77,8 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert "memory" not in json.loads((res_dir / "b_fresh" / "batch_0.ttt.json").read_text())
     assert ex.run_cross(work, out, s, "ttt", 0) == cross  # cached
 
+    _check_bundle(work / "runs" / "ttt_seed0" / "export", tmp_path)
+
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
     res = report.write(out, doc, None, {"stage 1 training": 1.0})
@@ -87,3 +91,29 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert (out / "recall_by_distance.png").stat().st_size > 1000
     again = report.write(out, None, None)  # regenerated from the records alone: same results, stage times kept
     assert again == res
+
+
+def _check_bundle(export: Path, tmp: Path) -> None:
+    """The export as one self-contained folder (bundle.py): moved elsewhere, it loads as the export does, with
+    the base weights rounded to bfloat16 and the TTT weights and codec exact; the conversation reads back."""
+    bundle.bundle_export(export, tmp / "bundle")
+    conv = sorted((tmp / "work" / "data" / "stage2_eval2" / "eval").glob("*.wav"))[0]
+    bundle.bundle_conversation(conv, tmp / "bundle")
+    moved = (tmp / "bundle").rename(tmp / "moved")
+    raw = json.loads((moved / "config.json").read_text())
+    names = [raw[k] for k in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "ttt_name")]
+    assert all("/" not in n and (moved / n).is_file() for n in names), names
+    cpu = torch.device("cpu")
+    a = runtime.load(runtime.CheckpointFlags(hf_repo=str(export)), cpu, torch.float32)
+    b = runtime.load(runtime.CheckpointFlags(hf_repo=str(moved)), cpu, torch.float32)
+    sa, sb = a.lm.state_dict(), b.lm.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, v in sa.items():
+        want = v if "ttt" in k or not v.is_floating_point() else v.to(torch.bfloat16).to(v.dtype)
+        assert torch.equal(sb[k], want), k
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)  # the base weights were rounded indeed
+    for k, v in a.mimi.state_dict().items():
+        assert torch.equal(b.mimi.state_dict()[k], v), k
+    pcm, record = bundle.read_conversation(moved)
+    assert record == json.loads(conv.with_suffix(".json").read_text())
+    assert abs(len(pcm) / 24000 - record["spoken_memory"]["duration"]) < 0.1

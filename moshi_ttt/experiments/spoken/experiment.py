@@ -219,15 +219,20 @@ def bins(s: Settings) -> list[float]:
     return [0.0, w / 4, w / 2, w, 2 * w, 3 * w, 4 * w]
 
 
+def infer_args(s: Settings, export: Path, seed: int) -> list[str]:
+    """`moshi-ttt infer`'s flags for every evaluation: the export, greedy, `s.eval_batch` conversations at once."""
+    return ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--seed", str(seed),
+            "--batch-size", str(s.eval_batch)]
+
+
 def evaluate(work: Path, s: Settings, export: Path, tag: str, facts: int, seed: int) -> dict:
     """Recall of the export on the stage-2 eval set with `facts` facts, through `moshi-ttt infer` (greedy)."""
     from moshi_ttt.experiments.spoken.evaluate import evaluate_set
 
     d = dict(s.stage2_eval)[facts]
     manifest = eval_set(work, facts, d)
-    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--seed", str(seed),
-            "--batch-size", str(s.eval_batch)]
-    summary = evaluate_set(manifest, work / "evals" / tag / f"facts{facts}", args, s.window_s, bins(s))
+    summary = evaluate_set(manifest, work / "evals" / tag / f"facts{facts}", infer_args(s, export, seed), s.window_s,
+                           bins(s))
     return summary
 
 
@@ -255,10 +260,8 @@ def run_cross(work: Path, out: Path, s: Settings, name: str, seed: int) -> dict:
     export = work / "runs" / f"{name}_seed{seed}" / "export"
     results = work / "evals" / f"cross_{name}_seed{seed}"
     shutil.rmtree(results, ignore_errors=True)  # outputs of an earlier model
-    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--seed", str(seed),
-            "--batch-size", str(s.eval_batch)]
     t = time.time()
-    summary = evaluate_cross(cross_dir, results, args, s.window_s, bins(s))
+    summary = evaluate_cross(cross_dir, results, infer_args(s, export, seed), s.window_s, bins(s))
     rec = {"variant": name, "seed": seed, "config": trained, "facts": facts, "eval_seconds": time.time() - t,
            **{k: _small(summary[k]) for k in ("memory", "fresh")}}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,8 +369,7 @@ def evaluate_stage1(work: Path, s: Settings, export: Path) -> dict:
     from moshi_ttt.experiments.spoken.evaluate import evaluate_set
 
     manifest = data_set(work, "stage1", "eval", s.stage1_eval)
-    args = ["--hf-repo", str(export), "--temp", "0", "--temp-text", "0", "--batch-size", str(s.eval_batch)]
-    return evaluate_set(manifest, work / "evals" / "stage1", args, s.window_s, bins(s))
+    return evaluate_set(manifest, work / "evals" / "stage1", infer_args(s, export, 0), s.window_s, bins(s))
 
 
 def main(argv: list[str] | None = None) -> int:
