@@ -1,5 +1,5 @@
 """`python -m moshi_ttt ...` is `moshi-ttt ...`."""
 
-from moshi_ttt.apps.cli import main
+from moshi_ttt.apps.commands import main
 
 raise SystemExit(main())

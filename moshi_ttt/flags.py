@@ -86,7 +86,7 @@ def add_store_args(parser, default_dir: str | None = None, required: bool | None
 
 
 def store_of(args: tp.Any):
-    """`memory_store.open_store` of the flags of `add_store_args` (days → seconds)."""
-    from moshi_ttt.models.memory_store import DAY, open_store
+    """`moshi_ttt.memory.store.open_store` of the flags of `add_store_args` (days → seconds)."""
+    from moshi_ttt.memory.store import DAY, open_store
 
     return open_store(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)

@@ -4,6 +4,6 @@ command itself is `moshi_ttt.apps.infer`. Importing this module does nothing."""
 if __name__ == "__main__":
     import sys
 
-    from moshi_ttt.apps.cli import main
+    from moshi_ttt.apps.commands import main
 
     raise SystemExit(main(["infer", *sys.argv[1:]]))

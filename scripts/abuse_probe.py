@@ -16,13 +16,17 @@ import asyncio
 import json
 import multiprocessing as mp
 import re
+import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 
-from moshi_ttt.testing.launcher import ServeProcess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support, from a checkout
+
+from support.launcher import ServeProcess  # noqa: E402
 
 
 def step_stats(url: str) -> tuple[float, float]:
@@ -88,7 +92,7 @@ def attacker(kind: str, url: str, seconds: float, out) -> None:
 
 
 async def good_client(url: str, pcm, seconds: float) -> dict:
-    from moshi_ttt.server.client import FRAME, ChatClient
+    from moshi_ttt.server.web.client import FRAME, ChatClient
 
     ws_url = url.replace("http://", "ws://") + "/api/chat"
     async with aiohttp.ClientSession() as http:

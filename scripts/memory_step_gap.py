@@ -22,10 +22,12 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.observe import parse_prometheus
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support, from a checkout
+
+from support.launcher import ServeProcess  # noqa: E402
+from support.observe import parse_prometheus  # noqa: E402
 
 SR = 24000
 

@@ -8,7 +8,7 @@ dead-code replacement), bypassed for the first `--unquantized-steps`, then for h
 recipe); 4 codebooks (the demo's) on 3 steps in 4, all 8 else. Finally the output gain is calibrated
 on training audio (`calibrate_gain`).
 Deterministic given --seed and --threads. Evaluates on held-out sentences in held-out voices (mel
-correlation, SI-SNR, see `testing.audio_match`) and writes the weights and the figures (JSON).
+correlation, SI-SNR, see `support.audio_match`) and writes the weights and the figures (JSON).
 
     python scripts/train_demo_codec.py                      # the shipped weights (≈ 14 min, 1 thread)
     python scripts/train_demo_codec.py --steps 20 --out /tmp/m.safetensors --figures /tmp/f.json   # smoke
@@ -30,13 +30,15 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # moshi_ttt from the checkout; tests/support
 
 from moshi.models import loaders  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moshi_ttt.models import demo  # noqa: E402
-from moshi_ttt.testing import audio_match, speech  # noqa: E402
+from moshi_ttt.testing import speech  # noqa: E402
+
+from support import audio_match  # noqa: E402
 
 SR = 24000
 CROP = 12 * 1920  # 0.96 s: 12 Mimi frames

@@ -31,16 +31,18 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # moshi_ttt from the checkout; tests/support
 
 from moshi.models import loaders  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moshi_ttt.models import demo  # noqa: E402
 from moshi_ttt.models.lm import build_ttt_lm  # noqa: E402
-from moshi_ttt.testing import audio_match, speech  # noqa: E402
+from moshi_ttt.testing import speech  # noqa: E402
 from moshi_ttt.train.loss import global_loss, loss_parts  # noqa: E402
 from moshi_ttt.ttt.config import load_lm_and_ttt, load_ttt_config  # noqa: E402
+
+from support import audio_match  # noqa: E402
 
 SR = 24000
 FRAME = 1920

@@ -6,12 +6,12 @@ from moshi_ttt.startup import compile_only_on_cuda
 
 
 def main() -> int:
-    compile_only_on_cuda()  # before .cli imports torch and moshi
-    from . import cli
+    compile_only_on_cuda()  # before .serve imports torch and moshi
+    from . import serve
 
     parser = argparse.ArgumentParser(prog="python -m moshi_ttt.server")
-    cli.add_args(parser)
-    return cli.run(parser.parse_args())
+    serve.add_args(parser)
+    return serve.run(parser.parse_args())
 
 
 raise SystemExit(main())

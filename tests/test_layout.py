@@ -38,31 +38,54 @@ def _copy_tree(dst: Path) -> Path:
 def test_import_contracts_are_kept():
     out = _lint(ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 kept, 0 broken" in out.stdout, out.stdout
+    contracts = (ROOT / "pyproject.toml").read_text().count("\n[[tool.importlinter.contracts]]\n")
+    assert f"{contracts} kept, 0 broken" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("module,upward", [
     ("moshi_ttt/ttt/chunk.py", "from moshi_ttt.models import lm"),          # math importing a model
     ("moshi_ttt/models/lm.py", "from moshi_ttt import runtime"),            # a model importing app glue
-    ("server/protocol.py", "from moshi_ttt.apps import infer"),              # the server importing an app
+    ("server/web/protocol.py", "from moshi_ttt.apps import infer"),          # the server importing an app
     # the server, from below, under its on-disk and its installed names
-    ("moshi_ttt/ttt/stream.py", "import server.engine"),
-    ("moshi_ttt/ttt/stream.py", "import moshi_ttt.server.engine"),
-    ("moshi_ttt/ttt/stream.py", "from moshi_ttt.server import engine"),
-    ("moshi_ttt/runtime.py", "from moshi_ttt.server.engine import Engine"),
+    ("moshi_ttt/ttt/stream.py", "import server.step.engine"),
+    ("moshi_ttt/ttt/stream.py", "import moshi_ttt.server.step.engine"),
+    ("moshi_ttt/ttt/stream.py", "from moshi_ttt.server.step import engine"),
+    ("moshi_ttt/runtime.py", "from moshi_ttt.server.step.engine import Engine"),
 ])
 def test_an_upward_import_breaks_the_contract(tmp_path, module, upward):
     _assert_planted_breaks(tmp_path, module, upward)
 
 
 @pytest.mark.parametrize("module,line", [
-    ("server/session.py", "import torch"),                                  # the web side importing torch
-    ("server/app.py", "from moshi_ttt import runtime"),                    # ... through a module that does
-    ("server/protocol.py", "from moshi_ttt.server import engine"),         # ... the model side, installed name
-    ("server/remote.py", "from server.slot_memory import SlotMemory"),     # ... the model side, on-disk name
+    ("server/web/session.py", "import torch"),                                 # the web side importing torch
+    ("server/web/app.py", "from moshi_ttt import runtime"),                   # ... through a module that does
+    ("server/web/protocol.py", "from moshi_ttt.server.step import engine"),   # ... the model side, installed name
+    ("server/link/remote.py", "from server.memory.slot_memory import SlotMemory"),  # ... the model side, on disk
 ])
 def test_torch_on_the_web_side_breaks_the_contract(tmp_path, module, line):
     _assert_planted_breaks(tmp_path, module, line, contract="the web side of serve never imports torch")
+
+
+@pytest.mark.parametrize("module,line", [
+    ("moshi_ttt/memory/store.py", "import torch"),                            # the memory core importing torch
+    ("moshi_ttt/memory/seal.py", "from moshi_ttt.models import lm_memory"),   # ... through a module that does
+])
+def test_torch_in_the_memory_core_breaks_the_contract(tmp_path, module, line):
+    _assert_planted_breaks(tmp_path, module, line, contract="conversation memory's core")
+
+
+@pytest.mark.parametrize("module,line,contract", [
+    # a room importing one above it, under the server's on-disk and installed names
+    ("server/core/events.py", "from server.web import session", "the server's rooms"),
+    ("server/core/events.py", "from moshi_ttt.server.web import session", "the server's rooms"),
+    ("server/step/engine.py", "import moshi_ttt.server.link.remote", "the server's rooms"),
+    ("server/guards/limits.py", "from moshi_ttt.server.memory import memories", "the server's rooms"),
+    # the web side reaching past the engine interface into the model's rooms
+    ("server/web/agent.py", "from server.link import remote", "only through the engine interface"),
+    ("server/web/session.py", "from moshi_ttt.server.link import messages", "only through the engine interface"),
+])
+def test_a_room_importing_upward_breaks_the_contract(tmp_path, module, line, contract):
+    _assert_planted_breaks(tmp_path, module, line, contract=contract)
 
 
 def _assert_planted_breaks(tmp_path: Path, module: str, line: str, contract: str = "") -> None:

@@ -187,7 +187,7 @@ def _folder_memory(args: argparse.Namespace, files: list[Path]) -> tuple:
 
 def _load_memory(path: Path):
     from moshi_ttt.models import memory_format as mf
-    from moshi_ttt.models.memory import MemoryRefused
+    from moshi_ttt.models.lm_memory import MemoryRefused
 
     try:
         return mf.load(path)
@@ -295,9 +295,9 @@ def _prepare(args: argparse.Namespace) -> dict:
 
 def _memory_args(args, one_conversation: bool = True) -> dict:
     """{"loaded", "comp"} of --memory / --save-memory (loaded: only for one conversation); {} without them."""
+    from moshi_ttt.memory.compression import Compression
     from moshi_ttt.models import memory_format as mf
-    from moshi_ttt.models.memory import MemoryRefused
-    from moshi_ttt.ttt.compression import Compression
+    from moshi_ttt.models.lm_memory import MemoryRefused
 
     if not (args.memory or args.save_memory):
         return {}
@@ -322,7 +322,7 @@ def _memory_args(args, one_conversation: bool = True) -> dict:
 
 def _check_memory(model, loaded=None, comp=None) -> dict | None:
     """The memory plan ({loaded, comp, fp}), or None; refuses a memory of another model up front."""
-    from moshi_ttt.models import memory as mem
+    from moshi_ttt.models import lm_memory as mem
     from moshi_ttt.models.lm import TTTLMModel
 
     if comp is None:
@@ -462,7 +462,7 @@ def _memory_start(model, B: int, memory: dict) -> list[dict]:
     """Streaming, before the first step: item b resumed from `memory["loaded"][b]` (if any); the factor log on
     for an exact save. Returns per item the telemetry's `memory` entry: `loaded` (the header) and `start` (the
     fast weights as resumed)."""
-    from moshi_ttt.models import memory as mem
+    from moshi_ttt.models import lm_memory as mem
 
     if memory["comp"].kind == "exact":
         mem.keep_factors(model)
@@ -478,7 +478,7 @@ def _memory_start(model, B: int, memory: dict) -> list[dict]:
 def _memory_save(model, memory: dict, item: int) -> dict:
     """Saves item `item`'s memory (every frame it heard, the last chunk closed) to `memory["save"][item]`; returns
     its `end` stats."""
-    from moshi_ttt.models import memory as mem
+    from moshi_ttt.models import lm_memory as mem
     from moshi_ttt.models import memory_format as mf
 
     path = memory["save"][item]

@@ -1,8 +1,8 @@
 """Does the memory carry over to another conversation? The cross-conversation protocol of the memory experiment.
 
 Conversation A (`t_a` frames) holds the task's key→value pairs among fillers. It ends, and each item's memory
-goes through the real save path: `memory.capture` (the last partial chunk folded) → `memory_format.dumps` in
-a format → `MemoryStore.save` (sealed, in a local store) → `load` → `memory_format.loads` → `memory.resume`
+goes through the real save path: `lm_memory.capture` (the last partial chunk folded) → `memory_format.dumps` in
+a format → `MemoryStore.save` (sealed, in a local store) → `load` → `memory_format.loads` → `lm_memory.resume`
 into a fresh streaming state (fresh KV cache, W⁽⁰⁾). Conversation B (`t_b` frames) holds only the queries,
 each key once, among fillers. Accuracy: the text argmax at the answer frames through LMGen, teacher-forced
 (`memory_task.streaming_text_logits`).
@@ -40,9 +40,10 @@ from moshi_ttt.experiments.memory_task import (
     streaming_text_logits,
     train,
 )
-from moshi_ttt.models import memory as mem
+from moshi_ttt.memory.seal import Token
+from moshi_ttt.memory.store import MemoryStore
+from moshi_ttt.models import lm_memory as mem
 from moshi_ttt.models import memory_format as mf
-from moshi_ttt.models.memory_store import MemoryStore, Token
 from moshi_ttt.utils.io import atomic_write
 
 FORMATS = ("exact", "bf16", "rank:2", "rank:8", "rank:32")

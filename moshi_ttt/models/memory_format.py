@@ -2,7 +2,7 @@
 
 Header (all strings): `moshi_ttt_memory` = FORMAT_VERSION, `fingerprint`, `frames`, `chunks`, `created`,
 `last_used` (Unix seconds), `compression` (`exact`, `bf16`, `rank:R`), `forms` (JSON: layer → form of
-`moshi_ttt.ttt.compression.FORMS`) and `counters` (JSON: layer → the `LayerMemory` counters). Tensors:
+`moshi_ttt.memory.compression.FORMS`) and `counters` (JSON: layer → the `LayerMemory` counters). Tensors:
 `<layer>.<name>` of that layer's form (`delta`; `u`, `z`; `p`, `q`).
 """
 
@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from moshi_ttt.models.memory import LayerMemory, Memory
-from moshi_ttt.models.memory_header import FORMAT_VERSION, MAGIC, MemoryRefused, header
-from moshi_ttt.ttt.compression import Compression
-from moshi_ttt.ttt.memory import decode, encode
+from moshi_ttt.memory.compression import Compression
+from moshi_ttt.memory.header import FORMAT_VERSION, MAGIC, MemoryRefused, header
+from moshi_ttt.models.lm_memory import LayerMemory, Memory
+from moshi_ttt.ttt.layer_memory import decode, encode
 from moshi_ttt.utils.io import atomic_write
 
 
@@ -39,7 +39,7 @@ def dumps(memory: Memory, comp: Compression | str = "exact") -> bytes:
 
 def loads(data: bytes, dtype: torch.dtype | None = None) -> Memory:
     """A `Memory` from file bytes (deltas decoded in `dtype`, None: see `decode`); `MemoryRefused` for a
-    foreign, damaged or newer file. The fingerprint is checked when it is put into a model (`memory.prepare`)."""
+    foreign, damaged or newer file. The fingerprint is checked when it is put into a model (`lm_memory.prepare`)."""
     meta = header(data)
     try:
         tensors = st_load(data)

@@ -1,2 +1,4 @@
-"""Test and benchmark helpers that ship with the package: speech fixtures (espeak-ng), the serve
-subprocess launcher and raw protocol probes. Never imported by the model, the server or training."""
+"""Real speech (`speech`: espeak-ng WAVs), shipped in the wheel because two commands users run need it:
+`moshi-ttt bench`'s server section streams spoken input, and the spoken-memory experiment
+(`moshi_ttt.experiments.spoken`) synthesises its conversations. The tests' other helpers are in tests/support/.
+Never imported by the model, the server or training."""

@@ -4,5 +4,5 @@ config.py  TrainConfig (YAML)          data.py   moshi-finetune data → 17-stre
 loss.py    text + audio CE              params.py trainable sets, LoRA, fp32 master weights
 telemetry.py grad norms, drift          checkpointing.py resumable checkpoints, export for infer/serve
 dist.py    torchrun process group       fsdp.py   FSDP2 sharding, sharded checkpoints
-loop.py    the Trainer                  cli.py    the command line
+loop.py    the Trainer                  command.py the command line
 """

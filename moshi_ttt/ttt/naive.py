@@ -19,7 +19,7 @@ def naive_ttt_mlp(z: torch.Tensor, src: torch.Tensor, w_down: torch.Tensor, conv
 
     Returns (out [B, T, d], final fast weights [B, d, h]), all in z's dtype. The final W has the ragged
     last chunk (T mod C frames) folded as a short chunk, its conv confined to those frames: W after every
-    frame heard, the definition of a saved conversation memory (`moshi_ttt.ttt.memory.close`).
+    frame heard, the definition of a saved conversation memory (`moshi_ttt.ttt.layer_memory.close`).
     """
     B, T, _ = z.shape
     C = cfg.chunk_size

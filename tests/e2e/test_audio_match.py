@@ -1,11 +1,12 @@
-"""The content measures of the end-to-end tests (`moshi_ttt.testing.audio_match`) and the varied-speech
+"""The content measures of the end-to-end tests (`support.audio_match`) and the varied-speech
 helpers of `moshi_ttt.testing.speech` behave as the content tests assume."""
 
 import numpy as np
 import pytest
 
-from moshi_ttt.testing import audio_match
 from moshi_ttt.testing import speech as speech_lib
+
+from support import audio_match
 
 FRAME = 1920
 

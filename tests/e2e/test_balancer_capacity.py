@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from moshi_ttt.server.client import ChatClient
+from moshi_ttt.server.web.client import ChatClient
 from test_scaleout import HAPROXY, SHIPPED, _free_port, render_config, stats_status, wait_until
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.slow,

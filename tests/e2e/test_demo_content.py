@@ -17,7 +17,8 @@ import pytest
 import sphn
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing import audio_match
+
+from support import audio_match
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAME = 1920

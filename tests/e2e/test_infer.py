@@ -22,8 +22,9 @@ import yaml
 from moshi_ttt.apps.infer import output_paths, timed_text, timed_text_path, transcript
 from moshi_ttt.models import demo as assets
 from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
-from moshi_ttt.testing import audio_match
 from moshi_ttt.ttt.config import load_lm_and_ttt
+
+from support import audio_match
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 8

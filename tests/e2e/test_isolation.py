@@ -1,6 +1,6 @@
 """Acceptance of issue 21 (no client can degrade another), measured: a good client streams 20 s of real
 speech at 1× to `serve --demo --max-conversations 4` (defaults: the model worker process, per-address
-limits) while attackers in their own process (`moshi_ttt.testing.attackers`) do (a) three
+limits) while attackers in their own process (`support.attackers`) do (a) three
 reconnect-flooders from one address, (b) twenty from 127.0.0.2–127.0.0.21, (c) a client sending valid
 audio at 3× real time, (d) the hostile cases of test_server_abuse (message and ping floods, pipelining,
 huge headers, slowloris) all at once. The good client must receive ≥ 0.95× real time with every gap
@@ -19,10 +19,10 @@ import urllib.request
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.client import ChatClient
+from moshi_ttt.server.web.client import ChatClient
 
-from moshi_ttt.testing.attackers import Attack
-from moshi_ttt.testing.launcher import ServeProcess
+from support.attackers import Attack
+from support.launcher import ServeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # attackers in their own process, ~2-3 min
 

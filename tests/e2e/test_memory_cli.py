@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from moshi_ttt.apps.cli import main
-from moshi_ttt.models.memory_store import MemoryStore, Token
+from moshi_ttt.apps.commands import main
+from moshi_ttt.memory.seal import Token
+from moshi_ttt.memory.store import MemoryStore
 
 FP = "a" * 64
 

@@ -13,8 +13,8 @@ import torch
 from moshi_ttt.experiments import memory_cross as mc
 from moshi_ttt.experiments import memory_experiment as mx
 from moshi_ttt.experiments import memory_task as mt
-from moshi_ttt.models import memory as mem
-from moshi_ttt.models.memory_store import MemoryStore
+from moshi_ttt.memory.store import MemoryStore
+from moshi_ttt.models import lm_memory as mem
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -16,11 +16,11 @@ import signal
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts, wait_stored
+from support.launcher import ServeProcess
+from support.memory_client import drifts, remember, resume, stored, telemetry_drifts, wait_stored
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # four server start-ups, ~40 s on 2 cores
 

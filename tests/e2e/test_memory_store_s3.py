@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from moshi_ttt.apps.cli import main
-from moshi_ttt.models import memory_backends as mb
-from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token, open_store
+from moshi_ttt.apps.commands import main
+from moshi_ttt.memory import backends as mb
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
+from moshi_ttt.memory.store import MemoryStore, open_store
 
 if not os.environ.get("CI"):
     pytest.importorskip("moto.server")
@@ -133,9 +134,10 @@ def test_expiry_lru_eviction_and_gc_on_s3(bucket):
 
 _KILLED_SAVE = textwrap.dedent("""
     import sys, time
-    from moshi_ttt.models import memory_backends as mb
-    from moshi_ttt.models.memory_store import MemoryStore, Token
+    from moshi_ttt.memory import backends as mb
+    from moshi_ttt.memory.store import MemoryStore
 
+    from moshi_ttt.memory.seal import Token
     class HalfWay(mb.S3Backend):  # uploads the first half, then stalls until killed
         def put(self, loc, parts, now):
             blob = b"".join(parts)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.memory import drifts, remember, resume, telemetry_drifts, wait_stored
+from support.launcher import ServeProcess
+from support.memory_client import drifts, remember, resume, telemetry_drifts, wait_stored
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)

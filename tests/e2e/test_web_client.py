@@ -1,4 +1,4 @@
-"""The web client (server/static/) end to end: Debian's Chromium, headless, driven by Playwright, against a
+"""The web client (server/web/static/) end to end: Debian's Chromium, headless, driven by Playwright, against a
 real `moshi-ttt serve --demo` subprocess on loopback (shipped `demo_ttt` config: next-token init, so the
 fast weights visibly move), with an espeak-ng WAV as the fake microphone.
 
@@ -34,7 +34,8 @@ import numpy as np
 import pytest
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing.launcher import ServeProcess
+
+from support.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAME_24K = 1920
@@ -287,7 +288,7 @@ def test_played_audio_is_the_microphone_file_echoed(page_a, live, speech):
     """The echo demo through the browser: what the page played matches the fake microphone's file (which
     Chromium loops; the file position at the first sent frame is unknown, so every offset is tried)
     clearly better than an unrelated utterance. Figures: docs/demo.md."""
-    from moshi_ttt.testing import audio_match
+    from support import audio_match
 
     out = played_audio(page_a.page)
     assert len(out) > 6 * 24000, len(out)
@@ -449,7 +450,7 @@ def test_server_stop_is_shown_in_plain_words(demo_server, page_a):
 def test_insecure_origin_message(browser):
     """Served over plain http from a host that is not localhost, the page says why the microphone cannot
     work (instead of failing silently) and disables Connect. The page is served by Playwright's router."""
-    static = ROOT / "server" / "static"
+    static = ROOT / "server" / "web" / "static"
     types = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
     def serve(route):

@@ -25,8 +25,9 @@ import pytest
 import sphn
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing import audio_match
-from moshi_ttt.testing.launcher import ServeProcess
+
+from support import audio_match
+from support.launcher import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEEL_ECHO_MIN = 0.45  # the installed demo echoes its input (measured 0.70: docs/demo.md)
@@ -59,10 +60,10 @@ def test_wheel_holds_one_package_with_configs_and_web_client(wheel):
     configs = {p.name for p in (ROOT / "configs").glob("*.yaml")}
     assert configs >= {"moshi7b_ttt.yaml", "tiny.yaml", "demo_ttt.yaml"}
     assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/configs/") and n.endswith(".yaml")} == configs
-    static = {p.name for p in (ROOT / "server" / "static").iterdir() if p.is_file()}
+    static = {p.name for p in (ROOT / "server" / "web" / "static").iterdir() if p.is_file()}
     assert "index.html" in static
-    assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/static/")} == static
-    assert "moshi_ttt/server/app.py" in names and "moshi_ttt/train/example.yaml" in names
+    assert {n.split("/")[-1] for n in names if n.startswith("moshi_ttt/server/web/static/")} == static
+    assert "moshi_ttt/server/web/app.py" in names and "moshi_ttt/train/example.yaml" in names
     assert {f"moshi_ttt/models/demo_assets/{p.name}" for p in demo.DEMO_WEIGHTS} <= set(names)  # the trained demo
 
 
@@ -88,7 +89,7 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_installed_package_is_the_wheels(installed, tmp_path):
     bin_dir, env = installed
-    out = subprocess.run([str(bin_dir / "python"), "-c", "import json, moshi_ttt, moshi_ttt.server.app as a, "
+    out = subprocess.run([str(bin_dir / "python"), "-c", "import json, moshi_ttt, moshi_ttt.server.web.app as a, "
                           "moshi_ttt.ttt.config as c; print(json.dumps([moshi_ttt.__file__, str(a.DEFAULT_STATIC), "
                           "sorted(c.shipped_configs())]))"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,7 +14,8 @@ from moshi_ttt.experiments.spoken.evaluate import infer_folder, websocket_timed_
 from moshi_ttt.experiments.spoken.score import questions_of, score_conversation
 from moshi_ttt.models.demo import SPOKEN_MEMORY_MODEL
 from moshi_ttt.models.streams import FRAME_RATE, SAMPLE_RATE
-from moshi_ttt.testing.launcher import ServeProcess
+
+from support.launcher import ServeProcess
 
 GREEDY = ["--temp", "0", "--temp-text", "0"]
 

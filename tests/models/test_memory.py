@@ -1,4 +1,4 @@
-"""Conversation memory of a TTT-Moshi (`moshi_ttt.models.memory`, `memory_format`): fingerprint refusal, the
+"""Conversation memory of a TTT-Moshi (`moshi_ttt.models.lm_memory`, `memory_format`): fingerprint refusal, the
 file and its header, exact dense == exact factors, chaining counters, damaged and foreign files."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from moshi_ttt.models import memory as mem
+from moshi_ttt.models import lm_memory as mem
 from moshi_ttt.models import memory_format as mf
 from moshi_ttt.models.lm import TTTLMGen, build_ttt_lm
 from moshi_ttt.ttt.config import load_lm_and_ttt

@@ -11,8 +11,9 @@ import textwrap
 
 import pytest
 
-from moshi_ttt.models import memory_store as ms
-from moshi_ttt.models.memory_store import MemoryStore, MemoryUnavailable, Token
+from moshi_ttt.memory import seal as ms
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
+from moshi_ttt.memory.store import MemoryStore
 
 FP = "f" * 64
 
@@ -142,8 +143,9 @@ def test_gc_expires_then_evicts_least_recently_used(tmp_path):
 
 _KILLED_SAVE = textwrap.dedent("""
     import sys, time
-    from moshi_ttt.models.memory_store import MemoryStore, Token
+    from moshi_ttt.memory.store import MemoryStore
 
+    from moshi_ttt.memory.seal import Token
     class HalfWayStore(MemoryStore):
         def _write(self, path, parts):
             def write(tmp):

@@ -1,4 +1,4 @@
-"""Admission per client address (`server.admission`): the address (X-Forwarded-For only from a trusted
+"""Admission per client address (`server.guards.admission`): the address (X-Forwarded-For only from a trusted
 proxy), open conversations per address, the start rate with its burst, the abuse ban; and on a served
 demo, that a refused upgrade is an HTTP 429 that claims no slot (no reset, no model work), per source
 address (client sockets bound to 127.0.0.x), with a spoofed X-Forwarded-For ignored."""
@@ -10,11 +10,11 @@ import urllib.request
 
 import aiohttp
 import pytest
-from moshi_ttt.server.admission import Admission, AdmissionLimits, parse_networks
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.guards.admission import Admission, AdmissionLimits, parse_networks
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.probe import ws_handshake
+from support.probe import ws_handshake
 
 
 def limits(**kw) -> AdmissionLimits:
@@ -36,7 +36,7 @@ def test_forwarded_for_is_read_only_from_trusted_proxies():
 
 def test_memory_failure_budget_per_address(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("moshi_ttt.server.admission.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("moshi_ttt.server.guards.admission.time.monotonic", lambda: clock[0])
     a = Admission(limits(memory_failures_per_minute=6, memory_failure_burst=3))
     for _ in range(3):  # a successful attempt costs nothing; each failure one token of the burst
         assert a.memory_refusal("1.1.1.1") is None

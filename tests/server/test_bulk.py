@@ -1,12 +1,12 @@
-"""Memory bytes between the web process and the model worker go as files (`server.bulk`), never through the
+"""Memory bytes between the web process and the model worker go as files (`server.link.bulk`), never through the
 control pipe: the worker's reply carries a `Bulk` reference, read (and removed) exactly once."""
 
 import os
 
 import pytest
-from moshi_ttt.server import bulk
-from moshi_ttt.server.messages import Reply
-from moshi_ttt.server.worker import _Bridge
+from moshi_ttt.server.link import bulk
+from moshi_ttt.server.link.messages import Reply
+from moshi_ttt.server.link.worker import _Bridge
 
 
 def test_put_take_round_trip_removes_the_file(tmp_path):

@@ -1,12 +1,12 @@
-"""The engine interface (`server/engine_api.py`) is declared once and implemented with the same signatures by
+"""The engine interface (`server/core/engine_api.py`) is declared once and implemented with the same signatures by
 the in-process `Engine` and the model worker's proxy `WorkerEngine`."""
 
 import inspect
 
 import pytest
-from moshi_ttt.server.engine import Engine
-from moshi_ttt.server.engine_api import ServingEngine
-from moshi_ttt.server.remote import WorkerEngine
+from moshi_ttt.server.core.engine_api import ServingEngine
+from moshi_ttt.server.link.remote import WorkerEngine
+from moshi_ttt.server.step.engine import Engine
 
 METHODS = [name for name, v in vars(ServingEngine).items()
            if not name.startswith("_") and (inspect.isfunction(v) or isinstance(v, property))]

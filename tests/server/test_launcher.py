@@ -1,4 +1,4 @@
-"""The one serve-subprocess launcher (moshi_ttt.testing.launcher): it reports a server that cannot start
+"""The one serve-subprocess launcher (support.launcher): it reports a server that cannot start
 with its exit code and log, and stops a running one cleanly with SIGINT (Ctrl-C)."""
 
 import signal
@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from moshi_ttt.testing.launcher import ServeError, ServeProcess
+from support.launcher import ServeError, ServeProcess
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_exit_code_and_log(tmp_path):

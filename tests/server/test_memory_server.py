@@ -2,7 +2,7 @@
 
 One in-process server: the tiny demo TTT-Moshi (chunk 8, `ntp` TTT: the fast weights move), 2 slots, greedy,
 an API key, a checkpoint every chunk, the per-address memory failure budget at 12 a minute (burst 12).
-What the store holds is read back with the client's token (`moshi_ttt.testing.memory.stored`).
+What the store holds is read back with the client's token (`support.memory_client.stored`).
 """
 
 import asyncio
@@ -11,14 +11,15 @@ import time
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.app import SESSIONS
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.app import SESSIONS
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.models.memory_store import MemoryUnavailable, Token
-from moshi_ttt.testing.memory import drifts, remember, resume, stored, telemetry_drifts
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+from moshi_ttt.memory.seal import MemoryUnavailable, Token
+
+from support.memory_client import drifts, remember, resume, stored, telemetry_drifts
+from support.observe import health, parse_prometheus, wait_active
 
 KEY = "memory-test-key"
 CHUNK = 8
@@ -156,7 +157,7 @@ def test_an_error_ending_saves_too(mem_server, server_speech):
 def test_memory_flags():
     import argparse
 
-    from moshi_ttt.server.cli import _memory_flags, add_args
+    from moshi_ttt.server.serve import _memory_flags, add_args
 
     p = argparse.ArgumentParser()
     add_args(p)

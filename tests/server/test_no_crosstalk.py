@@ -15,12 +15,13 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing import audio_match
-from moshi_ttt.testing.observe import wait_active
+
+from support import audio_match
+from support.observe import wait_active
 
 ROOT = Path(__file__).resolve().parents[2]
 DELAY = demo.ECHO_OUTPUT_FRAMES * FRAME

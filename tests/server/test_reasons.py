@@ -1,9 +1,9 @@
-"""The reasons table (`server/reasons.py`): one label, head and close code per reason; a message is its head
+"""The reasons table (`server/core/reasons.py`): one label, head and close code per reason; a message is its head
 and its detail, the same at the upgrade and after it."""
 
 import re
 
-from moshi_ttt.server.reasons import WORKER_RESTARTING, Close, Reason, busy
+from moshi_ttt.server.core.reasons import WORKER_RESTARTING, Close, Reason, busy
 
 
 def test_each_reason_has_its_own_short_label_and_a_close_code():

@@ -16,10 +16,10 @@ import urllib.request
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.probe import flood, host_port, rss_mb, ws_frame
+from support.launcher import ServeProcess
+from support.probe import flood, host_port, rss_mb, ws_frame
 
 pytestmark = pytest.mark.slow  # heavy and timing-sensitive: not in `make test-fast`
 

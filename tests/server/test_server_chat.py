@@ -8,13 +8,14 @@ import asyncio
 
 import aiohttp
 import pytest
-from moshi_ttt.server import protocol
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient, HandshakeError
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web import protocol
+from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
 from moshi_ttt.models import demo
-from moshi_ttt.testing import audio_match
-from moshi_ttt.testing.observe import health, wait_active
+
+from support import audio_match
+from support.observe import health, wait_active
 
 ECHO_DELAY = demo.ECHO_OUTPUT_FRAMES * FRAME
 CHAT_ECHO_MIN = 0.45  # the reply's echo correlation (measured 0.65: docs/demo.md)

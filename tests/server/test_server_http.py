@@ -10,10 +10,10 @@ import contextlib
 import aiohttp
 import pytest
 import torch
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_http_free
+from support.launcher import ServeProcess
+from support.observe import health, parse_prometheus, wait_http_free
 
 KEY = "s3cret-key"
 FLAGS = ["--max-conversations", "1", "--api-key", KEY, "--log-level", "warning"]
@@ -173,7 +173,7 @@ def test_0x04_only_with_telemetry_query(cli_server, server_speech):
     """Without query parameters a client gets only what moshi's own server sends (0x00, 0x01, 0x02, 0x05):
     Kyutai's web client rejects 0x04. With ?telemetry=1 it also gets the info and TTT telemetry messages;
     any other value is refused before the upgrade."""
-    from moshi_ttt.server import protocol
+    from moshi_ttt.server.web import protocol
 
     url = cli_server
     ws_url = url.replace("http://", "ws://") + "/api/chat"
@@ -211,7 +211,7 @@ def test_plain_kyutai_checkpoint_serves_with_default_ttt_layers(tmp_path, caplog
     Moshi TTT defaults (layer 0 of the 4-layer tiny LM, chunk 256, zero init) and logs them in one line."""
     import logging
 
-    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.serve import BackgroundServer
 
     from moshi_ttt.models import demo as assets
 
@@ -232,7 +232,7 @@ def test_health_reports_ttt_state_bytes_and_state_dtype_flag():
     """/health reports the live per-conversation fast-state bytes; `--ttt-state-dtype bfloat16` makes the fast
     weight bf16 (in this fp32 CPU model applied through an fp32 copy, so the state grows by the bf16 tensor,
     2·d·h bytes per layer; in a bf16 model the bf16 weight is the applied one, see the 7B meta test)."""
-    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.serve import BackgroundServer
 
     got = {}
     for flag in ([], ["--ttt-state-dtype", "bfloat16"]):

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from moshi_ttt.testing.launcher import ServeProcess
-from moshi_ttt.testing.probe import flood, host_port, raw_request, rss_mb, ws_frame, ws_handshake
+from support.launcher import ServeProcess
+from support.probe import flood, host_port, raw_request, rss_mb, ws_frame, ws_handshake
 
 KEY = "k3y-from-a-file"
 HEADER_TIMEOUT = 1.0

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import sphn
-from moshi_ttt.server import protocol
 from moshi_ttt.server.metrics import Metrics
+from moshi_ttt.server.web import protocol
 
-from moshi_ttt.testing.observe import parse_prometheus
+from support.observe import parse_prometheus
 
 
 def test_parse_accepts_every_kind_and_splits_payload():

@@ -8,10 +8,10 @@ import urllib.request
 import aiohttp
 import numpy as np
 import pytest
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
-from moshi_ttt.testing.observe import health, parse_prometheus, wait_active
+from support.observe import health, parse_prometheus, wait_active
 
 MAX_MSG = 4096
 IDLE = 1.5

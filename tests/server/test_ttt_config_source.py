@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from moshi_ttt.testing.observe import health
+from support.observe import health
 
 
 @pytest.mark.slow  # demo checkpoint builds, ~3 s each
@@ -14,7 +14,7 @@ from moshi_ttt.testing.observe import health
     (["--ttt-config", "moshi7b_ttt"], "TTT layers [0] of 4 (chunk 256 frames)", "--ttt-config moshi7b_ttt"),
 ])
 def test_demo_logs_the_ttt_config_source(tmp_path_factory, caplog, extra, layers, source):
-    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.serve import BackgroundServer
 
     cache = tmp_path_factory.getbasetemp() / "demo_cache"  # one demo build per TTT config for both cases
     with caplog.at_level(logging.INFO, logger="moshi_ttt"):

@@ -14,8 +14,8 @@ import asyncio, json, sys
 import aiohttp
 import numpy as np
 
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 async def converse(srv):
     async with aiohttp.ClientSession() as http:

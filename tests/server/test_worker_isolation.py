@@ -12,8 +12,8 @@ import urllib.request
 
 import aiohttp
 import pytest
-from moshi_ttt.server.cli import BackgroundServer
-from moshi_ttt.server.client import FRAME, ChatClient
+from moshi_ttt.server.serve import BackgroundServer
+from moshi_ttt.server.web.client import FRAME, ChatClient
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The shared-memory PCM rings between the web process and the model worker (`server.shm_ring`):
+"""The shared-memory PCM rings between the web process and the model worker (`server.link.shm_ring`):
 bit-exact frames, wrap-around, full rings refuse without writing, entries keep their conversation id,
 and a spawned process reads and answers through them (the transport's added latency is reported)."""
 
@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from moshi_ttt.server.shm_ring import Rings
+from moshi_ttt.server.link.shm_ring import Rings
 
 FRAME = 1920
 

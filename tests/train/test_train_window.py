@@ -195,9 +195,9 @@ def test_infer_runs_the_export_with_its_window_or_the_logged_override(window_run
 
 @pytest.mark.slow  # two server start-ups, ~3 s each
 def test_serve_runs_the_export_with_its_window_or_the_logged_override(window_run, caplog):
-    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.serve import BackgroundServer
 
-    from moshi_ttt.testing.observe import health
+    from support.observe import health
 
     export = window_run[1]["export"]
     seen = []

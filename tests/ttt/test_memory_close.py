@@ -5,9 +5,9 @@ forms (`encode` / `decode`) give back the same delta."""
 import pytest
 import torch
 
-from moshi_ttt.ttt.compression import Compression
+from moshi_ttt.memory.compression import Compression
 from moshi_ttt.ttt.config import TTTConfig
-from moshi_ttt.ttt.memory import close, decode, encode
+from moshi_ttt.ttt.layer_memory import close, decode, encode
 from moshi_ttt.ttt.naive import naive_ttt_mlp
 from moshi_ttt.ttt.stream import TTTState
 

@@ -36,7 +36,7 @@ from moshi_ttt.apps.bench.gpu_check import check
 from moshi_ttt.models.lm import TTTLMGen, TTTLMModel, build_ttt_lm
 from moshi_ttt.models.loaders import base_lm_kwargs
 from moshi_ttt.modules.transformer import TTT_KEY
-from moshi_ttt.server.engine import Engine, EngineConfig
+from moshi_ttt.server.step.engine import Engine, EngineConfig
 from moshi_ttt.ttt.config import TTTModelConfig, load_ttt_config
 
 FRAME_MS = 80.0

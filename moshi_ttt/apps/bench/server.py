@@ -44,20 +44,20 @@ PROFILE_INTERVAL = 0.002
 ENGINE_STAGES: list[tuple[str, str, str, str | None]] = [
     ("LM depformer (one step per codebook)", "moshi/models/lm.py", "depformer_step", None),
     ("LM forward_text (main transformer)", "", "forward_text", None),
-    ("TTT telemetry read", "server/engine.py", "_telemetry_rows", None),
-    ("TTT telemetry read", "server/engine.py", "_periodic_telemetry", None),
-    ("slot reset", "server/engine.py", "_command", None),
+    ("TTT telemetry read", "server/step/engine.py", "_telemetry_rows", None),
+    ("TTT telemetry read", "server/step/engine.py", "_periodic_telemetry", None),
+    ("slot reset", "server/step/engine.py", "_command", None),
     ("Mimi encode", "moshi/models/compression.py", "encode", None),
     ("Mimi decode", "moshi/models/compression.py", "decode", None),
     ("LM step other (sampling text, token cache)", "moshi/models/lm.py", "_step", None),
-    ("step: batch assembly, host copies, emit", "server/engine.py", "_step", None),
-    ("step: batch assembly, host copies, emit", "server/engine.py", "compute", None),
-    ("idle: waiting for frames", "server/engine.py", "_select", None),
-    ("idle: waiting for frames", "server/engine.py", "_loop", None),
+    ("step: batch assembly, host copies, emit", "server/step/engine.py", "_step", None),
+    ("step: batch assembly, host copies, emit", "server/step/engine.py", "compute", None),
+    ("idle: waiting for frames", "server/step/engine.py", "_select", None),
+    ("idle: waiting for frames", "server/step/engine.py", "_loop", None),
 ]
 LOOP_STAGES: list[tuple[str, str, str, str | None]] = [
-    ("Opus encode (reply)", "server/session.py", "_send", "append_pcm"),
-    ("Opus decode (input)", "server/session.py", "_recv", "append_bytes"),
+    ("Opus encode (reply)", "server/web/session.py", "_send", "append_pcm"),
+    ("Opus decode (input)", "server/web/session.py", "_recv", "append_bytes"),
     ("idle: epoll wait", "selectors.py", "select", None),
     ("websocket, session, aiohttp", "", "", None),
 ]
@@ -80,7 +80,7 @@ def speech(quick: bool) -> np.ndarray:
 async def _conversations(ws_url: str, pcm: np.ndarray, n: int, timeout: float) -> None:
     import aiohttp
 
-    from moshi_ttt.server.client import ChatClient
+    from moshi_ttt.server.web.client import ChatClient
 
     frames = -(-pcm.size // FRAME)
     async with aiohttp.ClientSession() as http:
@@ -201,7 +201,7 @@ def bench_server(quick: bool, profile: bool = False) -> dict:
     """`server_realtime_speed_{1,4}` and the rest of the server section (see the module doc). With `profile`, one
     more run per client count under the stack sampler: `server_profile` = {n: {thread: {stage: ms per
     step}}} and `server_profile_table` (markdown)."""
-    from moshi_ttt.server.cli import BackgroundServer
+    from moshi_ttt.server.serve import BackgroundServer
 
     pcm = speech(quick)
     # the profile samples the engine thread's stacks: that needs the model in this process (--workers 0)

@@ -91,14 +91,14 @@ def evaluate_set(manifest: str | Path, results: str | Path, infer_args: tp.Seque
 
 def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_s: float = 1.0) -> dict:
     """Streams the mono 24 kHz `pcm` (then `tail_s` of silence) to a `moshi-ttt serve` at `url` over its websocket
-    (`server.client.ChatClient`, paced at `realtime`) and returns Moshi's text as timed text (`score.timed_words`'
+    (`server.web.client.ChatClient`, paced at `realtime`) and returns Moshi's text as timed text (`score.timed_words`'
     form): each word of the 0x02 text pieces with its arrival time, in seconds after the first audio was sent (so
     the server's latency is included)."""
     import asyncio
 
     import aiohttp
 
-    from moshi_ttt.server.client import ChatClient
+    from moshi_ttt.server.web.client import ChatClient
 
     async def go() -> tuple[list[str], list[float], float]:
         async with aiohttp.ClientSession() as http:

@@ -1,0 +1,424 @@
+"""`moshi-ttt serve`: flags, model loading (a Kyutai checkpoint + TTT, or the offline `--demo`), startup.
+
+`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.commands` calls. `start(args)` (async) returns a
+running server (tests use it with `--port 0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import ssl
+import sys
+import threading
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
+from moshi_ttt.memory.compression import Compression
+from moshi_ttt.ttt.config import STATE_DTYPES
+from moshi_ttt.utils.cache import cache_dir
+
+from .core.engine_api import ServingEngine
+from .guards import admission, limits
+from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
+from .guards.http_guard import GuardedSite, HttpLimits
+from .link.remote import WorkerEngine
+from .memory.memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
+from .metrics import Metrics
+from .web import protocol
+from .web.agent import start_agent
+from .web.app import DEFAULT_STATIC, GUARD, AppConfig, create_app
+from .web.session import SessionConfig
+
+log = logging.getLogger("moshi_ttt.server")
+
+# The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
+# docs/design.md, "Serving engine"; the flood figures: docs/serving.md).
+DEFAULT_SWITCH_MS = 5.0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network (as moshi.server)")
+    g.add_argument("--host", default="localhost", help="interface to bind (default localhost)")
+    g.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 = any free port)")
+    g.add_argument("--ssl", metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
+    g.add_argument("--static", metavar="DIR",
+                   help="web client folder served at / (default: the bundled page; 'none' to disable)")
+    g.add_argument("--api-key", default=None,
+                   help="require this key (header X-API-Key or query ?api_key=) on /api/chat and /metrics; "
+                        f"default ${API_KEY_ENV}. Visible to other local users in the process list: prefer "
+                        "--api-key-file or the environment variable")
+    g.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="read the API key from this file (surrounding whitespace stripped)")
+    g.add_argument("--allowed-origins", nargs="+", action="extend", default=[], metavar="ORIGIN",
+                   help="websocket Origins accepted besides the server's own (e.g. https://chat.example.com); "
+                        "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
+
+    g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
+    g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
+                   help="seconds of a conversation's audio that may wait for the model before it is ended "
+                        f"(default {SessionConfig.max_delay:g})")
+    g.add_argument("--admit-lag", type=float, default=SessionConfig.admit_lag,
+                   help="while the model is slower than real time, refuse new conversations once some "
+                        f"conversation's audio has waited this many seconds (default {SessionConfig.admit_lag:g})")
+    g.add_argument("--max-messages-per-s", type=float, default=limits.DEFAULT_MESSAGES_PER_S,
+                   help=f"per-connection message budget (default {limits.DEFAULT_MESSAGES_PER_S:g}/s, "
+                        f"burst {limits.DEFAULT_BURST_S:g} s of it)")
+    g.add_argument("--max-bytes-per-s", type=float, default=limits.DEFAULT_BYTES_PER_S,
+                   help=f"per-connection byte budget (default {limits.DEFAULT_BYTES_PER_S:g}/s)")
+    g.add_argument("--max-pings-per-s", type=float, default=limits.DEFAULT_PINGS_PER_S,
+                   help=f"per-connection websocket ping/pong budget (default {limits.DEFAULT_PINGS_PER_S:g}/s)")
+    g.add_argument("--header-timeout", type=float, default=HttpLimits.header_timeout,
+                   help="seconds a new connection has to send its request headers (default "
+                        f"{HttpLimits.header_timeout:g})")
+    g.add_argument("--keepalive-timeout", type=float, default=HttpLimits.keepalive_timeout,
+                   help=f"idle seconds of a keep-alive HTTP connection (default {HttpLimits.keepalive_timeout:g})")
+    g.add_argument("--max-pending-connections", type=int, default=HttpLimits.max_pending,
+                   help="concurrent connections that are not a running conversation (default "
+                        f"{HttpLimits.max_pending})")
+    g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
+                   help="Python's thread switch interval while serving (default "
+                        f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
+    g.add_argument("--step-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: a slower model
+    g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
+
+    g = p.add_argument_group("admission per client address (see docs/serving.md)")
+    g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
+                   help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
+    g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
+                   help="conversation starts per client address and minute (default "
+                        f"{admission.DEFAULT_STARTS_PER_MINUTE:g}; 0 = no limit)")
+    g.add_argument("--start-burst", type=int, default=admission.DEFAULT_START_BURST,
+                   help=f"starts an address may make at once (default {admission.DEFAULT_START_BURST})")
+    g.add_argument("--ban-after", type=int, default=admission.DEFAULT_BAN_AFTER,
+                   help="refuse an address at the upgrade once its conversations were cut for abuse this many "
+                        f"times within --ban-window (default {admission.DEFAULT_BAN_AFTER}; 0 = never)")
+    g.add_argument("--ban-window", type=float, default=admission.DEFAULT_BAN_WINDOW_S,
+                   help=f"seconds (default {admission.DEFAULT_BAN_WINDOW_S:g})")
+    g.add_argument("--ban-seconds", type=float, default=admission.DEFAULT_BAN_S,
+                   help=f"how long such an address is refused (default {admission.DEFAULT_BAN_S:g})")
+    g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
+                   help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
+                        "anyone else the header is ignored")
+    g.add_argument("--agent-port", type=int, default=None, metavar="PORT",
+                   help="answer HAProxy's agent-check on this TCP port (same host): 'up maxconn:<slots>', or "
+                        "'down' while the model worker restarts")
+    g.add_argument("--no-per-ip-limits", action="store_true",
+                   help="turn every per-address limit off (a trusted network; tests)")
+
+    g = p.add_argument_group("model (as moshi.server)")
+    add_checkpoint_args(g, demo_help="no checkpoint: build the tiny echo TTT-Moshi + reduced Mimi + tokenizer "
+                                     "(shipped weights) in the cache and serve it, fully offline: you hear "
+                                     "yourself ≈ 0.9 s later (a pipeline test, not a conversation)")
+    g.add_argument("--no-fuse-lora", action="store_false", dest="fuse_lora", help="keep LoRA layers unfused")
+    g.add_argument("--context", type=int, default=None, metavar="FRAMES", help=CONTEXT_HELP)
+    g.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance coefficient")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    g.add_argument("--half", action="store_true", help="float16 instead of bfloat16 (CUDA); CPU runs float32")
+    g.add_argument("--ttt-state-dtype", choices=STATE_DTYPES, default=None,
+                   help="dtype of the per-conversation TTT fast weight (default: the TTT config's, float32); "
+                        "bfloat16 holds one bf16 copy instead of fp32 + bf16 (docs/capacity.md)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where --demo keeps its checkpoint (default $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--temp", type=float, default=None, help="audio temperature (0 = greedy; default 0.8 or the "
+                                                           "checkpoint's lm_gen_config)")
+    g.add_argument("--temp-text", type=float, default=None, help="text temperature (0 = greedy; default 0.7)")
+    g.add_argument("--top-k", type=int, default=None, help="audio top-k (default 250)")
+    g.add_argument("--top-k-text", type=int, default=None, help="text top-k (default 25)")
+    g.add_argument("--seed", type=int, default=42424242, help="random seed (sampling)")
+
+    g = p.add_argument_group("serving")
+    g.add_argument("--max-conversations", type=int, default=4,
+                   help="concurrent conversations = batch size of the one shared model (default 4)")
+    g.add_argument("--idle-timeout", type=float, default=10.0,
+                   help="end a conversation after this many seconds without audio (0 = never; default 10)")
+    g.add_argument("--max-message-bytes", type=int, default=protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                   help=f"largest client message accepted (default {protocol.DEFAULT_MAX_MESSAGE_BYTES})")
+    g.add_argument("--batch-wait-ms", type=float, default=80.0,
+                   help="how long a frame may wait for the other streaming conversations' frames so they "
+                        "share one batched step (default 80 = one frame)")
+    g.add_argument("--telemetry-interval", type=float, default=1.0,
+                   help="seconds between TTT telemetry reads / 0x04 messages (0 = only at start; default 1)")
+    g.add_argument("--workers", type=int, default=1, choices=[0, 1],
+                   help="1 (default): the model steps in its own process (no client can stall it through the "
+                        "GIL; a crash of the model is survived); 0: in the web process (debugging only)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for the model thread (0 = auto: cores - 1, at least 1)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    g = p.add_argument_group("conversation memory (?memory=1, ?resume=TOKEN; docs/protocol.md, docs/memory.md)")
+    add_store_args(g, required=False)
+    g.add_argument("--memory-save-every", type=int, default=DEFAULT_SAVE_EVERY,
+                   help=f"checkpoint a remembered conversation every N chunks (default {DEFAULT_SAVE_EVERY}; 0 = only "
+                        "when it ends)")
+    g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
+    g.add_argument("--memory-failures-per-minute", type=float, default=admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
+                   help="failed memory resumes + deletes an address may make per minute (default "
+                        f"{admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE:g}; 0 = no limit)")
+    g.add_argument("--memory-failure-burst", type=int, default=admission.DEFAULT_MEMORY_FAILURE_BURST,
+                   help=f"(default {admission.DEFAULT_MEMORY_FAILURE_BURST})")
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    runner: web.AppRunner
+    engine: ServingEngine  # WorkerEngine, or Engine with --workers 0
+    metrics: Metrics
+    host: str
+    port: int
+    scheme: str
+
+    @property
+    def url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return ("wss" if self.scheme == "https" else "ws") + self.url[len(self.scheme):] + "/api/chat"
+
+    switch_interval: float | None = None  # sys.getswitchinterval() before start (restored by close)
+    agent: asyncio.AbstractServer | None = None  # the HAProxy agent port (--agent-port)
+
+    async def close(self) -> None:
+        try:
+            if self.agent is not None:
+                self.agent.close()
+            await self.runner.cleanup()
+        finally:
+            await self.engine.close()
+            if self.switch_interval is not None:
+                sys.setswitchinterval(self.switch_interval)
+
+
+def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
+    if folder is None:
+        return None
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    missing = [str(p) for p in (cert, key) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--ssl {folder}: missing {', '.join(missing)}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    return ctx
+
+
+def _memory_flags(args) -> None:
+    """Checks the memory flags; `--demo` keeps its memories in the cache unless --memory-store is given."""
+    if args.memory_store is None and args.demo:
+        args.memory_store = str(Path(args.cache_dir or cache_dir()) / "memories")
+        args.memory_store_default = True
+    Compression.parse(args.memory_format)  # ValueError naming the bad value
+    if args.memory_save_every < 0:
+        raise ValueError(f"--memory-save-every must be >= 0 chunks, got {args.memory_save_every}")
+    if not args.memory_ttl > 0:
+        raise ValueError(f"--memory-ttl must be > 0 days, got {args.memory_ttl}")
+
+
+def _in_process_model() -> tp.Any:
+    """`--workers 0`: the model side (`build_engine`), imported only then: it loads torch into the web process, which
+    `--workers 1` keeps out of it (the model steps in the worker process)."""
+    from .step import build_engine
+
+    return build_engine
+
+
+async def start(args) -> RunningServer:
+    """Loads the model, starts the engine and the HTTP server; returns once it accepts connections."""
+    ssl_ctx = _ssl_context(args.ssl)
+    if args.static is None:
+        static = DEFAULT_STATIC
+    elif args.static.lower() == "none":
+        static = None
+    else:
+        static = Path(args.static)
+    if args.max_conversations < 1:
+        raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
+    if args.max_message_bytes < 1024:
+        raise ValueError(f"--max-message-bytes must be >= 1024, got {args.max_message_bytes}")
+    if not args.max_delay > 0:
+        raise ValueError(f"--max-delay must be > 0 seconds, got {args.max_delay}")
+    if not args.admit_lag > 0:
+        raise ValueError(f"--admit-lag must be > 0 seconds, got {args.admit_lag}")
+    if not 0 < args.gil_switch_ms <= 100:
+        raise ValueError(f"--gil-switch-ms must be in (0, 100], got {args.gil_switch_ms}")
+    _memory_flags(args)
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    access = AccessPolicy.from_flags(args.allowed_origins, args.host)
+    budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
+    http = HttpLimits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+                      max_pending=args.max_pending_connections)
+    trusted = admission.parse_networks(args.trusted_proxies)
+    if args.no_per_ip_limits:
+        per_ip = dataclasses.replace(admission.AdmissionLimits.off(), trusted_proxies=trusted)
+    else:
+        per_ip = admission.AdmissionLimits(
+            max_per_ip=args.max_conversations_per_ip, starts_per_minute=args.max_starts_per_minute,
+            start_burst=args.start_burst, ban_after=args.ban_after, ban_window=args.ban_window,
+            ban_seconds=args.ban_seconds, trusted_proxies=trusted,
+            memory_failures_per_minute=args.memory_failures_per_minute,
+            memory_failure_burst=args.memory_failure_burst)
+    if api_key is None and not is_loopback_host(args.host):
+        log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
+                    "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
+                    "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
+    engine: ServingEngine
+    if args.workers == 0:
+        loaded = await asyncio.to_thread(_in_process_model().load, args)
+        engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
+    else:
+        worker = WorkerEngine(args, log_level=args.log_level)
+        await worker.start()
+        engine, metrics, info = worker, worker.metrics, worker.info
+    memories = None
+    if args.memory_store and engine.memory_fingerprint is not None:
+        chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
+        memories = Memories(store_of(args), engine.memory_fingerprint, metrics,
+                            MemoryConfig(save_every=args.memory_save_every, chunk_size=chunk))
+        log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", args.memory_store,
+                 args.memory_format, args.memory_save_every)
+        info = dict(info, memory={"format": args.memory_format, "save_every_chunks": args.memory_save_every,
+                                  "ttl_days": args.memory_ttl})  # /health and the 0x04 info: clients can see it
+    cfg = AppConfig(api_key=api_key, static_dir=static, memories=memories,
+                    session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
+                                          max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
+                    info=info, access=access, http=http, admission=per_ip)
+    switch = sys.getswitchinterval()
+    try:
+        app = create_app(engine, metrics, cfg)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **http.handler_kwargs())
+        await runner.setup()
+        site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
+        await site.start()
+        agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
+    except BaseException:
+        await engine.close()
+        raise
+    sys.setswitchinterval(args.gil_switch_ms / 1000)
+    running = RunningServer(runner, engine, metrics, args.host, site.port,
+                            "https" if ssl_ctx else "http", switch_interval=switch, agent=agent)
+    log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
+             engine.n, ", API key required" if cfg.api_key else "")
+    return running
+
+
+async def _serve_forever(args) -> int:
+    server = await start(args)
+    print(f"moshi-ttt serve: listening on {server.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await server.close()
+    return 0
+
+
+class BackgroundServer:
+    """A server running on its own event loop in a daemon thread (tests, benchmarks, notebooks).
+
+        srv = BackgroundServer(["--demo", "--port", "0"]); ...; srv.stop()
+    """
+
+    def __init__(self, argv: tp.Sequence[str], timeout: float = 120.0):
+        p = argparse.ArgumentParser(prog="moshi-ttt serve")
+        add_args(p)
+        self.args = p.parse_args(list(argv))
+        # an in-process engine sets torch's process-wide thread count; stop() puts it back
+        self._restore_threads = _in_process_model().torch_threads_restorer() if self.args.workers == 0 else None
+        self.loop = asyncio.new_event_loop()
+        self.server: RunningServer | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="moshi-ttt-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"server did not start within {timeout:.0f} s")
+        if self._error is not None:
+            raise RuntimeError(f"server failed to start: {self._error}") from self._error
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = self.loop.run_until_complete(start(self.args))
+        except BaseException as e:  # surfaced in __init__
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def ws_url(self) -> str:
+        assert self.server is not None
+        return self.server.ws_url
+
+    @property
+    def engine(self) -> ServingEngine:
+        assert self.server is not None
+        return self.server.engine
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The event loop thread's ident (profilers sample its stacks)."""
+        return self._thread.ident
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.server is not None and self.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.server.close(), self.loop)
+            with contextlib.suppress(Exception):
+                fut.result(timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+        if self._restore_threads is not None:
+            self._restore_threads()
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(args) -> int:
+    setup_logging(args.log_level)
+    try:
+        return asyncio.run(_serve_forever(args))
+    except KeyboardInterrupt:
+        return 0
+    except (FileNotFoundError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+
+
+def main(argv: tp.Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moshi-ttt serve", description=__doc__)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
