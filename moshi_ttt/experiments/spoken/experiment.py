@@ -88,6 +88,9 @@ VARIANTS = {
     "ceiling": Variant("full", ttt=False, context=800, lr=3e-4),
     "ttt": Variant("ttt", ttt=True),
     "ttt_w4": Variant("ttt", ttt=True, context=30, seeds=2),
+    # the fallback the plan names when TTT alone falls short: rank-16 LoRA adapters on every Linear of the base
+    # train with the TTT parameters (docs/spoken-memory.md, "What was tried")
+    "ttt_lora": Variant("ttt+lora", ttt=True, seeds=1),
 }
 
 

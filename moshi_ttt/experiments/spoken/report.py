@@ -18,10 +18,10 @@ from pathlib import Path
 
 from moshi_ttt.experiments.spoken.spec import CHANCE
 
-ORDER = ("pretrained", "floor", "ceiling", "ttt", "ttt_w4")
+ORDER = ("pretrained", "floor", "ceiling", "ttt", "ttt_w4", "ttt_lora")
 LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", "floor": "floor: no TTT, window W",
           "ceiling": "ceiling: no TTT, window ≥ the conversation", "ttt": "**TTT, window W**",
-          "ttt_w4": "TTT, window W/4"}
+          "ttt_w4": "TTT, window W/4", "ttt_lora": "TTT + LoRA, window W"}
 START, END = "<!-- spoken-memory:start -->", "<!-- spoken-memory:end -->"
 
 
