@@ -73,13 +73,16 @@ def bundle_export(export: str | Path, dest: str | Path) -> Path:
     return cfg
 
 
-def bundle_conversation(wav: str | Path, dest: str | Path) -> Path:
+def bundle_conversation(wav: str | Path, dest: str | Path, until_s: float | None = None) -> Path:
     """The user channel of the stereo conversation `wav` as DEST/conversation.ogg, and its record (`wav` with
-    the suffix .json) as DEST/conversation.json; returns the Ogg file."""
+    the suffix .json) as DEST/conversation.json; returns the Ogg file. `until_s`: only the conversation's first
+    `until_s` seconds, and in its record only the questions whose answer is due by then (q_end + MAX_LATENCY_S)
+    and the answers said by then."""
     import numpy as np
     import sphn
 
     from moshi_ttt.experiments.spoken.evaluate import user_channel
+    from moshi_ttt.experiments.spoken.spec import MAX_LATENCY_S
     from moshi_ttt.models.streams import SAMPLE_RATE
 
     wav, dest = Path(wav), Path(dest)
@@ -87,8 +90,18 @@ def bundle_conversation(wav: str | Path, dest: str | Path) -> Path:
     mono = user_channel(wav, dest / "user.wav")
     pcm, _ = sphn.read(str(mono), sample_rate=SAMPLE_RATE)
     mono.unlink()
-    sphn.write_opus(str(dest / CONVERSATION), np.ascontiguousarray(pcm[0], dtype=np.float32), SAMPLE_RATE)
-    shutil.copyfile(wav.with_suffix(".json"), dest / TRUTH)
+    record = json.loads(wav.with_suffix(".json").read_text())
+    pcm = pcm[0]
+    if until_s is not None:
+        pcm = pcm[:round(until_s * SAMPLE_RATE)]
+        sm = record["spoken_memory"]
+        sm["questions"] = [q for q in sm["questions"] if q["q_end"] + MAX_LATENCY_S <= until_s]
+        sm["duration"] = len(pcm) / SAMPLE_RATE
+        record["alignments"] = [a for a in record["alignments"] if a[1][1] <= until_s]
+        if not sm["questions"]:
+            raise ValueError(f"{wav}: no question is due within its first {until_s} s")
+    sphn.write_opus(str(dest / CONVERSATION), np.ascontiguousarray(pcm, dtype=np.float32), SAMPLE_RATE)
+    (dest / TRUTH).write_text(json.dumps(record) + "\n")
     return dest / CONVERSATION
 
 
@@ -109,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", required=True, help="a training run's export folder")
     p.add_argument("--dest", required=True, help="the bundle folder (created)")
     p.add_argument("--conversation", default=None, help="a stereo evaluation conversation WAV to bundle with it")
+    p.add_argument("--until-s", type=float, default=None, help="bundle only the conversation's first seconds")
     a = p.parse_args(argv)
     try:
         print(bundle_export(a.export, a.dest))
         if a.conversation:
-            print(bundle_conversation(a.conversation, a.dest))
+            print(bundle_conversation(a.conversation, a.dest, a.until_s))
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     return 0

@@ -89,6 +89,24 @@ def evaluate_set(manifest: str | Path, results: str | Path, infer_args: tp.Seque
     return summary
 
 
+def as_served(pcm: np.ndarray) -> np.ndarray:
+    """The mono 24 kHz `pcm` as `serve` hears it from `websocket_timed_text`: encoded to Ogg/Opus pages by the
+    client (`ChatClient.send_pcm`'s frames) and decoded by the server's `sphn.OpusStreamReader`."""
+    import sphn
+
+    from moshi_ttt.models.streams import FRAME, SAMPLE_RATE
+
+    pcm = np.asarray(pcm, np.float32).reshape(-1)
+    pcm = np.concatenate([pcm, np.zeros(-pcm.size % FRAME, np.float32)])
+    writer, reader = sphn.OpusStreamWriter(SAMPLE_RATE), sphn.OpusStreamReader(SAMPLE_RATE)
+    out = []
+    for i in range(0, pcm.size, FRAME):
+        page = writer.append_pcm(pcm[i:i + FRAME])
+        if len(page):
+            out.append(reader.append_bytes(bytes(page)))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_s: float = 1.0) -> dict:
     """Streams the mono 24 kHz `pcm` (then `tail_s` of silence) to a `moshi-ttt serve` at `url` over its websocket
     (`server.web.client.ChatClient`, paced at `realtime`) and returns Moshi's text as timed text (`score.timed_words`'
