@@ -1,5 +1,5 @@
 """What the beyond-window recipe costs at Moshi 7B, computed from FLOPs (not measured): GPU-hours on one H100
-per hour of training audio, for the recipe of moshi_ttt/train/example.yaml (docs/training.md).
+per hour of training audio, for the recipe of moshi_ttt/train/example.yaml (read from it; docs/training.md).
 
 Per frame, a forward pass costs 2 FLOPs per weight it multiplies by (the temporal transformer once, the
 depformer's per-step weights once per codebook step, the text head once; embeddings are lookups) plus the
@@ -26,15 +26,37 @@ from moshi_ttt.models.streams import FRAME_RATE
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 (NVIDIA's datasheet; 1979e12 is with sparsity)
 
 
+EXAMPLE = Path(__file__).parents[2] / "train" / "example.yaml"
+MFU = 0.35  # assumed model-FLOPs utilisation
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    context: int = 3000          # the training window (Moshi 7B's own)
-    segment_frames: int = 15000  # 20 min: facts asked out to 4 windows after they were said
-    chunk: int = 256
-    ttt_layers: int = 6
-    trainable: str = "ttt"
-    gradient_checkpointing: bool = True
-    mfu: float = 0.35            # assumed model-FLOPs utilisation
+    """What the cost depends on; `of_config` reads it from a `moshi-ttt train` YAML (the shipped recipe:
+    moshi_ttt/train/example.yaml) for Moshi 7B's 32 layers and 3000-frame window."""
+
+    context: int
+    segment_frames: int
+    chunk: int
+    ttt_layers: int
+    trainable: str
+    gradient_checkpointing: bool
+    mfu: float = MFU
+
+    @classmethod
+    def of_config(cls, path: str | Path = EXAMPLE, num_layers: int = 32, checkpoint_context: int = 3000,
+                  **changes) -> Recipe:
+        from moshi_ttt.train.config import TrainConfig
+        from moshi_ttt.ttt.config import load_ttt_config
+
+        cfg = TrainConfig.load(path)
+        if cfg.model.ttt_config is None:
+            raise ValueError(f"{path}: model.ttt_config is not set (the recipe's TTT layers and chunk)")
+        ttt = load_ttt_config(cfg.model.ttt_config)
+        r = cls(context=cfg.model.context or checkpoint_context, segment_frames=cfg.data.segment_frames,
+                chunk=ttt.layer.chunk_size, ttt_layers=len(ttt.layer_indices(num_layers)),
+                trainable=cfg.trainable, gradient_checkpointing=cfg.gradient_checkpointing)
+        return dataclasses.replace(r, **changes)
 
 
 def moshi7b_counts() -> dict:
@@ -87,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
     a = p.parse_args(argv)
-    rows = {"ttt (the recipe)": cost(Recipe()), "ttt+lora": cost(Recipe(trainable="ttt+lora")),
-            "full": cost(Recipe(trainable="full"))}
+    recipe = Recipe.of_config()
+    rows = {f"{recipe.trainable} (the recipe)": cost(recipe)}
+    rows.update({t: cost(dataclasses.replace(recipe, trainable=t)) for t in ("ttt", "ttt+lora", "full")
+                 if t != recipe.trainable})
     text = json.dumps(rows, indent=1) + "\n"
     if a.out:
         Path(a.out).write_text(text)
