@@ -38,6 +38,7 @@ def test_served_conversation_gets_infers_answers_beyond_the_window(tmp_path):
     args = ["--hf-repo", str(SPOKEN_MEMORY_MODEL), *GREEDY, "--max-conversations", "1"]
     with ServeProcess(tmp_path, args, demo=False) as srv:
         timed = websocket_timed_text(srv.url, pcm, tail_s=TAIL_S)
+    assert not timed["errors"], (timed["errors"], srv.log_tail())
     by_server = score_conversation(record, timed)
 
     beyond = [r for r in by_infer if r.distance >= window_s]

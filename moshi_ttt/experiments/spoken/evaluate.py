@@ -111,7 +111,7 @@ def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_
     """Streams the mono 24 kHz `pcm` (then `tail_s` of silence) to a `moshi-ttt serve` at `url` over its websocket
     (`server.web.client.ChatClient`, paced at `realtime`) and returns Moshi's text as timed text (`score.timed_words`'
     form): each word of the 0x02 text pieces with its arrival time, in seconds after the first audio was sent (so
-    the server's latency is included)."""
+    the server's latency is included), and the server's 0x05 error messages (`errors`)."""
     import asyncio
 
     import aiohttp
@@ -126,13 +126,13 @@ def websocket_timed_text(url: str, pcm: np.ndarray, realtime: float = 1.0, tail_
             await c.send_pcm(np.concatenate([np.asarray(pcm, np.float32), silence]), realtime=realtime)
             await asyncio.sleep(0.5)
             await c.close()
-            return list(c.text), list(c.text_times), t0
+            return list(c.text), list(c.text_times), t0, list(c.errors)
 
     from moshi_ttt.models.streams import words_of
 
-    pieces, times, t0 = asyncio.run(go())
+    pieces, times, t0, errors = asyncio.run(go())
     words = words_of((p, {"time": t - t0}) for p, t in zip(pieces, times, strict=True))
-    return {"words": words, "pieces": [[p, t - t0] for p, t in zip(pieces, times, strict=True)]}
+    return {"words": words, "pieces": [[p, t - t0] for p, t in zip(pieces, times, strict=True)], "errors": errors}
 
 
 def main(argv: list[str] | None = None) -> int:
