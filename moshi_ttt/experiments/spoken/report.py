@@ -16,12 +16,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from moshi_ttt.experiments.spoken.experiment import VARIANTS
 from moshi_ttt.experiments.spoken.spec import CHANCE
 
-ORDER = ("pretrained", "floor", "ceiling", "ttt", "ttt_w4", "ttt_lora")
-LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", "floor": "floor: no TTT, window W",
-          "ceiling": "ceiling: no TTT, window ≥ the conversation", "ttt": "**TTT, window W**",
-          "ttt_w4": "TTT, window W/4", "ttt_lora": "TTT + LoRA, window W"}
+ORDER = ("pretrained", *VARIANTS)
+LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", **{k: v.label or k for k, v in VARIANTS.items()}}
 START, END = "<!-- spoken-memory:start -->", "<!-- spoken-memory:end -->"
 
 
