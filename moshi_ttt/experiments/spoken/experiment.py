@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from moshi_ttt.experiments.spoken.spec import ConversationSpec
+from moshi_ttt.experiments.spoken.variants import VARIANTS, Variant
 from moshi_ttt.models.streams import FRAME_RATE
 from moshi_ttt.utils.io import atomic_write
 
@@ -64,38 +65,6 @@ SIMPLE_AUDIO = {"rate_wpm": (175, 175), "pitch": (50, 50)}
 STAGE1_SPEC = ConversationSpec(facts=2, duration_s=10.0, min_distance_s=1.5, max_distance_s=4.5, **SIMPLE_AUDIO)
 # ≥ 5 windows long, facts asked from inside the window out to ≥ 4 windows later (W = 9.6 s)
 STAGE2_SPEC = ConversationSpec(facts=4, duration_s=48.0, min_distance_s=1.5, max_distance_s=40.0, **SIMPLE_AUDIO)
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """A stage-2 model: what trains, the attention window (frames; None = the experiment's W) and whether TTT
-    layers (configs/spoken_memory_ttt.yaml) are added to the stage-1 model; `label` names it in the tables."""
-
-    trainable: str
-    ttt: bool
-    context: int | None = None
-    lr: float = 1e-3
-    seeds: int = 3
-    label: str = ""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# the floor and the ceiling fine-tune every weight (the strongest baselines: the base may learn to carry facts
-# forward through its layers); TTT trains its target parameters only, as a Moshi-7B user would.
-VARIANTS = {
-    "floor": Variant("full", ttt=False, lr=3e-4, label="floor: no TTT, window W"),
-    "ceiling": Variant("full", ttt=False, context=800, lr=3e-4, label="ceiling: no TTT, window ≥ the conversation"),
-    "ttt": Variant("ttt", ttt=True, label="**TTT, window W**"),
-    "ttt_w4": Variant("ttt", ttt=True, context=30, seeds=2, label="TTT, window W/4"),
-    # the fallback the plan names when TTT alone falls short: rank-16 LoRA adapters on every Linear of the base
-    # train with the TTT parameters (docs/spoken-memory.md, "What was tried")
-    "ttt_lora": Variant("ttt+lora", ttt=True, seeds=1, label="TTT + LoRA, window W"),
-    # TTT at the learning rate of the 7B recipe (example.yaml: 1e-4) instead of 1e-3, at which TTT's training loss
-    # rose for 100 steps before it came back (docs/spoken-memory.md, "What was tried")
-    "ttt_lr1e-4": Variant("ttt", ttt=True, lr=1e-4, seeds=1, label="TTT, window W, lr 1e-4"),
-}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from moshi_ttt.experiments.spoken.experiment import VARIANTS
 from moshi_ttt.experiments.spoken.spec import CHANCE
+from moshi_ttt.experiments.spoken.variants import VARIANTS
 
 ORDER = ("pretrained", *VARIANTS)
 LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", **{k: v.label or k for k, v in VARIANTS.items()}}
