@@ -127,7 +127,7 @@ def evaluate(lm_path: Path, codec_path: Path, seed: int, train_texts: set[str], 
     held-out utterance."""
     import sphn
 
-    from moshi_ttt.apps import cli
+    from moshi_ttt.apps import commands
 
     texts = [s for s in speech.sentences(len(train_texts) + 8 * n, seed + 2000) if s not in train_texts][: n + 1]
     pcms = speech.varied_speech(texts, speech.HELD_OUT_VOICES, seed + 2000)
@@ -139,7 +139,7 @@ def evaluate(lm_path: Path, codec_path: Path, seed: int, train_texts: set[str], 
         for i in range(n):
             pcm = np.concatenate([pcms[i], np.zeros(delay + FRAME, np.float32)])
             sphn.write_wav(str(Path(d) / "in.wav"), pcm, sample_rate=SR)
-            rc = cli.main(["infer", str(Path(d) / "in.wav"), str(Path(d) / "out.wav"), "--hf-repo", str(repo)])
+            rc = commands.main(["infer", str(Path(d) / "in.wav"), str(Path(d) / "out.wav"), "--hf-repo", str(repo)])
             if rc:
                 raise RuntimeError(f"infer failed with exit code {rc}")
             out, _ = sphn.read(str(Path(d) / "out.wav"), sample_rate=SR)

@@ -242,13 +242,13 @@ def test_refuses_mono_wav(train_repo, train_dataset, tmp_path, capsys):
     with pytest.raises(DataError, match=r"train.jsonl:1: .*conv0\.wav has 1 channel\(s\); expected a stereo file"):
         train(cfg_for(tmp_path, train_repo, data))
     # the command line reports it in one line with exit code 2
-    from moshi_ttt.train import cli
+    from moshi_ttt.train import command
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(json.dumps(cfg_for(tmp_path, train_repo, data).to_dict()))  # JSON is YAML
     parser = argparse.ArgumentParser()
-    cli.add_args(parser)
-    assert cli.run(parser.parse_args([str(cfg_file)])) == 2  # after one info line naming the TTT layers
+    command.add_args(parser)
+    assert command.run(parser.parse_args([str(cfg_file)])) == 2  # after one info line naming the TTT layers
     err = capsys.readouterr().err.splitlines()
     errors = [line for line in err if line.startswith("moshi-ttt train: error: ")]
     assert len(errors) == 1 and "conv0.wav has 1 channel(s)" in errors[0] and "Traceback" not in "".join(err), err
