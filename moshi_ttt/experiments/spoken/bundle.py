@@ -5,10 +5,12 @@ config, the tokenizer; absolute paths into the run cache) copied side by side in
 that `--hf-repo DEST` loads on any machine. The base weights are stored in bfloat16 (the loader casts them to
 the run's dtype), the codec in float16 where that is exact; the TTT weights stay as trained.
 
-`bundle_conversation(wav, truth, dest)`: the user's channel of an evaluation conversation as Ogg/Opus
-(`conversation.ogg`, what a browser would send) and its questions (`conversation.json`, the generator's record).
+`bundle_conversation(wav, dest, until_s)`: the user's channel of an evaluation conversation as Ogg/Opus
+(`conversation.ogg`, what a browser would send) and its questions (`conversation.json`, the generator's record),
+optionally only its first `until_s` seconds.
 
-    python -m moshi_ttt.experiments.spoken.bundle --export RUN/export --dest DIR --conversation conv_00007.wav
+    python -m moshi_ttt.experiments.spoken.bundle --export RUN/export --dest DIR --conversation conv_00007.wav \
+        [--until-s 25.8]
 """
 
 from __future__ import annotations
