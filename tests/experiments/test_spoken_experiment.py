@@ -34,7 +34,8 @@ def _tiny_settings(tmp: Path) -> ex.Settings:
         listen_n=1, listen=train,
         stage2_train=ex.DataSettings(2, 3, long), stage2_eval=((2, ex.DataSettings(2, 4, long)),), stage2=train,
         variants=(("floor", ex.Variant("full", ttt=False, seeds=1)), ("ttt", ex.Variant("ttt", ttt=True, seeds=1))),
-        cross=(("ttt", 1),))
+        cross=(("ttt", 1),), stage2_val=ex.DataSettings(3, 5, long), probed=("stage1", "floor_seed0"),
+        probe_fit_voices=1)
 
 
 @pytest.mark.slow  # 3 tiny trainings and 4 infer runs, ~40 s
@@ -79,13 +80,24 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
 
     _check_bundle(work / "runs" / "ttt_seed0" / "export", tmp_path)
 
+    probes = ex.run_probes(work, out, s)  # the stage-1 model on the training set, then on the validation set
+    assert [(p["run"], p["set"]) for p in probes] == [("stage1", "stage2_train"), ("stage1", "stage2_val"),
+                                                        ("floor_seed0", "stage2_val")]
+    for p in probes:  # one oracle read-out per layer (2), over every question whose fact is in range
+        assert set(p["read"]) == {"z0", "z1"} and 0 <= p["read"]["z0"]["recall"] <= 1
+        assert p["read"]["z0"]["questions"] == p["read"]["z1"]["questions"] >= 1
+        assert p["config"]["model"]["hf_repo"].startswith("$WORK/")
+    assert ex.run_probes(work, out, s) == probes  # cached
+
     doc = tmp_path / "doc.md"
-    doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n")
+    doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n"
+                   f"{report.PROBES_START}\nold\n{report.PROBES_END}\n")
     res = report.write(out, doc, None, {"stage 1 training": 1.0})
     assert set(res["variants"]) == {"pretrained", "floor", "ttt"}
     assert res["variants"]["ttt"]["evals"]["2"]["all"]["values"] == [recs["ttt"]["evals"]["2"]["recall"]]
     text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert text.startswith("before\n") and "old" not in text
+    assert "oracle read-out with the model's own keys" in text and "| floor: no TTT, window W (floor_seed0) |" in text
     assert "**TTT, window W**" in text and "floor: no TTT, window W" in text and "B with A's memory" in text
     assert res["cross"]["ttt"]["memory"]["all"]["values"] == [cross["memory"]["recall"]]
     assert (out / "recall_by_distance.png").stat().st_size > 1000

@@ -89,6 +89,9 @@ class Settings:
         (8, DataSettings(40, 203, dataclasses.replace(STAGE2_SPEC, facts=8))))
     stage2: TrainSettings = TrainSettings(steps=400, batch=8, lr=1e-3, warmup=40, segment_frames=640,
                                           min_segment_frames=320)
+    stage2_val: DataSettings = DataSettings(40, 204, STAGE2_SPEC)  # training voices, new conversations
+    probed: tuple[str, ...] = ("stage1", "floor_seed0", "ttt_lora_seed0", "ttt_full_seed0")  # runs the probes read
+    probe_fit_voices: int = 8  # of the 12 training voices: the probes fit on these and test on the others
     ttt_config: str = "spoken_memory_ttt"
     architecture: str = "spoken_memory"
     variants: tuple[tuple[str, Variant], ...] = tuple(VARIANTS.items())
@@ -245,6 +248,34 @@ def run_cross(work: Path, out: Path, s: Settings, name: str, seed: int) -> dict:
     return rec
 
 
+def run_probes(work: Path, out: Path, s: Settings) -> list[dict]:
+    """probe.py on the stage-1 model (the stage-2 training set: 1581 facts; it never trained on them) and on each
+    trained run of `s.probed` (the stage-2 validation set); records to OUT/probes/, redone when a run changed."""
+    from moshi_ttt.experiments.spoken import probe
+
+    jobs = [("stage1", "stage2_train", data_set(work, "stage2", "train", s.stage2_train))]
+    val = data_set(work, "stage2_val", "train", s.stage2_val)
+    jobs += [(run, "stage2_val", val) for run in s.probed]
+    recs = []
+    for run, set_name, manifest in jobs:
+        done = work / "runs" / run / "done.json"
+        if not done.exists():
+            continue
+        cfg = _portable(json.loads(done.read_text())["config"], work)
+        path = out / "probes" / f"{run}_{set_name}.json"
+        if path.exists() and json.loads(path.read_text()).get("config") == cfg:
+            recs.append(json.loads(path.read_text()))
+            continue
+        t = time.time()
+        res = _portable(probe.run(work / "runs" / run / "export", manifest, probe.OFFSETS, s.probe_fit_voices, 0,
+                                     s.stage2.segment_frames, s.stage2.min_segment_frames), work)
+        rec = {"run": run, "set": set_name, "config": cfg, "seconds": time.time() - t, **res}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, rec=rec: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
+        recs.append(rec)
+    return recs
+
+
 def run_path(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name}_seed{seed}.json"
 
@@ -355,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/spoken_memory", help="records, results, plot")
     p.add_argument("--work", default=None, help="data and checkpoints (default $MOSHI_TTT_CACHE/spoken_memory)")
-    p.add_argument("--only", choices=["data", "listen", "stage1", "pretrained", "runs"], default=None,
+    p.add_argument("--only", choices=["data", "listen", "stage1", "pretrained", "runs", "probes"], default=None,
                    help="stop after this part (default: everything, then the report)")
     p.add_argument("--variants", nargs="+", default=None,
                    help=f"stage-2 variants to run (default all: {list(VARIANTS)})")
@@ -379,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     rec = run_pretrained(work, out, s)
     print(f"pretrained: stage-1 recall {rec['stage1_eval']['recall']:.3f}", file=sys.stderr)
     if a.only == "pretrained":
+        return 0
+    if a.only == "probes":
+        _probes(work, out, s)
         return 0
     unknown = sorted(set(a.variants or ()) - set(VARIANTS))
     if unknown:
@@ -405,10 +439,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rec['fresh']['recall']:.3f} fresh", file=sys.stderr)
     if a.only == "runs":
         return 0
+    if a.variants is None:
+        _probes(work, out, s)
     from moshi_ttt.experiments.spoken import report
 
     report.write(out, Path(a.doc) if a.doc else None, Path(a.readme) if a.readme else None, stage_times(work))
     return 0
+
+
+def _probes(work: Path, out: Path, s: Settings) -> None:
+    for rec in run_probes(work, out, s):
+        print(f"probes of {rec['run']} on {rec['set']}: oracle read " +
+              " ".join(f"{k} {v['recall']:.3f}" for k, v in rec["read"].items()), file=sys.stderr)
 
 
 def stage_times(work: Path) -> dict:

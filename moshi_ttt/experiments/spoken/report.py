@@ -1,6 +1,7 @@
 """The spoken-memory experiment's results, regenerated from its run records (OUT/runs/*.json, one per variant and
 seed, written by `experiment.py`): OUT/results.json, the plot OUT/recall_by_distance.png and the markdown tables
-of docs/spoken-memory.md and the README (between `<!-- spoken-memory:start -->` / `end` markers).
+of docs/spoken-memory.md and the README (between `<!-- spoken-memory:start -->` / `end` markers), and the probes
+table (OUT/probes/*.json, between `<!-- spoken-probes:start -->` / `end` in docs/spoken-memory.md).
 
     python -m moshi_ttt.experiments.spoken.report --out docs/spoken_memory [--doc docs/spoken-memory.md] \
         [--readme README.md]
@@ -22,6 +23,7 @@ from moshi_ttt.experiments.spoken.variants import VARIANTS
 ORDER = ("pretrained", *VARIANTS)
 LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", **{k: v.label or k for k, v in VARIANTS.items()}}
 START, END = "<!-- spoken-memory:start -->", "<!-- spoken-memory:end -->"
+PROBES_START, PROBES_END = "<!-- spoken-probes:start -->", "<!-- spoken-probes:end -->"
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -123,12 +125,50 @@ def render_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def update_between_markers(path: Path, text: str) -> None:
+def update_between_markers(path: Path, text: str, start: str = START, end: str = END) -> None:
     doc = path.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
-        raise ValueError(f"{path}: markers {START} / {END} not found")
-    path.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", doc))
+        raise ValueError(f"{path}: markers {start} / {end} not found")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", doc))
+
+
+def load_probes(out: Path) -> list[dict]:
+    """Every probe record of OUT/probes (experiment.run_probes): the stage-1 model first, then the runs."""
+    recs = [json.loads(p.read_text()) for p in sorted((out / "probes").glob("*.json"))]
+    return sorted(recs, key=lambda r: (r["run"] != "stage1", r["set"] != "stage2_train", r["run"]))
+
+
+def render_probes(recs: list[dict]) -> str:
+    """Two tables: what the stage-1 model's sources and keys hold (linear probes, across voices), and the oracle
+    read-out with each model's own keys, per layer."""
+    base = next((r for r in recs if r["run"] == "stage1" and r["set"] == "stage2_train"), None)
+    lines = []
+    if base is not None:
+        layers = sorted(base["key_question"], key=lambda k: int(k[1:]))
+        lines += ["| probe (stage-1 model, fitted on 8 training voices, tested on the other 4) | x0 | "
+                  + " | ".join(f"layer {k[1:]}" for k in layers) + " | chance |",
+                  "|---|---|" + "---|" * len(layers) + "---|"]
+        val = base["value"]
+        lines.append("| value: the number, from the source's 5-frame window at the fact's end (`x0` / `mlp_input`) | "
+                     f"{val['x0']['across']:.3f} | "
+                     + " | ".join(f"{val['mlp_input' + k[1:]]['across']:.3f}" for k in layers)
+                     + f" | {base['chance']['number']:.3f} |")
+        for key, where in (("key_fact", "at the fact's end"), ("key_question", "at the question's end")):
+            lines.append(f"| key: the colour, from Z {where} | – | "
+                         + " | ".join(f"{base[key][k]['across']:.3f}" for k in layers)
+                         + f" | {base['chance']['colour']:.3f} |")
+        lines.append("")
+    layers = sorted({k for r in recs for k in r["read"]}, key=lambda k: int(k[1:]))
+    lines += ["| oracle read-out with the model's own keys | set | questions | "
+              + " | ".join(f"layer {k[1:]}" for k in layers) + " | a random fact |",
+              "|---|---|---|" + "---|" * len(layers) + "---|"]
+    for r in recs:
+        n = next(iter(r["read"].values()))["questions"]
+        lines.append(f"| {LABELS.get(r['run'].rsplit('_seed', 1)[0], r['run'])} ({r['run']}) | {r['set']} | {n} | "
+                     + " | ".join(f"{r['read'][k]['recall']:.3f}" if k in r["read"] else "–" for k in layers)
+                     + f" | {r['read_chance']:.3f} |")
+    return "\n".join(lines)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -171,6 +211,9 @@ def write(out: Path, doc: Path | None = None, readme: Path | None = None, stages
     for path in (doc, readme):
         if path is not None:
             update_between_markers(path, table)
+    probes = load_probes(out) if (out / "probes").exists() else []
+    if doc is not None and probes:
+        update_between_markers(doc, render_probes(probes), PROBES_START, PROBES_END)
     return res
 
 

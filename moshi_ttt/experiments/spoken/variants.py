@@ -35,4 +35,8 @@ VARIANTS = {
     # TTT at the learning rate of the 7B recipe (example.yaml: 1e-4) instead of 1e-3, at which TTT's training loss
     # rose for 100 steps before it came back (docs/spoken-memory.md, "What was tried")
     "ttt_lr1e-4": Variant("ttt", ttt=True, lr=1e-4, seeds=1, label="TTT, window W, lr 1e-4"),
+    # TTT layers added and every weight trained, as the floor is: the base can learn the keys Z that a fold writes
+    # under and reads with, which `trainable: ttt` leaves as the stage-1 model computes them (the key probes of
+    # probe.py; docs/spoken-memory.md, "What was tried")
+    "ttt_full": Variant("full", ttt=True, lr=3e-4, seeds=1, label="TTT + full fine-tune, window W"),
 }
