@@ -165,7 +165,8 @@ def render_probes(recs: list[dict]) -> str:
               "|---|---|---|" + "---|" * len(layers) + "---|"]
     for r in recs:
         n = next(iter(r["read"].values()))["questions"]
-        lines.append(f"| {LABELS.get(r['run'].rsplit('_seed', 1)[0], r['run'])} ({r['run']}) | {r['set']} | {n} | "
+        name = "pretrained" if r["run"] == "stage1" else r["run"].rsplit("_seed", 1)[0]
+        lines.append(f"| {LABELS.get(name, r['run'])} ({r['run']}) | {r['set']} | {n} | "
                      + " | ".join(f"{r['read'][k]['recall']:.3f}" if k in r["read"] else "–" for k in layers)
                      + f" | {r['read_chance']:.3f} |")
     return "\n".join(lines)
