@@ -8,7 +8,8 @@ pages sent, server audio decoded by WebCodecs and played (the echo of the microp
 model line, TTT panel fed by the `?telemetry=1`
 0x04 messages) and a screenshot; while it runs, a second page gets the busy message (--max-conversations 1)
 and a page with a wrong API key the auth message; disconnect frees the slot; a remembered conversation is
-resumed after a reload and then forgotten; stopping the server shows the shutdown message. Any page JavaScript
+resumed after a reload and then forgotten; an audio file as the microphone is echoed; stopping the server shows
+the shutdown message. Any page JavaScript
 error, console error or unhandled promise rejection fails a test.
 
 Needs `pip install playwright pillow` (no `playwright install`: the Debian browser is used) and
@@ -371,6 +372,44 @@ def test_disconnect_frees_the_slot_and_reconnect_starts_anew(demo_server, page_a
     page_a.page.click("#connect")
     s2 = page_a.wait_stats("s.handshake && s.tttUpdates >= 1 && s.decodedSamples > 0", 30, "a second conversation")
     assert s2["info"]["conversation"] != live["info"]["conversation"], (s2["info"], live["info"])
+
+
+def test_an_audio_file_as_the_microphone(demo_server, page_a, speech, tmp_path):
+    """A WAV file chosen in the page is the microphone: it plays once, in real time, from the handshake on, and the
+    echo demo answers with it — what the page played matches the file clearly better than the fake microphone's
+    utterance (which this conversation never opened). A file that is not audio is refused in plain words."""
+    from support import audio_match
+
+    url, _ = demo_server
+    if page_a.stats()["state"] == "live":
+        page_a.page.click("#disconnect")
+        page_a.wait_stats("s.state === 'idle'", 10, "page A's disconnect")
+    wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 15, "the slot to be free")
+    junk = tmp_path / "notes.wav"
+    junk.write_text("not audio")
+    page_a.page.set_input_files("#audio-file", str(junk))
+    page_a.wait_stats("s.state === 'idle'", 10, "the refusal of a file that is not audio")
+    page_a.page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=10000)
+    assert "notes.wav is not an audio file" in page_a.error_text(), page_a.error_text()
+    assert (health_or_none(url) or {}).get("active") == 0  # nothing was opened on the server
+
+    page_a.page.evaluate("window.moshiRecord = []")
+    clip, pcm = speech.wav("a"), speech.pcm("a")
+    seconds = len(pcm) / 24000
+    page_a.page.set_input_files("#audio-file", str(clip))
+    s = page_a.wait_stats(f"s.handshake && s.file && s.file.ended && s.decodedSeconds > {seconds + 2}",
+                          seconds + 40, "the file played to its end and echoed")
+    assert s["file"]["name"] == clip.name and abs(s["file"]["seconds"] - seconds) < 0.05, s["file"]
+    assert s["state"] == "live" and s["errors"] == [], s
+    assert clip.name in page_a.page.inner_text("#state") and clip.name in page_a.page.inner_text("#status")
+    out = played_audio(page_a.page)[demo.ECHO_OUTPUT_FRAMES * FRAME_24K:][:len(pcm)]
+    own, at = audio_match.best_echo(np.concatenate([pcm, np.zeros_like(pcm)]), out, 24000)
+    web = speech.pcm("web")
+    unrelated, _ = audio_match.best_echo(np.tile(web, 3), out, len(web))
+    print(f"browser, file as the microphone: echo {own:.3f} at offset {at / 24000:.2f} s, unrelated {unrelated:.3f}")
+    assert own >= WEB_ECHO_MIN and own - unrelated >= WEB_MARGIN, (own, at, unrelated)
+    page_a.page.click("#disconnect")
+    page_a.wait_stats("s.state === 'idle'", 10, "the disconnect")
 
 
 def test_remember_reload_resume_then_forget(browser, demo_server, page_a):

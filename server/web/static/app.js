@@ -21,6 +21,7 @@ const stats = {
   state: "idle", handshake: false, sentPackets: 0, sentPages: 0, sentBytes: 0, receivedPages: 0,
   decodedSamples: 0, decodedSeconds: 0, textPieces: 0, metadataUpdates: 0, tttUpdates: 0, underruns: 0,
   bufferedMs: 0, errors: [], info: null, lastTelemetry: null, memory: null, firstTelemetry: null, forgotten: null,
+  file: null, // {name, seconds, ended} while an audio file is the microphone
 };
 window.moshiStats = stats;
 
@@ -87,6 +88,7 @@ function setState(state, label = state) {
   $("disconnect").disabled = !busy;
   $("api-key").disabled = busy;
   $("remember").disabled = busy;
+  $("audio-file").disabled = busy;
   renderMemory(busy);
 }
 
@@ -110,10 +112,10 @@ function chatUrl(resumeToken = null) {
   return url;
 }
 
-/** An AudioContext at 24 kHz with our worklets and the microphone wired to it. Browsers that cannot
- * connect a microphone to a context at another rate than the device's (Firefox) get the device rate:
- * the capture worklet resamples to 24 kHz. */
-async function openAudio(c) {
+/** An AudioContext at 24 kHz with our worklets and the microphone wired to it, or the audio file `file` (a
+ * File), decoded by the browser at the context's rate. Browsers that cannot connect a microphone to a context at
+ * another rate than the device's (Firefox) get the device rate: the capture worklet resamples to 24 kHz. */
+async function openAudio(c, file = null) {
   for (const rate of [SAMPLE_RATE, undefined]) {
     const ctx = new AudioContext(rate ? { sampleRate: rate, latencyHint: "interactive" } : { latencyHint: "interactive" });
     const mic = new Microphone({
@@ -123,7 +125,16 @@ async function openAudio(c) {
     });
     try {
       await ctx.audioWorklet.addModule(new URL("worklets.js", import.meta.url));
-      await mic.open(ctx);
+      let buffer = null;
+      if (file) {
+        try {
+          buffer = await ctx.decodeAudioData(await file.arrayBuffer());
+        } catch (e) {
+          throw Object.assign(new Error(`${file.name} is not an audio file this browser can decode`), { name: "FileError" });
+        }
+        stats.file = { name: file.name, seconds: buffer.duration, ended: false };
+      }
+      await mic.open(ctx, buffer);
       return { ctx, mic };
     } catch (e) {
       mic.close();
@@ -139,23 +150,24 @@ function closeContext(ctx) {
 }
 
 function micProblem(e) {
+  if (e.name === "FileError") return `Could not play the file: ${e.message}.`;
   if (e.name === "NotAllowedError") return "Microphone access was denied. Allow it for this site in the browser's settings, then connect again.";
   if (e.name === "NotFoundError") return "No microphone was found. Plug one in, then connect again.";
   if (e.name === "NotReadableError") return "The microphone is in use by another application or could not be opened.";
   return `Could not start the audio: ${e.message || e.name}`;
 }
 
-async function connect(resumeToken = null) {
+async function connect(resumeToken = null, file = null) {
   const problem = unsupported();
   if (problem) return;
   clearError();
   resetConversationView();
-  setState("connecting", "starting the microphone…");
+  setState("connecting", file ? `reading ${file.name}…` : "starting the microphone…");
   const c = { closedByUser: false, opened: false, serverError: false, ended: false, lastMessage: performance.now(),
     resumeToken, remembered: Boolean(resumeToken) || $("remember").checked };
   conv = c;
   try {
-    Object.assign(c, await openAudio(c));
+    Object.assign(c, await openAudio(c, file));
     if (c.ended) { // disconnected while the microphone was starting
       c.mic.close();
       closeContext(c.ctx);
@@ -201,7 +213,7 @@ function onMessage(c, bytes) {
       stats.handshake = true;
       c.startedAt = performance.now();
       c.mic.start();
-      setState("live", "live — talk!");
+      setState("live", stats.file ? `live — playing ${stats.file.name}` : "live — talk!");
       break;
     case KIND.AUDIO:
       c.player.push(payload);
@@ -317,7 +329,7 @@ function resetConversationView() {
   Object.assign(stats, {
     handshake: false, sentPackets: 0, sentPages: 0, sentBytes: 0, receivedPages: 0, decodedSamples: 0,
     decodedSeconds: 0, textPieces: 0, metadataUpdates: 0, tttUpdates: 0, underruns: 0, bufferedMs: 0,
-    errors: [], info: null, lastTelemetry: null, memory: null, firstTelemetry: null,
+    errors: [], info: null, lastTelemetry: null, memory: null, firstTelemetry: null, file: null,
   });
   $("transcript").textContent = "";
   $("model").textContent = "";
@@ -347,6 +359,7 @@ function refresh(c) {
     }
   }
   if (c.mic) stats.sentPackets = c.mic.packets;
+  if (c.mic && stats.file) stats.file.ended = Boolean(c.mic.fileEnded);
   if (c.ended) return;
   if (stats.state === "live" && performance.now() - c.lastMessage > SILENCE_LIMIT_MS) {
     fail(c, "The server stopped responding (nothing received for 10 s).", null);
@@ -354,7 +367,8 @@ function refresh(c) {
   }
   const secs = c.startedAt ? ((performance.now() - c.startedAt) / 1000).toFixed(0) : 0;
   $("status").textContent = stats.handshake
-    ? `${secs} s · sent ${stats.sentPackets} Opus packets · received ${stats.decodedSeconds.toFixed(1)} s of audio ` +
+    ? `${secs} s${stats.file ? ` · ${stats.file.name} (${stats.file.seconds.toFixed(1)} s)${stats.file.ended ? " ended" : ""}` : ""}` +
+      ` · sent ${stats.sentPackets} Opus packets · received ${stats.decodedSeconds.toFixed(1)} s of audio ` +
       `· buffer ${stats.bufferedMs} ms · ${stats.underruns} gap${stats.underruns === 1 ? "" : "s"}`
     : "";
 }
@@ -365,6 +379,11 @@ function init() {
   const key = new URLSearchParams(location.search).get("api_key");
   if (key) $("api-key").value = key;
   $("connect").onclick = () => connect();
+  $("audio-file").onchange = (e) => { // a recorded conversation as the microphone
+    const file = e.target.files[0];
+    e.target.value = ""; // the same file again is a new choice
+    if (file && !$("connect").disabled) connect(null, file);
+  };
   $("apikey-form").onsubmit = (e) => { e.preventDefault(); if (!$("connect").disabled) connect(); };
   $("disconnect").onclick = disconnect;
   $("resume").onclick = () => { const m = memory.get(); if (m) connect(m.token); };
@@ -384,6 +403,7 @@ function init() {
     n.textContent = problem;
     n.hidden = false;
     $("connect").disabled = true;
+    $("audio-file").disabled = true;
     stats.state = "unsupported";
   }
 }

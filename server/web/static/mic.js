@@ -1,4 +1,5 @@
-// Microphone → 24 kHz mono → WebCodecs Opus (20 ms packets) → Ogg pages of 2 packets.
+// Microphone (or an audio file played as one) → 24 kHz mono → WebCodecs Opus (20 ms packets) → Ogg pages of
+// 2 packets.
 
 import { OggOpusMuxer } from "./ogg.js";
 
@@ -18,18 +19,30 @@ export class Microphone {
     this.timestamp = 0;
   }
 
-  /** Asks for the microphone (permission prompt) and wires the capture node; nothing is sent yet. */
-  async open(ctx) {
+  /** Wires the capture node to the microphone (permission prompt), or, given `file` (a decoded AudioBuffer), to
+   * that file: it plays once from `start()`, in real time, heard on the speakers too, then silence follows (the
+   * conversation goes on until it is ended). Nothing is sent yet. */
+  async open(ctx, file = null) {
     this.ctx = ctx;
-    this.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
-    });
-    this.source = ctx.createMediaStreamSource(this.stream);
     this.node = new AudioWorkletNode(ctx, "moshi-capture", {
       numberOfInputs: 1, numberOfOutputs: 0, channelCount: 1, channelCountMode: "explicit",
       processorOptions: { targetRate: SAMPLE_RATE, frameSize: FRAME },
     });
     this.node.port.onmessage = (e) => this.#frame(e.data);
+    if (file) {
+      this.fileEnded = false;
+      this.source = new AudioBufferSourceNode(ctx, { buffer: file });
+      this.source.onended = () => { this.fileEnded = true; };
+      this.source.connect(ctx.destination);
+      this.silence = new ConstantSourceNode(ctx, { offset: 0 }); // keeps frames coming before and after the file
+      this.silence.connect(this.node);
+      this.silence.start();
+    } else {
+      this.stream = await navigator.mediaDevices.getUserMedia({
+        audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      });
+      this.source = ctx.createMediaStreamSource(this.stream);
+    }
     this.source.connect(this.node);
     this.muxer = new OggOpusMuxer({ packetsPerPage: 2, inputSampleRate: SAMPLE_RATE });
     this.encoder = new AudioEncoder({
@@ -42,9 +55,11 @@ export class Microphone {
     });
   }
 
-  /** Starts encoding and sending (call once the server's handshake arrived). */
+  /** Starts encoding and sending (call once the server's handshake arrived), and the file, if it is one. */
   start() {
     this.sending = true;
+    if (this.source instanceof AudioBufferSourceNode && !this.started) this.source.start();
+    this.started = true;
   }
 
   #frame({ pcm, rms }) {
@@ -76,9 +91,11 @@ export class Microphone {
       this.node.port.postMessage("stop");
       this.node.port.onmessage = null;
     }
+    if (this.source) this.source.onended = null;
     this.source?.disconnect();
+    this.silence?.disconnect();
     this.stream?.getTracks().forEach((t) => t.stop());
     if (this.encoder && this.encoder.state !== "closed") this.encoder.close();
-    this.encoder = this.node = this.source = this.stream = null;
+    this.encoder = this.node = this.source = this.stream = this.silence = null;
   }
 }
