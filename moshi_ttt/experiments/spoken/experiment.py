@@ -188,7 +188,8 @@ def stage2_config(work: Path, s: Settings, name: str, v: Variant, seed: int) -> 
             "trainable": v.trainable, "batch_size": t.batch, "max_steps": t.steps,
             "optim": {"lr": v.lr, "warmup_steps": t.warmup, "schedule": "cosine", "min_lr_ratio": 0.1,
                       "weight_decay": t.weight_decay},
-            "text_padding_weight": t.text_padding_weight, "seed": seed, "ckpt_every": 50, "keep_checkpoints": 1,
+            "text_padding_weight": t.text_padding_weight if v.text_padding_weight is None else v.text_padding_weight,
+            "seed": seed, "ckpt_every": 50, "keep_checkpoints": 1,
             "log_every": 10, "dtype": "float32"}
 
 

@@ -17,6 +17,7 @@ class Variant:
     lr: float = 1e-3
     seeds: int = 3
     label: str = ""
+    text_padding_weight: float | None = None  # None: the stage-2 setting (Settings.stage2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -39,4 +40,11 @@ VARIANTS = {
     # under and reads with, which `trainable: ttt` leaves as the stage-1 model computes them (the key probes of
     # probe.py; docs/spoken-memory.md, "What was tried")
     "ttt_full": Variant("full", ttt=True, lr=3e-4, seeds=1, label="TTT + full fine-tune, window W"),
+    # the answers' share of the loss: with text_padding_weight 0 the text loss is the mean over the answer tokens
+    # alone (4 a conversation) instead of over every frame's padding too (text loss 0.008 against the audio's 0.23
+    # at the end of ttt_full), the floor beside it with the same loss
+    "ttt_full_answers": Variant("full", ttt=True, lr=3e-4, seeds=1, text_padding_weight=0.0,
+                                label="TTT + full fine-tune, answers' loss only, window W"),
+    "floor_answers": Variant("full", ttt=False, lr=3e-4, seeds=1, text_padding_weight=0.0,
+                             label="floor, answers' loss only: no TTT, window W"),
 }
