@@ -100,7 +100,7 @@ def oracle_read(out: dict, grab: dict, j: int, sm: dict, start: int, T: int) -> 
         for name, t in grab.items():
             if not name.startswith("z"):
                 continue
-            z = t[j].double()
+            z = t[j]
             score = {n: 0.0 for n in NUMBERS}
             for a, n in facts:
                 score[n] += float((z[a + lo:a + hi] @ z[qa]).sum())
@@ -108,9 +108,9 @@ def oracle_read(out: dict, grab: dict, j: int, sm: dict, start: int, T: int) -> 
 
 
 def collect(pieces, manifest: Path, segment_frames: int, min_segment_frames: int, offsets: tp.Sequence[int],
-            k_past: int, k_future: int, batch: int = 8) -> dict:
+            k_past: int, k_future: int, batch: int = 8, only: tp.Sequence[int] | None = None) -> dict:
     """Teacher-forced features of every fact and question of `manifest`'s conversations (codes from the
-    trainer's code cache when these segments were encoded before)."""
+    trainer's code cache when these segments were encoded before); `only`: these layers (default every one)."""
     from moshi_ttt.experiments.spoken.spec import COLOURS, NUMBERS
     from moshi_ttt.train.data import Dataset, TokenIds
     from moshi_ttt.train.loop import code_cache
@@ -119,10 +119,13 @@ def collect(pieces, manifest: Path, segment_frames: int, min_segment_frames: int
     ids = TokenIds.of(lm)
     ds = Dataset(manifest, segment_frames, min_segment_frames, "SPEAKER_MAIN",
                  code_cache=code_cache("auto", pieces, ids, FRAME_RATE))
-    layers = lm.transformer.layers
+    device = next(lm.parameters()).device
+    layers = {i: layer for i, layer in enumerate(lm.transformer.layers) if only is None or i in only}
+    if only is not None and set(only) - set(layers):
+        raise ValueError(f"layers {sorted(set(only) - set(layers))}: the model has {len(lm.transformer.layers)}")
     grab: dict[str, torch.Tensor] = {}
     hooks = [lm.transformer.register_forward_pre_hook(lambda m, a: grab.__setitem__("x0", a[0]))]
-    for i, layer in enumerate(layers):
+    for i, layer in layers.items():
         hooks.append(layer.norm2.register_forward_hook(lambda m, a, o, i=i: grab.__setitem__(f"mlp_input{i}", o)))
     out: dict[str, tp.Any] = {"voice": [], "number": [], "colour": [], "value": {}, "key_fact": {},
                               "key_question": {}, "read": {}, "read_chance": []}
@@ -130,9 +133,11 @@ def collect(pieces, manifest: Path, segment_frames: int, min_segment_frames: int
         with torch.no_grad():
             for k in range(0, len(ds), batch):
                 idx = list(range(k, min(k + batch, len(ds))))
-                lm(ds.batch(idx, mimi, tokenizer, ids))
-                for i, layer in enumerate(layers):
+                lm(ds.batch(idx, mimi, tokenizer, ids).to(device))
+                for i, layer in layers.items():
                     grab[f"z{i}"] = gated(layer.gating, grab[f"mlp_input{i}"])
+                for name in grab:
+                    grab[name] = grab[name].double().cpu()
                 for j, i in enumerate(idx):
                     seg = ds.segments[i]
                     path = ds.recordings[seg.recording].path
@@ -151,7 +156,7 @@ def collect(pieces, manifest: Path, segment_frames: int, min_segment_frames: int
                         out["number"].append(NUMBERS.index(u["number"]))
                         out["colour"].append(COLOURS.index(u["colour"]))
                         for name, t in grab.items():
-                            t = t[j].double()
+                            t = t[j]
                             if name.startswith("z"):
                                 for d in offsets:
                                     out["key_fact"].setdefault((name, d), []).append(t[a + d].clone())
@@ -167,14 +172,19 @@ def collect(pieces, manifest: Path, segment_frames: int, min_segment_frames: int
 
 
 def run(export: Path, manifest: Path, offsets: tp.Sequence[int], fit_voices: int, seed: int,
-        segment_frames: int = 640, min_segment_frames: int = 320, kernel: tuple[int, int] = (2, 2)) -> dict:
-    """Every probe of the stand-in at `export` on `manifest`; voices split `fit_voices` / the rest by `seed`."""
+        segment_frames: int = 640, min_segment_frames: int = 320, kernel: tuple[int, int] = (2, 2),
+        device: str = "cpu", layers: tp.Sequence[int] | None = None) -> dict:
+    """Every probe of the model at `export` (a --hf-repo folder) on `manifest`; voices split `fit_voices` / the
+    rest by `seed`. On CUDA the model runs in bfloat16 (features in float64 on the CPU); `layers` limits the
+    layers probed (a 7B model: its TTT layers)."""
     from moshi_ttt import runtime
     from moshi_ttt.experiments.spoken.spec import COLOURS, NUMBERS
 
-    pieces = runtime.load(runtime.CheckpointFlags(hf_repo=str(export)), torch.device("cpu"), torch.float32)
+    dev = torch.device(device)
+    pieces = runtime.load(runtime.CheckpointFlags(hf_repo=str(export)), dev,
+                          torch.float32 if dev.type == "cpu" else torch.bfloat16)
     pieces.lm.eval()
-    c = collect(pieces, manifest, segment_frames, min_segment_frames, offsets, *kernel)
+    c = collect(pieces, manifest, segment_frames, min_segment_frames, offsets, *kernel, only=layers)
     voices = sorted(set(c["voice"]))
     if not 0 < fit_voices < len(voices):
         raise ValueError(f"fit_voices={fit_voices}: must be in [1, {len(voices) - 1}] ({len(voices)} voices)")
@@ -226,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offsets", type=int, nargs="+", default=list(OFFSETS), help="δ, frames from the fact's end")
     p.add_argument("--fit-voices", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bfloat16)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="probe these layers only (default all)")
     a = p.parse_args(argv)
     try:
-        res = run(Path(a.export), Path(a.manifest), a.offsets, a.fit_voices, a.seed)
+        res = run(Path(a.export), Path(a.manifest), a.offsets, a.fit_voices, a.seed, device=a.device,
+                  layers=a.layers)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
