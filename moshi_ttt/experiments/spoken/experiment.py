@@ -90,7 +90,8 @@ class Settings:
     stage2: TrainSettings = TrainSettings(steps=400, batch=8, lr=1e-3, warmup=40, segment_frames=640,
                                           min_segment_frames=320)
     stage2_val: DataSettings = DataSettings(40, 204, STAGE2_SPEC)  # training voices, new conversations
-    probed: tuple[str, ...] = ("stage1", "floor_seed0", "ttt_lora_seed0", "ttt_full_seed0")  # runs the probes read
+    probed: tuple[str, ...] = ("stage1", "floor_seed0", "ttt_lora_seed0", "ttt_full_seed0",  # runs the probes read
+                               "ttt_full_answers_seed0")
     probe_fit_voices: int = 8  # of the 12 training voices: the probes fit on these and test on the others
     ttt_config: str = "spoken_memory_ttt"
     architecture: str = "spoken_memory"
