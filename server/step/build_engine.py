@@ -39,12 +39,14 @@ def load(args, metrics: tp.Any = None) -> Loaded:
     import torch
 
     from moshi_ttt import runtime
+    from moshi_ttt.models.generation import condition_tensors, lm_gen_kwargs
+    from moshi_ttt.utils.device import pick_device, pick_dtype
 
     random.seed(args.seed)
     np.random.seed(args.seed % (2 ** 32))
     torch.manual_seed(args.seed)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(device, half=args.half)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, half=args.half)
     if args.half and device.type != "cuda":
         log.info("--half is ignored on CPU (float32)")
     t = time.perf_counter()
@@ -54,10 +56,10 @@ def load(args, metrics: tp.Any = None) -> Loaded:
     lm, mimi, tokenizer, model_name = pieces.lm, pieces.mimi, pieces.tokenizer, pieces.name
     log.info("loaded %s on %s/%s in %.1f s (TTT layers %s)", model_name, device, str(dtype).replace("torch.", ""),
              time.perf_counter() - t, lm.ttt_layer_indices)
-    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
-                                top_k_text=args.top_k_text)
+    gen = lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
+                        top_k_text=args.top_k_text)
     n = args.max_conversations
-    condition_tensors = runtime.condition_tensors(pieces, n, args.cfg_coef, gen)
+    conditions = condition_tensors(pieces.info, lm, n, args.cfg_coef, gen)
     threads = args.threads
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 2) - 1) if device.type == "cpu" else 1
@@ -70,7 +72,7 @@ def load(args, metrics: tp.Any = None) -> Loaded:
                                  step_delay=getattr(args, "step_delay_ms", 0.0) / 1000,
                                  fail_step=getattr(args, "fail_step", 0)),
                     metrics=metrics, lm_gen_kwargs=gen, cfg_coef=args.cfg_coef,
-                    condition_tensors=condition_tensors or None, device=device)
+                    condition_tensors=conditions or None, device=device)
     if getattr(args, "memory_store", None):
         from ..memory.slot_memory import SlotMemory
 
