@@ -25,6 +25,7 @@ import time
 import typing as tp
 from dataclasses import dataclass, field
 
+from ..core.config import ServeConfig
 from ..core.engine_api import Done
 from ..core.events import EngineClosed, Event, EventKind, Sink
 from ..core.reasons import WORKER_RESTARTING, Reason
@@ -54,11 +55,11 @@ class RemoteSlot:
 class _Proc:
     """One spawned worker and its pipes."""
 
-    def __init__(self, ctx, args, log_level: str):
+    def __init__(self, ctx, cfg: ServeConfig):
         self.ctrl, child_ctrl = ctx.Pipe(duplex=True)
         in_r, self.wake_in = ctx.Pipe(duplex=False)
         self.wake_out, out_w = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=worker_main, args=(args, child_ctrl, in_r, out_w, log_level),
+        self.process = ctx.Process(target=worker_main, args=(cfg, child_ctrl, in_r, out_w),
                                    name="moshi-ttt-model-worker", daemon=True)
         self.process.start()
         for c in (child_ctrl, in_r, out_w):
@@ -78,14 +79,11 @@ class _Proc:
 
 
 class WorkerEngine:
-    """See the module doc. `args`: the serve flags (pickled to the worker)."""
+    """See the module doc. `cfg`: the server's config (pickled to the worker)."""
 
-    def __init__(self, args, log_level: str = "info", start_timeout: float = 300.0):
-        self.args = args
-        self.n = int(args.max_conversations)
-        if self.n < 1:
-            raise ValueError(f"max_conversations must be >= 1, got {self.n}")
-        self.log_level = log_level
+    def __init__(self, cfg: ServeConfig, start_timeout: float = 300.0):
+        self.cfg = cfg
+        self.n = cfg.max_conversations
         self.start_timeout = start_timeout
         self.slots = [RemoteSlot(i) for i in range(self.n)]
         self.metrics: Metrics | None = None
@@ -127,7 +125,7 @@ class WorkerEngine:
     async def _spawn(self) -> None:
         loop = self._loop
         self._started = loop.create_future()
-        proc = await asyncio.to_thread(_Proc, self._ctx, self.args, self.log_level)
+        proc = await asyncio.to_thread(_Proc, self._ctx, self.cfg)
         self._proc = proc
         loop.add_reader(proc.ctrl.fileno(), self._on_ctrl, proc)
         loop.add_reader(proc.process.sentinel, self._on_exit, proc)
@@ -144,7 +142,7 @@ class WorkerEngine:
         if self.metrics is None:
             self.metrics = Metrics(max_conversations=self.n, frame_seconds=self.frame_seconds)
             self.metrics.set_ttt_layers(info.get("ttt_layers", []))
-        max_backlog = max(1, round(float(self.args.max_delay) / self.frame_seconds))
+        max_backlog = max(1, round(self.cfg.max_delay / self.frame_seconds))
         proc.rings = Rings(self.n, self.frame_size, max_backlog + RING_SLACK, OUT_RING_FRAMES)
         proc.ctrl.send(messages.Attach(proc.rings.spec(), self._bulk_dir))
         loop.add_reader(proc.wake_out.fileno(), self._on_output, proc)

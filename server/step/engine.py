@@ -52,7 +52,7 @@ class Slot:
 
 @dataclass
 class EngineConfig:
-    max_conversations: int = 4
+    max_conversations: int = 4  # >= 1 (serve's ServeConfig checks it)
     threads: int = 1
     batch_wait: float = 0.08  # seconds; at most one frame
     telemetry_interval: float = 1.0  # seconds; <= 0 disables periodic telemetry
@@ -68,8 +68,6 @@ class Engine:
     def __init__(self, mimi, lm, tokenizer, config: EngineConfig, metrics: Metrics | None = None,
                  lm_gen_kwargs: dict | None = None, cfg_coef: float = 1.0, condition_tensors=None,
                  device: torch.device | str = "cpu"):
-        if config.max_conversations < 1:
-            raise ValueError(f"max_conversations must be >= 1, got {config.max_conversations}")
         self.mimi = mimi
         self.lm = lm
         self.tokenizer = tokenizer
