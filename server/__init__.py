@@ -12,8 +12,8 @@ Its rooms, data flowing one way (websocket → web → the engine interface → 
   memory/  the server's part of conversation memory: tokens, store and saves on the web side (`memories`),
            a slot's fast weights to and from file bytes on the model side (`slot_memory`)
   core/    what every room shares: the configuration (`config.ServeConfig`, built once from the flags), the
-           engine interface (`engine_api.ServingEngine`), the events a conversation receives (`events`) and why a
-           conversation is refused or ends (`reasons`)
+           engine interface (`engine_api.ServingEngine`), the events a conversation receives (`events`), why a
+           conversation is refused or ends (`reasons`), thread start-up (`threads`)
   metrics.py  the Prometheus metrics;  serve.py  the command line (and `BackgroundServer`)
 
 By default the engine is `link.remote.WorkerEngine`, whose worker process steps `step.engine.Engine`; with

@@ -28,6 +28,7 @@ from moshi_ttt.utils.cache import cache_dir
 
 from .core.config import LOG_LEVELS, WORKERS, ServeConfig
 from .core.engine_api import ServingEngine
+from .core.threads import start_and_wait
 from .guards import admission, limits
 from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .guards.http_guard import GuardedSite, HttpLimits
@@ -44,6 +45,16 @@ log = logging.getLogger("moshi_ttt.server")
 # The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
 # docs/design.md, "Serving engine"; the flood figures: docs/serving.md).
 DEFAULT_SWITCH_MS = 5.0
+
+
+NO_LIMIT = "; 0 = no limit"
+
+
+def _number(g, flag: str, default: float, help: str, after: str = "", kind: type | None = None) -> None:
+    """A numeric flag of type `kind` (default: its `default`'s, int or float), whose help ends with the default:
+    `HELP (default DEFAULT AFTER)`."""
+    g.add_argument(flag, type=kind or type(default), default=default,
+                   help=f"{help + ' ' if help else ''}(default {default:g}{after})")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -64,27 +75,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
 
     g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
-    g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
-                   help="seconds of a conversation's audio that may wait for the model before it is ended "
-                        f"(default {SessionConfig.max_delay:g})")
-    g.add_argument("--admit-lag", type=float, default=SessionConfig.admit_lag,
-                   help="while the model is slower than real time, refuse new conversations once some "
-                        f"conversation's audio has waited this many seconds (default {SessionConfig.admit_lag:g})")
-    g.add_argument("--max-messages-per-s", type=float, default=limits.DEFAULT_MESSAGES_PER_S,
-                   help=f"per-connection message budget (default {limits.DEFAULT_MESSAGES_PER_S:g}/s, "
-                        f"burst {limits.DEFAULT_BURST_S:g} s of it)")
-    g.add_argument("--max-bytes-per-s", type=float, default=limits.DEFAULT_BYTES_PER_S,
-                   help=f"per-connection byte budget (default {limits.DEFAULT_BYTES_PER_S:g}/s)")
-    g.add_argument("--max-pings-per-s", type=float, default=limits.DEFAULT_PINGS_PER_S,
-                   help=f"per-connection websocket ping/pong budget (default {limits.DEFAULT_PINGS_PER_S:g}/s)")
-    g.add_argument("--header-timeout", type=float, default=HttpLimits.header_timeout,
-                   help="seconds a new connection has to send its request headers (default "
-                        f"{HttpLimits.header_timeout:g})")
-    g.add_argument("--keepalive-timeout", type=float, default=HttpLimits.keepalive_timeout,
-                   help=f"idle seconds of a keep-alive HTTP connection (default {HttpLimits.keepalive_timeout:g})")
-    g.add_argument("--max-pending-connections", type=int, default=HttpLimits.max_pending,
-                   help="concurrent connections that are not a running conversation (default "
-                        f"{HttpLimits.max_pending})")
+    _number(g, "--max-delay", SessionConfig.max_delay,
+            "seconds of a conversation's audio that may wait for the model before it is ended")
+    _number(g, "--admit-lag", SessionConfig.admit_lag, "while the model is slower than real time, refuse new "
+            "conversations once some conversation's audio has waited this many seconds")
+    _number(g, "--max-messages-per-s", limits.DEFAULT_MESSAGES_PER_S, "per-connection message budget",
+            f"/s, burst {limits.DEFAULT_BURST_S:g} s of it")
+    _number(g, "--max-bytes-per-s", limits.DEFAULT_BYTES_PER_S, "per-connection byte budget", "/s", kind=float)
+    _number(g, "--max-pings-per-s", limits.DEFAULT_PINGS_PER_S, "per-connection websocket ping/pong budget", "/s")
+    _number(g, "--header-timeout", HttpLimits.header_timeout,
+            "seconds a new connection has to send its request headers")
+    _number(g, "--keepalive-timeout", HttpLimits.keepalive_timeout, "idle seconds of a keep-alive HTTP connection")
+    _number(g, "--max-pending-connections", HttpLimits.max_pending,
+            "concurrent connections that are not a running conversation")
     g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
@@ -92,20 +95,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
 
     g = p.add_argument_group("admission per client address (see docs/serving.md)")
-    g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
-                   help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
-    g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
-                   help="conversation starts per client address and minute (default "
-                        f"{admission.DEFAULT_STARTS_PER_MINUTE:g}; 0 = no limit)")
-    g.add_argument("--start-burst", type=int, default=admission.DEFAULT_START_BURST,
-                   help=f"starts an address may make at once (default {admission.DEFAULT_START_BURST})")
-    g.add_argument("--ban-after", type=int, default=admission.DEFAULT_BAN_AFTER,
-                   help="refuse an address at the upgrade once its conversations were cut for abuse this many "
-                        f"times within --ban-window (default {admission.DEFAULT_BAN_AFTER}; 0 = never)")
-    g.add_argument("--ban-window", type=float, default=admission.DEFAULT_BAN_WINDOW_S,
-                   help=f"seconds (default {admission.DEFAULT_BAN_WINDOW_S:g})")
-    g.add_argument("--ban-seconds", type=float, default=admission.DEFAULT_BAN_S,
-                   help=f"how long such an address is refused (default {admission.DEFAULT_BAN_S:g})")
+    _number(g, "--max-conversations-per-ip", admission.DEFAULT_MAX_PER_IP, "open conversations per client address",
+            NO_LIMIT)
+    _number(g, "--max-starts-per-minute", admission.DEFAULT_STARTS_PER_MINUTE,
+            "conversation starts per client address and minute", NO_LIMIT)
+    _number(g, "--start-burst", admission.DEFAULT_START_BURST, "starts an address may make at once")
+    _number(g, "--ban-after", admission.DEFAULT_BAN_AFTER, "refuse an address at the upgrade once its conversations "
+            "were cut for abuse this many times within --ban-window", "; 0 = never")
+    _number(g, "--ban-window", admission.DEFAULT_BAN_WINDOW_S, "seconds")
+    _number(g, "--ban-seconds", admission.DEFAULT_BAN_S, "how long such an address is refused")
     g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
                    help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
                         "anyone else the header is ignored")
@@ -163,11 +161,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint a remembered conversation every N chunks (default {DEFAULT_SAVE_EVERY}; 0 = only "
                         "when it ends)")
     g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
-    g.add_argument("--memory-failures-per-minute", type=float, default=admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
-                   help="failed memory resumes + deletes an address may make per minute (default "
-                        f"{admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE:g}; 0 = no limit)")
-    g.add_argument("--memory-failure-burst", type=int, default=admission.DEFAULT_MEMORY_FAILURE_BURST,
-                   help=f"(default {admission.DEFAULT_MEMORY_FAILURE_BURST})")
+    _number(g, "--memory-failures-per-minute", admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
+            "failed memory resumes + deletes an address may make per minute", NO_LIMIT)
+    _number(g, "--memory-failure-burst", admission.DEFAULT_MEMORY_FAILURE_BURST, "")
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -357,11 +353,7 @@ class BackgroundServer:
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="moshi-ttt-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"server did not start within {timeout:.0f} s")
-        if self._error is not None:
-            raise RuntimeError(f"server failed to start: {self._error}") from self._error
+        start_and_wait(self._thread, self._ready, timeout, "server", lambda: self._error)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
