@@ -117,10 +117,15 @@ class WorkerEngine:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawns the worker and returns once it serves (model loaded, warm, rings attached)."""
+        """Spawns the worker and returns once it serves (model loaded, warm, rings attached). If it does not, the
+        engine is closed (the worker stopped, the bulk directory removed) before the error is raised."""
         self._loop = asyncio.get_running_loop()
         self._bulk_dir = bulk.private_dir()
-        await self._spawn()
+        try:
+            await self._spawn()
+        except BaseException:
+            await self.close()
+            raise
 
     async def _spawn(self) -> None:
         loop = self._loop
@@ -150,9 +155,17 @@ class WorkerEngine:
         log.info("model worker pid %d serving (%d slots)", proc.process.pid, self.n)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Stops the worker ("stop", then kill after `timeout`) and frees the shared memory."""
+        """Stops the worker ("stop", then kill after `timeout`), frees the shared memory and removes the bulk
+        directory (also when no worker was ever started)."""
         self._closing = True
         self._serving = False
+        try:
+            await self._stop_worker(timeout)
+        finally:
+            bulk.remove_dir(self._bulk_dir)
+            self._bulk_dir = None
+
+    async def _stop_worker(self, timeout: float) -> None:
         if self._restart_task is not None:
             self._restart_task.cancel()
             with contextlib.suppress(BaseException):
@@ -171,7 +184,6 @@ class WorkerEngine:
             proc.process.kill()
             await asyncio.to_thread(proc.process.join, 5)
         self._detach(proc)
-        bulk.remove_dir(self._bulk_dir)
 
     @property
     def alive(self) -> bool:

@@ -239,8 +239,11 @@ class _Bridge:
             self.send(MetricsFlush(calls, stats))
 
     def _stop(self, why: str | None) -> int:
+        """`why` None: the web process asked (it removes the bulk directory itself); else it is gone, and the
+        worker removes the directory, which nobody else will."""
         if why:
             log.warning("model worker stopping: %s", why)
+            bulk.remove_dir(self.bulk_dir)
         self.engine.stop()
         try:
             self._flush_now()
