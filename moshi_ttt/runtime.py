@@ -1,14 +1,13 @@
-"""What `infer`, `serve` and `train` share: the device/dtype policy, and the checkpoint flags (`flags`) →
-the loaded pieces (TTT-Moshi LM, Mimi, tokenizer, LMGen kwargs) through `models.loaders`.
+"""What `infer`, `serve` and `train` share: the checkpoint flags (`flags`) → the loaded pieces (TTT-Moshi LM,
+Mimi, tokenizer) through `models.loaders`, and the attention window they run with. (The device and dtype:
+`utils.device`; the LMGen arguments: `models.generation`; stderr logging: `utils.logs`.)
 
 It is its own layer, below the three apps and above the models, so that none of the apps imports another.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import sys
 import typing as tp
 import warnings
 from dataclasses import dataclass, replace
@@ -33,49 +32,6 @@ from moshi_ttt.utils.validate import Checks
 log = logging.getLogger("moshi_ttt.runtime")
 
 _check = Checks("checkpoint flags")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time of the record (tests capture and restore it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def log_to_stderr(prog: str) -> None:
-    """moshi_ttt's info lines (which TTT layers run, checkpoint warnings) as `PROG: level: message` on stderr,
-    for the commands that have no logging set-up of their own (infer, train)."""
-    logger = logging.getLogger("moshi_ttt")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-# -- device and dtype -------------------------------------------------------------------------------
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """`name`, else cuda when available, else cpu. Asking for cuda on a machine without it is an error."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-    return device
-
-
-def pick_dtype(device: torch.device, name: str | None = None, half: bool = False) -> torch.dtype:
-    """The LM dtype: `name` ("float32", "bfloat16", "float16") if given, else bfloat16 on CUDA (float16
-    with `half`) and float32 on CPU (CPU kernels for bf16 matmuls are slow and moshi's are untested)."""
-    if name:
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype {name!r}: expected float32, bfloat16 or float16")
-        return dtype
-    if device.type == "cuda":
-        return torch.float16 if half else torch.bfloat16
-    return torch.float32
 
 
 # -- the checkpoint and its TTT config --------------------------------------------------------------
@@ -202,36 +158,3 @@ def apply_context(lm: tp.Any, context: int | None, info: loaders.CheckpointInfo,
     set_attention_context(lm.transformer, context)
     lm.context = context
     return context
-
-
-# -- generation -------------------------------------------------------------------------------------
-
-_SAMPLING = ("temp", "temp_text", "top_k", "top_k_text")
-
-
-def lm_gen_kwargs(info: loaders.CheckpointInfo, **overrides: float | int | None) -> dict:
-    """LMGen kwargs: LMGen's own sampling defaults, then the checkpoint's `lm_gen_config`, then the non-None
-    `overrides` (temp, temp_text, top_k, top_k_text). Both temperatures ≤ 0 ⇒ greedy (use_sampling False)."""
-    from moshi.models import LMGen
-
-    params = inspect.signature(LMGen.__init__).parameters
-    gen = {k: params[k].default for k in _SAMPLING}
-    gen.update(info.lm_gen_config or {})
-    unknown = sorted(set(overrides) - set(_SAMPLING))
-    if unknown:
-        raise TypeError(f"lm_gen_kwargs: unknown override(s) {unknown}")
-    gen.update({k: v for k, v in overrides.items() if v is not None})
-    if gen["temp"] <= 0 and gen["temp_text"] <= 0:
-        gen["use_sampling"] = False
-    return gen
-
-
-def condition_tensors(pieces: Pieces, batch_size: int, cfg_coef: float, gen: dict) -> dict:
-    """moshi's condition tensors for `batch_size` conversations; refuses CFG on an unconditioned model."""
-    from moshi.run_inference import get_condition_tensors
-
-    lm = pieces.lm
-    if cfg_coef != 1.0 and lm.fuser is None and not (gen.get("cfg_is_masked_until") or gen.get("cfg_is_no_text")):
-        raise ValueError(f"--cfg-coef {cfg_coef}: this model has no condition fuser (CFG needs a conditioned "
-                         "model); use --cfg-coef 1")
-    return get_condition_tensors(pieces.info.model_type, lm, batch_size, cfg_coef)

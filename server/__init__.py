@@ -8,11 +8,12 @@ Its rooms, data flowing one way (websocket → web → the engine interface → 
   link/    the model worker process and the web process's proxy for it (`remote.WorkerEngine`, `worker`), over
            shared-memory rings (`shm_ring`), control messages (`messages`) and bulk files (`bulk`)
   step/    the batched model step (`engine.Engine`: one Mimi + LMGen with TTT, one slot per conversation) and
-           its construction from the flags (`build_engine`)
+           its construction from the `ServeConfig` (`build_engine`)
   memory/  the server's part of conversation memory: tokens, store and saves on the web side (`memories`),
            a slot's fast weights to and from file bytes on the model side (`slot_memory`)
-  core/    what every room shares: the engine interface (`engine_api.ServingEngine`), the events a
-           conversation receives (`events`), why a conversation is refused or ends (`reasons`)
+  core/    what every room shares: the configuration (`config.ServeConfig`, built once from the flags), the
+           engine interface (`engine_api.ServingEngine`), the events a conversation receives (`events`), why a
+           conversation is refused or ends (`reasons`), thread start-up (`threads`)
   metrics.py  the Prometheus metrics;  serve.py  the command line (and `BackgroundServer`)
 
 By default the engine is `link.remote.WorkerEngine`, whose worker process steps `step.engine.Engine`; with

@@ -1,7 +1,8 @@
 """`moshi-ttt serve`: flags, model loading (a Kyutai checkpoint + TTT, or the offline `--demo`), startup.
 
-`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.commands` calls. `start(args)` (async) returns a
-running server (tests use it with `--port 0`).
+`add_args(parser)` and `run(args)` are what `moshi_ttt.apps.commands` calls. `serve_config(args)` turns the parsed
+flags into the one `ServeConfig` every part of the server reads; `start(config)` (async) returns a running server
+(tests use it with `--port 0`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from moshi_ttt.flags import CONTEXT_HELP, add_checkpoint_args, add_store_args, store_of
-from moshi_ttt.memory.compression import Compression
+from moshi_ttt.flags import CONTEXT_HELP, CheckpointFlags, add_checkpoint_args, add_store_args, store_of
 from moshi_ttt.ttt.config import STATE_DTYPES
 from moshi_ttt.utils.cache import cache_dir
 
+from .core.config import LOG_LEVELS, WORKERS, ServeConfig
 from .core.engine_api import ServingEngine
+from .core.threads import start_and_wait
 from .guards import admission, limits
 from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .guards.http_guard import GuardedSite, HttpLimits
@@ -43,6 +45,16 @@ log = logging.getLogger("moshi_ttt.server")
 # The event loop and the model thread share the GIL: Python's default switch interval is kept (why:
 # docs/design.md, "Serving engine"; the flood figures: docs/serving.md).
 DEFAULT_SWITCH_MS = 5.0
+
+
+NO_LIMIT = "; 0 = no limit"
+
+
+def _number(g, flag: str, default: float, help: str, after: str = "", kind: type | None = None) -> None:
+    """A numeric flag of type `kind` (default: its `default`'s, int or float), whose help ends with the default:
+    `HELP (default DEFAULT AFTER)`."""
+    g.add_argument(flag, type=kind or type(default), default=default,
+                   help=f"{help + ' ' if help else ''}(default {default:g}{after})")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -63,27 +75,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "their hosts are also accepted as Host names on a loopback bind (reverse proxy)")
 
     g = p.add_argument_group("limits (see docs/serving.md, Exposing the server)")
-    g.add_argument("--max-delay", type=float, default=SessionConfig.max_delay,
-                   help="seconds of a conversation's audio that may wait for the model before it is ended "
-                        f"(default {SessionConfig.max_delay:g})")
-    g.add_argument("--admit-lag", type=float, default=SessionConfig.admit_lag,
-                   help="while the model is slower than real time, refuse new conversations once some "
-                        f"conversation's audio has waited this many seconds (default {SessionConfig.admit_lag:g})")
-    g.add_argument("--max-messages-per-s", type=float, default=limits.DEFAULT_MESSAGES_PER_S,
-                   help=f"per-connection message budget (default {limits.DEFAULT_MESSAGES_PER_S:g}/s, "
-                        f"burst {limits.DEFAULT_BURST_S:g} s of it)")
-    g.add_argument("--max-bytes-per-s", type=float, default=limits.DEFAULT_BYTES_PER_S,
-                   help=f"per-connection byte budget (default {limits.DEFAULT_BYTES_PER_S:g}/s)")
-    g.add_argument("--max-pings-per-s", type=float, default=limits.DEFAULT_PINGS_PER_S,
-                   help=f"per-connection websocket ping/pong budget (default {limits.DEFAULT_PINGS_PER_S:g}/s)")
-    g.add_argument("--header-timeout", type=float, default=HttpLimits.header_timeout,
-                   help="seconds a new connection has to send its request headers (default "
-                        f"{HttpLimits.header_timeout:g})")
-    g.add_argument("--keepalive-timeout", type=float, default=HttpLimits.keepalive_timeout,
-                   help=f"idle seconds of a keep-alive HTTP connection (default {HttpLimits.keepalive_timeout:g})")
-    g.add_argument("--max-pending-connections", type=int, default=HttpLimits.max_pending,
-                   help="concurrent connections that are not a running conversation (default "
-                        f"{HttpLimits.max_pending})")
+    _number(g, "--max-delay", SessionConfig.max_delay,
+            "seconds of a conversation's audio that may wait for the model before it is ended")
+    _number(g, "--admit-lag", SessionConfig.admit_lag, "while the model is slower than real time, refuse new "
+            "conversations once some conversation's audio has waited this many seconds")
+    _number(g, "--max-messages-per-s", limits.DEFAULT_MESSAGES_PER_S, "per-connection message budget",
+            f"/s, burst {limits.DEFAULT_BURST_S:g} s of it")
+    _number(g, "--max-bytes-per-s", limits.DEFAULT_BYTES_PER_S, "per-connection byte budget", "/s", kind=float)
+    _number(g, "--max-pings-per-s", limits.DEFAULT_PINGS_PER_S, "per-connection websocket ping/pong budget", "/s")
+    _number(g, "--header-timeout", HttpLimits.header_timeout,
+            "seconds a new connection has to send its request headers")
+    _number(g, "--keepalive-timeout", HttpLimits.keepalive_timeout, "idle seconds of a keep-alive HTTP connection")
+    _number(g, "--max-pending-connections", HttpLimits.max_pending,
+            "concurrent connections that are not a running conversation")
     g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
@@ -91,20 +95,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fail-step", type=int, default=0, help=argparse.SUPPRESS)  # tests: this step raises
 
     g = p.add_argument_group("admission per client address (see docs/serving.md)")
-    g.add_argument("--max-conversations-per-ip", type=int, default=admission.DEFAULT_MAX_PER_IP,
-                   help=f"open conversations per client address (default {admission.DEFAULT_MAX_PER_IP}; 0 = no limit)")
-    g.add_argument("--max-starts-per-minute", type=float, default=admission.DEFAULT_STARTS_PER_MINUTE,
-                   help="conversation starts per client address and minute (default "
-                        f"{admission.DEFAULT_STARTS_PER_MINUTE:g}; 0 = no limit)")
-    g.add_argument("--start-burst", type=int, default=admission.DEFAULT_START_BURST,
-                   help=f"starts an address may make at once (default {admission.DEFAULT_START_BURST})")
-    g.add_argument("--ban-after", type=int, default=admission.DEFAULT_BAN_AFTER,
-                   help="refuse an address at the upgrade once its conversations were cut for abuse this many "
-                        f"times within --ban-window (default {admission.DEFAULT_BAN_AFTER}; 0 = never)")
-    g.add_argument("--ban-window", type=float, default=admission.DEFAULT_BAN_WINDOW_S,
-                   help=f"seconds (default {admission.DEFAULT_BAN_WINDOW_S:g})")
-    g.add_argument("--ban-seconds", type=float, default=admission.DEFAULT_BAN_S,
-                   help=f"how long such an address is refused (default {admission.DEFAULT_BAN_S:g})")
+    _number(g, "--max-conversations-per-ip", admission.DEFAULT_MAX_PER_IP, "open conversations per client address",
+            NO_LIMIT)
+    _number(g, "--max-starts-per-minute", admission.DEFAULT_STARTS_PER_MINUTE,
+            "conversation starts per client address and minute", NO_LIMIT)
+    _number(g, "--start-burst", admission.DEFAULT_START_BURST, "starts an address may make at once")
+    _number(g, "--ban-after", admission.DEFAULT_BAN_AFTER, "refuse an address at the upgrade once its conversations "
+            "were cut for abuse this many times within --ban-window", "; 0 = never")
+    _number(g, "--ban-window", admission.DEFAULT_BAN_WINDOW_S, "seconds")
+    _number(g, "--ban-seconds", admission.DEFAULT_BAN_S, "how long such an address is refused")
     g.add_argument("--trusted-proxies", nargs="+", action="extend", default=[], metavar="ADDR",
                    help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; from "
                         "anyone else the header is ignored")
@@ -149,12 +148,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "share one batched step (default 80 = one frame)")
     g.add_argument("--telemetry-interval", type=float, default=1.0,
                    help="seconds between TTT telemetry reads / 0x04 messages (0 = only at start; default 1)")
-    g.add_argument("--workers", type=int, default=1, choices=[0, 1],
+    g.add_argument("--workers", type=int, default=1, choices=WORKERS,
                    help="1 (default): the model steps in its own process (no client can stall it through the "
                         "GIL; a crash of the model is survived); 0: in the web process (debugging only)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for the model thread (0 = auto: cores - 1, at least 1)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
     g = p.add_argument_group("conversation memory (?memory=1, ?resume=TOKEN; docs/protocol.md, docs/memory.md)")
     add_store_args(g, required=False)
@@ -162,11 +161,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint a remembered conversation every N chunks (default {DEFAULT_SAVE_EVERY}; 0 = only "
                         "when it ends)")
     g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
-    g.add_argument("--memory-failures-per-minute", type=float, default=admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
-                   help="failed memory resumes + deletes an address may make per minute (default "
-                        f"{admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE:g}; 0 = no limit)")
-    g.add_argument("--memory-failure-burst", type=int, default=admission.DEFAULT_MEMORY_FAILURE_BURST,
-                   help=f"(default {admission.DEFAULT_MEMORY_FAILURE_BURST})")
+    _number(g, "--memory-failures-per-minute", admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
+            "failed memory resumes + deletes an address may make per minute", NO_LIMIT)
+    _number(g, "--memory-failure-burst", admission.DEFAULT_MEMORY_FAILURE_BURST, "")
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -216,16 +213,21 @@ def _ssl_context(folder: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def _memory_flags(args) -> None:
-    """Checks the memory flags; `--demo` keeps its memories in the cache unless --memory-store is given."""
-    if args.memory_store is None and args.demo:
-        args.memory_store = str(Path(args.cache_dir or cache_dir()) / "memories")
-        args.memory_store_default = True
-    Compression.parse(args.memory_format)  # ValueError naming the bad value
-    if args.memory_save_every < 0:
-        raise ValueError(f"--memory-save-every must be >= 0 chunks, got {args.memory_save_every}")
-    if not args.memory_ttl > 0:
-        raise ValueError(f"--memory-ttl must be > 0 days, got {args.memory_ttl}")
+# the ServeConfig fields that serve_config resolves, rather than copies from the flag of the same name
+_RESOLVED = frozenset({"checkpoint", "memory_store", "memory_store_default", "allowed_origins", "trusted_proxies"})
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The `ServeConfig` of the parsed flags (ValueError naming a bad flag and its value): the checkpoint flags as
+    one `CheckpointFlags`, the lists as tuples, and `--demo` keeping its memories in the cache unless
+    --memory-store is given."""
+    store, store_default = args.memory_store, False
+    if store is None and args.demo:
+        store, store_default = str(Path(args.cache_dir or cache_dir()) / "memories"), True
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name not in _RESOLVED}
+    return ServeConfig(**same, checkpoint=CheckpointFlags.from_args(args), memory_store=store,
+                       memory_store_default=store_default, allowed_origins=tuple(args.allowed_origins),
+                       trusted_proxies=tuple(args.trusted_proxies))
 
 
 def _in_process_model() -> tp.Any:
@@ -236,87 +238,90 @@ def _in_process_model() -> tp.Any:
     return build_engine
 
 
-async def start(args) -> RunningServer:
-    """Loads the model, starts the engine and the HTTP server; returns once it accepts connections."""
-    ssl_ctx = _ssl_context(args.ssl)
-    if args.static is None:
-        static = DEFAULT_STATIC
-    elif args.static.lower() == "none":
-        static = None
-    else:
-        static = Path(args.static)
-    if args.max_conversations < 1:
-        raise ValueError(f"--max-conversations must be >= 1, got {args.max_conversations}")
-    if args.max_message_bytes < 1024:
-        raise ValueError(f"--max-message-bytes must be >= 1024, got {args.max_message_bytes}")
-    if not args.max_delay > 0:
-        raise ValueError(f"--max-delay must be > 0 seconds, got {args.max_delay}")
-    if not args.admit_lag > 0:
-        raise ValueError(f"--admit-lag must be > 0 seconds, got {args.admit_lag}")
-    if not 0 < args.gil_switch_ms <= 100:
-        raise ValueError(f"--gil-switch-ms must be in (0, 100], got {args.gil_switch_ms}")
-    _memory_flags(args)
-    api_key = resolve_api_key(args.api_key, args.api_key_file)
-    access = AccessPolicy.from_flags(args.allowed_origins, args.host)
-    budget = limits.Budget(args.max_messages_per_s, args.max_bytes_per_s, args.max_pings_per_s)
-    http = HttpLimits(header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
-                      max_pending=args.max_pending_connections)
-    trusted = admission.parse_networks(args.trusted_proxies)
-    if args.no_per_ip_limits:
-        per_ip = dataclasses.replace(admission.AdmissionLimits.off(), trusted_proxies=trusted)
-    else:
-        per_ip = admission.AdmissionLimits(
-            max_per_ip=args.max_conversations_per_ip, starts_per_minute=args.max_starts_per_minute,
-            start_burst=args.start_burst, ban_after=args.ban_after, ban_window=args.ban_window,
-            ban_seconds=args.ban_seconds, trusted_proxies=trusted,
-            memory_failures_per_minute=args.memory_failures_per_minute,
-            memory_failure_burst=args.memory_failure_burst)
-    if api_key is None and not is_loopback_host(args.host):
+def _static_dir(flag: str | None) -> Path | None:
+    """--static: None, the bundled page; "none", no page; else the folder."""
+    if flag is None:
+        return DEFAULT_STATIC
+    return None if flag.lower() == "none" else Path(flag)
+
+
+def _admission(cfg: ServeConfig) -> admission.AdmissionLimits:
+    trusted = admission.parse_networks(cfg.trusted_proxies)
+    if cfg.no_per_ip_limits:
+        return dataclasses.replace(admission.AdmissionLimits.off(), trusted_proxies=trusted)
+    return admission.AdmissionLimits(
+        max_per_ip=cfg.max_conversations_per_ip, starts_per_minute=cfg.max_starts_per_minute,
+        start_burst=cfg.start_burst, ban_after=cfg.ban_after, ban_window=cfg.ban_window,
+        ban_seconds=cfg.ban_seconds, trusted_proxies=trusted,
+        memory_failures_per_minute=cfg.memory_failures_per_minute, memory_failure_burst=cfg.memory_failure_burst)
+
+
+async def _start_engine(cfg: ServeConfig) -> tuple[ServingEngine, tp.Any, dict]:
+    """The engine (the worker's proxy, or with `--workers 0` the in-process Engine), its metrics and model info."""
+    if cfg.workers == 0:
+        loaded = await asyncio.to_thread(_in_process_model().load, cfg)
+        return loaded.engine, loaded.metrics, loaded.info
+    worker = WorkerEngine(cfg)
+    await worker.start()  # closes itself if it fails
+    return worker, worker.metrics, worker.info
+
+
+def _memories(cfg: ServeConfig, engine: ServingEngine, metrics: tp.Any, info: dict) -> tuple[Memories | None, dict]:
+    """Conversation memory when the store is set and the model can keep one, and the info that says so."""
+    if not cfg.memory_store or engine.memory_fingerprint is None:
+        return None, info
+    chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
+    memories = Memories(store_of(cfg), engine.memory_fingerprint, metrics,
+                        MemoryConfig(save_every=cfg.memory_save_every, chunk_size=chunk))
+    log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", cfg.memory_store,
+             cfg.memory_format, cfg.memory_save_every)
+    return memories, dict(info, memory={"format": cfg.memory_format, "save_every_chunks": cfg.memory_save_every,
+                                        "ttl_days": cfg.memory_ttl})  # /health and the 0x04 info: clients see it
+
+
+async def start(cfg: ServeConfig) -> RunningServer:
+    """Loads the model, starts the engine and the HTTP server; returns once it accepts connections. On a failure
+    after the engine started, the engine is closed before the error is raised."""
+    ssl_ctx = _ssl_context(cfg.ssl)
+    static = _static_dir(cfg.static)
+    api_key = resolve_api_key(cfg.api_key, cfg.api_key_file)
+    access = AccessPolicy.from_flags(cfg.allowed_origins, cfg.host)
+    budget = limits.Budget(cfg.max_messages_per_s, cfg.max_bytes_per_s, cfg.max_pings_per_s)
+    http = HttpLimits(header_timeout=cfg.header_timeout, keepalive_timeout=cfg.keepalive_timeout,
+                      max_pending=cfg.max_pending_connections)
+    per_ip = _admission(cfg)
+    if api_key is None and not is_loopback_host(cfg.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "
                     "can reach this port can hold the conversation slots (set --api-key-file or $%s, and put "
-                    "a reverse proxy with TLS in front)", args.host, API_KEY_ENV)
-    engine: ServingEngine
-    if args.workers == 0:
-        loaded = await asyncio.to_thread(_in_process_model().load, args)
-        engine, metrics, info = loaded.engine, loaded.metrics, loaded.info
-    else:
-        worker = WorkerEngine(args, log_level=args.log_level)
-        await worker.start()
-        engine, metrics, info = worker, worker.metrics, worker.info
-    memories = None
-    if args.memory_store and engine.memory_fingerprint is not None:
-        chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
-        memories = Memories(store_of(args), engine.memory_fingerprint, metrics,
-                            MemoryConfig(save_every=args.memory_save_every, chunk_size=chunk))
-        log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", args.memory_store,
-                 args.memory_format, args.memory_save_every)
-        info = dict(info, memory={"format": args.memory_format, "save_every_chunks": args.memory_save_every,
-                                  "ttl_days": args.memory_ttl})  # /health and the 0x04 info: clients can see it
-    cfg = AppConfig(api_key=api_key, static_dir=static, memories=memories,
-                    session=SessionConfig(idle_timeout=args.idle_timeout, max_message_bytes=args.max_message_bytes,
-                                          max_delay=args.max_delay, admit_lag=args.admit_lag, budget=budget),
-                    info=info, access=access, http=http, admission=per_ip)
+                    "a reverse proxy with TLS in front)", cfg.host, API_KEY_ENV)
+    engine, metrics, info = await _start_engine(cfg)
     switch = sys.getswitchinterval()
     try:
-        app = create_app(engine, metrics, cfg)
+        memories, info = _memories(cfg, engine, metrics, info)
+        app_cfg = AppConfig(api_key=api_key, static_dir=static, memories=memories,
+                            session=SessionConfig(idle_timeout=cfg.idle_timeout,
+                                                  max_message_bytes=cfg.max_message_bytes, max_delay=cfg.max_delay,
+                                                  admit_lag=cfg.admit_lag, budget=budget),
+                            info=info, access=access, http=http, admission=per_ip)
+        app = create_app(engine, metrics, app_cfg)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **http.handler_kwargs())
         await runner.setup()
-        site = GuardedSite(runner, args.host, args.port, app[GUARD], ssl_context=ssl_ctx)
+        site = GuardedSite(runner, cfg.host, cfg.port, app[GUARD], ssl_context=ssl_ctx)
         await site.start()
-        agent = None if args.agent_port is None else await start_agent(engine, args.host, args.agent_port)
+        agent = None if cfg.agent_port is None else await start_agent(engine, cfg.host, cfg.agent_port)
     except BaseException:
         await engine.close()
         raise
-    sys.setswitchinterval(args.gil_switch_ms / 1000)
-    running = RunningServer(runner, engine, metrics, args.host, site.port,
+    sys.setswitchinterval(cfg.gil_switch_ms / 1000)
+    running = RunningServer(runner, engine, metrics, cfg.host, site.port,
                             "https" if ssl_ctx else "http", switch_interval=switch, agent=agent)
     log.info("listening on %s (websocket %s, %d conversation slots%s)", running.url, running.ws_url,
-             engine.n, ", API key required" if cfg.api_key else "")
+             engine.n, ", API key required" if app_cfg.api_key else "")
     return running
 
 
-async def _serve_forever(args) -> int:
-    server = await start(args)
+async def _serve_forever(cfg: ServeConfig) -> int:
+    server = await start(cfg)
     print(f"moshi-ttt serve: listening on {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -340,24 +345,20 @@ class BackgroundServer:
     def __init__(self, argv: tp.Sequence[str], timeout: float = 120.0):
         p = argparse.ArgumentParser(prog="moshi-ttt serve")
         add_args(p)
-        self.args = p.parse_args(list(argv))
+        self.config = serve_config(p.parse_args(list(argv)))
         # an in-process engine sets torch's process-wide thread count; stop() puts it back
-        self._restore_threads = _in_process_model().torch_threads_restorer() if self.args.workers == 0 else None
+        self._restore_threads = _in_process_model().torch_threads_restorer() if self.config.workers == 0 else None
         self.loop = asyncio.new_event_loop()
         self.server: RunningServer | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="moshi-ttt-server", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"server did not start within {timeout:.0f} s")
-        if self._error is not None:
-            raise RuntimeError(f"server failed to start: {self._error}") from self._error
+        start_and_wait(self._thread, self._ready, timeout, "server", lambda: self._error)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.server = self.loop.run_until_complete(start(self.args))
+            self.server = self.loop.run_until_complete(start(self.config))
         except BaseException as e:  # surfaced in __init__
             self._error = e
             self._ready.set()
@@ -406,7 +407,7 @@ def setup_logging(level: str = "info") -> None:
 def run(args) -> int:
     setup_logging(args.log_level)
     try:
-        return asyncio.run(_serve_forever(args))
+        return asyncio.run(_serve_forever(serve_config(args)))
     except KeyboardInterrupt:
         return 0
     except (FileNotFoundError, ValueError, OSError) as e:

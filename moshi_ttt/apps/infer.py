@@ -95,10 +95,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moshi_ttt import runtime
     from moshi_ttt.models.loaders import CheckpointError
+    from moshi_ttt.utils.logs import log_to_stderr
 
-    runtime.log_to_stderr("moshi-ttt infer")
+    log_to_stderr("moshi-ttt infer")
     try:
         if Path(args.infile).is_dir():
             return _run_folder(args)
@@ -119,6 +119,8 @@ def _run_folder(args: argparse.Namespace) -> int:
     with its own KV cache and fast weights, shorter ones padded with silence (their outputs cut to their own
     length); outputs in the output folder."""
     from moshi_ttt import runtime
+    from moshi_ttt.models.generation import condition_tensors, lm_gen_kwargs
+    from moshi_ttt.utils.device import pick_device, pick_dtype
 
     folder, out = Path(args.infile), Path(args.outfile)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
@@ -136,18 +138,18 @@ def _run_folder(args: argparse.Namespace) -> int:
     comp, loads, saves = _folder_memory(args, files)
     pcms = [read_audio(f) for f in files]
     out.mkdir(parents=True, exist_ok=True)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(device, args.dtype)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
     pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, context=args.context)
     if pieces.lm.dep_q == 0:
         raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
-    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    gen = lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
     plan = _check_memory(pieces.lm, comp=comp)
     if saves:
         saves[0].parent.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(files), B):
         group = files[k:k + B]
-        conditions = runtime.condition_tensors(pieces, len(group), args.cfg_coef, gen)
+        conditions = condition_tensors(pieces.info, pieces.lm, len(group), args.cfg_coef, gen)
         memory = None
         if plan is not None:
             loaded = [_load_memory(p) for p in loads[k:k + B]] if loads else [None] * len(group)
@@ -264,6 +266,8 @@ def read_audio(path: str | Path) -> np.ndarray:
 def _prepare(args: argparse.Namespace) -> dict:
     """Everything that can fail because of the user's input, before the (long) streaming loop."""
     from moshi_ttt import runtime
+    from moshi_ttt.models.generation import condition_tensors, lm_gen_kwargs
+    from moshi_ttt.utils.device import pick_device, pick_dtype
 
     if args.batch_size is None:
         args.batch_size = 1
@@ -272,14 +276,14 @@ def _prepare(args: argparse.Namespace) -> dict:
     if args.telemetry_every < 0:
         raise UserError(f"--telemetry-every must be >= 0, got {args.telemetry_every}")
     memory_args = _memory_args(args)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(device, args.dtype)
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
     wavs, txts, tel = output_paths(args.outfile, args.batch_size, args.transcript, args.telemetry)
     check_outputs([*wavs, *txts, *map(timed_text_path, txts), tel])
     pcm = read_audio(args.infile)
     pieces = runtime.load(runtime.CheckpointFlags.from_args(args), device, dtype, context=args.context)
-    gen = runtime.lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
-    conditions = runtime.condition_tensors(pieces, args.batch_size, args.cfg_coef, gen)
+    gen = lm_gen_kwargs(pieces.info, temp=args.temp, temp_text=args.temp_text)
+    conditions = condition_tensors(pieces.info, pieces.lm, args.batch_size, args.cfg_coef, gen)
     if pieces.lm.dep_q == 0:
         raise UserError("this model generates no audio (dep_q = 0): offline speech inference needs dep_q > 0")
     memory = _check_memory(pieces.lm, **memory_args)

@@ -9,10 +9,9 @@ half beyond it (up to the sequence length), uniformly in distance.
 
 The audio codebook has moshi's acoustic delay of 1 frame (`delays=[0, 1]`), so each input frame holds
 the current symbol (text) and the previous one (audio): the value's frame also carries its key, and
-recall inside the window is a one-hop attention lookup a 2-layer model learns in ~100 steps (with
-the streams in sync it needs an induction circuit and learned far slower). Consequence: attention
-reaches key→query distances ≤ window, so distance == window, counted as "beyond" (dist ≥ window),
-is still answerable by attention; it is ~1/79 of the beyond-window queries.
+recall inside the window is a one-hop attention lookup (why the task is built so, and what the models
+learn: docs/memory-experiment.md). Consequence: attention reaches key→query distances ≤ window, so
+distance == window, counted as "beyond" (dist ≥ window), is still answerable by attention.
 
 The loss is the text cross-entropy at the answer frames only (the other frames are unpredictable
 noise by construction).

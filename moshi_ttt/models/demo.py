@@ -119,7 +119,7 @@ MIMI_RECIPE = 2  # bump when the tiny Mimi recipe changes (invalidates cached we
 @functools.lru_cache(maxsize=4)
 def random_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     """The tests' random Mimi (the demo's too when no trained weights ship): codebooks fitted on varied
-    audio. Fitting takes ~10 s, so the result is cached on disk (deterministic given the seed and recipe)."""
+    audio, cached on disk (deterministic given the seed and recipe; `MIMI_RECIPE` names the recipe)."""
     path = cache_dir() / f"tiny_mimi_seed{seed}_r{MIMI_RECIPE}.safetensors"
     if path.exists():
         return load_file(str(path))

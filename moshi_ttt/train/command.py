@@ -50,11 +50,11 @@ def load_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moshi_ttt import runtime
     from moshi_ttt.models.loaders import CheckpointError
     from moshi_ttt.train.loop import train
+    from moshi_ttt.utils.logs import log_to_stderr
 
-    runtime.log_to_stderr("moshi-ttt train")
+    log_to_stderr("moshi-ttt train")
     try:
         cfg = load_config(args)
         summary = train(cfg)

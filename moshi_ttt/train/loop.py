@@ -43,6 +43,7 @@ from moshi_ttt.train.dist import DistEnv, setup
 from moshi_ttt.train.loss import global_loss, loss_parts
 from moshi_ttt.train.params import MasterParams, add_lora, select_trainable
 from moshi_ttt.train.telemetry import FastWeightProbe, grad_norm, ttt_layer_params
+from moshi_ttt.utils.device import pick_dtype
 
 log = logging.getLogger("moshi_ttt.train")
 
@@ -113,7 +114,7 @@ class Trainer:
         self.env = env
         self.run_dir = Path(cfg.run_dir)
         dev = env.device
-        self.dtype = runtime.pick_dtype(dev, cfg.dtype)
+        self.dtype = pick_dtype(dev, cfg.dtype)
         torch.manual_seed(cfg.seed)
 
         info, name, flags = runtime.open_checkpoint(cfg.model.flags())

@@ -1,6 +1,7 @@
 """Bulk bytes between the web process and the model worker: conversation memory files (up to ≈ 1.1 GB at Moshi
-7B) travel as files in a private directory (`private_dir`, mode 0700, owned by the web process), and only a
-`Bulk` reference crosses the control pipe. The pipe's readers (the web event loop, the worker's control loop)
+7B) travel as files in a private directory (`private_dir`, mode 0700, owned by the web process: `WorkerEngine.close`
+removes it, also after a failed start; a worker whose web process died removes it), and only a `Bulk` reference
+crosses the control pipe. The pipe's readers (the web event loop, the worker's control loop)
 would otherwise stop for the whole transfer; file reads and writes run on the memory threads and release the GIL.
 """
 

@@ -25,6 +25,7 @@ import time
 import typing as tp
 from dataclasses import dataclass, field
 
+from ..core.config import ServeConfig
 from ..core.engine_api import Done
 from ..core.events import EngineClosed, Event, EventKind, Sink
 from ..core.reasons import WORKER_RESTARTING, Reason
@@ -54,11 +55,11 @@ class RemoteSlot:
 class _Proc:
     """One spawned worker and its pipes."""
 
-    def __init__(self, ctx, args, log_level: str):
+    def __init__(self, ctx, cfg: ServeConfig):
         self.ctrl, child_ctrl = ctx.Pipe(duplex=True)
         in_r, self.wake_in = ctx.Pipe(duplex=False)
         self.wake_out, out_w = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=worker_main, args=(args, child_ctrl, in_r, out_w, log_level),
+        self.process = ctx.Process(target=worker_main, args=(cfg, child_ctrl, in_r, out_w),
                                    name="moshi-ttt-model-worker", daemon=True)
         self.process.start()
         for c in (child_ctrl, in_r, out_w):
@@ -78,14 +79,11 @@ class _Proc:
 
 
 class WorkerEngine:
-    """See the module doc. `args`: the serve flags (pickled to the worker)."""
+    """See the module doc. `cfg`: the server's config (pickled to the worker)."""
 
-    def __init__(self, args, log_level: str = "info", start_timeout: float = 300.0):
-        self.args = args
-        self.n = int(args.max_conversations)
-        if self.n < 1:
-            raise ValueError(f"max_conversations must be >= 1, got {self.n}")
-        self.log_level = log_level
+    def __init__(self, cfg: ServeConfig, start_timeout: float = 300.0):
+        self.cfg = cfg
+        self.n = cfg.max_conversations
         self.start_timeout = start_timeout
         self.slots = [RemoteSlot(i) for i in range(self.n)]
         self.metrics: Metrics | None = None
@@ -119,15 +117,20 @@ class WorkerEngine:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawns the worker and returns once it serves (model loaded, warm, rings attached)."""
+        """Spawns the worker and returns once it serves (model loaded, warm, rings attached). If it does not, the
+        engine is closed (the worker stopped, the bulk directory removed) before the error is raised."""
         self._loop = asyncio.get_running_loop()
         self._bulk_dir = bulk.private_dir()
-        await self._spawn()
+        try:
+            await self._spawn()
+        except BaseException:
+            await self.close()
+            raise
 
     async def _spawn(self) -> None:
         loop = self._loop
         self._started = loop.create_future()
-        proc = await asyncio.to_thread(_Proc, self._ctx, self.args, self.log_level)
+        proc = await asyncio.to_thread(_Proc, self._ctx, self.cfg)
         self._proc = proc
         loop.add_reader(proc.ctrl.fileno(), self._on_ctrl, proc)
         loop.add_reader(proc.process.sentinel, self._on_exit, proc)
@@ -144,7 +147,7 @@ class WorkerEngine:
         if self.metrics is None:
             self.metrics = Metrics(max_conversations=self.n, frame_seconds=self.frame_seconds)
             self.metrics.set_ttt_layers(info.get("ttt_layers", []))
-        max_backlog = max(1, round(float(self.args.max_delay) / self.frame_seconds))
+        max_backlog = max(1, round(self.cfg.max_delay / self.frame_seconds))
         proc.rings = Rings(self.n, self.frame_size, max_backlog + RING_SLACK, OUT_RING_FRAMES)
         proc.ctrl.send(messages.Attach(proc.rings.spec(), self._bulk_dir))
         loop.add_reader(proc.wake_out.fileno(), self._on_output, proc)
@@ -152,9 +155,17 @@ class WorkerEngine:
         log.info("model worker pid %d serving (%d slots)", proc.process.pid, self.n)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Stops the worker ("stop", then kill after `timeout`) and frees the shared memory."""
+        """Stops the worker ("stop", then kill after `timeout`), frees the shared memory and removes the bulk
+        directory (also when no worker was ever started)."""
         self._closing = True
         self._serving = False
+        try:
+            await self._stop_worker(timeout)
+        finally:
+            bulk.remove_dir(self._bulk_dir)
+            self._bulk_dir = None
+
+    async def _stop_worker(self, timeout: float) -> None:
         if self._restart_task is not None:
             self._restart_task.cancel()
             with contextlib.suppress(BaseException):
@@ -173,7 +184,6 @@ class WorkerEngine:
             proc.process.kill()
             await asyncio.to_thread(proc.process.join, 5)
         self._detach(proc)
-        bulk.remove_dir(self._bulk_dir)
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ import threading
 import time
 import typing as tp
 
+from ..core.config import ServeConfig
 from ..core.events import Event, EventKind
 from ..core.reasons import Reason
 from . import bulk
@@ -238,8 +239,11 @@ class _Bridge:
             self.send(MetricsFlush(calls, stats))
 
     def _stop(self, why: str | None) -> int:
+        """`why` None: the web process asked (it removes the bulk directory itself); else it is gone, and the
+        worker removes the directory, which nobody else will."""
         if why:
             log.warning("model worker stopping: %s", why)
+            bulk.remove_dir(self.bulk_dir)
         self.engine.stop()
         try:
             self._flush_now()
@@ -254,18 +258,18 @@ class _Bridge:
         self._flush()
 
 
-def worker_main(args, ctrl, wake_in, wake_out, log_level: str = "info") -> None:
+def worker_main(cfg: ServeConfig, ctrl, wake_in, wake_out) -> None:
     """Process entry point (spawned): load, report "started", then bridge until "stop"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the web process decides
     send = _Sender(ctrl)
     root = logging.getLogger()
     root.handlers[:] = [_PipeLogHandler(send)]
-    root.setLevel(getattr(logging, log_level.upper()))
+    root.setLevel(getattr(logging, cfg.log_level.upper()))
     from ..step.build_engine import load
 
     relay = MetricsRelay()
     try:
-        loaded = load(args, metrics=relay)
+        loaded = load(cfg, metrics=relay)
     except BaseException as e:  # noqa: BLE001 — reported to the web process, then exit 1
         user_error = isinstance(e, USER_ERRORS)  # a bad flag or file: one line, as without the worker
         if not user_error:

@@ -29,6 +29,7 @@ from moshi_ttt.models.streams import TEXT_PADDING_IDS
 
 from ..core.events import EngineClosed, Event, EventKind, Sink
 from ..core.reasons import Reason
+from ..core.threads import start_and_wait
 from ..metrics import Metrics
 
 log = logging.getLogger("moshi_ttt.server.engine")
@@ -52,7 +53,7 @@ class Slot:
 
 @dataclass
 class EngineConfig:
-    max_conversations: int = 4
+    max_conversations: int = 4  # >= 1 (serve's ServeConfig checks it)
     threads: int = 1
     batch_wait: float = 0.08  # seconds; at most one frame
     telemetry_interval: float = 1.0  # seconds; <= 0 disables periodic telemetry
@@ -68,8 +69,6 @@ class Engine:
     def __init__(self, mimi, lm, tokenizer, config: EngineConfig, metrics: Metrics | None = None,
                  lm_gen_kwargs: dict | None = None, cfg_coef: float = 1.0, condition_tensors=None,
                  device: torch.device | str = "cpu"):
-        if config.max_conversations < 1:
-            raise ValueError(f"max_conversations must be >= 1, got {config.max_conversations}")
         self.mimi = mimi
         self.lm = lm
         self.tokenizer = tokenizer
@@ -110,11 +109,7 @@ class Engine:
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="moshi-ttt-engine", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise RuntimeError(f"engine did not start within {timeout:.0f} s")
-        if self._fatal is not None:
-            raise RuntimeError(f"engine failed to start: {self._fatal!r}") from self._fatal
+        start_and_wait(self._thread, self._started, timeout, "engine", lambda: self._fatal)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops the worker thread (blocking: joins it) and the memory's threads."""

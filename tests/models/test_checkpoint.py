@@ -469,6 +469,7 @@ def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
     delays), and it streams through Mimi and moshi's LMGen with 4 codebooks: Mimi uses as many as the LM
     generates, and a step produces a text token and 4 audio tokens per conversation."""
     from moshi_ttt import runtime
+    from moshi_ttt.models.generation import lm_gen_kwargs
     from moshi_ttt.models.lm import make_lm_gen
 
     repo = assets.demo_repo(cache_root=tmp_path)
@@ -482,7 +483,7 @@ def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
 
     pieces = runtime.load(runtime.CheckpointFlags(demo=True), torch.device("cpu"), torch.float32, cache_root=tmp_path)
     assert pieces.mimi.num_codebooks == pieces.lm.dep_q == 4 and pieces.lm.ttt_layer_indices == [0, 2]
-    gen = make_lm_gen(pieces.lm, **runtime.lm_gen_kwargs(pieces.info))
+    gen = make_lm_gen(pieces.lm, **lm_gen_kwargs(pieces.info))
     pcm = 0.1 * torch.randn(2, 1, 1920, generator=torch.Generator().manual_seed(0))
     outs = []
     with torch.no_grad(), pieces.mimi.streaming(2), gen.streaming(2):

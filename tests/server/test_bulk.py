@@ -47,3 +47,68 @@ def test_the_workers_memory_reply_carries_a_file_not_the_bytes(tmp_path):
     assert isinstance(payload["data"], bulk.Bulk) and bulk.take(payload["data"]) == b"memory file bytes"
     assert refusal == (Reply, 8, False, "refused: another model")
     assert restored == (Reply, 9, True, {"frames": 12, "telemetry": {}})
+
+
+def _serve_config(*argv: str):
+    import argparse
+
+    from moshi_ttt.server.serve import add_args, serve_config
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    return serve_config(p.parse_args(["--port", "0", "--max-conversations", "1", "--log-level", "warning", *argv]))
+
+
+def _recording_private_dirs(monkeypatch) -> list[str]:
+    made: list[str] = []
+    real = bulk.private_dir
+
+    def private_dir() -> str:
+        made.append(real())
+        return made[-1]
+    monkeypatch.setattr(bulk, "private_dir", private_dir)
+    return made
+
+
+def test_the_worker_engine_removes_its_bulk_dir_when_it_stops_or_fails_to_start(monkeypatch, tmp_path):
+    """The web process's `WorkerEngine` owns the directory: it is there while the worker serves and gone after
+    `close`, and a worker that fails to start (here: a missing checkpoint folder) leaves none behind either."""
+    import asyncio
+
+    from moshi_ttt.server.link.remote import WorkerEngine
+
+    made = _recording_private_dirs(monkeypatch)
+
+    async def serve_then_close() -> bool:
+        engine = WorkerEngine(_serve_config("--demo"))
+        await engine.start()
+        try:
+            return os.path.isdir(made[0]) and engine.alive
+        finally:
+            await engine.close()
+
+    async def fail_to_start() -> None:
+        await WorkerEngine(_serve_config("--hf-repo", str(tmp_path / "missing"))).start()
+
+    assert asyncio.run(serve_then_close())
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        asyncio.run(fail_to_start())
+    assert len(made) == 2 and not any(os.path.exists(d) for d in made), made
+
+
+def test_a_worker_whose_web_process_is_gone_removes_the_bulk_dir(tmp_path):
+    """The web process died (its pipes reached EOF): nobody else will remove the directory."""
+    class Stopped:
+        def stop(self) -> None:
+            pass
+
+    r, w = os.pipe()
+    try:
+        bridge = _Bridge(engine=Stopped(), ctrl=None, wake_in=None, wake_out=os.fdopen(w, "wb"), relay=None,
+                         send=None)
+        bridge._flush_now = lambda: None
+        bridge.bulk_dir = bulk.private_dir()
+        assert bridge._stop("the web process is gone") == 0
+    finally:
+        os.close(r)
+    assert not os.path.exists(bridge.bulk_dir)

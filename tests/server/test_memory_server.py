@@ -157,19 +157,18 @@ def test_an_error_ending_saves_too(mem_server, server_speech):
 def test_memory_flags():
     import argparse
 
-    from moshi_ttt.server.serve import _memory_flags, add_args
+    from moshi_ttt.server.serve import add_args, serve_config
 
     p = argparse.ArgumentParser()
     add_args(p)
-    args = p.parse_args(["--demo", "--cache-dir", "/tmp/c"])
-    _memory_flags(args)
+    args = serve_config(p.parse_args(["--demo", "--cache-dir", "/tmp/c"]))  # the flags as the server reads them
     assert args.memory_store == "/tmp/c/memories" and args.memory_save_every == 4 and args.memory_ttl == 30
     assert p.parse_args([]).memory_store is None  # a checkpoint: memory only with --memory-store
     for flags, msg in ((["--memory-format", "rank:0"], "invalid memory format 'rank:0'"),
                        (["--memory-save-every", "-1"], "--memory-save-every must be >= 0 chunks, got -1"),
                        (["--memory-ttl", "0"], "--memory-ttl must be > 0 days, got 0.0")):
         with pytest.raises(ValueError, match=msg):
-            _memory_flags(p.parse_args(["--memory-store", "/tmp/s", *flags]))
+            serve_config(p.parse_args(["--memory-store", "/tmp/s", *flags]))
 
 
 def test_bad_tokens_get_one_refusal(mem_server, server_speech, caplog):

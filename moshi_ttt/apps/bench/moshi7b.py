@@ -9,8 +9,8 @@ is applied through an fp32 copy, so its per-frame step is the fp32 state's and w
 Each measurement runs in a fresh spawned process (same torch thread count; why: docs/design.md).
 
 Computed (not measured): the bytes one frame moves through a layer with bf16 weights — what a
-memory-bound GPU decode step costs — for the base layer, the TTT layer, and the per-frame
-fast-weight design this project replaced.
+memory-bound GPU decode step costs — for the base layer, the TTT layer, and, for comparison, a per-frame
+fold design (the fast state read and written every frame; the figures: docs/cost.md).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def bytes_per_frame(batch: int, chunk: int = 256, ttt_layers: int = 6) -> dict:
     base layer: attention 4d² + MLP 3dh weights once, plus each conversation's KV cache (2·ctx·d).
     TTT layer: W⁽⁰⁾_down is never read; each conversation's bf16 fast weight is (dh), plus the fold
     amortised over the chunk (read + write the fp32 fast weight, write its bf16 copy: 10dh / C).
-    per-frame design (replaced): base layer + per conversation three fp32 passes over the fast state
-    (apply, then read + write for the rank-1 fold: 12dh) + W_target (2d²)."""
+    per-frame fold design (for comparison): base layer + per conversation three fp32 passes over the fast
+    state (apply, then read + write for the rank-1 fold: 12dh) + W_target (2d²)."""
     attn, mlp_in, w_down = 4 * D * D * 2, 2 * D * H * 2, D * H * 2
     kv = batch * 2 * CONTEXT * D * 2
     base = attn + mlp_in + w_down + kv

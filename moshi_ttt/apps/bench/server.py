@@ -9,11 +9,12 @@ the server for its GIL. This process only waits while they run.
 
 `server_realtime_speed_n` = audio seconds / wall seconds of each of n conversations = frame duration / mean
 batched step time over their run (`Engine` counts steps and their compute seconds); ≥ 1 means every
-conversation keeps up. `server_rtf_n` is the same value under its first, published name. `server_step_ms_n` is
-that mean step, `server_step_cpu_ms_n` the engine thread's CPU time per step (less sensitive to other
-processes on a shared machine than wall time), `server_rows_per_step_n` how many conversations a step
-served on average (batching), `server_transport_{in,out}_ms` the mean time of one PCM frame through the
-shared-memory rings to the model worker and back (written → read; the latency the process split adds).
+conversation keeps up. `server_rtf_n` is the same value under a second key (an alias: docs/serving.md).
+`server_step_ms_n` is that mean step, `server_step_cpu_ms_n` the engine thread's CPU time per step (less
+sensitive to other processes on a shared machine than wall time), `server_rows_per_step_n` how many
+conversations a step served on average (batching), `server_transport_{in,out}_ms` the mean time of one PCM
+frame through the shared-memory rings to the model worker and back (written → read; the latency the process
+split adds).
 
 Profile: a sampler thread reads the engine and event-loop threads' Python stacks every
 `PROFILE_INTERVAL` s (`sys._current_frames`, no change to the served code) and files each sample
