@@ -1,4 +1,4 @@
-"""Linear probes: what an In-Place TTT fold can write and read, in a trained stand-in, across voices.
+"""Probes of what an In-Place TTT fold can write and read in a trained model, across voices.
 
 A fold stores η·V̂ᵀZ, V̂ = Conv1D(src)·W_target with a K-frame depthwise conv, so the value written at frame t
 is a linear function of src over frames t − past … t + future; src is the token embeddings X0 (`target: x0`)
@@ -12,9 +12,11 @@ others (never the eval set):
 
 Per source and δ: accuracy on held-out conversations of the fitting voices ("within") and on the other
 voices ("across"); δ and the L2 strength are chosen on "within". Multinomial logistic regression (LBFGS),
-features standardised on the fitting set.
+features standardised on the fitting set. And, with nothing fitted, the oracle read-out (`oracle_read`): the
+share of questions a fold would answer with perfect values and the model's own keys.
 
-    python -m moshi_ttt.experiments.spoken.probe --export RUN/export --manifest SET/train.jsonl --out probe.json
+    python -m moshi_ttt.experiments.spoken.probe --export RUN/export --manifest SET/train.jsonl --out probe.json \
+        [--device cuda --layers 0 6 12 18 24 30]
 """
 
 from __future__ import annotations
