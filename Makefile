@@ -27,9 +27,10 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The embedded demo: a tiny random TTT-Moshi + reduced Mimi, fully offline. Open http://localhost:8998
+# The embedded demo: the tiny echo TTT-Moshi + reduced Mimi with their shipped trained weights (docs/demo.md), fully
+# offline. Open http://localhost:8998
 demo: $(STAMP)
-	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml
+	$(VENV)/bin/moshi-ttt serve --demo
 
 # Scale-out on loopback: two demo instances (127.0.0.1:8998 and :8999, 4 conversations each) behind HAProxy
 # with deploy/haproxy.cfg, both on one conversation-memory folder (MEMORY_STORE): a conversation remembered on
@@ -37,9 +38,9 @@ demo: $(STAMP)
 MEMORY_STORE ?= $(or $(MOSHI_TTT_CACHE),$(HOME)/.cache/moshi_ttt)/memories-scaleout
 scaleout-demo: $(STAMP) sysdeps
 	@haproxy=$$(command -v haproxy || echo /usr/sbin/haproxy); \
-	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8998 \
+	$(VENV)/bin/moshi-ttt serve --demo --host 127.0.0.1 --port 8998 \
 	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9998 --memory-store $(MEMORY_STORE) & a=$$!; \
-	$(VENV)/bin/moshi-ttt serve --demo --ttt-config configs/demo_ttt.yaml --host 127.0.0.1 --port 8999 \
+	$(VENV)/bin/moshi-ttt serve --demo --host 127.0.0.1 --port 8999 \
 	  --max-conversations 4 --trusted-proxies 127.0.0.1 --agent-port 9999 --memory-store $(MEMORY_STORE) & b=$$!; \
 	trap 'kill $$a $$b 2>/dev/null; wait' EXIT INT TERM; \
 	$$haproxy -f deploy/haproxy.cfg -db

@@ -64,7 +64,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--telemetry", help="telemetry JSON (default: OUTFILE with .ttt.json)")
     g = parser.add_argument_group("checkpoint")
     add_checkpoint_args(g, demo_help="no checkpoint: the tiny echo demo checkpoint of `serve --demo` "
-                                     "(configs/tiny.yaml, or the LM of tiny with --ttt-config's TTT section), built "
+                                     "(the LM of configs/tiny.yaml with configs/demo_ttt.yaml's TTT section, as it was "
+                                     "trained, or --ttt-config's), built "
                                      "once in $MOSHI_TTT_CACHE or ~/.cache/moshi_ttt")
     r = parser.add_argument_group("run")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

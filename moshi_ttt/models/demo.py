@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from moshi_ttt.models.lm import build_ttt_lm
 from moshi_ttt.models.loaders import moshi_private
 from moshi_ttt.modules.transformer import TTT_KEY
-from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt
+from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt, load_ttt_config
 from moshi_ttt.utils.cache import cache_dir
 from moshi_ttt.utils.io import atomic_dir, atomic_write
 
@@ -160,14 +160,16 @@ def shipped_demo_weights() -> tuple[Path, Path]:
 
 
 def demo_repo(ttt: TTTModelConfig | None = None, cache_root: str | Path | None = None) -> Path:
-    """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml with `DEMO_LM_OVERRIDES`, and
-    `ttt` instead of tiny's TTT section if given, and the `shipped_demo_weights()`), built once per TTT
-    config and weights in `cache_root` (default `cache_dir()`) and reused."""
+    """The `--demo` checkpoint folder (`make_local_repo` of configs/tiny.yaml with `DEMO_LM_OVERRIDES`, the TTT
+    section `ttt`, by default `DEMO_TTT_CONFIG`'s, the one the echo LM was trained with, and the
+    `shipped_demo_weights()`), built once per TTT config and weights in `cache_root` (default `cache_dir()`)
+    and reused."""
     import hashlib
 
     root = Path(cache_root) if cache_root is not None else cache_dir()
     weights = shipped_demo_weights()
-    key = {"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES, "ttt": None if ttt is None else ttt.to_dict(),
+    ttt = ttt if ttt is not None else load_ttt_config(DEMO_TTT_CONFIG)
+    key = {"v": DEMO_VERSION, "config": "tiny", "lm": DEMO_LM_OVERRIDES, "ttt": ttt.to_dict(),
            "weights": [hashlib.sha1(p.read_bytes()).hexdigest() for p in weights]}
     key = json.dumps(key, sort_keys=True)
     folder = root / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:12]}"

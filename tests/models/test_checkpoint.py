@@ -34,7 +34,7 @@ from moshi_ttt.models.loaders import (
     save_ttt,
 )
 from moshi_ttt.modules.transformer import TTT_KEY
-from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt
+from moshi_ttt.ttt.config import TTTModelConfig, load_lm_and_ttt, load_ttt_config
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO_ID = "kyutai-test/tiny-ttt"
@@ -433,8 +433,6 @@ def test_plain_kyutai_checkpoint_gets_the_shipped_moshi_ttt_defaults(repo_copy, 
     4-layer tiny LM; zero init), one log line naming the layers, and outputs bitwise plain moshi's."""
     import logging
 
-    from moshi_ttt.ttt.config import load_ttt_config
-
     _plain_kyutai(repo_copy)
     with caplog.at_level(logging.INFO, logger="moshi_ttt"):
         model = _load(repo_copy)
@@ -466,8 +464,9 @@ def test_demo_without_its_trained_weights_is_refused_not_random(tmp_path, monkey
 
 def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
     """`--demo` is configs/tiny.yaml with `assets.DEMO_LM_OVERRIDES` only (4 Moshi + 4 user codebooks, Moshi's
-    delays), and it streams through Mimi and moshi's LMGen with 4 codebooks: Mimi uses as many as the LM
-    generates, and a step produces a text token and 4 audio tokens per conversation."""
+    delays) and the TTT section it was trained with, and it streams through Mimi and moshi's LMGen with 4
+    codebooks: Mimi uses as many as the LM generates, and a step produces a text token and 4 audio tokens per
+    conversation."""
     from moshi_ttt import runtime
     from moshi_ttt.models.generation import lm_gen_kwargs
     from moshi_ttt.models.lm import make_lm_gen
@@ -479,7 +478,8 @@ def test_demo_checkpoint_is_tiny_with_four_codebooks_per_side(tmp_path):
     assert {k: raw[k] for k in tiny_lm} == {**tiny_lm, **over}
     assert (raw["n_q"], raw["dep_q"]) == (8, 4) and len(raw["delays"]) == raw["n_q"] + 1
     assert raw["delays"][0] == raw["delays"][1] == raw["delays"][1 + raw["dep_q"]] == 0  # text, semantic
-    assert TTTModelConfig.from_dict(raw["ttt"]) == tiny_ttt
+    # the TTT section the echo LM was trained with (demo_ttt: η 0.01, ntp init), not tiny's (η 0.001, zero init)
+    assert TTTModelConfig.from_dict(raw["ttt"]) == load_ttt_config(assets.DEMO_TTT_CONFIG) != tiny_ttt
 
     pieces = runtime.load(runtime.CheckpointFlags(demo=True), torch.device("cpu"), torch.float32, cache_root=tmp_path)
     assert pieces.mimi.num_codebooks == pieces.lm.dep_q == 4 and pieces.lm.ttt_layer_indices == [0, 2]
