@@ -9,14 +9,20 @@ long streaming run, streaming-vs-parallel error; the `server` section lives with
 Moshi 7B under moshi's CUDA graphs — a graphs-vs-eager check first, then base vs TTT step, frame,
 fold and memory by batch size. `capacity` (not in the default list; `moshi_ttt.apps.bench.capacity`):
 computed conversations per GPU for Moshi 7B.
-CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared.
+CPU figures are noisy on shared machines; medians of interleaved repeats are what is compared, and
+`--repeats N` runs the sections N times: each measured float is then the median over the N runs, with its
+min/max in `spread` (`aggregate`). Every result records when it ran (`when`, UTC), on what (`machine`) and
+under what load (`loadavg`: the 1/5/15-minute load averages before and after); `--out FILE` writes it as the
+JSON file the docs are generated from (`moshi_ttt.apps.docs_gen`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,8 +41,12 @@ from moshi_ttt.ttt.config import TTTConfig, TTTModelConfig
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small repeat counts (< 1 minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="small repeat counts (minutes: the moshi7b section is most of it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run the sections N times: each figure is the median of the N runs, its min/max in 'spread'")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE (e.g. docs/bench_quick.json)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--sections", default="moshi7b,layer,model,server",
                    help="comma list of: moshi7b, layer, model, server, gpu (CUDA only), capacity (computed "
@@ -235,19 +245,30 @@ def machine() -> str:
            f"{platform.processor() or platform.platform()}"
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"moshi7b", "layer", "model", "server", "gpu", "capacity"}
-    if unknown:
-        raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
-    if "gpu" in sections:
-        from moshi_ttt.apps.bench import gpu
+def aggregate(runs: list[dict[str, tp.Any]]) -> dict[str, tp.Any]:
+    """One result from N ≥ 1 runs of the same sections: each float the median over the runs, with
+    `spread[key] = [min, max]`; any other value the runs agree on as is, one they do not (an int count, the
+    `--profile` table) as the last run's, with every run's in `per_run[key]`."""
+    if not runs:
+        raise ValueError("aggregate: no runs")
+    out: dict[str, tp.Any] = {}
+    spread: dict[str, list[float]] = {}
+    for key in runs[0]:
+        values = [r.get(key) for r in runs]
+        if all(isinstance(v, float) for v in values):
+            out[key] = statistics.median(values)
+            spread[key] = [min(values), max(values)]
+        else:
+            out[key] = values[-1]
+            if any(v != values[0] for v in values):
+                out.setdefault("per_run", {})[key] = values
+    out["repeats"] = len(runs)
+    out["spread"] = spread
+    return out
 
-        gpu.require_cuda()  # refused before any other section runs
-    res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick)}
-    t0 = time.perf_counter()
+
+def _sections(args: argparse.Namespace, sections: list[str]) -> dict[str, tp.Any]:
+    res: dict[str, tp.Any] = {}
     if "moshi7b" in sections:
         from moshi_ttt.apps.bench.moshi7b import run as bench_moshi7b
         res.update(bench_moshi7b(args.quick))
@@ -264,8 +285,36 @@ def run(args: argparse.Namespace) -> int:
 
         res.update(bench_capacity())
     if "gpu" in sections:
+        from moshi_ttt.apps.bench import gpu
+
         res.update(gpu.run(args.quick, log=lambda line: print(line, file=sys.stderr, flush=True)))
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - {"moshi7b", "layer", "model", "server", "gpu", "capacity"}
+    if unknown:
+        raise SystemExit(f"moshi-ttt bench: unknown section(s) {sorted(unknown)}")
+    if args.repeats < 1:
+        raise SystemExit(f"moshi-ttt bench: --repeats {args.repeats}: must be ≥ 1")
+    if "gpu" in sections:
+        from moshi_ttt.apps.bench import gpu
+
+        gpu.require_cuda()  # refused before any other section runs
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load_before = list(os.getloadavg())
+    t0 = time.perf_counter()
+    res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick), "sections": sections, "when": when}
+    res.update(aggregate([_sections(args, sections) for _ in range(args.repeats)]))
     res["bench_seconds"] = time.perf_counter() - t0
+    res["loadavg"] = {"before": load_before, "after": list(os.getloadavg())}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
     if args.json:
         print(json.dumps(res))
     else:
