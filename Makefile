@@ -1,6 +1,8 @@
 # Quick start: `make demo` runs the product, `make test` runs the test suite. Both set themselves up.
-# `make test-fast` is the development loop (< 2 min on 2 cores): no Chromium, HAProxy, wheel, multi-process
-# or slow tests (pytest markers, pyproject.toml); `make test` (CI) runs them all.
+# `make test-fast` is the development loop: no Chromium, HAProxy, wheel, multi-process or slow tests (pytest
+# markers, pyproject.toml); `make test` (CI) runs them all. Their sizes and times: the README, from
+# docs/test_suite*.json, which `make test SUITE_RECORD=docs/test_suite.json` (test-fast: docs/test_suite_fast.json)
+# rewrites; `make docs` then updates the README.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml
 # System tools the tests use: espeak-ng/sox make real speech WAVs, chromium runs the web-client test,
 # haproxy the scale-out test (Debian puts it in /usr/sbin).
 SYSDEPS := espeak-ng sox chromium haproxy
-.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench experiment experiment-symbols gpu-check
+.PHONY: setup sysdeps demo scaleout-demo test test-fast lint bench docs experiment experiment-symbols gpu-check
 setup: $(STAMP)
 
 sysdeps:
@@ -50,16 +52,32 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check moshi_ttt server scripts tests
 	$(VENV)/bin/lint-imports
 
+SUITE_RECORD ?=
+PYTEST := MOSHI_TTT_SUITE_RECORD=$(SUITE_RECORD) $(VENV)/bin/python -m pytest -p moshi_ttt.testing.suite_record
 test: $(STAMP) sysdeps lint
-	$(VENV)/bin/python -m pytest -q tests
+	$(PYTEST) -q tests
 
 FAST := not browser and not haproxy and not wheel and not multiprocess and not slow
 test-fast: $(STAMP)
 	@$(MAKE) --no-print-directory sysdeps SYSDEPS="espeak-ng sox"
-	$(VENV)/bin/python -m pytest -q tests -m "$(FAST)"
+	$(PYTEST) -q tests -m "$(FAST)"
 
+# The cost figures (docs/cost.md), written to the files the docs are generated from; on a quiet machine, then
+# `make docs`. BENCH_REPEATS runs of each section: the docs give the median and the min-max.
+BENCH_REPEATS ?= 3
 bench: $(STAMP) sysdeps
-	$(VENV)/bin/moshi-ttt bench
+	$(VENV)/bin/moshi-ttt bench --quick --repeats $(BENCH_REPEATS) --out docs/bench_quick.json
+	$(VENV)/bin/moshi-ttt bench --sections moshi7b --repeats $(BENCH_REPEATS) --out docs/bench_full_moshi7b.json
+	$(VENV)/bin/moshi-ttt bench --quick --sections server --profile --out docs/bench_profile.json
+	$(VENV)/bin/moshi-ttt bench --sections capacity --out docs/capacity.json
+
+# Every generated block and figure of README.md and docs/ (moshi_ttt/apps/docs_gen.py) from the JSON files above
+# and the experiments' results, after the spoken-memory report has regenerated its own from its run records.
+# `python -m moshi_ttt.apps.docs_gen --check` changes nothing and lists what is stale or names a dead path.
+docs: $(STAMP)
+	$(VENV)/bin/python -m moshi_ttt.experiments.spoken.report --out docs/spoken_memory --doc docs/spoken-memory.md \
+	  --readme README.md
+	$(VENV)/bin/python -m moshi_ttt.apps.docs_gen
 
 # On a fresh GPU machine: the check under CUDA graphs + the GPU bench at Moshi 7B shapes -> docs/bench_gpu.json
 # (docs/gpu.md). Installs what is missing itself; GPU_CHECK_ARGS=--full for the full sweep, --dry-run to see the steps.
@@ -73,9 +91,8 @@ experiment: $(STAMP) sysdeps
 	OMP_NUM_THREADS=2 $(VENV)/bin/python -m moshi_ttt.experiments.spoken.experiment --out docs/spoken_memory \
 	  --doc docs/spoken-memory.md --readme README.md
 
-# The symbolic memory experiment (moshi_ttt/experiments/memory_experiment.py; ≈ 15 min on 2 idle cores; resumable:
-# finished runs are cached in docs/memory_experiment/runs/): results.json, the plot, and the table in
-# docs/memory-experiment.md.
+# The symbolic memory experiment (moshi_ttt/experiments/memory_experiment.py; resumable: finished runs are cached
+# in docs/memory_experiment/runs/): results.json, the plot, and the table in docs/memory-experiment.md.
 experiment-symbols: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_experiment --out docs/memory_experiment --jobs 2
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m moshi_ttt.experiments.memory_cross --out docs/memory_experiment
