@@ -71,13 +71,13 @@ bench: $(STAMP) sysdeps
 	$(VENV)/bin/moshi-ttt bench --quick --sections server --profile --out docs/bench_profile.json
 	$(VENV)/bin/moshi-ttt bench --sections capacity --out docs/capacity.json
 
-# Every generated block and figure of README.md and docs/ (moshi_ttt/apps/docs_gen.py) from the JSON files above
+# Every generated block and figure of README.md and docs/ (moshi_ttt/docs_gen.py) from the JSON files above
 # and the experiments' results, after the spoken-memory report has regenerated its own from its run records.
-# `python -m moshi_ttt.apps.docs_gen --check` changes nothing and lists what is stale or names a dead path.
+# `python -m moshi_ttt.docs_gen --check` changes nothing and lists what is stale or names a dead path.
 docs: $(STAMP)
 	$(VENV)/bin/python -m moshi_ttt.experiments.spoken.report --out docs/spoken_memory --doc docs/spoken-memory.md \
 	  --readme README.md
-	$(VENV)/bin/python -m moshi_ttt.apps.docs_gen
+	$(VENV)/bin/python -m moshi_ttt.docs_gen
 
 # On a fresh GPU machine: the check under CUDA graphs + the GPU bench at Moshi 7B shapes -> docs/bench_gpu.json
 # (docs/gpu.md). Installs what is missing itself; GPU_CHECK_ARGS=--full for the full sweep, --dry-run to see the steps.

@@ -1,4 +1,4 @@
-"""A pytest plugin that records what a run of the suite measured, for the README (`moshi_ttt.apps.docs_gen`):
+"""A pytest plugin that records what a run of the suite measured, for the README (`moshi_ttt.docs_gen`):
 
     MOSHI_TTT_SUITE_RECORD=docs/test_suite.json pytest -p moshi_ttt.testing.suite_record tests
 

@@ -1,4 +1,4 @@
-"""The docs cannot drift: every generated block and figure (`moshi_ttt.apps.docs_gen`, `make docs`) equals what
+"""The docs cannot drift: every generated block and figure (`moshi_ttt.docs_gen`, `make docs`) equals what
 its JSON file generates, `make docs` on the committed tree changes nothing, and every path, `moshi-ttt` flag and
 `moshi_ttt.*` name the docs mention exists. The planted tests show the check catches what it must."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moshi_ttt.apps import docs_gen
+from moshi_ttt import docs_gen
 
 ROOT = docs_gen.ROOT
 

@@ -13,7 +13,7 @@ CPU figures are noisy on shared machines; medians of interleaved repeats are wha
 `--repeats N` runs the sections N times: each measured float is then the median over the N runs, with its
 min/max in `spread` (`aggregate`). Every result records when it ran (`when`, UTC), on what (`machine`) and
 under what load (`loadavg`: the 1/5/15-minute load averages before and after); `--out FILE` writes it as the
-JSON file the docs are generated from (`moshi_ttt.apps.docs_gen`).
+JSON file the docs are generated from (`moshi_ttt.docs_gen`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`make docs`: the figures of README.md and docs/*.md, generated from the JSON files the measuring commands
 wrote, and the check that the docs name only paths, `moshi-ttt` flags and `moshi_ttt.*` names that exist.
 
-    python -m moshi_ttt.apps.docs_gen [--root DIR] [--check]
+    python -m moshi_ttt.docs_gen [--root DIR] [--check]
 
 Two kinds of generated text, each named in `BLOCKS` / `FIGURES` with the one JSON file it comes from:
 * blocks (tables), between `<!-- NAME:start -->` and `<!-- NAME:end -->` on lines of their own;
@@ -25,7 +25,7 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/*.md")
 
 BLOCK_RE = re.compile(r"^<!-- ([a-z0-9-]+):start -->\n(.*?)^<!-- \1:end -->$", re.S | re.M)
@@ -392,13 +392,13 @@ def render(text: str, src: Sources, where: str = "") -> str:
     def block(m: re.Match) -> str:
         name = m.group(1)
         if name not in BLOCKS:
-            raise KeyError(f"{where}: block '{name}' is not in moshi_ttt.apps.docs_gen.BLOCKS")
+            raise KeyError(f"{where}: block '{name}' is not in moshi_ttt.docs_gen.BLOCKS")
         return f"<!-- {name}:start -->\n{_render_block(name, src).rstrip()}\n<!-- {name}:end -->"
 
     def span(m: re.Match) -> str:
         name = m.group(1)
         if name not in FIGURES:
-            raise KeyError(f"{where}: figure '{name}' is not in moshi_ttt.apps.docs_gen.FIGURES")
+            raise KeyError(f"{where}: figure '{name}' is not in moshi_ttt.docs_gen.FIGURES")
         return f"<!--fig:{name}-->{FIGURES[name].render(src.get(FIGURES[name].source))}<!--/fig-->"
     return SPAN_RE.sub(span, BLOCK_RE.sub(block, text))
 
@@ -577,7 +577,7 @@ def problems(root: Path = ROOT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moshi_ttt.apps.docs_gen", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m moshi_ttt.docs_gen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this checkout)")
     p.add_argument("--check", action="store_true", help="change nothing: list stale figures and dead references")
