@@ -29,6 +29,7 @@ from moshi_ttt import runtime  # noqa: E402
 from moshi_ttt.testing import speech  # noqa: E402
 from moshi_ttt.train.code_cache import CodeCache  # noqa: E402
 from moshi_ttt.train.data import Dataset, TokenIds  # noqa: E402
+from moshi_ttt.utils import provenance  # noqa: E402
 
 SR = 24000
 
@@ -94,6 +95,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "docs" / "code_cache.json"))
     args = p.parse_args()
+    start = provenance.started()
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -122,7 +124,7 @@ def main() -> None:
     report = {"recordings": args.recordings, "seconds_each": args.seconds, "threads": args.threads, "seed": args.seed,
               "torch": torch.__version__, "rows": rows,
               "demo_train_step_s": {"batch": int(batch.shape[0]), "frames": int(batch.shape[-1]), "seconds": step_s}}
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(provenance.finished(report, start), indent=1) + "\n")
     print(f"demo-sized train step (fwd+bwd, {batch.shape[0]} × {batch.shape[-1]} frames): {step_s:.2f} s; "
           f"wrote {args.out}", file=sys.stderr)
 

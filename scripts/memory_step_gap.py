@@ -24,6 +24,8 @@ import aiohttp
 import numpy as np
 from moshi_ttt.server.web.client import FRAME, ChatClient
 
+from moshi_ttt.utils import provenance
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support, from a checkout
 
 from support.launcher import ServeProcess  # noqa: E402
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--cycle", type=float, default=3.0, help="seconds of audio per cycle of the other conversations")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    start = provenance.started()
     with tempfile.TemporaryDirectory() as d:
         args = ["--max-conversations", str(a.others + 1), "--memory-store", f"{d}/store", "--memory-save-every", "1",
                 "--no-per-ip-limits", "--idle-timeout", "30", "--ttt-config", "configs/demo_ttt.yaml",
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
                      "slots": a.others + 1, "seconds": a.seconds, "cycle_s": a.cycle, "checkpoint_every_chunks": 1,
                      "frame_ms": 1000 * FRAME / SR},
            "baseline": phases[0], "with_memory": phases[1], **hist}
+    out = provenance.finished(out, start)
     text = json.dumps(out, indent=1)
     print(text)
     if a.out is not None:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from moshi_ttt.models import demo  # noqa: E402
 from moshi_ttt.testing import speech  # noqa: E402
+from moshi_ttt.utils import provenance  # noqa: E402
 
 from support import audio_match  # noqa: E402
 
@@ -247,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--figures", default=str(ROOT / "docs" / "demo_codec.json"))
     p.add_argument("--eval-only", metavar="WEIGHTS", help="only evaluate these weights (and the random codec)")
     args = p.parse_args(argv)
+    start = provenance.started()
     torch.set_num_threads(args.threads)
     utts = held_out(args.seed)
     rec: dict = {"seed": args.seed}
@@ -266,6 +268,7 @@ def main(argv=None) -> int:
     random_mimi = random_codec()
     rec["trained"] = {f"q{n}": evaluate(mimi, utts, n, proxies=True) for n in (4, 8)}
     rec["random_v4"] = {f"q{n}": evaluate(random_mimi, utts, n, proxies=True) for n in (4, 8)}
+    rec = provenance.finished(rec, start)
     print(json.dumps(rec, indent=1))
     if args.figures and not args.eval_only:
         Path(args.figures).write_text(json.dumps(rec, indent=1) + "\n")

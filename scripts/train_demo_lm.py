@@ -41,6 +41,7 @@ from moshi_ttt.models.lm import build_ttt_lm  # noqa: E402
 from moshi_ttt.testing import speech  # noqa: E402
 from moshi_ttt.train.loss import global_loss, loss_parts  # noqa: E402
 from moshi_ttt.ttt.config import load_lm_and_ttt, load_ttt_config  # noqa: E402
+from moshi_ttt.utils import provenance  # noqa: E402
 
 from support import audio_match  # noqa: E402
 
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--figures", default=str(ROOT / "docs" / "demo_lm.json"))
     p.add_argument("--eval-only", action="store_true", help="only evaluate --out")
     args = p.parse_args(argv)
+    start = provenance.started()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # speed only (docs/demo.md)
     rec: dict = {"seed": args.seed, "echo_frames": demo.ECHO_FRAMES, "echo_output_frames": demo.ECHO_OUTPUT_FRAMES}
@@ -183,6 +185,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     train_texts = set(speech.sentences(args.sentences, data_seed(args)))
     rec["held_out_infer"] = evaluate(Path(args.out), Path(args.codec), args.seed, train_texts)
+    rec = provenance.finished(rec, start)
     print(json.dumps(rec, indent=1))
     if args.figures and not args.eval_only:
         Path(args.figures).write_text(json.dumps(rec, indent=1) + "\n")

@@ -9,20 +9,19 @@ seconds (pytest's own wall time)} to that file at the end of the session; withou
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from moshi_ttt.utils import provenance
 
 ENV = "MOSHI_TTT_SUITE_RECORD"
 _state: dict = {}
 
 
 def pytest_sessionstart(session) -> None:
-    _state.update(t0=time.perf_counter(), load=list(os.getloadavg()),
-                  when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    _state.update(t0=time.perf_counter(), start=provenance.started())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -31,9 +30,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "skipped", "error",
                                                                   "deselected")}
-    record = {"when": _state["when"], "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                                 f"Python {platform.python_version()}",
-              "loadavg": {"before": _state["load"], "after": list(os.getloadavg())},
-              "markers": config.getoption("markexpr") or "", **counts, "exit_status": int(exitstatus),
-              "seconds": round(time.perf_counter() - _state["t0"], 1)}
+    seconds = round(time.perf_counter() - _state["t0"], 1)
+    record = provenance.finished({"markers": config.getoption("markexpr") or "", **counts,
+                                  "exit_status": int(exitstatus), "seconds": seconds}, _state["start"])
     Path(path).write_text(json.dumps(record, indent=1) + "\n")

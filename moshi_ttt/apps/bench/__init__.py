@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,6 +36,7 @@ from moshi_ttt.models.lm import TTTLMGen, build_ttt_lm
 from moshi_ttt.modules.gating import TTTGating
 from moshi_ttt.modules.transformer import TTT_KEY
 from moshi_ttt.ttt.config import TTTConfig, TTTModelConfig
+from moshi_ttt.utils import provenance
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -304,13 +303,12 @@ def run(args: argparse.Namespace) -> int:
         from moshi_ttt.apps.bench import gpu
 
         gpu.require_cuda()  # refused before any other section runs
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    load_before = list(os.getloadavg())
+    start = {**provenance.started(), "machine": machine()}  # the bench's machine names its torch threads
     t0 = time.perf_counter()
-    res: dict[str, tp.Any] = {"machine": machine(), "quick": bool(args.quick), "sections": sections, "when": when}
+    res: dict[str, tp.Any] = {"quick": bool(args.quick), "sections": sections}
     res.update(aggregate([_sections(args, sections) for _ in range(args.repeats)]))
     res["bench_seconds"] = time.perf_counter() - t0
-    res["loadavg"] = {"before": load_before, "after": list(os.getloadavg())}
+    res = provenance.finished(res, start)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
