@@ -332,6 +332,10 @@ FIGURES: dict[str, Gen] = {
     # the symbolic memory experiment
     "mem.ttt": Gen(MEM, lambda d: recall(d, "ttt")),
     "mem.bf16": Gen(MEM, lambda d: recall(d, "ttt_bf16state")),
+    "mem.rtn": Gen(MEM, lambda d: recall(d, "ttt_bf16state_rtn")),
+    "mem.base": Gen(MEM, lambda d: recall(d, "base")),
+    "mem.ttt_w8": Gen(MEM, lambda d: recall(d, "ttt_w8")),
+    "mem.ttt_w32_inside": Gen(MEM, lambda d: recall(d, "ttt_w32", "inside_acc")),
     "cross.resumed": Gen("docs/memory_experiment/cross_results.json",
                          lambda d: _mean_std([r["acc"] for r in d["arms"]["ttt_exact"]["seeds"]])),
     "cross.heard": Gen("docs/memory_experiment/cross_results.json",
@@ -340,6 +344,10 @@ FIGURES: dict[str, Gen] = {
     "cap.fp32_80": Gen(CAP, lambda d: f"{d['capacity_row1_conversations_80gb']}"),
     "cap.base_80": Gen(CAP, lambda d: f"{d['capacity_row0_conversations_80gb']}"),
     "cap.bf16_80": Gen(CAP, lambda d: f"{d['capacity_row2_conversations_80gb']}"),
+    "cap.base_141": Gen(CAP, lambda d: f"{d['capacity_row0_conversations_141gb']}"),
+    "cap.fp32_141": Gen(CAP, lambda d: f"{d['capacity_row1_conversations_141gb']}"),
+    "cap.base_conv_bytes": Gen(CAP, lambda d: f"{d['capacity_row0_per_conversation_bytes']:,}"),
+    "cap.fp32_conv_bytes": Gen(CAP, lambda d: f"{d['capacity_row1_per_conversation_bytes']:,}"),
     # the demo (docs/demo_lm.json: held-out utterances, `infer` of the shipped checkpoint)
     "demo.echo": Gen("docs/demo_lm.json", lambda d: f"{d['held_out_infer']['echo']:.2f}"),
     "demo.unrelated": Gen("docs/demo_lm.json", lambda d: f"{d['held_out_infer']['unrelated']:.2f}"),
