@@ -312,6 +312,8 @@ FIGURES: dict[str, Gen] = {
     "quick.step_ms_4": Gen(Q, lambda d: f"{d['server_step_ms_4']:.1f} ms"),
     "quick.transport": Gen(Q, lambda d: f"in {d['server_transport_in_ms']:.3f} ms, out "
                                         f"{d['server_transport_out_ms']:.3f} ms"),
+    "quick.state_bytes": Gen(Q, lambda d: f"{d['moshi7b_state_bytes_per_conversation']:,} bytes "
+                                          f"({d['moshi7b_state_bytes_per_conversation'] / GiB:.2f} GiB)"),
     "quick.state_gb": Gen(Q, lambda d: f"{d['moshi7b_state_bytes_per_conversation'] / 1e9:.3f} GB"),
     "quick.state_bf16_gb": Gen(Q, lambda d: f"{d['moshi7b_state_bytes_per_conversation_bf16state'] / 1e9:.3f} GB"),
     # fp32 state = w fp32 + its bf16 copy + buffers, bf16 state = w bf16 + the same buffers: the copy is half the gap
