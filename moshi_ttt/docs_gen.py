@@ -366,8 +366,8 @@ FIGURES: dict[str, Gen] = {
 
 
 def _suite(d: dict) -> str:
-    count = "" if d.get("passed") is None else f"{d['passed']} tests passed "
-    return f"{count}in {_minsec(d['seconds'])} of pytest ({d['when'][:10]}, {d['machine']})"
+    count = "" if d.get("passed") is None else f"{d['passed']} tests passed, "
+    return f"{count}{_minsec(d['seconds'])} of pytest ({d['when'][:10]}, {d['machine']})"
 
 
 # -- generating --------------------------------------------------------------------------------------
