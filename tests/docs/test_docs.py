@@ -80,3 +80,11 @@ def test_an_unknown_block_or_figure_name_is_refused(tmp_path):
     doc.write_text(doc.read_text() + "\n<!--fig:no.such-->1<!--/fig-->\n")
     with pytest.raises(KeyError, match="docs/cost.md: figure 'no.such' is not in"):
         docs_gen.generate(root)
+
+
+def test_a_repeated_bench_shows_its_median_spread_and_load():
+    d = {"r": 1.065, "spread": {"r": [1.05, 1.08]}, "when": "2026-12-07T19:00:00+00:00", "machine": "m",
+         "loadavg": {"before": [0.31, 0.2, 0.1], "after": [1.9, 1.0, 0.5]}, "repeats": 3}
+    assert docs_gen.ratio(d, "r") == "1.065× (1.050–1.080)"
+    assert docs_gen.measured(d) == "2026-12-07T19:00:00+00:00 on m, 1-minute load 0.31 → 1.90, 3 runs"
+    assert docs_gen.ratio({"r": 1.065}, "r") == "1.065×"  # one run: no range
