@@ -346,6 +346,8 @@ FIGURES: dict[str, Gen] = {
     "cap.fp32_80": Gen(CAP, lambda d: f"{d['capacity_row1_conversations_80gb']}"),
     "cap.base_80": Gen(CAP, lambda d: f"{d['capacity_row0_conversations_80gb']}"),
     "cap.bf16_80": Gen(CAP, lambda d: f"{d['capacity_row2_conversations_80gb']}"),
+    "cap.fp32_state_gb": Gen(CAP, lambda d: f"{d['capacity_row1_state_bytes'] / 1e9:.3f} GB"),
+    "cap.bf16_state_gb": Gen(CAP, lambda d: f"{d['capacity_row2_state_bytes'] / 1e9:.3f} GB"),
     "cap.base_141": Gen(CAP, lambda d: f"{d['capacity_row0_conversations_141gb']}"),
     "cap.fp32_141": Gen(CAP, lambda d: f"{d['capacity_row1_conversations_141gb']}"),
     "cap.base_conv_bytes": Gen(CAP, lambda d: f"{d['capacity_row0_per_conversation_bytes']:,}"),
