@@ -88,6 +88,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     _number(g, "--keepalive-timeout", HttpLimits.keepalive_timeout, "idle seconds of a keep-alive HTTP connection")
     _number(g, "--max-pending-connections", HttpLimits.max_pending,
             "concurrent connections that are not a running conversation")
+    _number(g, "--max-pending-per-ip", HttpLimits.max_pending_per_ip,
+            "of those, per client address (an IPv6 /64 is one address)")
     g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
@@ -288,7 +290,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     access = AccessPolicy.from_flags(cfg.allowed_origins, cfg.host)
     budget = limits.Budget(cfg.max_messages_per_s, cfg.max_bytes_per_s, cfg.max_pings_per_s)
     http = HttpLimits(header_timeout=cfg.header_timeout, keepalive_timeout=cfg.keepalive_timeout,
-                      max_pending=cfg.max_pending_connections)
+                      max_pending=cfg.max_pending_connections, max_pending_per_ip=cfg.max_pending_per_ip)
     per_ip = _admission(cfg)
     if api_key is None and not is_loopback_host(cfg.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "

@@ -45,6 +45,7 @@ class ServeConfig:
     header_timeout: float  # seconds
     keepalive_timeout: float  # seconds
     max_pending_connections: int
+    max_pending_per_ip: int
     gil_switch_ms: float
     step_delay_ms: float  # test hook: a model slower than real time
     fail_step: int  # test hook: this engine step raises; 0 = none
@@ -120,7 +121,7 @@ class ServeConfig:
             _num(name, getattr(self, name), lo=0)
         for name in ("max_conversations_per_ip", "ban_after", "fail_step"):
             _num(name, getattr(self, name), lo=0, integer=True)
-        for name in ("max_pending_connections", "start_burst", "memory_failure_burst"):
+        for name in ("max_pending_connections", "max_pending_per_ip", "start_burst", "memory_failure_burst"):
             _num(name, getattr(self, name), lo=1, integer=True)
         _num("gil_switch_ms", self.gil_switch_ms)
         if not 0 < self.gil_switch_ms <= MAX_GIL_SWITCH_MS:

@@ -105,8 +105,10 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     cfg = app[CONFIG]
     # aiohttp's own limit is a hard backstop (it closes with 1009 and no 0x05); our limit is checked
     # in `protocol.parse`, which sends a 0x05 first.
-    # autoping off: the session answers (and budgets) the client's pings itself.
-    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=False)
+    # autoping off: the session answers (and budgets) the client's pings itself. compress off: no
+    # permessage-deflate, whose inflation a client could make cost far more than the bytes it sent.
+    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=False,
+                               compress=False)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
     try:
@@ -212,7 +214,8 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     admission = Admission(cfg.admission)
-    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)
+    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned,
+                                 trusted=admission.proxied)
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[CONFIG] = cfg
