@@ -91,6 +91,7 @@ class ServeConfig:
     memory_max_bytes: int | None
     memory_save_every: int  # chunks; 0 = only when the conversation ends
     memory_format: str
+    memory_max_loads: int
     memory_failures_per_minute: float  # 0 = no limit
     memory_failure_burst: int
 
@@ -161,4 +162,5 @@ class ServeConfig:
         _num("memory_ttl", self.memory_ttl, lo=0, lo_open=True, unit="days")
         _num("memory_max_bytes", self.memory_max_bytes, lo=0, integer=True, optional=True)
         _num("memory_save_every", self.memory_save_every, lo=0, integer=True, unit="chunks")
+        _num("memory_max_loads", self.memory_max_loads, lo=1, integer=True)
         Compression.parse(self.memory_format)  # ValueError: "invalid memory format 'rank:0': expected ..."

@@ -308,3 +308,92 @@ def test_idle_timeout_saves_with_the_in_process_engine(tmp_path, demo_ttt_yaml, 
     assert c2.memory()["frames"] == 13
     for layer, d in drifts(saved).items():
         assert telemetry_drifts(c2.ttt()[0])[layer] == pytest.approx(d, rel=1e-5)
+
+
+async def answer_to(c: ChatClient, obj) -> dict:
+    """Sends a client 0x04 `obj` and returns the server's next memory answer ({"confirmed"...} or {"error"...})."""
+    seen = len(c.metadata)
+    await c.send_raw(protocol.metadata(obj))
+
+    def answer():
+        return next((m["memory"] for m in c.metadata[seen:] if isinstance(m.get("memory"), dict)
+                     and ("confirmed" in m["memory"] or "error" in m["memory"])), None)
+    await c.wait_for(lambda: answer() is not None, 10, "the memory answer")
+    return answer()
+
+
+def test_a_drop_before_the_confirmation_keeps_the_old_token(mem_server, server_speech):
+    """Resumed, talked, dropped without confirming the new token: every save was sealed with the old token,
+    which still opens the memory (with the frames of both conversations); the new one opens nothing."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 10 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            c2 = await resume(http, mem_server.ws_url, c.memory()["token"], confirm=False, api_key=KEY)
+            n2 = await c2.send_pcm(server_speech["a"][: 9 * FRAME])
+            await c2.wait_output_frames(n2, timeout=60)
+            await c2.close()
+            await ended(mem_server)
+            return c, n, c2, n2
+
+    c, n, c2, n2 = run(go())
+    assert stored(mem_server.store, c.memory()["token"]).frames == n + n2
+    with pytest.raises(MemoryUnavailable):
+        stored(mem_server.store, c2.memory()["token"])
+
+
+def test_confirmations_bad_or_good_never_end_the_conversation(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            fresh, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 8 * FRAME], keep_open=True,
+                                         api_key=KEY)
+            answers = {"unexpected": await fresh.confirm_memory()}
+            await fresh.close()
+            await ended(mem_server)
+            c = await resume(http, mem_server.ws_url, fresh.memory()["token"], confirm=False, api_key=KEY)
+            tok = c.memory()["token"]
+            answers["not a string"] = await answer_to(c, {"memory": {"confirm": 5}})
+            answers["not an object"] = await answer_to(c, {"memory": "yes"})
+            answers["extra key"] = await answer_to(c, {"memory": {"confirm": tok, "more": 1}})
+            answers["another token"] = await c.confirm_memory(str(Token.new(c.memory()["id"])))
+            answers["ok"] = await c.confirm_memory()
+            answers["duplicate"] = await c.confirm_memory()
+            n = await c.send_pcm(server_speech["a"][: 8 * FRAME])  # the conversation went on throughout
+            await c.wait_output_frames(n, timeout=60)
+            await c.send_raw(bytes([protocol.Kind.METADATA]) + b"{not json")
+            await c.wait_closed(10)
+            await ended(mem_server)
+            return answers, c, n
+
+    answers, c, n = run(go())
+    errors = {k: v.get("error", "") for k, v in answers.items() if k != "ok"}
+    assert errors["unexpected"].startswith("nothing to confirm"), errors
+    for k in ("not a string", "not an object", "extra key"):
+        assert errors[k].startswith("malformed confirmation"), errors
+    assert errors["another token"] == "not the token this conversation was sent", errors
+    assert errors["duplicate"] == "this token was already confirmed", errors
+    assert answers["ok"]["confirmed"] is True and answers["ok"]["id"] == c.memory()["id"], answers["ok"]
+    assert c.errors and c.errors[0].startswith("protocol error: 0x04 metadata must be a UTF-8 JSON object"), c.errors
+    assert c.close_code == 1007
+    assert stored(mem_server.store, c.memory()["token"]).frames == 8 + n  # saved under the confirmed token
+
+
+def test_concurrent_resumes_of_one_token_exactly_one_resumes(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 8 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            tries = await asyncio.gather(*(ChatClient.connect(http, mem_server.ws_url, api_key=KEY,
+                                                              resume=c.memory()["token"]) for _ in range(3)),
+                                         return_exceptions=True)
+            for t in tries:
+                if isinstance(t, ChatClient):
+                    await t.close()
+            await ended(mem_server)
+            return tries
+
+    tries = run(go())
+    won = [t for t in tries if isinstance(t, ChatClient)]
+    lost = [t for t in tries if isinstance(t, HandshakeError)]
+    assert len(won) == 1 and len(lost) == 2, tries
+    assert all(protocol.MEMORY_UNAVAILABLE in str(e) for e in lost), lost
