@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from moshi_ttt.memory.header import header
 from moshi_ttt.memory.seal import MemoryUnavailable, Token
-from moshi_ttt.memory.store import MemoryStore
+from moshi_ttt.memory.store import MemoryStore, Saved
 
 from ..core.engine_api import ServingEngine
 from ..metrics import Metrics
@@ -77,6 +77,7 @@ class Memories:
         self.store, self.fingerprint, self.metrics, self.cfg = store, fingerprint, metrics, cfg
         self.live: set[str] = set()
         self.deleted: set[str] = set()
+        self.versions: dict[str, str] = {}  # id → the stored version a resume read (its first save's `expect`)
 
     def expires(self) -> float:
         return time.time() + self.store.ttl
@@ -88,7 +89,9 @@ class Memories:
         if token.id in self.live:
             raise MemoryUnavailable("in use: a conversation on this instance holds it", "in_use")
         t0 = time.perf_counter()
-        data = await asyncio.to_thread(self.store.load, token, self.fingerprint)
+        opened = await asyncio.to_thread(self.store.open, token, self.fingerprint)
+        data = await asyncio.to_thread(self.store.read, opened)
+        self.versions[token.id] = opened.version
         self.metrics.observe_memory_read(time.perf_counter() - t0, len(data))
         return token, data
 
@@ -96,12 +99,15 @@ class Memories:
         self.metrics.inc_memory_failure(e.label)
         log.warning("memory %s from %s refused: %s", what, peer, e.cause)
 
-    async def write(self, token: Token, data: bytes, meta: dict, trigger: str, t0: float) -> float:
-        """Seals and stores `data` (thread); returns the expiry. Counts the save (`trigger`: checkpoint, end,
-        resume) with its seconds since `t0` (perf_counter) and bytes."""
-        expires = await asyncio.to_thread(self.store.save, token, self.fingerprint, data, meta)
+    async def write(self, token: Token, data: bytes, meta: dict, trigger: str, t0: float,
+                    expect: str | None) -> Saved:
+        """Seals and stores `data` (thread) over the stored version `expect` (None: a new memory); returns
+        the expiry and new version. Counts the save (`trigger`: checkpoint, end, resume) with its seconds
+        since `t0` (perf_counter) and bytes."""
+        saved = await asyncio.to_thread(self.store.save, token, self.fingerprint, data, meta, owner="",
+                                        expect=expect)
         self.metrics.observe_memory_save(trigger, time.perf_counter() - t0, len(data))
-        return expires
+        return saved
 
     async def delete(self, token_text: str, memory_id: str, peer: str) -> bool:
         """`DELETE /api/memory/{id}`: True if `token_text` opens memory `memory_id` and it was removed."""
@@ -132,6 +138,7 @@ class ConversationMemory:
         self._checkpoint: asyncio.Task | None = None
         self._next: Token | None = None  # a resume's new token, until `rotate`
         self._data: bytes | None = None
+        self.version = memories.versions.pop(token.id, None)  # the stored version the next save replaces
         self.saves = 0
         memories.live.add(token.id)
 
@@ -162,7 +169,8 @@ class ConversationMemory:
         head = header(data)
         meta = {"frames": self.resumed_frames, "chunks": int(head["chunks"]), "compression": head["compression"]}
         try:
-            await self.memories.write(self.token, data, meta, "resume", time.perf_counter())
+            self.version = (await self.memories.write(self.token, data, meta, "resume", time.perf_counter(),
+                                                      self.version)).version
         except OSError as e:
             self.memories.metrics.inc_memory_failure("save")
             log.warning("memory %s… re-seal with the new token failed: %s", self.token.id[:8], e)
@@ -192,7 +200,8 @@ class ConversationMemory:
                 out = await engine_call(self.engine.save_memory, self.slot, self.conv_id, final=final,
                                         timeout=self.memories.cfg.timeout)
                 meta = {k: out[k] for k in ("frames", "chunks", "compression")}
-                await self.memories.write(self.token, out["data"], meta, trigger, t0)
+                self.version = (await self.memories.write(self.token, out["data"], meta, trigger, t0,
+                                                          self.version)).version
             except (MemoryOpFailed, OSError, MemoryUnavailable) as e:
                 self.memories.metrics.inc_memory_failure("save")
                 log.warning("memory %s… %s save failed: %s", self.token.id[:8], trigger, e)
