@@ -89,6 +89,8 @@ class ServeConfig:
     #                             cannot keep a memory, memory is off instead of an error
     memory_ttl: float  # days
     memory_max_bytes: int | None
+    memory_quota_memories: int  # per owner (a client's address group)
+    memory_quota_bytes: int
     memory_save_every: int  # chunks; 0 = only when the conversation ends
     memory_format: str
     memory_max_loads: int
@@ -161,6 +163,8 @@ class ServeConfig:
         _check.flag("memory_store_default", self.memory_store_default)
         _num("memory_ttl", self.memory_ttl, lo=0, lo_open=True, unit="days")
         _num("memory_max_bytes", self.memory_max_bytes, lo=0, integer=True, optional=True)
+        _num("memory_quota_memories", self.memory_quota_memories, lo=0, integer=True)
+        _num("memory_quota_bytes", self.memory_quota_bytes, lo=0, integer=True)
         _num("memory_save_every", self.memory_save_every, lo=0, integer=True, unit="chunks")
         _num("memory_max_loads", self.memory_max_loads, lo=1, integer=True)
         Compression.parse(self.memory_format)  # ValueError: "invalid memory format 'rank:0': expected ..."
