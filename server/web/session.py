@@ -64,6 +64,9 @@ class SessionConfig:
     admit_lag: float = 1.0  # refuse new conversations while behind and a queued frame waited this long
     budget: Budget = field(default_factory=Budget)
     refused_close_wait: float = 0.2  # seconds a refused / over-budget client gets to answer our close frame
+    # a refused resume is answered this many seconds after its token was taken up, whatever the cause, so that
+    # its timing does not tell an unknown id from a wrong key (the measured difference: docs/memory.md)
+    memory_refusal_floor: float = 0.25
 
 
 @dataclass
@@ -156,10 +159,12 @@ class Session:
         if self.resume is None:
             self.memory = ConversationMemory(self.memories, self.engine, Token.new(), owner)
             return True
+        t0 = time.monotonic()
         try:
             opened = await self.memories.open(self.resume)
         except MemoryUnavailable as e:
             self.memories.refused(e, self.peer, "resume")
+            await asyncio.sleep(max(0.0, t0 + self.cfg.memory_refusal_floor - time.monotonic()))
             if self.on_memory_refused is not None:
                 self.on_memory_refused()
             await self._end_with_error(Reason.MEMORY_UNAVAILABLE.says(), Reason.MEMORY_UNAVAILABLE.close,

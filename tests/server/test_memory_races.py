@@ -10,7 +10,7 @@ import pytest
 from moshi_ttt.server.memory.memories import ConversationMemory, Memories, MemoryConfig
 from moshi_ttt.server.metrics import Metrics
 
-from moshi_ttt.memory.seal import MemoryUnavailable, Token
+from moshi_ttt.memory.seal import HEADER_CAP, MemoryUnavailable, Token
 from moshi_ttt.memory.store import MemoryStore
 
 FP = "fingerprint-of-the-model"
@@ -80,6 +80,23 @@ def test_in_use_is_said_only_to_a_holder_of_the_key(tmp_path):
 
     e = asyncio.run(go())
     assert e.label != "in_use", e.cause  # the wrong key is refused for its key, not for the use
+
+
+def test_a_wrong_key_costs_a_header_read_at_most(tmp_path):
+    """A resume with a wrong key for a large memory: refused after reading its header alone."""
+    async def go():
+        m = memories(tmp_path)
+        conv = ConversationMemory(m, Engine(data=bytes(8 << 20)), Token.new(), OWNER)
+        conv.attach(slot=object(), conv_id=1)
+        assert await conv.save("checkpoint")
+        conv.forget()
+        before = m.store.bytes_read
+        with pytest.raises(MemoryUnavailable) as e:
+            await m.open(str(Token(conv.token.id, Token.new().key)))
+        return e.value, m.store.bytes_read - before
+
+    e, read = asyncio.run(go())
+    assert e.label == "wrong_key" and read <= HEADER_CAP, (e.cause, read)
 
 
 def test_a_save_racing_a_delete_leaves_it_deleted(tmp_path):
