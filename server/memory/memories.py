@@ -164,6 +164,7 @@ class Memories:
         return True
 
 
+NOTHING_STORED = "nothing stored"  # a save of a new conversation that heard nothing: a success that wrote nothing
 # what a store refusal of a NEW memory ends the conversation with
 _NEW_MEMORY_REFUSED = {QuotaExceeded: Reason.MEMORY_QUOTA, StoreFull: Reason.MEMORY_STORE_FULL}
 
@@ -250,13 +251,15 @@ class ConversationMemory:
             return await self._save(trigger, final) is not None
 
     async def _save(self, trigger: str, final: bool) -> tp.Any:
-        """Under the lock: the `Saved` of a save, or None."""
+        """Under the lock: the `Saved` of a save, `NOTHING_STORED`, or None (failed)."""
         if self.stopped or self.token.id in self.memories.deleted:
             return None
         t0 = time.perf_counter()
         try:
             out = await engine_call(self.engine.save_memory, self.slot, self.conv_id, final=final,
                                     timeout=self.memories.cfg.timeout)
+            if out["data"] is None:  # a new conversation that heard nothing (`slot_memory`)
+                return NOTHING_STORED
             meta = {k: out[k] for k in ("frames", "chunks", "compression")}
             saved = await self.memories.write(self.token, out["data"], meta, trigger, t0, owner=self.owner,
                                               expect=self.version)
