@@ -24,7 +24,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _line(entry: dict) -> str:
-    iso = {k: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[k])) for k in ("saved", "last_used", "expires")
+    iso = {k: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[k])) for k in ("saved", "expires")
            if k in entry}
     return json.dumps(dict(entry, **{f"{k}_utc": v for k, v in iso.items()}), sort_keys=True)
 

@@ -109,6 +109,14 @@ def seal(token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any], segm
     return parts
 
 
+def header_length(blob: bytes | memoryview) -> int:
+    """Bytes from the start of a stored memory to the end of its header (as its length field says; 0 if
+    `blob` is too short to say)."""
+    if len(blob) < len(MAGIC) + 4:
+        return 0
+    return len(MAGIC) + 4 + struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])[0]
+
+
 def read_header(blob: bytes | memoryview, cap: int = HEADER_CAP) -> tuple[dict, int]:
     """(header, offset of the first segment) of the first bytes of a stored memory (`cap` at most: a longer
     declared header is refused unread); ValueError for a file that is not a stored memory."""

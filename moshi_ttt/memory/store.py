@@ -35,6 +35,7 @@ from moshi_ttt.memory.seal import (
     SEGMENT,
     MemoryUnavailable,
     Token,
+    header_length,
     is_memory_id,
     key_matches,
     read_header,
@@ -48,6 +49,7 @@ __all__ = ["DAY", "MemoryStore", "Opened", "QuotaExceeded", "Saved", "StaleWrite
 DAY = 86400.0
 SUFFIX = ".mem"
 GONE = ".gone"
+HEADER_FIRST = 4096  # bytes of a memory's first read (its header is ≈ 700 B; a longer one is read again, capped)
 TOMBSTONE = b"deleted\n"  # a tombstone's content (not empty: one ranged GET reads it on S3)
 OWNERS = "owners/"
 GRACE = 3600.0  # seconds past expiry before `gc` removes a memory; also the age of a killed writer's leftovers
@@ -128,11 +130,17 @@ class MemoryStore:
 
     def _head(self, memory_id: str) -> tuple[dict, str, int]:
         """(header, version, size) of the stored memory; `MemoryUnavailable` if it is unknown or unreadable."""
+        loc = self.path(memory_id)
         try:
-            blob, version, size = self.backend.head(self.path(memory_id), HEADER_CAP)
+            blob, version, size = self.backend.head(loc, HEADER_FIRST)
+            self.bytes_read += len(blob)
+            if len(blob) < header_length(blob) <= HEADER_CAP:  # a longer header, within the cap: read it all
+                blob, again, size = self.backend.head(loc, header_length(blob))
+                self.bytes_read += len(blob)
+                if again != version:
+                    raise MemoryUnavailable("changed while its header was read", "changed")
         except FileNotFoundError:
             raise MemoryUnavailable("unknown id", "unknown_id") from None
-        self.bytes_read += len(blob)
         try:
             return read_header(blob)[0], version, size
         except (ValueError, struct.error) as e:

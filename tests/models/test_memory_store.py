@@ -196,7 +196,7 @@ def test_open_reads_only_the_header_and_checks_the_key_first(tmp_path):
     _save(store, tok, big)
     store.bytes_read = 0
     wrong = _refused(lambda: store.open(Token(tok.id, Token.new().key), FP), "wrong key")
-    assert 0 < store.bytes_read <= ms.HEADER_CAP  # not the 8 MiB body
+    assert 0 < store.bytes_read <= 4096  # the header, not the 8 MiB body
     store.bytes_read = 0
     unknown = _refused(lambda: store.open(Token.new(), FP), "unknown id")
     assert store.bytes_read == 0 and (type(wrong), wrong.args) == (type(unknown), unknown.args)
@@ -225,6 +225,9 @@ def test_a_stored_header_is_read_with_a_size_cap(tmp_path):
     assert store.bytes_read <= ms.HEADER_CAP
     with pytest.raises(ValueError, match="over the cap"):
         ms.read_header(huge)
+    long = Token.new()
+    _save(store, long, b"x", {"note": "n" * 10_000})  # a header over the first read, under the cap: read again
+    assert store.open(long, FP).header["note"] == "n" * 10_000 and store.load(long, FP) == b"x"
 
 
 def test_a_token_has_one_spelling(tmp_path):
