@@ -318,7 +318,7 @@ class Session:
                 m = protocol.parse(msg.data, self.cfg.max_message_bytes)
             except protocol.ProtocolError as e:
                 return End(Reason.PROTOCOL_ERROR, e.reason, close=e.close_code)
-            if m.kind == protocol.Kind.METADATA:
+            if m.kind == protocol.Kind.METADATA and self.memory is not None:  # else ignored, as moshi does
                 try:
                     await self._client_metadata(protocol.client_metadata(m.payload))
                 except protocol.ProtocolError as e:
@@ -386,9 +386,9 @@ class Session:
             # A client that stops reading blocks the send loop in drain: its replies pile up here.
             if self.events.qsize() > self.cfg.max_output_backlog:
                 return End(Reason.CLIENT_TOO_SLOW, f"{self.events.qsize()} output frames waiting")
-            # Idle = no audio from the client and nothing of its audio left to process.
-            if self.memory is not None and self.memory.refusal is not None:
+            if self.memory is not None and self.memory.refusal is not None:  # the store refused the new memory
                 return End(self.memory.refusal)
+            # Idle = no audio from the client and nothing of its audio left to process.
             idle = time.monotonic() - max(self.last_audio, self.last_output)
             if self.cfg.idle_timeout > 0 and idle > self.cfg.idle_timeout:
                 return End(Reason.IDLE, f"no audio received for {self.cfg.idle_timeout:g} s")
@@ -396,13 +396,14 @@ class Session:
     # -- helpers -----------------------------------------------------------------------------------------
 
     async def _client_metadata(self, obj: dict) -> None:
-        """A client 0x04 object: a confirmation of a resume's new token (answered on its own task), or ignored."""
+        """A client 0x04 object of a remembered conversation: a confirmation of a resume's new token (answered on
+        its own task), or ignored."""
         try:
             token = protocol.memory_confirmation(obj)
         except ValueError as e:
             await self._memory_answer({"memory": {"error": str(e)}})
             return
-        if token is None or self.memory is None:
+        if token is None:
             log.debug("ignoring a client 0x04 object with keys %s", sorted(obj)[:5])
             return
         if self._confirming is not None and not self._confirming.done():
@@ -415,7 +416,7 @@ class Session:
 
     async def _memory_answer(self, body: dict) -> None:
         if "error" in body["memory"]:
-            log.info("memory confirmation from %s refused: %s", self.peer, body["memory"]["error"])
+            log.debug("memory confirmation from %s refused: %s", self.peer, body["memory"]["error"])
         with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone: nothing to answer
             await self.ws.send_bytes(protocol.metadata(body))
 

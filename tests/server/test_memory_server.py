@@ -447,7 +447,7 @@ def test_empty_memory_conversations_store_nothing(mem_server):
                 c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
                 await c.wait_for(lambda c=c: c.memory() is not None, 10, "the memory message")
                 await c.close()
-            await ended(mem_server)
+                await ended(mem_server)
         return set(mem_server.store.glob("*.mem")) - before
 
     assert run(go()) == set()
@@ -465,7 +465,7 @@ def test_a_memory_over_the_quota_is_refused(mem_server, server_speech):
                 n = await c.send_pcm(server_speech["b"][:FRAME])
                 await c.wait_output_frames(n, timeout=30)
                 await c.close()
-            await ended(mem_server)
+                await ended(mem_server)  # its final save done, its slot free
             stored_20 = len(set(mem_server.store.glob("*.mem")) - before)
             c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
             await c.send_pcm(server_speech["b"][: 2 * CHUNK * FRAME])  # a checkpoint after the first chunk
