@@ -1,6 +1,7 @@
 """Conversation memory's races on the web side (`server.memory.memories`), on a real `MemoryStore` folder and an
-engine stand-in whose saves the test releases: concurrent resumes of one token, a save racing a DELETE, a stale
-instance's save after a resume elsewhere (two `Memories` on one store, as two instances on one shared folder)."""
+engine stand-in whose saves the test releases: concurrent resumes of one token, a wrong key's cost, a save racing
+a DELETE, a stale instance's save after a resume elsewhere (two `Memories` on one store, as two instances on one
+shared folder), the token confirmation, the bound on concurrent body loads."""
 
 from __future__ import annotations
 
@@ -192,3 +193,32 @@ def test_bad_confirmations_are_answered_and_change_nothing(tmp_path):
     assert wrong["memory"]["error"] == "not the token this conversation was sent" and still_old, wrong
     assert ok["memory"]["confirmed"] is True, ok
     assert duplicate["memory"]["error"] == "this token was already confirmed", duplicate
+
+
+def test_body_loads_are_bounded(tmp_path):
+    """`max_loads` (2) bodies are read at once: reads meet in pairs (a barrier of 2), never three at a time."""
+    import threading
+
+    class Store(MemoryStore):
+        reading = peak = 0
+        pair = threading.Barrier(2, timeout=10)
+
+        def read(self, opened):
+            Store.reading += 1
+            Store.peak = max(Store.peak, Store.reading)
+            try:
+                Store.pair.wait()  # needs a second read in flight: fails with max_loads 1
+                return super().read(opened)
+            finally:
+                Store.reading -= 1
+
+    async def go():
+        m = Memories(Store(tmp_path), FP, Metrics(), MemoryConfig(save_every=0, timeout=10, max_loads=2))
+        opened = []
+        for _ in range(4):
+            conv = await stored(m, Engine())
+            opened.append(await m.open(str(conv.token)))
+        return await asyncio.gather(*(m.read(o) for o in opened))
+
+    out = asyncio.run(go())
+    assert out == [Engine().data] * 4 and Store.peak == 2, Store.peak
