@@ -73,8 +73,10 @@ CONTEXT_HELP = ("attention window of the main transformer in frames (12.5 per se
 # -- the memory store flags (`moshi-ttt memory`, `serve`) ------------------------------------------------------
 
 def add_store_args(parser, default_dir: str | None = None, required: bool | None = None) -> None:
-    """--memory-store, --memory-ttl (days), --memory-max-bytes: shared by the commands that use a memory store.
-    `required` (default: when there is no `default_dir`)."""
+    """--memory-store, --memory-ttl (days), --memory-max-bytes, --memory-quota-memories / -bytes: shared by the
+    commands that use a memory store. `required` (default: when there is no `default_dir`)."""
+    from moshi_ttt.memory import store
+
     parser.add_argument("--memory-store", default=default_dir,
                         required=default_dir is None if required is None else required,
                         help="where the encrypted conversation memories are: a directory, or s3://bucket/prefix "
@@ -82,11 +84,18 @@ def add_store_args(parser, default_dir: str | None = None, required: bool | None
     parser.add_argument("--memory-ttl", type=float, default=30.0,
                         help="days a memory lives after its last save (default 30)")
     parser.add_argument("--memory-max-bytes", type=int, default=None,
-                        help="bound on the store's bytes; the least recently used memories are evicted first")
+                        help="bound on the store's bytes: new memories are refused beyond it, nothing is evicted "
+                             "(default: a directory's free disk less 10%% of the disk; 1 TiB on S3)")
+    parser.add_argument("--memory-quota-memories", type=int, default=store.QUOTA_MEMORIES,
+                        help="memories one owner (client address group, API key) may hold "
+                             f"(default {store.QUOTA_MEMORIES})")
+    parser.add_argument("--memory-quota-bytes", type=int, default=store.QUOTA_BYTES,
+                        help=f"bytes one owner may hold (default {store.QUOTA_BYTES})")
 
 
 def store_of(args: tp.Any):
     """`moshi_ttt.memory.store.open_store` of the flags of `add_store_args` (days → seconds)."""
-    from moshi_ttt.memory.store import DAY, open_store
+    from moshi_ttt.memory import store
 
-    return open_store(args.memory_store, ttl=args.memory_ttl * DAY, max_bytes=args.memory_max_bytes)
+    return store.open_store(args.memory_store, ttl=args.memory_ttl * store.DAY, max_bytes=args.memory_max_bytes,
+                            quota_memories=args.memory_quota_memories, quota_bytes=args.memory_quota_bytes)

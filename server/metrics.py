@@ -95,8 +95,8 @@ class Metrics:
         self._mem_bytes = Counter(name("memory_bytes_total"), "Memory file bytes (before sealing) saved, read "
                                   "and restored.", ["direction"], registry=reg)
         self._mem_failures = Counter(name("memory_failures_total"), "Memory resumes or deletes refused, and saves "
-                                     "failed, by cause (the client always sees the same refusal).", ["cause"],
-                                     registry=reg)
+                                     "failed, by cause (the client always sees the same refusal; a save: stale, "
+                                     "quota, store_full, store, save).", ["cause"], registry=reg)
         self._mem_save_s = Histogram(name("memory_save_seconds"), "One save: the slot's state taken between two "
                                      "steps to the sealed file written.", buckets=MEMORY_BUCKETS, registry=reg)
         self._mem_restore_s = Histogram(name("memory_restore_seconds"), "One restore: the memory file bytes to "

@@ -33,7 +33,7 @@ from .guards import admission, limits
 from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .guards.http_guard import GuardedSite, HttpLimits
 from .link.remote import WorkerEngine
-from .memory.memories import DEFAULT_SAVE_EVERY, Memories, MemoryConfig
+from .memory.memories import DEFAULT_MAX_LOADS, DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
 from .web import protocol
 from .web.agent import start_agent
@@ -88,6 +88,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     _number(g, "--keepalive-timeout", HttpLimits.keepalive_timeout, "idle seconds of a keep-alive HTTP connection")
     _number(g, "--max-pending-connections", HttpLimits.max_pending,
             "concurrent connections that are not a running conversation")
+    _number(g, "--max-pending-per-ip", HttpLimits.max_pending_per_ip,
+            "of those, per client address (an IPv6 /64 is one address)")
     g.add_argument("--gil-switch-ms", type=float, default=DEFAULT_SWITCH_MS,
                    help="Python's thread switch interval while serving (default "
                         f"{DEFAULT_SWITCH_MS:g} ms): how long the model thread may wait for the GIL")
@@ -161,6 +163,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint a remembered conversation every N chunks (default {DEFAULT_SAVE_EVERY}; 0 = only "
                         "when it ends)")
     g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
+    _number(g, "--memory-max-loads", DEFAULT_MAX_LOADS, "memories read and unsealed at once for resumes (each up "
+            "to the size of a memory)")
     _number(g, "--memory-failures-per-minute", admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
             "failed memory resumes + deletes an address may make per minute", NO_LIMIT)
     _number(g, "--memory-failure-burst", admission.DEFAULT_MEMORY_FAILURE_BURST, "")
@@ -272,7 +276,8 @@ def _memories(cfg: ServeConfig, engine: ServingEngine, metrics: tp.Any, info: di
         return None, info
     chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
     memories = Memories(store_of(cfg), engine.memory_fingerprint, metrics,
-                        MemoryConfig(save_every=cfg.memory_save_every, chunk_size=chunk))
+                        MemoryConfig(save_every=cfg.memory_save_every, chunk_size=chunk,
+                                     max_loads=cfg.memory_max_loads))
     log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", cfg.memory_store,
              cfg.memory_format, cfg.memory_save_every)
     return memories, dict(info, memory={"format": cfg.memory_format, "save_every_chunks": cfg.memory_save_every,
@@ -288,7 +293,7 @@ async def start(cfg: ServeConfig) -> RunningServer:
     access = AccessPolicy.from_flags(cfg.allowed_origins, cfg.host)
     budget = limits.Budget(cfg.max_messages_per_s, cfg.max_bytes_per_s, cfg.max_pings_per_s)
     http = HttpLimits(header_timeout=cfg.header_timeout, keepalive_timeout=cfg.keepalive_timeout,
-                      max_pending=cfg.max_pending_connections)
+                      max_pending=cfg.max_pending_connections, max_pending_per_ip=cfg.max_pending_per_ip)
     per_ip = _admission(cfg)
     if api_key is None and not is_loopback_host(cfg.host):
         log.warning("WARNING: serving on %s, which is not a loopback address, WITHOUT an API key: anyone who "

@@ -465,12 +465,11 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
 
 def _memory_start(model, B: int, memory: dict) -> list[dict]:
     """Streaming, before the first step: item b resumed from `memory["loaded"][b]` (if any); the factor log on
-    for an exact save. Returns per item the telemetry's `memory` entry: `loaded` (the header) and `start` (the
-    fast weights as resumed)."""
+    (a short conversation is stored as factors, in every format). Returns per item the telemetry's `memory`
+    entry: `loaded` (the header) and `start` (the fast weights as resumed)."""
     from moshi_ttt.models import lm_memory as mem
 
-    if memory["comp"].kind == "exact":
-        mem.keep_factors(model)
+    mem.keep_factors(model)
     for b, m in enumerate(memory["loaded"][:B]):
         if m is not None:
             mem.resume(model, b, m, memory["fp"])
@@ -482,12 +481,15 @@ def _memory_start(model, B: int, memory: dict) -> list[dict]:
 
 def _memory_save(model, memory: dict, item: int) -> dict:
     """Saves item `item`'s memory (every frame it heard, the last chunk closed) to `memory["save"][item]`; returns
-    its `end` stats."""
+    its `end` stats. A new conversation that heard nothing writes no file (its stats say `path` None)."""
     from moshi_ttt.models import lm_memory as mem
     from moshi_ttt.models import memory_format as mf
 
     path = memory["save"][item]
     m = mem.capture(model, item, memory["fp"], base=memory["loaded"][item])
+    if m is None:
+        print(f"--save-memory {path}: the conversation heard no frame, no memory saved", file=sys.stderr)
+        return {"frames": 0, "path": None}
     mf.save(path, m, memory["comp"])
     return dict(m.meta(), path=str(path), compression=str(memory["comp"]),
                 layers=_memory_stats({i: (lm.delta, lm.counters["updates"]) for i, lm in m.layers.items()}))

@@ -1,6 +1,6 @@
 """`moshi-ttt memory`: the operator's view of a memory store — `ls`, `show ID` (metadata only: a memory's
-content is sealed with its client's key, which the store never holds), `rm ID`, `gc` (expired, then over
-quota). Prints JSON lines; exit code 2 for an unknown id."""
+content is sealed with its client's key, which the store never holds), `rm ID`, `gc` (expired memories,
+old tombstones, orphan owner markers). Prints JSON lines; exit code 2 for an unknown id."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     sub = parser.add_subparsers(dest="action", required=True)
     for name, help_ in (("ls", "list the stored memories"), ("show", "one memory's metadata"),
-                        ("rm", "remove a memory now"), ("gc", "remove expired memories, then evict over quota")):
+                        ("rm", "remove a memory now"), ("gc", "remove expired memories and stale bookkeeping")):
         p = sub.add_parser(name, help=help_)
         if name in ("show", "rm"):
             p.add_argument("id")
@@ -24,7 +24,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _line(entry: dict) -> str:
-    iso = {k: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[k])) for k in ("saved", "last_used", "expires")
+    iso = {k: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry[k])) for k in ("saved", "expires")
            if k in entry}
     return json.dumps(dict(entry, **{f"{k}_utc": v for k, v in iso.items()}), sort_keys=True)
 

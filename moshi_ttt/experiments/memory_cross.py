@@ -107,7 +107,8 @@ def restorer(model: torch.nn.Module, memories: tp.Sequence[mem.Memory], fmt: str
     def restore() -> None:
         for i, memory in enumerate(memories):
             token = Token.new()
-            store.save(token, fp, mf.dumps(memory, fmt), {"frames": memory.frames, "compression": fmt})
+            store.save(token, fp, mf.dumps(memory, fmt), {"frames": memory.frames, "compression": fmt},
+                       owner="local", expect=None)
             if sizes is not None:
                 sizes.append(store.show(token.id)["bytes"])
             mem.resume(model, i, mf.loads(store.load(token, fp)), fp)

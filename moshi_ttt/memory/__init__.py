@@ -3,7 +3,9 @@
   compression.py  the stored forms of one layer's delta (`FORMS`) and `--memory-format` (`Compression`)
   header.py       the memory file's versioned metadata header, read without torch; `MemoryRefused`
   seal.py         a client's `Token` and AES-256-GCM sealing of one memory file
-  store.py        `MemoryStore`: sealed memories by id, expiry and quota; `open_store(spec)`
+  store.py        `MemoryStore`: sealed memories by id; open (header) / read (body), compare-and-swap saves,
+                  tombstones, per-owner quotas, the store's bound, `gc`; `open_store(spec)`
+  errors.py       `StoreError` and its kinds: `StoreFull`, `QuotaExceeded`, `StaleWrite`
   backends.py     where a store keeps its bytes: a local directory or an S3 bucket
 
 The torch parts sit next to the state they read: `moshi_ttt.ttt.layer_memory` (one layer's delta, closed and

@@ -1,119 +1,233 @@
 """Where a `MemoryStore` keeps its bytes: a local directory (`LocalBackend`) or an S3-compatible bucket
 (`S3Backend`, through `obstore`). `backend(spec)` picks one from a store spec (`DIR` or `s3://bucket/prefix`).
 
-A backend holds named objects (`<id>.mem`) whole, addressed by `locate(name)` (a `Path`, an object key):
-`put(loc, parts, now)` writes all of `parts` atomically (a reader sees the previous object or the whole new
-one, never a part) and records `now` as its last use; `get`; `head(loc, n)` (the first n bytes); `touch(loc,
-now)` (a new last use); `delete(loc)` (True if it existed); `list(suffix)` (a `Stat` per object named
-`*suffix`); `sweep(suffix, now, age)` (leftovers of killed writers older than `age` seconds). A missing object
-raises `FileNotFoundError`.
+A backend holds named objects whole (`name` may have one folder level: `owners/<o>/<id>.<bytes>`), addressed
+by `locate(name)`, each with a `version` (an opaque string that changes with every put):
+* `head(loc, n)` → (its first n bytes, version, size); `get(loc, version)` → the whole object if it is still
+  that version (else `Conflict`);
+* `put(loc, parts, now, expect)` writes all of `parts` atomically (a reader sees the previous object or the
+  whole new one) if the object is `expect` (None: absent; `ANY`: whatever) (else `Conflict`), records `now`
+  as its save time and returns the new version;
+* `delete(loc, version=None)` (True if it existed; with `version`, only that version);
+* `list(folder, suffix)` (a `Stat` per object `folder*suffix`, one level); `sweep(now, age)` (leftovers of
+  killed writers older than `age` seconds); `lock(name)` (a context serialising the writers of `name`
+  across processes where the backend needs one).
+A missing object raises `FileNotFoundError`; every other failure `errors.StoreError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
+import stat as stat_
+import threading
 import typing as tp
 from pathlib import Path
 
-from moshi_ttt.utils.io import atomic_write
+from moshi_ttt.memory.errors import Conflict, StoreError
+from moshi_ttt.utils.io import TMP_SUFFIX, atomic_write_parts
 
 S3_EXTRA = "pip install 'moshi-ttt[s3]'"
-USED = ".used/"  # S3 last-use markers: `<name>.used/<µs>`
+ANY = "*"  # `put`'s expect: overwrite whatever is there
+LEGACY_USED = ".used/"  # last-use markers `<name>.used/<µs>` of older stores (no LRU any more): swept
+LOCKS = ".locks"
 
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
-    """name: the object's name; size: bytes; used: last save or use (Unix seconds); saved: last save when the
-    listing knows it (S3: the object's modification time), None when only the object's header does."""
+    """name: the object's name (relative to the store's root); size: bytes; saved: its last put (Unix
+    seconds: a local file's mtime, from the store's clock; an S3 object's modification time); version."""
 
     name: str
     size: int
-    used: float
-    saved: float | None = None
+    saved: float
+    version: str
 
 
 class Backend(tp.Protocol):
     where: str
 
     def locate(self, name: str) -> tp.Any: ...
-    def put(self, loc: tp.Any, parts: tp.Sequence[bytes], now: float) -> None: ...
-    def get(self, loc: tp.Any) -> bytes: ...
-    def head(self, loc: tp.Any, n: int) -> bytes: ...
-    def touch(self, loc: tp.Any, now: float) -> None: ...
-    def delete(self, loc: tp.Any) -> bool: ...
-    def list(self, suffix: str) -> list[Stat]: ...
-    def sweep(self, suffix: str, now: float, age: float) -> None: ...
+    def head(self, loc: tp.Any, n: int) -> tuple[bytes, str, int]: ...
+    def get(self, loc: tp.Any, version: str) -> bytes: ...
+    def put(self, loc: tp.Any, parts: tp.Sequence[bytes], now: float, expect: str | None) -> str: ...
+    def delete(self, loc: tp.Any, version: str | None = None) -> bool: ...
+    def list(self, folder: str = "", suffix: str = "") -> list[Stat]: ...
+    def sweep(self, now: float, age: float) -> None: ...
+    def lock(self, name: str) -> tp.ContextManager[None]: ...
+
+
+def _version(st: os.stat_result) -> str:
+    """A local file's version: a new file (inode) per put; the ctime of its rename tells reused inodes apart."""
+    return f"{st.st_ino:x}.{st.st_ctime_ns:x}.{st.st_size:x}"
 
 
 class LocalBackend:
-    """Files in `root` (a shared folder works for several instances: NFS and the like); atomic by a temporary
-    sibling renamed onto the target (`utils.io.atomic_write`, fsync'd); last use = the file's mtime."""
+    """Files in `root` (a folder shared by several instances works: NFS and the like), files 0600 and folders
+    0700. A put writes an unpredictable temporary sibling (O_EXCL | O_NOFOLLOW), fsyncs it and renames it
+    onto the target, then fsyncs the folder (`utils.io.atomic_write_parts`); its mtime is the save time.
+    Conditional puts and deletes hold `lock(name)`: an exclusive `flock` on `.locks/<name>`, across
+    processes."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"memory store {str(root)!r}: cannot create the directory ({e.strerror or e})") from e
         self.where = str(self.root)
+        self._held = threading.local()
+
+    def _fail(self, what: str, e: OSError) -> StoreError:
+        return StoreError(f"memory store {self.where}: {what} failed ({e.strerror or e})")
 
     def locate(self, name: str) -> Path:
         return self.root / name
 
-    def put(self, loc: Path, parts: tp.Sequence[bytes], now: float) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                for p in parts:
-                    f.write(p)
-                f.flush()
-                os.fsync(f.fileno())
-            os.utime(tmp, (now, now))
-        atomic_write(loc, write)
-
-    def get(self, loc: Path) -> bytes:
-        return loc.read_bytes()
-
-    def head(self, loc: Path, n: int) -> bytes:
-        with open(loc, "rb") as f:
-            return f.read(n)
-
-    def touch(self, loc: Path, now: float) -> None:
-        os.utime(loc, (now, now))
-
-    def delete(self, loc: Path) -> bool:
+    def head(self, loc: Path, n: int) -> tuple[bytes, str, int]:
         try:
-            loc.unlink()
+            with open(loc, "rb", opener=_nofollow) as f:
+                st = os.fstat(f.fileno())
+                return f.read(n), _version(st), st.st_size
         except FileNotFoundError:
-            return False
-        return True
+            raise
+        except OSError as e:
+            raise self._fail(f"reading {loc.name}", e) from e
 
-    def list(self, suffix: str) -> list[Stat]:
+    def get(self, loc: Path, version: str) -> bytes:
+        try:
+            with open(loc, "rb", opener=_nofollow) as f:  # an open file keeps its content across a rename
+                if _version(os.fstat(f.fileno())) != version:
+                    raise Conflict(f"{loc.name} changed")
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise self._fail(f"reading {loc.name}", e) from e
+
+    def _current(self, loc: Path) -> str | None:
+        try:
+            return _version(os.stat(loc, follow_symlinks=False))
+        except FileNotFoundError:
+            return None
+
+    def put(self, loc: Path, parts: tp.Sequence[bytes], now: float, expect: str | None) -> str:
+        try:
+            with self._lock_if(expect != ANY, loc):
+                if expect != ANY and self._current(loc) != expect:
+                    raise Conflict(f"{loc.name} is not the version expected")
+                for folder in reversed(loc.relative_to(self.root).parents[:-1]):
+                    (self.root / folder).mkdir(mode=0o700, exist_ok=True)
+                return _version(atomic_write_parts(loc, parts, mode=0o600, mtime=now))
+        except OSError as e:
+            raise self._fail(f"writing {loc.name}", e) from e
+
+    def delete(self, loc: Path, version: str | None = None) -> bool:
+        try:
+            with self._lock_if(version is not None, loc):
+                current = self._current(loc)
+                if current is None or (version is not None and current != version):
+                    return False
+                loc.unlink()
+                return True
+        except OSError as e:
+            raise self._fail(f"deleting {loc.name}", e) from e
+
+    def list(self, folder: str = "", suffix: str = "") -> list[Stat]:
         out = []
-        for p in sorted(self.root.glob(f"*{suffix}")):
+        try:
+            entries = sorted(os.scandir(self.root / folder), key=lambda d: d.name)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._fail(f"listing {folder or '.'}", e) from e
+        for d in entries:
+            if not d.name.endswith(suffix) or d.name.endswith(TMP_SUFFIX) or d.name.startswith("."):
+                continue
             try:
-                st = p.stat()
+                st = d.stat(follow_symlinks=False)
             except OSError:
                 continue
-            out.append(Stat(p.name, st.st_size, st.st_mtime))
+            if stat_.S_ISREG(st.st_mode):
+                out.append(Stat(f"{folder}{d.name}", st.st_size, st.st_mtime, _version(st)))
         return out
 
-    def sweep(self, suffix: str, now: float, age: float) -> None:
-        for tmp in self.root.glob(f"*{suffix}.*.tmp"):  # `atomic_write`'s temporaries
+    def folders(self, folder: str) -> list[str]:
+        """The sub-folders of `folder` (names ending in "/", relative to the root)."""
+        try:
+            return sorted(f"{folder}{d.name}/" for d in os.scandir(self.root / folder)
+                          if d.is_dir(follow_symlinks=False) and not d.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def sweep(self, now: float, age: float) -> None:
+        """Temporaries of killed writers (`utils.io.temporary`'s names), anywhere in the store, and the lock
+        files of objects that are gone, both older than `age` seconds."""
+        for tmp in self.root.rglob(f"*{TMP_SUFFIX}"):
             try:
-                if now - tmp.stat().st_mtime > age:
+                if now - tmp.lstat().st_mtime > age:
                     tmp.unlink()
             except OSError:
                 pass
+        for lock in self.root.joinpath(LOCKS).glob("*"):
+            name = lock.name.replace("%", "/")
+            try:
+                if now - lock.lstat().st_mtime > age and not (self.root / name).exists():
+                    with self.lock(name):
+                        if not (self.root / name).exists():
+                            lock.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _lock_if(self, cond: bool, loc: Path) -> tp.ContextManager[None]:
+        return self.lock(loc.relative_to(self.root).as_posix()) if cond else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> tp.Iterator[None]:
+        """An exclusive flock on `.locks/<name>` (folders flattened), re-entrant within a thread; retried if
+        the lock file was removed while waiting for it (`sweep`)."""
+        held = self._held.__dict__.setdefault("names", set())
+        if name in held:
+            yield
+            return
+        path = self.root / LOCKS / name.replace("/", "%")
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    held.add(name)
+                    try:
+                        yield
+                    finally:
+                        held.discard(name)
+                        os.close(fd)
+                        fd = -1
+                    return
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 class S3Backend:
-    """Objects under `s3://bucket/prefix`. A put is one S3 PUT (multipart above `MULTIPART` bytes: the object
-    appears only when the upload completes), so a killed writer leaves the previous object, never a torn one.
-    Last use (the store's clock, as in a local directory): an empty marker object `<name>.used/<µs>` written by
-    each save and load; `list` reads every time from one listing, `sweep` drops the superseded markers.
+    """Objects under `s3://bucket/prefix`. A put is one S3 PUT (atomic: a killed writer leaves the previous
+    object); conditional: `If-None-Match: *` to create, `If-Match: <ETag>` to replace (S3 and moto answer
+    412). The version is the ETag; a read of the body is a GET with `If-Match`; a header read is a ranged GET.
+    Every obstore failure other than a missing object becomes a `StoreError` naming the operation.
     Credentials, region and endpoint: the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
     `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; `AWS_ALLOW_HTTP=true`
     for a plain-http endpoint), read by obstore."""
-
-    MULTIPART = 5 << 20
 
     def __init__(self, url: str):
         try:
@@ -129,60 +243,93 @@ class S3Backend:
             raise ValueError(f"memory store {url!r}: cannot list the bucket ({type(e).__name__}: "
                              f"{str(e).splitlines()[0]})") from None
 
+    def _call(self, what: str, fn: tp.Callable[..., tp.Any], *args, missing: bool = False, **kwargs) -> tp.Any:
+        """`fn(*args, **kwargs)`; a missing object stays `FileNotFoundError` where `missing` (a read: the
+        object may be absent; elsewhere it is a missing bucket), a failed precondition is `Conflict`,
+        anything else obstore raises is a `StoreError`."""
+        exc = self.obs.exceptions
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError as e:
+            if missing:
+                raise
+            raise StoreError(f"memory store {self.where}: {what} failed (not found: {str(e).splitlines()[0][:200]})"
+                             ) from None
+        except (exc.PreconditionError, exc.AlreadyExistsError) as e:
+            raise Conflict(f"{what}: {type(e).__name__}") from None
+        except (exc.BaseError, OSError) as e:
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise StoreError(f"memory store {self.where}: {what} failed ({type(e).__name__}: {first})") from None
+
     def locate(self, name: str) -> str:
         return name
 
-    def put(self, loc: str, parts: tp.Sequence[bytes], now: float) -> None:
-        size = sum(len(p) for p in parts)
-        self.obs.put(self.store, loc, b"".join(parts) if size <= self.MULTIPART else list(parts),
-                     chunk_size=self.MULTIPART)
-        self.touch(loc, now)
-
-    def get(self, loc: str) -> bytes:
-        return bytes(self.obs.get(self.store, loc).bytes())
-
-    def head(self, loc: str, n: int) -> bytes:
-        return bytes(self.obs.get_range(self.store, loc, start=0, length=n))
-
-    def touch(self, loc: str, now: float) -> None:
-        self.obs.put(self.store, f"{loc}{USED}{round(now * 1e6)}", b"")
-
-    def _keys(self, prefix: str | None = None) -> list[dict]:
-        return [o for page in self.obs.list(self.store, prefix) for o in page]
-
-    def delete(self, loc: str) -> bool:
+    def head(self, loc: str, n: int) -> tuple[bytes, str, int]:
+        def ranged() -> tuple[bytes, str, int]:
+            r = self.obs.get(self.store, loc, options={"range": (0, n)})
+            return bytes(r.bytes()), str(r.meta["e_tag"]), int(r.meta["size"])
         try:
-            self.obs.head(self.store, loc)
-            existed = True
+            return self._call(f"reading the header of {loc}", ranged, missing=True)
+        except StoreError as e:  # an empty object has no range 0..n (416)
+            if "416" not in str(e):
+                raise
+            r = self._call(f"reading {loc}", self.obs.head, self.store, loc, missing=True)
+            if int(r["size"]) != 0:
+                raise
+            return b"", str(r["e_tag"]), 0
+
+    def get(self, loc: str, version: str) -> bytes:
+        r = self._call(f"reading {loc}", self.obs.get, self.store, loc, options={"if_match": version}, missing=True)
+        return bytes(self._call(f"reading {loc}", r.bytes))
+
+    def put(self, loc: str, parts: tp.Sequence[bytes], now: float, expect: str | None) -> str:
+        mode: tp.Any = "create" if expect is None else "overwrite" if expect == ANY else {"e_tag": expect}
+        out = self._call(f"writing {loc}", self.obs.put, self.store, loc, b"".join(parts), mode=mode,
+                         use_multipart=False)
+        return str(out["e_tag"])
+
+    def delete(self, loc: str, version: str | None = None) -> bool:
+        """S3 has no conditional delete here: with `version`, a HEAD first (the store's `gc` explains why the
+        window between the two cannot hold a fresh save)."""
+        try:
+            current = str(self._call(f"reading {loc}", self.obs.head, self.store, loc, missing=True)["e_tag"])
         except FileNotFoundError:
-            existed = False
-        self.obs.delete(self.store, [loc, *(o["path"] for o in self._keys(loc + USED.rstrip("/")))])
-        return existed
+            return False
+        if version is not None and current != version:
+            return False
+        self._call(f"deleting {loc}", self.obs.delete, self.store, loc)
+        return True
 
-    def _scan(self, suffix: str) -> tuple[dict[str, dict], dict[str, list[tuple[float, str]]]]:
-        objs, used = {}, {}
-        for o in self._keys():
+    def _objects(self, prefix: str) -> list[dict]:
+        return self._call(f"listing {prefix or '/'}",
+                          lambda: [o for page in self.obs.list(self.store, prefix or None) for o in page])
+
+    def list(self, folder: str = "", suffix: str = "") -> list[Stat]:
+        out = []
+        for o in self._objects(folder):
             name = o["path"]
-            if name.endswith(suffix) and "/" not in name:
-                objs[name] = o
-            elif USED in name:
-                base, _, t = name.rpartition(USED)
-                if base.endswith(suffix) and t.isdigit():
-                    used.setdefault(base, []).append((int(t) / 1e6, name))
-        return objs, used
+            rest = name[len(folder):]
+            if name.startswith(folder) and "/" not in rest and name.endswith(suffix):
+                out.append(Stat(name, int(o["size"]), o["last_modified"].timestamp(), str(o["e_tag"])))
+        return sorted(out, key=lambda s: s.name)
 
-    def list(self, suffix: str) -> list[Stat]:
-        objs, used = self._scan(suffix)
-        return [Stat(n, int(o["size"]), max(used[n])[0] if n in used else o["last_modified"].timestamp(),
-                     saved=o["last_modified"].timestamp()) for n, o in sorted(objs.items())]
+    def folders(self, folder: str) -> list[str]:
+        seen = set()
+        for o in self._objects(folder):
+            rest = o["path"][len(folder):]
+            if "/" in rest:
+                seen.add(f"{folder}{rest.split('/', 1)[0]}/")
+        return sorted(seen)
 
-    def sweep(self, suffix: str, now: float, age: float) -> None:
-        """Drops the markers superseded by a newer one, or whose memory is gone (an unfinished S3 upload is no
-        object: nothing else to collect; a bucket lifecycle rule aborts them)."""
-        objs, used = self._scan(suffix)
-        stale = [k for n, ms in used.items() for _, k in sorted(ms)[:-1 if n in objs else None]]
+    def sweep(self, now: float, age: float) -> None:
+        """Last-use markers of older stores (an unfinished S3 upload is no object: a bucket lifecycle rule
+        aborts them)."""
+        stale = [o["path"] for o in self._objects("") if LEGACY_USED in o["path"]]
         for i in range(0, len(stale), 1000):
-            self.obs.delete(self.store, stale[i:i + 1000])
+            self._call("deleting old markers", self.obs.delete, self.store, stale[i:i + 1000])
+
+    def lock(self, name: str) -> tp.ContextManager[None]:
+        return contextlib.nullcontext()  # the conditional PUT is the compare-and-swap
 
 
 def backend(spec: str | Path) -> Backend:
@@ -195,3 +342,4 @@ def backend(spec: str | Path) -> Backend:
     if "://" in text:
         raise ValueError(f"memory store {text!r}: only a directory or s3://bucket/prefix is supported")
     return LocalBackend(text)
+

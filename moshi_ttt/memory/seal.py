@@ -30,6 +30,7 @@ from moshi_ttt.memory.header import FORMAT_VERSION
 MAGIC = b"MTTMEM1\n"
 SEGMENT = 1 << 24  # 16 MiB of plaintext per GCM segment (one GCM call is limited to < 2**31 bytes)
 TAG = 16
+HEADER_CAP = 1 << 16  # bytes: a stored header (magic, length, JSON of fixed small fields) is far below this
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -64,15 +65,19 @@ class Token:
             key = base64.urlsafe_b64decode(k + "=" * (-len(k) % 4))
         except (binascii.Error, ValueError):
             key = b""
-        if not _ID.fullmatch(mid) or len(key) != 32:
+        if not _ID.fullmatch(mid) or len(key) != 32 or _b64(key) != k:  # one spelling per key
             raise MemoryUnavailable(f"malformed token ({len(text)} characters)", "malformed_token")
         return cls(mid, key)
 
     def __str__(self) -> str:
-        return f"{self.id}.{base64.urlsafe_b64encode(self.key).rstrip(b'=').decode()}"
+        return f"{self.id}.{_b64(self.key)}"
 
     def __repr__(self) -> str:  # never the key
         return f"Token(id={self.id!r})"
+
+
+def _b64(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).rstrip(b"=").decode()
 
 
 def associated_data(memory_id: str, fp: str) -> bytes:
@@ -104,17 +109,34 @@ def seal(token: Token, fp: str, data: bytes, meta: tp.Mapping[str, tp.Any], segm
     return parts
 
 
-def read_header(blob: bytes) -> tuple[dict, int]:
-    """(header, offset of the first segment); ValueError for a file that is not a stored memory."""
-    if blob[:len(MAGIC)] != MAGIC:
+def header_length(blob: bytes | memoryview) -> int:
+    """Bytes from the start of a stored memory to the end of its header (as its length field says; 0 if
+    `blob` is too short to say)."""
+    if len(blob) < len(MAGIC) + 4:
+        return 0
+    return len(MAGIC) + 4 + struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])[0]
+
+
+def read_header(blob: bytes | memoryview, cap: int = HEADER_CAP) -> tuple[dict, int]:
+    """(header, offset of the first segment) of the first bytes of a stored memory (`cap` at most: a longer
+    declared header is refused unread); ValueError for a file that is not a stored memory."""
+    if bytes(blob[:len(MAGIC)]) != MAGIC:
         raise ValueError("no memory-store magic")
     (n,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
     start = len(MAGIC) + 4
-    return json.loads(blob[start:start + n]), start + n
+    if start + n > cap:
+        raise ValueError(f"header of {n} bytes, over the cap of {cap - start}")
+    if len(blob) < start + n:
+        raise ValueError(f"header of {n} bytes, only {len(blob) - start} present")
+    head = json.loads(bytes(blob[start:start + n]))
+    if not isinstance(head, dict):
+        raise ValueError(f"header is a JSON {type(head).__name__}, not an object")
+    return head, start + n
 
 
 def unseal(token: Token, fp: str, blob: bytes) -> bytes:
     """The memory file inside `blob`; `MemoryUnavailable` for any failure."""
+    blob = memoryview(blob)  # segments are decrypted from slices of it, never copies
     try:
         head, off = read_header(blob)
     except (ValueError, struct.error) as e:
@@ -123,7 +145,7 @@ def unseal(token: Token, fp: str, blob: bytes) -> bytes:
         raise MemoryUnavailable("wrong key", "wrong_key")
     if head.get("fingerprint") != fp:
         raise MemoryUnavailable(f"another model (fingerprint {str(head.get('fingerprint'))[:16]}…)", "another_model")
-    ad = associated_data(token.id, fp) + b"|" + blob[len(MAGIC) + 4:off]
+    ad = associated_data(token.id, fp) + b"|" + bytes(blob[len(MAGIC) + 4:off])
     aes, out = AESGCM(token.key), []
     try:
         nonce, n, size = bytes.fromhex(head["nonce"]), int(head["segments"]), int(head["plain_bytes"])

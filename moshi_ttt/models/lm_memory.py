@@ -1,10 +1,11 @@
 """Conversation memory of a `TTTLMModel`: the fast weights of one streaming item, taken out and put back.
 
 `take` (between two steps: device-side clones only) → `build` (any thread: closes the last chunk, forms the
-deltas) gives a `Memory`; `prepare` (any thread) → `put` (between two steps: one copy per layer, right after
-the item's reset) puts one back. A memory holds, per TTT layer, W⁽ⁱ⁾ − W⁽⁰⁾ after every frame heard
-(`moshi_ttt.ttt.layer_memory.close`) and the counters, plus the model `fingerprint`: a memory is refused
-(`MemoryRefused`) by a model whose fingerprint differs. The file format is `memory_format`.
+deltas) gives a `Memory` (None for a new conversation that heard nothing: nothing is stored); `prepare` (any
+thread) → `put` (between two steps: one copy per layer, right after the item's reset) puts one back. A memory
+holds, per TTT layer, W⁽ⁱ⁾ − W⁽⁰⁾ after every frame heard (`moshi_ttt.ttt.layer_memory.close`) and the
+counters, plus the model `fingerprint`: a memory is refused (`MemoryRefused`) by a model whose fingerprint
+differs. The file format is `memory_format`.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def take(model: TTTLMModel, item: int) -> Taken:
 
 @torch.no_grad()
 def build(model: TTTLMModel, taken: Taken, fp: str, base: Memory | None = None,
-          now: float | None = None) -> Memory:
+          now: float | None = None) -> Memory | None:
     """The `Memory` of a `take`: each layer's last chunk closed (`close`), its delta and, if logged, its
-    factors. `base`: the memory this conversation was resumed from (frames, chunks, created carry on)."""
+    factors. `base`: the memory this conversation was resumed from (frames, chunks, created carry on).
+    None when there is nothing to remember: a new conversation (no `base`) that heard no frame."""
     now = time.time() if now is None else now
     cfg = model.ttt_config.layer
     gatings = model.ttt_gatings()
@@ -103,6 +105,8 @@ def build(model: TTTLMModel, taken: Taken, fp: str, base: Memory | None = None,
     snap0 = taken[first][0]
     folds = int(snap0["updates"]) + int(snap0["skipped"])
     pos = int(snap0["pos"])
+    if base is None and folds == 0 and pos == 0:
+        return None
     for i, (snap, log) in taken.items():
         st = gatings[i].ttt_state()
         closed, last = close(st, snap, cfg)
@@ -110,7 +114,7 @@ def build(model: TTTLMModel, taken: Taken, fp: str, base: Memory | None = None,
         if log is not None:
             parts = log + ([] if last is None else [last])
             d, h = closed["w"].shape
-            if parts and sum(p[1].shape[0] for p in parts) * (d + h) < d * h:
+            if parts and sum(p[1].shape[0] for p in parts) * (d + h) < d * h:  # else `encode` never uses them
                 factors = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         delta = closed["w"] - st.w0.to(closed["w"].dtype)
         counters = {k: int(closed[k]) for k in COUNTERS} | {"last_norm": float(closed["last_norm"])}
@@ -123,8 +127,8 @@ def build(model: TTTLMModel, taken: Taken, fp: str, base: Memory | None = None,
                   created=now if base is None else base.created, last_used=now)
 
 
-def capture(model: TTTLMModel, item: int, fp: str, base: Memory | None = None) -> Memory:
-    """`build(take(...))` in one call (offline use: nothing else is stepping)."""
+def capture(model: TTTLMModel, item: int, fp: str, base: Memory | None = None) -> Memory | None:
+    """`build(take(...))` in one call (offline use: nothing else is stepping); None: nothing heard."""
     return build(model, take(model, item), fp, base)
 
 

@@ -3,10 +3,12 @@
 A conversation's memory is W⁽ⁱ⁾ − W⁽⁰⁾ after *every* frame it heard: `close` folds the incomplete last
 chunk as a short chunk (conv confined to its L frames), which is what `naive.naive_ttt_mlp` does with a
 ragged last chunk. The stored forms of the delta (`Compression`):
-* `exact` — dense [d, h] in the accumulation dtype, or the chunk factors U = a·V̂ [F, d] and Z [F, h]
-  (ΔW = Uᵀ Z, F the frames folded) when F·(d + h) < d·h, whichever holds fewer values;
+* `exact` — dense [d, h] in the accumulation dtype;
 * `bf16` — the dense delta in bf16;
-* `rank:R` — P [d, R] (left vectors × singular values), Q [R, h] of a truncated SVD, in bf16 (lossy).
+* `rank:R` — P [d, R] (left vectors × singular values), Q [R, h] of a truncated SVD, in bf16 (lossy);
+and in every format, when they are known and take fewer bytes than that format's form, the chunk factors
+U = a·V̂ [F, d] and Z [F, h] (ΔW = Uᵀ Z, F the frames folded) in the accumulation dtype: exact, and the size
+follows the frames heard.
 """
 
 from __future__ import annotations
@@ -46,13 +48,21 @@ def factor_values(factors: tuple[torch.Tensor, torch.Tensor] | None) -> int:
     return -1 if factors is None else factors[0].numel() + factors[1].numel()
 
 
+def form_bytes(delta: torch.Tensor, comp: Compression) -> int:
+    """Tensor bytes of `comp`'s own form of a delta [d, h] (not the factors)."""
+    d, h = delta.shape
+    return {"exact": delta.element_size() * d * h, "bf16": 2 * d * h}.get(comp.kind, 2 * min(comp.rank or 0, d, h)
+                                                                           * (d + h))
+
+
 def encode(delta: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None, comp: Compression
            ) -> tuple[str, dict[str, torch.Tensor]]:
     """One layer's delta [d, h] (and, if known, its factors U [F, d], Z [F, h] with Uᵀ Z = delta) in the
-    stored form ⇒ (form name of `FORMS`, tensors by short name), contiguous on the CPU."""
+    stored form ⇒ (form name of `FORMS`, tensors by short name), contiguous on the CPU: the factors wherever
+    they take fewer bytes than `comp`'s form."""
+    if factors is not None and factor_values(factors) * factors[0].element_size() < form_bytes(delta, comp):
+        return "factors", {"u": factors[0].cpu().contiguous(), "z": factors[1].cpu().contiguous()}
     if comp.kind == "exact":
-        if factors is not None and factor_values(factors) < delta.numel():
-            return "factors", {"u": factors[0].cpu().contiguous(), "z": factors[1].cpu().contiguous()}
         return "dense", {"delta": delta.cpu().contiguous()}
     if comp.kind == "bf16":
         return "bf16", {"delta": delta.to(torch.bfloat16).cpu().contiguous()}

@@ -45,6 +45,7 @@ class ServeConfig:
     header_timeout: float  # seconds
     keepalive_timeout: float  # seconds
     max_pending_connections: int
+    max_pending_per_ip: int
     gil_switch_ms: float
     step_delay_ms: float  # test hook: a model slower than real time
     fail_step: int  # test hook: this engine step raises; 0 = none
@@ -88,8 +89,11 @@ class ServeConfig:
     #                             cannot keep a memory, memory is off instead of an error
     memory_ttl: float  # days
     memory_max_bytes: int | None
+    memory_quota_memories: int  # per owner (a client's address group)
+    memory_quota_bytes: int
     memory_save_every: int  # chunks; 0 = only when the conversation ends
     memory_format: str
+    memory_max_loads: int
     memory_failures_per_minute: float  # 0 = no limit
     memory_failure_burst: int
 
@@ -120,7 +124,7 @@ class ServeConfig:
             _num(name, getattr(self, name), lo=0)
         for name in ("max_conversations_per_ip", "ban_after", "fail_step"):
             _num(name, getattr(self, name), lo=0, integer=True)
-        for name in ("max_pending_connections", "start_burst", "memory_failure_burst"):
+        for name in ("max_pending_connections", "max_pending_per_ip", "start_burst", "memory_failure_burst"):
             _num(name, getattr(self, name), lo=1, integer=True)
         _num("gil_switch_ms", self.gil_switch_ms)
         if not 0 < self.gil_switch_ms <= MAX_GIL_SWITCH_MS:
@@ -159,5 +163,8 @@ class ServeConfig:
         _check.flag("memory_store_default", self.memory_store_default)
         _num("memory_ttl", self.memory_ttl, lo=0, lo_open=True, unit="days")
         _num("memory_max_bytes", self.memory_max_bytes, lo=0, integer=True, optional=True)
+        _num("memory_quota_memories", self.memory_quota_memories, lo=0, integer=True)
+        _num("memory_quota_bytes", self.memory_quota_bytes, lo=0, integer=True)
         _num("memory_save_every", self.memory_save_every, lo=0, integer=True, unit="chunks")
+        _num("memory_max_loads", self.memory_max_loads, lo=1, integer=True)
         Compression.parse(self.memory_format)  # ValueError: "invalid memory format 'rank:0': expected ..."

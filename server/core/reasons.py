@@ -36,6 +36,11 @@ class Reason(enum.Enum):
     MEMORY_UNAVAILABLE = ("memory_not_available",
                           "memory not available: this resume token does not open a memory on this server",
                           Close.POLICY_VIOLATION)
+    # a new memory the store refuses (`?memory=1`, at its first save): the conversation ends with it
+    MEMORY_QUOTA = ("memory_quota", "memory refused: this client's quota of stored memories (count or bytes) is "
+                    "used up; delete one (DELETE /api/memory/{id}) or wait for one to expire", Close.POLICY_VIOLATION)
+    MEMORY_STORE_FULL = ("memory_store_full", "memory refused: the memory store is full, try again later",
+                         Close.TRY_AGAIN_LATER)
     # a served conversation ended by the server
     INTERNAL = ("internal_error", "internal error", Close.INTERNAL_ERROR)
     STEP_FAILED = ("internal_error_during_step", "internal error during step", Close.INTERNAL_ERROR)

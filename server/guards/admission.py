@@ -9,6 +9,9 @@ deletes (a token that opens nothing) are paid from a bucket of `memory_failures_
 `memory_failure_burst`: once it is empty the address's resumes and deletes are refused (429) until it
 refills, so that tokens cannot be guessed at speed.
 
+Every per-address budget is kept per address group (`address_group`): an IPv4 address, or the /64 of an IPv6
+address (the prefix one subscriber gets; its 2**64 addresses are one client).
+
 The address is the TCP peer, unless the peer is one of `trusted_proxies`: then it is the right-most
 address of `X-Forwarded-For` (all its header lines, in order: HAProxy adds its own line after the
 client's) that is not itself a trusted proxy. The header is never read from anyone else, so a client
@@ -34,6 +37,21 @@ DEFAULT_BAN_S = 120.0
 DEFAULT_MEMORY_FAILURES_PER_MINUTE = 6.0
 DEFAULT_MEMORY_FAILURE_BURST = 10
 MAX_TRACKED = 100_000  # addresses kept; idle ones are forgotten first
+IPV6_GROUP_PREFIX = 64  # bits of an IPv6 address that name one client
+
+
+def address_group(addr: str) -> str:
+    """The budget key of `addr`: an IPv4 address itself (also written as IPv4-mapped IPv6), an IPv6 address's
+    /64 network ("2001:db8:1:2::/64"); anything that is not an IP address (a test's "?") is its own group."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network(f"{ip}/{IPV6_GROUP_PREFIX}", strict=False))
 
 
 def parse_networks(specs: tp.Iterable[str]) -> tuple:
@@ -138,6 +156,7 @@ class Admission:
     # -- the decision ------------------------------------------------------------------------------------
 
     def _get(self, addr: str, now: float) -> _Addr:
+        addr = address_group(addr)
         a = self._addrs.get(addr)
         if a is None:
             a = self._addrs[addr] = _Addr(self.limits, now)
@@ -157,7 +176,7 @@ class Admission:
     def banned(self, peer: str) -> bool:
         """`peer` (a TCP peer, not a trusted proxy) is banned: its connections are aborted on accept,
         before a byte of HTTP is parsed."""
-        a = self._addrs.get(peer)
+        a = self._addrs.get(address_group(peer))
         return a is not None and a.banned_until > time.monotonic() and not self._trusted(peer)
 
     def refusal(self, addr: str) -> Refusal | None:
@@ -215,8 +234,8 @@ class Admission:
             bucket.tokens = max(0.0, bucket.tokens - 1)
 
     def open_count(self, addr: str) -> int:
-        a = self._addrs.get(addr)
+        a = self._addrs.get(address_group(addr))
         return a.open if a is not None else 0
 
 
-__all__ = ["Admission", "AdmissionLimits", "Refusal", "parse_networks"]
+__all__ = ["Admission", "AdmissionLimits", "Refusal", "address_group", "parse_networks"]

@@ -8,8 +8,11 @@
   many seconds (idle TCP, slowloris) is aborted. Later idle time on a keep-alive connection is
   aiohttp's `keepalive_timeout`.
 - `max_pending`: connections that are not a running conversation (HTTP requests, websocket
-  handshakes, refused clients) are capped; a connection over the cap is aborted on accept. Running
-  conversations are capped separately by the conversation slots.
+  handshakes, refused clients, idle keep-alive sockets) are capped; a connection over the cap is aborted on
+  accept. `max_pending_per_ip` caps them per address group (`admission.address_group`: an IPv6 /64 is one)
+  the same way, so that one address cannot hold every pending place (slowloris, idle sockets); a trusted
+  proxy's connections count only against `max_pending`. Running conversations are capped separately by the
+  conversation slots.
 - Pipelining: aiohttp < 3.12 parses every pipelined request a connection sends without
   backpressure (what that costs: docs/serving.md, Limits). There, a plain HTTP request stops the
   parser (`RequestHandler.close()`: later bytes are dropped unparsed) and its connection closes
@@ -30,6 +33,8 @@ import aiohttp
 import aiohttp.http_exceptions
 from aiohttp import web
 
+from .admission import address_group
+
 log = logging.getLogger("moshi_ttt.server.http")
 
 AIOHTTP_VERSION = tuple(int(x) for x in aiohttp.__version__.split(".")[:2])
@@ -44,9 +49,10 @@ class HttpLimits:
     header_timeout: float = 10.0  # seconds from accept to the first request's complete headers
     keepalive_timeout: float = 15.0  # idle seconds between requests (aiohttp >= 3.12 only keeps alive)
     max_pending: int = 64  # concurrent connections that are not a running conversation
+    max_pending_per_ip: int = 8  # of those, per address group
 
     def __post_init__(self) -> None:
-        for name in ("max_line_size", "max_field_size", "max_headers", "max_pending"):
+        for name in ("max_line_size", "max_field_size", "max_headers", "max_pending", "max_pending_per_ip"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout", "keepalive_timeout"):
@@ -60,10 +66,11 @@ class HttpLimits:
 
 
 class _Conn:
-    __slots__ = ("timer", "pending", "dispatched", "protocol")
+    __slots__ = ("timer", "pending", "dispatched", "protocol", "group")
 
-    def __init__(self, protocol: _GuardedProtocol) -> None:
+    def __init__(self, protocol: _GuardedProtocol, group: str | None) -> None:
         self.protocol = protocol
+        self.group = group  # the peer's address group; None: not counted per address (a trusted proxy)
         self.timer: asyncio.TimerHandle | None = None
         self.pending = True
         self.dispatched = False
@@ -71,18 +78,21 @@ class _Conn:
 
 class ConnectionGuard:
     """Per-connection state keyed by transport. `on_refused(reason)` is called for each connection
-    the guard aborts ("over_cap", "header_timeout")."""
+    the guard aborts ("over_cap", "over_cap_per_ip", "header_timeout", "banned")."""
 
     def __init__(self, limits: HttpLimits, on_refused: tp.Callable[[str], None] | None = None,
-                 banned: tp.Callable[[str], bool] | None = None):
+                 banned: tp.Callable[[str], bool] | None = None, trusted: tp.Callable[[str], bool] | None = None):
         self.limits = limits
         self.on_refused = on_refused or (lambda reason: None)
         self.banned = banned or (lambda peer: False)  # peer address → abort on accept, unparsed
+        self.trusted = trusted or (lambda peer: False)  # peer address → a proxy: not counted per address
         self.conns: dict[asyncio.BaseTransport, _Conn] = {}
         self.pending = 0
+        self.pending_by_group: dict[str, int] = {}
 
     def opened(self, transport: asyncio.BaseTransport, protocol: _GuardedProtocol) -> bool:
-        """A new connection; False if it must be refused (too many pending connections, a banned peer)."""
+        """A new connection; False if it must be refused (too many pending connections, in all or from its
+        address group; a banned peer)."""
         if self.pending >= self.limits.max_pending:
             self.on_refused("over_cap")
             return False
@@ -90,9 +100,13 @@ class ConnectionGuard:
         if peer and self.banned(peer[0]):
             self.on_refused("banned")
             return False
-        conn = _Conn(protocol)
+        group = address_group(str(peer[0])) if peer and not self.trusted(peer[0]) else None
+        if group is not None and self.pending_by_group.get(group, 0) >= self.limits.max_pending_per_ip:
+            self.on_refused("over_cap_per_ip")
+            return False
+        conn = _Conn(protocol, group)
         self.conns[transport] = conn
-        self.pending += 1
+        self._count(conn, +1)
         conn.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout, self._expire, transport)
         return True
 
@@ -103,7 +117,16 @@ class ConnectionGuard:
         if conn.timer is not None:
             conn.timer.cancel()
         if conn.pending:
-            self.pending -= 1
+            self._count(conn, -1)
+
+    def _count(self, conn: _Conn, step: int) -> None:
+        self.pending += step
+        if conn.group is not None:
+            n = self.pending_by_group.get(conn.group, 0) + step
+            if n > 0:
+                self.pending_by_group[conn.group] = n
+            else:
+                self.pending_by_group.pop(conn.group, None)
 
     def dispatched(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection's request headers are complete (a handler runs): no header deadline."""
@@ -119,7 +142,7 @@ class ConnectionGuard:
         conn = self.conns.get(transport) if transport is not None else None
         if conn is not None and conn.pending:
             conn.pending = False
-            self.pending -= 1
+            self._count(conn, -1)
 
     def drop_input(self, transport: asyncio.BaseTransport | None) -> None:
         """From now on the connection's incoming bytes are discarded unparsed (a client being cut off for

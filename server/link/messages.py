@@ -1,6 +1,6 @@
 """The control messages between the web process (`remote.WorkerEngine`) and the model worker process
 (`worker`): one frozen dataclass per kind, pickled on the duplex control pipe. Audio never goes here (the
-`shm_ring` rings carry it) nor do memory bytes (a `bulk.Bulk` file reference does). Torch-free.
+`shm_ring` rings carry it) nor do memory bytes (a `bulk.Bulk` reference to a sealed file does). Torch-free.
 
 web → worker: Attach once after Started; Claim (reset the row → Ready); Release; Snapshot / Restore
 (conversation memory, each answered by one Reply with its `req`); Stop (clean exit, code 0).
@@ -30,7 +30,7 @@ class SlotMessage:
 @dataclass(frozen=True)
 class Attach:
     rings: dict  # shm_ring.Rings.spec()
-    bulk_dir: str | None
+    bulk: tp.Any  # bulk.Channel: the transfer directory and its key (in memory only)
 
 
 @dataclass(frozen=True)

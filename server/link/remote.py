@@ -111,16 +111,19 @@ class WorkerEngine:
         self.memory_fingerprint: str | None = None
         self._next_req = 1
         self._pending: dict[int, tp.Callable[[bool, tp.Any], None]] = {}  # memory requests awaiting their reply
-        self._bulk_dir: str | None = None  # memory bytes to and from the worker (`bulk`)
+        self._bulk: bulk.Channel | None = None  # memory bytes to and from the worker, sealed (`bulk`)
         self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Spawns the worker and returns once it serves (model loaded, warm, rings attached). If it does not, the
-        engine is closed (the worker stopped, the bulk directory removed) before the error is raised."""
+        engine is closed (the worker stopped, the bulk directory removed) before the error is raised. First removes
+        the bulk directories of killed servers (`bulk.sweep`)."""
         self._loop = asyncio.get_running_loop()
-        self._bulk_dir = bulk.private_dir()
+        for stale in await asyncio.to_thread(bulk.sweep):
+            log.warning("removed %s, left by a server that was killed", stale)
+        self._bulk = bulk.Channel.new(bulk.private_dir())
         try:
             await self._spawn()
         except BaseException:
@@ -149,7 +152,7 @@ class WorkerEngine:
             self.metrics.set_ttt_layers(info.get("ttt_layers", []))
         max_backlog = max(1, round(self.cfg.max_delay / self.frame_seconds))
         proc.rings = Rings(self.n, self.frame_size, max_backlog + RING_SLACK, OUT_RING_FRAMES)
-        proc.ctrl.send(messages.Attach(proc.rings.spec(), self._bulk_dir))
+        proc.ctrl.send(messages.Attach(proc.rings.spec(), self._bulk))
         loop.add_reader(proc.wake_out.fileno(), self._on_output, proc)
         self._serving = True
         log.info("model worker pid %d serving (%d slots)", proc.process.pid, self.n)
@@ -162,8 +165,8 @@ class WorkerEngine:
         try:
             await self._stop_worker(timeout)
         finally:
-            bulk.remove_dir(self._bulk_dir)
-            self._bulk_dir = None
+            bulk.remove_dir(self._bulk.directory if self._bulk is not None else None)
+            self._bulk = None
 
     async def _stop_worker(self, timeout: float) -> None:
         if self._restart_task is not None:
@@ -244,17 +247,19 @@ class WorkerEngine:
 
     def restore_memory(self, slot: RemoteSlot, conv_id: int, data: bytes, done) -> None:
         """As `Engine.restore_memory`, in the worker; `done` runs on the event loop thread. The bytes go as a
-        file (`bulk`), written on a thread."""
+        sealed file (`bulk`), written on a thread."""
+        channel = self._bulk
+
         async def send() -> None:
             try:
-                ref = await asyncio.to_thread(bulk.put, data, self._bulk_dir)
+                ref = await asyncio.to_thread(bulk.put, data, channel)
             except OSError as e:
                 done(False, f"memory bytes to the model worker: {e}")
                 return
 
             def answered(ok: bool, payload: tp.Any) -> None:
                 if not ok:
-                    bulk.discard(ref)  # the worker never took it (refused before reading, or gone)
+                    bulk.discard(ref, channel)  # the worker never took it (refused before reading, or gone)
                 done(ok, payload)
             self._request(lambda req: messages.Restore(req, slot.index, conv_id, ref), answered)
         self._spawn_task(send())
@@ -265,8 +270,12 @@ class WorkerEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _reply_bulk(self, done, payload: dict) -> None:
+        channel = self._bulk
+        if channel is None:
+            done(False, "the engine is stopping")
+            return
         try:
-            data = await asyncio.to_thread(bulk.take, payload["data"])
+            data = await asyncio.to_thread(bulk.take, payload["data"], channel)
         except OSError as e:
             done(False, f"memory bytes from the model worker: {e}")
             return
@@ -360,7 +369,7 @@ class WorkerEngine:
                 done = self._pending.pop(req, None)
                 if done is None:
                     log.warning("unexpected reply %r from the model worker", (req, ok))
-                    bulk.discard(payload)
+                    bulk.discard(payload, self._bulk)
                 elif ok and isinstance(payload, dict) and isinstance(payload.get("data"), bulk.Bulk):
                     self._spawn_task(self._reply_bulk(done, payload))  # read off the event loop
                 else:

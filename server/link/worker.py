@@ -133,7 +133,7 @@ class _Bridge:
         self.wake_out = wake_out
         self.relay = relay
         self.rings: Rings | None = None
-        self.bulk_dir: str | None = None  # where memory bytes go to the web process (`bulk`)
+        self.bulk: bulk.Channel | None = None  # where memory bytes go to the web process, sealed (`bulk`)
         self.send = send
         self._last_flush = 0.0
         self._last_stats: dict = {}
@@ -190,8 +190,8 @@ class _Bridge:
     def _command(self, msg: ToWorker) -> None:
         slots = self.engine.slots
         match msg:
-            case Attach(rings, bulk_dir):
-                self.rings, self.bulk_dir = Rings(**rings), bulk_dir
+            case Attach(rings, channel):
+                self.rings, self.bulk = Rings(**rings), channel
             case Claim(index, conv):
                 if self.engine.claim_at(self.sink_for(index, conv), index, conv) is None:
                     self.send(Error(index, conv, Reason.INTERNAL, "slot still in use in the model worker"))
@@ -201,16 +201,20 @@ class _Bridge:
                 self._move_inputs()  # frames written before the request are the conversation's
                 self.engine.save_memory(slots[index], conv, self._replier(req), final)
             case Restore(req, index, conv, data):
-                read = functools.partial(bulk.take, data)  # on the memory thread
+                read = functools.partial(bulk.take, data, self.bulk)  # on the memory thread
                 self.engine.restore_memory(slots[index], conv, read, self._replier(req))
             case _:
                 log.warning("unknown control message %r", type(msg).__name__)
 
     def _replier(self, req: int):
         def reply(ok: bool, payload) -> None:  # the engine or memory thread
+            if ok and isinstance(payload, dict) and isinstance(payload.get("data"), bytes):
+                try:
+                    payload = {**payload, "data": bulk.put(payload["data"], self.bulk)}  # memory thread
+                except OSError as e:  # answered at once: the web side must not wait for a reply that never comes
+                    log.warning("memory bytes to the web process: %s", e)
+                    ok, payload = False, f"memory bytes to the web process: {e}"
             try:
-                if ok and isinstance(payload, dict) and isinstance(payload.get("data"), bytes):
-                    payload = {**payload, "data": bulk.put(payload["data"], self.bulk_dir)}  # memory thread
                 self.send(Reply(req, ok, payload))
             except (OSError, ValueError):  # the web process is gone
                 pass
@@ -243,7 +247,7 @@ class _Bridge:
         worker removes the directory, which nobody else will."""
         if why:
             log.warning("model worker stopping: %s", why)
-            bulk.remove_dir(self.bulk_dir)
+            bulk.remove_dir(self.bulk.directory if self.bulk is not None else None)
         self.engine.stop()
         try:
             self._flush_now()

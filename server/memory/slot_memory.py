@@ -10,7 +10,8 @@ for a restore, parsing and checking the file and W⁽⁰⁾ + Δ on the device (
 On CUDA the memory thread works on its own stream (a non-blocking one, so that its device-to-host copy never
 queues in front of the engine's kernels), ordered after the engine's clones / before the engine's `put` by
 CUDA events. `done(ok, payload)` callbacks run on that thread (or on the engine thread for a refusal): a
-save's payload is {"data": file bytes, "frames", "chunks", "compression", "created"}; a restore's {"frames",
+save's payload is {"data": file bytes, "frames", "chunks", "compression", "created"} ("data" None: a new
+conversation that heard nothing, nothing to store); a restore's {"frames",
 "telemetry"} once the state is in the slot; a failure's payload is the reason (for logs).
 """
 
@@ -88,10 +89,13 @@ class SlotMemory:
                 if ev is not None:
                     self._stream.wait_event(ev)  # after the engine's clones
                 m = mem.build(self.lm, taken, self.fingerprint, base)
-                data = mf.dumps(m, self.comp)  # its host copies synchronise this stream only
+                data = None if m is None else mf.dumps(m, self.comp)  # its host copies synchronise this stream only
         except Exception as e:  # noqa: BLE001 — reported to the web process, which logs it
             log.exception("memory save failed")
             done(False, f"{type(e).__name__}: {e}")
+            return
+        if m is None:  # a new conversation that heard nothing: nothing to store
+            done(True, {"data": None, "frames": 0, "chunks": 0, "compression": str(self.comp), "created": None})
             return
         done(True, {"data": data, "frames": m.frames, "chunks": m.chunks, "compression": str(self.comp),
                     "created": m.created})

@@ -8,7 +8,8 @@ GET /api/chat  websocket, Moshi's protocol (one conversation per connection, see
                `?telemetry=1`, `?memory=1`, `?resume=TOKEN` (docs/protocol.md); a resume from an address whose
                failed-token budget is spent: 429 (`admission`)
 DELETE /api/memory/{id}   with `Authorization: Bearer TOKEN`: 204 (removed), or 404 for any token that does not
-               open memory {id}; 429 over the failed-token budget (only with --memory-store)
+               open memory {id}; 429 over the failed-token budget; 503 when the store fails (only with
+               --memory-store)
 GET /health    JSON liveness / load (200 while the engine runs, 503 otherwise)
 GET /metrics   Prometheus text (prometheus_client, see `metrics`)
 GET /          the web client (`index.html` of the static directory) and its other files
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+
+from moshi_ttt.memory.store import StoreError
 
 from ..core.engine_api import ServingEngine
 from ..core.reasons import busy
@@ -105,8 +108,10 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     cfg = app[CONFIG]
     # aiohttp's own limit is a hard backstop (it closes with 1009 and no 0x05); our limit is checked
     # in `protocol.parse`, which sends a 0x05 first.
-    # autoping off: the session answers (and budgets) the client's pings itself.
-    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=False)
+    # autoping off: the session answers (and budgets) the client's pings itself. compress off: no
+    # permessage-deflate, whose inflation a client could make cost far more than the bytes it sent.
+    ws = web.WebSocketResponse(max_msg_size=max(16 * cfg.session.max_message_bytes, 1 << 20), autoping=False,
+                               compress=False)
     if not ws.can_prepare(request).ok:
         return web.Response(status=400, text="400: /api/chat expects a websocket upgrade\n")
     try:
@@ -169,7 +174,13 @@ async def handle_memory_delete(request: web.Request) -> web.Response:
         return _refuse(refusal.status, refusal.reason, refusal.retry_after)
     auth = request.headers.get("Authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if memories is not None and await memories.delete(token, request.match_info["id"], addr):
+    try:
+        deleted = memories is not None and await memories.delete(token, request.match_info["id"], addr)
+    except StoreError as e:
+        request.app[METRICS].inc_memory_failure(e.label)
+        log.warning("memory delete from %s failed: %s", addr, e)
+        return _refuse(503, "the memory store failed, try again later", 5)
+    if deleted:
         return web.Response(status=204)
     admission.memory_failed(addr)
     return web.Response(status=404, text="404: no such memory for this token\n")
@@ -212,7 +223,8 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     admission = Admission(cfg.admission)
-    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned)
+    app[GUARD] = ConnectionGuard(cfg.http, on_refused=metrics.inc_http_refused, banned=admission.banned,
+                                 trusted=admission.proxied)
     app[ENGINE] = engine
     app[METRICS] = metrics
     app[CONFIG] = cfg

@@ -164,6 +164,19 @@ class ChatClient:
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
         return n
 
+    async def confirm_memory(self, token: str | None = None, timeout: float = 10.0) -> dict:
+        """A resumed conversation: confirms its new token (`token`, default the memory message's) with a client
+        0x04 and returns the server's answer, the `memory` object of {"confirmed": true, ...} or {"error": ...}."""
+        seen = len(self.metadata)
+        token = self.memory()["token"] if token is None else token
+        await self.ws.send_bytes(protocol.metadata({"memory": {protocol.MEMORY_CONFIRM: token}}))
+
+        def answer() -> dict | None:
+            return next((m["memory"] for m in self.metadata[seen:] if isinstance(m.get("memory"), dict)
+                         and ("confirmed" in m["memory"] or "error" in m["memory"])), None)
+        await self.wait_for(lambda: answer() is not None, timeout, "the answer to the memory confirmation")
+        return answer()
+
     async def send_raw(self, data: bytes | str) -> None:
         if isinstance(data, str):
             await self.ws.send_str(data)

@@ -8,7 +8,10 @@ By default the server sends only what moshi's own server sends (`DEFAULT_SERVER_
 client rejects our 0x04 messages as malformed metadata. A client that connects with `?telemetry=1` also
 gets 0x04: one "info" message (model, TTT layers) after the handshake and the TTT telemetry. A client that
 connects with `?memory=1` or `?resume=TOKEN` (conversation memory, `memories`) has opted into 0x04 too: one
-`{"memory": ...}` message after the handshake. The whole protocol: docs/protocol.md.
+`{"memory": ...}` message after the handshake. A resumed conversation's client confirms the new token it was
+sent with a client 0x04 `{"memory": {"confirm": NEW_TOKEN}}` (`memory_confirmation`); the server answers with
+a 0x04 `{"memory": {"confirmed": true, ...}}` or `{"memory": {"error": ...}}`. Other client 0x04 JSON objects
+are ignored. The whole protocol: docs/protocol.md.
 
 `parse` validates one client message and raises `ProtocolError` (with a reason fit for a 0x05 and a
 log line) for what the server cannot accept; the encoders build server messages.
@@ -42,6 +45,7 @@ MEMORY_QUERY = "memory"  # ?memory=1: keep the conversation's memory; a 0x04 {"m
 RESUME_QUERY = "resume"  # ?resume=TOKEN: continue a remembered conversation
 MEMORY_PATH = "/api/memory/"  # DELETE /api/memory/{id} with "Authorization: Bearer TOKEN"
 MEMORY_UNAVAILABLE = Reason.MEMORY_UNAVAILABLE.head  # the one 0x05 refusal of a resume token (`reasons`)
+MEMORY_CONFIRM = "confirm"  # client 0x04 {"memory": {"confirm": NEW_TOKEN}}: it holds a resume's new token
 
 
 def flag_requested(name: str, value: str | None) -> bool:
@@ -92,6 +96,33 @@ def parse(data: tp.Any, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     except ValueError:
         raise ProtocolError(f"unknown message kind 0x{kind_byte:02x}", 1003) from None
     return Message(kind, data[1:])
+
+
+def client_metadata(payload: bytes) -> dict:
+    """A client 0x04 payload: a UTF-8 JSON object; `ProtocolError` (1007) for anything else."""
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"0x04 metadata must be a UTF-8 JSON object ({type(e).__name__})", 1007) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"0x04 metadata must be a JSON object, got {type(obj).__name__}", 1007)
+    return obj
+
+
+def memory_confirmation(obj: tp.Mapping[str, tp.Any]) -> str | None:
+    """The token a client 0x04 object confirms (`{"memory": {"confirm": TOKEN}}`), None when it is about
+    something else (no "memory" key); ValueError naming what is wrong with a malformed one."""
+    if "memory" not in obj:
+        return None
+    body = obj["memory"]
+    if not isinstance(body, dict) or set(body) != {MEMORY_CONFIRM}:
+        keys = sorted(body)[:5] if isinstance(body, dict) else type(body).__name__
+        raise ValueError(f'malformed confirmation: expected {{"memory": {{"{MEMORY_CONFIRM}": TOKEN}}}}, got '
+                         f"memory={keys!r}")
+    token = body[MEMORY_CONFIRM]
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"malformed confirmation: the token must be a non-empty string, got {type(token).__name__}")
+    return token
 
 
 def handshake() -> bytes:

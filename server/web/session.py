@@ -11,9 +11,11 @@ watchdog: idle timeout (no audio for `idle_timeout` s once the audio received so
 
 Whichever of the three finishes first ends the conversation; a server-side end sends 0x05 with the
 reason and then closes the websocket; the slot is released in every case (`finally`), after the final
-save of a remembered conversation (however it ended, bounded by the memory timeout). A resume is read
-and unsealed before a slot is claimed, restored into the slot after its reset, and only then is the
-handshake sent. A client that
+save of a remembered conversation (however it ended, bounded by the memory timeout). A resume's token is
+checked against the stored header and its id marked in use before anything else (`Memories.open`); then
+admission and the slot claim; only then is the body read (while the slot resets), restored into the slot, and
+the handshake sent. Its client confirms the new token with a 0x04 (`protocol.memory_confirmation`), answered
+with a 0x04 (`ConversationMemory.confirm`, on its own task: the audio keeps flowing). A client that
 broke a budget, or that was refused (busy, overloaded), is not waited for: its connection is closed
 right after the close frame, so it cannot keep the event loop busy during a close handshake.
 
@@ -43,6 +45,7 @@ from moshi_ttt.memory.seal import MemoryUnavailable, Token
 from ..core.engine_api import ServingEngine
 from ..core.events import EngineClosed, Event, EventKind
 from ..core.reasons import Reason, busy
+from ..guards.admission import address_group
 from ..guards.limits import Budget, ConnectionBudget
 from ..memory.memories import ConversationMemory, Memories, MemoryOpFailed
 from ..metrics import Metrics
@@ -61,6 +64,9 @@ class SessionConfig:
     admit_lag: float = 1.0  # refuse new conversations while behind and a queued frame waited this long
     budget: Budget = field(default_factory=Budget)
     refused_close_wait: float = 0.2  # seconds a refused / over-budget client gets to answer our close frame
+    # a refused resume is answered this many seconds after its token was taken up, whatever the cause, so that
+    # its timing does not tell an unknown id from a wrong key (the measured difference: docs/memory.md)
+    memory_refusal_floor: float = 0.25
 
 
 @dataclass
@@ -118,7 +124,8 @@ class Session:
         self.resume = resume
         self.on_memory_refused = on_memory_refused
         self.memory: ConversationMemory | None = None
-        self._resume_data: bytes | None = None
+        self._body: asyncio.Task | None = None  # a resume's memory body, read once the slot is claimed
+        self._confirming: asyncio.Task | None = None  # a confirmation of a resume's new token being processed
         self.served = False  # the handshake was sent
 
     @property
@@ -139,25 +146,31 @@ class Session:
         try:
             await self._run()
         finally:
+            if self._body is not None and not self._body.done():
+                self._body.cancel()
             if self.memory is not None:
                 self.memory.forget()
 
     async def _open_memory(self) -> bool:
-        """The conversation's memory: a new token, or the resumed one read and unsealed (off the event loop).
-        False: the resume was refused (the one 0x05 text; the cause is logged)."""
+        """The conversation's memory: a new token, or the resumed one checked against its stored header (off the
+        event loop) and its id marked in use here. False: the resume was refused (the one 0x05 text; the cause is
+        logged)."""
+        owner = address_group(self.peer)  # the store's quota owner
         if self.resume is None:
-            self.memory = ConversationMemory(self.memories, self.engine, Token.new())
+            self.memory = ConversationMemory(self.memories, self.engine, Token.new(), owner)
             return True
+        t0 = time.monotonic()
         try:
-            token, self._resume_data = await self.memories.open(self.resume)
+            opened = await self.memories.open(self.resume)
         except MemoryUnavailable as e:
             self.memories.refused(e, self.peer, "resume")
+            await asyncio.sleep(max(0.0, t0 + self.cfg.memory_refusal_floor - time.monotonic()))
             if self.on_memory_refused is not None:
                 self.on_memory_refused()
             await self._end_with_error(Reason.MEMORY_UNAVAILABLE.says(), Reason.MEMORY_UNAVAILABLE.close,
                                        wait=self.cfg.refused_close_wait)
             return False
-        self.memory = ConversationMemory(self.memories, self.engine, token)
+        self.memory = ConversationMemory(self.memories, self.engine, opened.token, owner, opened)
         return True
 
     async def _run(self) -> None:
@@ -185,6 +198,8 @@ class Session:
         self.slot, self.conv_id = claimed
         if self.memory is not None:
             self.memory.attach(self.slot, self.conv_id)
+            if self.memory.resumed:  # the body is read while the slot resets
+                self._body = asyncio.create_task(self.memories.read(self.memory.opened), name="memory-read")
         if self.on_claimed is not None:
             self.on_claimed()
         self.metrics.conversation_started()
@@ -203,7 +218,9 @@ class Session:
         finally:
             if self.memory is not None and self.served and end.reason is not Reason.WORKER_RESTARTED:
                 try:  # every frame heard, before the slot is released (bounded by the memory timeout)
-                    await asyncio.shield(self.memory.finish())
+                    if self._confirming is not None:
+                        await asyncio.gather(asyncio.shield(self._confirming), return_exceptions=True)
+                    await asyncio.shield(self.memory.finish(heard=self.frames_in > 0))
                 except (Exception, asyncio.CancelledError):
                     log.exception("%s: final memory save failed", tag)
             self.engine.release(self.slot, self.conv_id)
@@ -230,14 +247,20 @@ class Session:
         if ev.kind is EventKind.ERROR:
             return _engine_end(ev)
         assert ev.kind is EventKind.READY, ev.kind
-        if self._resume_data is not None:
+        if self._body is not None:
             try:
-                out = await self.memory.restore(self._resume_data)
+                data = await self._body
+            except MemoryUnavailable as e:
+                self.memories.refused(e, self.peer, "resume")
+                return End(Reason.MEMORY_UNAVAILABLE)
+            self._body = None
+            try:
+                out = await self.memory.restore(data)
             except (MemoryOpFailed, OSError, MemoryUnavailable) as e:
                 self.memories.refused(MemoryUnavailable(f"restore failed: {e}", "restore_failed"), self.peer,
                                       "resume")
                 return End(Reason.MEMORY_UNAVAILABLE)
-            self._resume_data = None
+            del data
             ev = Event(EventKind.TELEMETRY, telemetry=out["telemetry"], frame=0)
             log.info("%s resumed memory %s… (%d frames heard before)", tag, self.memory.token.id[:8],
                      self.memory.resumed_frames)
@@ -245,7 +268,6 @@ class Session:
         self.served = True
         if self.memory is not None:
             await self.ws.send_bytes(protocol.metadata(self.memory.message(self.memories.expires())))
-            await self.memory.rotate()  # a resume: the token just sent replaces the old one
         if self.telemetry:
             await self.ws.send_bytes(protocol.metadata({"type": "info", "conversation": self.conv_id,
                                                         "slot": self.slot.index, **self.info}))
@@ -296,6 +318,12 @@ class Session:
                 m = protocol.parse(msg.data, self.cfg.max_message_bytes)
             except protocol.ProtocolError as e:
                 return End(Reason.PROTOCOL_ERROR, e.reason, close=e.close_code)
+            if m.kind == protocol.Kind.METADATA and self.memory is not None:  # else ignored, as moshi does
+                try:
+                    await self._client_metadata(protocol.client_metadata(m.payload))
+                except protocol.ProtocolError as e:
+                    return End(Reason.PROTOCOL_ERROR, e.reason, close=e.close_code)
+                continue
             if m.kind != protocol.Kind.AUDIO:
                 log.debug("ignoring client message kind %s (%d bytes)", m.kind.name, len(m.payload))
                 continue
@@ -358,12 +386,39 @@ class Session:
             # A client that stops reading blocks the send loop in drain: its replies pile up here.
             if self.events.qsize() > self.cfg.max_output_backlog:
                 return End(Reason.CLIENT_TOO_SLOW, f"{self.events.qsize()} output frames waiting")
+            if self.memory is not None and self.memory.refusal is not None:  # the store refused the new memory
+                return End(self.memory.refusal)
             # Idle = no audio from the client and nothing of its audio left to process.
             idle = time.monotonic() - max(self.last_audio, self.last_output)
             if self.cfg.idle_timeout > 0 and idle > self.cfg.idle_timeout:
                 return End(Reason.IDLE, f"no audio received for {self.cfg.idle_timeout:g} s")
 
     # -- helpers -----------------------------------------------------------------------------------------
+
+    async def _client_metadata(self, obj: dict) -> None:
+        """A client 0x04 object of a remembered conversation: a confirmation of a resume's new token (answered on
+        its own task), or ignored."""
+        try:
+            token = protocol.memory_confirmation(obj)
+        except ValueError as e:
+            await self._memory_answer({"memory": {"error": str(e)}})
+            return
+        if token is None:
+            log.debug("ignoring a client 0x04 object with keys %s", sorted(obj)[:5])
+            return
+        if self._confirming is not None and not self._confirming.done():
+            await self._memory_answer({"memory": {"error": "a confirmation is already being processed"}})
+            return
+
+        async def confirm() -> None:
+            await self._memory_answer(await self.memory.confirm(token))
+        self._confirming = asyncio.create_task(confirm(), name="memory-confirm")
+
+    async def _memory_answer(self, body: dict) -> None:
+        if "error" in body["memory"]:
+            log.debug("memory confirmation from %s refused: %s", self.peer, body["memory"]["error"])
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone: nothing to answer
+            await self.ws.send_bytes(protocol.metadata(body))
 
     def _backlog_end(self, max_backlog: int) -> End:
         """More than `max_delay` of audio waits for the engine: whose fault is it? A client at 1× has sent

@@ -21,7 +21,8 @@ def test_memory_command(tmp_path, capsys):
     store = MemoryStore(tmp_path)
     toks = [Token.new(), Token.new()]
     for t in toks:
-        store.save(t, FP, b"private words " * 10, {"frames": 42, "compression": "exact"})
+        store.save(t, FP, b"private words " * 10, {"frames": 42, "compression": "exact"}, owner="local",
+                   expect=None)
     d = ["--memory-store", str(tmp_path)]
     rc, rows = _run(capsys, "ls", *d)
     assert rc == 0 and sorted(r["id"] for r in rows) == sorted(t.id for t in toks)
@@ -35,6 +36,6 @@ def test_memory_command(tmp_path, capsys):
     assert rc == 0 and rows == [{"removed": toks[0].id}] and not (tmp_path / f"{toks[0].id}.mem").exists()
     assert _run(capsys, "rm", toks[0].id, *d)[0] == 2 and _run(capsys, "rm", "../etc", *d)[0] == 2
     old = (tmp_path / f"{toks[1].id}.mem")
-    os.utime(old, (1, 1))
-    rc, rows = _run(capsys, "gc", *d, "--memory-max-bytes", "0")  # over quota: evicted
+    os.utime(old, (1, 1))  # saved in 1970: expired
+    rc, rows = _run(capsys, "gc", *d)
     assert rc == 0 and rows == [{"removed": [toks[1].id]}] and not old.exists()

@@ -1,7 +1,8 @@
 """The memory store on an S3-compatible bucket, end to end against moto's standalone S3 server on loopback
 (`moto.server.ThreadedMotoServer`, from the dev dependency `moto[server]`: no real S3 server installs here, and
-moto's speaks the S3 protocol over HTTP): save, load, delete, every bad token refused alike, expiry, LRU
-eviction, gc, and `moshi-ttt memory ls/show/rm/gc` on `s3://bucket/prefix`. Outside CI the tests skip when
+moto's speaks the S3 protocol over HTTP): save, load, delete, every bad token refused alike, conditional saves
+(If-None-Match / If-Match), tombstones, a header-only open (ranged GET), quotas, expiry and gc, S3 failures
+as `StoreError`, and `moshi-ttt memory ls/show/rm/gc` on `s3://bucket/prefix`. Outside CI the tests skip when
 moto or obstore is not installed; in CI (a dev install) they must run."""
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 
 from moshi_ttt.apps.commands import main
 from moshi_ttt.memory import backends as mb
-from moshi_ttt.memory.seal import MemoryUnavailable, Token
-from moshi_ttt.memory.store import MemoryStore, open_store
+from moshi_ttt.memory.seal import HEADER_CAP, MemoryUnavailable, Token
+from moshi_ttt.memory.store import MemoryStore, QuotaExceeded, StaleWrite, StoreError, open_store
 
 if not os.environ.get("CI"):
     pytest.importorskip("moto.server")
@@ -29,6 +30,10 @@ import obstore  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 FP = "f" * 64
+
+
+def _save(store, tok, data, meta=None, owner="local", expect=None):
+    return store.save(tok, FP, data, meta, owner=owner, expect=expect)
 
 
 class Clock:
@@ -76,11 +81,12 @@ def test_save_load_delete_and_one_refusal_on_s3(bucket):
     assert isinstance(store.backend, mb.S3Backend) and store.where == bucket
     tok = Token.new()
     data = os.urandom(3000) + b"the secret conversation"
-    expires = store.save(tok, FP, data, {"frames": 7})
+    saved = _save(store, tok, data, {"frames": 7})
     assert store.load(str(tok), FP) == data
-    blob = store.backend.get(f"{tok.id}.mem")
+    blob = store.backend.get(f"{tok.id}.mem", saved.version)
     assert b"secret conversation" not in blob and tok.key not in blob  # ciphertext only, no key
-    assert [k for k in _objects(store) if mb.USED not in k] == [f"{tok.id}.mem"]
+    assert [k for k in _objects(store) if not k.startswith("owners/")] == [f"{tok.id}.mem"]
+    expires = saved.expires
     e = store.show(tok.id)
     assert e["frames"] == 7 and e["bytes"] == len(blob) and abs(e["expires"] - expires) < 1e-6
     _refused(lambda: store.load(Token(tok.id, Token.new().key), FP), "wrong key")
@@ -92,44 +98,54 @@ def test_save_load_delete_and_one_refusal_on_s3(bucket):
     _refused(lambda: store.delete(Token(tok.id, Token.new().key)), "wrong key")
     assert store.load(tok, FP) == data
     store.delete(tok)
-    assert _objects(store) == []  # the memory and its last-use markers are gone at once
+    assert _objects(store) == [f"{tok.id}.gone"]  # the memory and its owner marker are gone at once
     _refused(lambda: store.load(tok, FP), "unknown id")
     _refused(lambda: store.delete(tok), "unknown id")
+    with pytest.raises(StaleWrite, match="deleted"):
+        _save(store, tok, data, expect=saved.version)
 
 
-def test_resave_retires_the_old_key_and_a_large_memory_goes_up_whole(bucket):
+def test_saves_are_conditional_and_open_reads_the_header_only(bucket):
     store = MemoryStore(mb.backend(bucket), segment=1 << 20)
     old = Token.new()
-    store.save(old, FP, b"first")
+    v1 = _save(store, old, b"first").version
     new = Token.new(old.id)
-    big = os.urandom(mb.S3Backend.MULTIPART + 123)  # above the multipart threshold
-    store.save(new, FP, big)
+    big = os.urandom(12 << 20)
+    v2 = _save(store, new, big, expect=v1).version
+    store.bytes_read = 0
+    _refused(lambda: store.open(old, FP), "wrong key")  # a ranged GET of the header, not the 12 MiB
+    assert 0 < store.bytes_read <= HEADER_CAP
+    store.bytes_read = 0
+    _refused(lambda: store.open(Token.new(), FP), "unknown id")
+    assert store.bytes_read == 0
     assert store.load(new, FP) == big
-    _refused(lambda: store.load(old, FP), "wrong key")
+    with pytest.raises(StaleWrite, match="meanwhile"):  # a stale writer: If-Match on the old ETag
+        _save(store, old, b"stale", expect=v1)
+    with pytest.raises(StaleWrite):  # a create of an existing id: If-None-Match
+        _save(store, Token.new(old.id), b"x")
+    opened = store.open(new, FP)
+    _save(store, new, b"third", expect=v2)
+    _refused(lambda: store.read(opened), "changed")  # the body is read only if it is the version opened
+    assert store.load(new, FP) == b"third"
 
 
-def test_expiry_lru_eviction_and_gc_on_s3(bucket):
+def test_quota_expiry_and_gc_on_s3(bucket):
     clock = Clock()
     t0 = clock.t
-    store = MemoryStore(mb.backend(bucket), ttl=1000, clock=clock)
-    toks = [Token.new() for _ in range(4)]
+    store = MemoryStore(mb.backend(bucket), ttl=1000, clock=clock, quota_memories=3)
+    toks = [Token.new() for _ in range(3)]
     for t in toks:
-        clock.t += 1
-        store.save(t, FP, b"m" * 1000)  # last used (saved) at t0 + 1 … t0 + 4
-    clock.t += 1
-    store.load(toks[0], FP)  # toks[0] used last: toks[1], then toks[2], are the least recently used
-    e0 = store.show(toks[0].id)
-    assert e0["last_used"] == pytest.approx(clock.t, abs=1e-5) and e0["saved"] == pytest.approx(t0 + 1)
-    store.max_bytes = 3 * e0["bytes"]
-    clock.t += 1
-    newest = Token.new()
-    store.save(newest, FP, b"m" * 1000)  # gc on save: 5 memories, room for 3
-    assert {e["id"] for e in store.entries()} == {toks[0].id, toks[3].id, newest.id}
-    assert len([k for k in _objects(store) if mb.USED in k]) == 3  # superseded last-use markers are swept
-    clock.t = t0 + 4 + 1000.5
-    _refused(lambda: store.load(toks[3], FP), "expired")
-    clock.t = t0 + 2000  # every memory has expired (gc reads S3's own save times: the real clock)
-    assert sorted(store.gc()) == sorted([toks[0].id, toks[3].id, newest.id]) and _objects(store) == []
+        _save(store, t, b"m" * 1000, owner="a")
+    with pytest.raises(QuotaExceeded):
+        _save(store, Token.new(), b"m" * 1000, owner="a")
+    other = Token.new()
+    _save(store, other, b"m" * 1000, owner="b")
+    clock.t = t0 + 1000.5
+    _refused(lambda: store.load(toks[0], FP), "expired")
+    with pytest.raises(StaleWrite, match="expired"):
+        _save(store, toks[0], b"late", owner="a", expect=store.backend.head(f"{toks[0].id}.mem", 1)[1])
+    clock.t = t0 + 1000 + 3600 + 60  # past the grace: gc reads S3's own save times (the real clock)
+    assert sorted(store.gc()) == sorted(t.id for t in [*toks, other]) and _objects(store) == []
 
 
 _KILLED_SAVE = textwrap.dedent("""
@@ -139,24 +155,27 @@ _KILLED_SAVE = textwrap.dedent("""
 
     from moshi_ttt.memory.seal import Token
     class HalfWay(mb.S3Backend):  # uploads the first half, then stalls until killed
-        def put(self, loc, parts, now):
+        def put(self, loc, parts, now, expect):
+            if not loc.endswith(".mem"):
+                return super().put(loc, parts, now, expect)
             blob = b"".join(parts)
             def stream():
                 yield blob[: len(blob) // 2]
                 print("half", flush=True)
                 time.sleep(120)
                 yield blob[len(blob) // 2:]
-            self.obs.put(self.store, loc, stream(), chunk_size=self.MULTIPART)
+            self.obs.put(self.store, loc, stream(), chunk_size=5 << 20)
 
-    MemoryStore(HalfWay(sys.argv[1])).save(Token.parse(sys.argv[2]), sys.argv[3], b"new" * (4 << 20))
+    store, tok = MemoryStore(HalfWay(sys.argv[1])), Token.parse(sys.argv[2])
+    store.save(tok, sys.argv[3], b"new" * (4 << 20), owner="local", expect=store.open(tok, sys.argv[3]).version)
 """)
 
 
 def test_a_save_killed_half_way_leaves_the_previous_object(bucket, s3_server):
     store = open_store(bucket)
     tok = Token.new()
-    store.save(tok, FP, b"old version")
-    before = store.backend.get(f"{tok.id}.mem")
+    v = _save(store, tok, b"old version").version
+    before = store.backend.get(f"{tok.id}.mem", v)
     child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, bucket, str(tok), FP], stdout=subprocess.PIPE,
                              text=True)
     s3 = boto3.client("s3", endpoint_url=s3_server)
@@ -172,7 +191,7 @@ def test_a_save_killed_half_way_leaves_the_previous_object(bucket, s3_server):
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert store.backend.get(f"{tok.id}.mem") == before and store.load(tok, FP) == b"old version"
+    assert store.backend.get(f"{tok.id}.mem", v) == before and store.load(tok, FP) == b"old version"
 
 
 def _cli(capsys, *args):
@@ -184,7 +203,7 @@ def test_memory_command_on_s3(bucket, capsys):
     store = open_store(bucket)
     toks = [Token.new(), Token.new()]
     for t in toks:
-        store.save(t, FP, b"private words " * 10, {"frames": 42, "compression": "exact"})
+        _save(store, t, b"private words " * 10, {"frames": 42, "compression": "exact"})
     d = ["--memory-store", bucket]
     rc, rows = _cli(capsys, "ls", *d)
     assert rc == 0 and sorted(r["id"] for r in rows) == sorted(t.id for t in toks)
@@ -195,8 +214,8 @@ def test_memory_command_on_s3(bucket, capsys):
     rc, rows = _cli(capsys, "rm", toks[0].id, *d)
     assert rc == 0 and rows == [{"removed": toks[0].id}]
     assert _cli(capsys, "rm", toks[0].id, *d)[0] == 2 and _cli(capsys, "show", toks[0].id, *d)[0] == 2
-    rc, rows = _cli(capsys, "gc", *d, "--memory-max-bytes", "0")  # over quota: evicted
-    assert rc == 0 and rows == [{"removed": [toks[1].id]}] and _objects(store) == []
+    rc, rows = _cli(capsys, "gc", *d)  # nothing expired: nothing removed
+    assert rc == 0 and rows == [{"removed": []}] and f"{toks[1].id}.mem" in _objects(store)
 
 
 def test_a_bad_spec_or_unreachable_bucket_is_a_clear_error(bucket):
@@ -205,3 +224,37 @@ def test_a_bad_spec_or_unreachable_bucket_is_a_clear_error(bucket):
     for bad in ("s3://", "s3:///x", "gs://b/x"):
         with pytest.raises(ValueError, match=bad.split(":")[0]):
             open_store(bad)
+
+
+def test_s3_failures_are_store_errors(bucket, s3_server, monkeypatch):
+    store = open_store(bucket)
+    tok = Token.new()
+    v = _save(store, tok, b"kept").version
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    name = bucket[len("s3://"):].split("/")[0]
+    s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{name}/*"}]}))
+    try:
+        with pytest.raises(StoreError, match=f"memory store {bucket}: writing") as e:  # a denied request
+            _save(store, Token.new(tok.id), b"denied", expect=v)
+        assert e.value.label == "store" and isinstance(e.value, OSError)
+    finally:
+        s3.delete_bucket_policy(Bucket=name)
+    assert store.load(tok, FP) == b"kept"
+    for k in [o["Key"] for o in s3.list_objects_v2(Bucket=name).get("Contents", [])]:
+        s3.delete_object(Bucket=name, Key=k)
+    s3.delete_bucket(Bucket=name)  # a bucket deleted under a running store
+    with pytest.raises(StoreError, match=f"memory store {bucket}: .* failed"):
+        _save(store, Token.new(), b"x")
+    other = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # a server that then stops
+    other.start()
+    host, port = other.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=name)
+    dead = open_store(bucket)
+    v = _save(dead, tok, b"kept").version
+    other.stop()
+    with pytest.raises(StoreError, match=f"memory store {bucket}: .* failed .*error sending request"):
+        _save(dead, tok, b"x", expect=v)
+    with pytest.raises(StoreError, match="reading"):
+        dead.open(tok, FP)

@@ -415,8 +415,8 @@ def test_an_audio_file_as_the_microphone(demo_server, page_a, speech, tmp_path):
 def test_remember_reload_resume_then_forget(browser, demo_server, page_a):
     """"Remember this conversation" (?memory=1): the token lands in localStorage; after a reload the page offers
     "Resume (saved …, N min)", resumes with ?resume=TOKEN (the first telemetry starts at the saved drift, not 0;
-    a new token replaces the old), and "Forget" deletes the memory on the server (DELETE → 204; the old token then
-    opens nothing)."""
+    a new token replaces the old once the server acknowledged its confirmation), and "Forget" deletes the memory
+    on the server (DELETE → 204; the old token then opens nothing)."""
     url, _ = demo_server
     if page_a.stats()["state"] == "live":
         page_a.page.click("#disconnect")
@@ -452,7 +452,9 @@ def test_remember_reload_resume_then_forget(browser, demo_server, page_a):
         last1 = s1["lastTelemetry"]["layers"]
         for name, v in first.items():  # starts at the saved drift: ≥ the drift A had shown, never the fresh 0
             assert v["drift"] > 0 and v["drift"] >= 0.5 * last1[name]["drift"], (name, v, last1[name])
-        assert d.page.evaluate("JSON.parse(localStorage.getItem('moshi-ttt.memory')).token") == m2["token"]
+        # the new token is kept once the server acknowledged its confirmation (docs/protocol.md)
+        d.page.wait_for_function(f"JSON.parse(localStorage.getItem('moshi-ttt.memory')).token === '{m2['token']}'",
+                                 timeout=10_000)
         d.page.click("#disconnect")
         d.wait_stats("s.state === 'idle'", 10, "the second disconnect")
         wait_until(lambda: (health_or_none(url) or {}).get("active") == 0, 15, "the final save and the free slot")

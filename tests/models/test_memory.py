@@ -1,5 +1,6 @@
 """Conversation memory of a TTT-Moshi (`moshi_ttt.models.lm_memory`, `memory_format`): fingerprint refusal, the
-file and its header, exact dense == exact factors, chaining counters, damaged and foreign files."""
+file and its header, exact dense == exact factors, factors in every format where smaller, nothing for a
+conversation that heard nothing, chaining counters, damaged and foreign files."""
 
 from __future__ import annotations
 
@@ -129,6 +130,41 @@ def test_exact_factors_and_dense_restore_the_same_fast_weights(model):
         _run(gen, model, 1, 5, 4)
         again = mem.capture(model, 0, fp, base=mf.loads(f_data))
         assert all(lm.factors[0].shape == (T + 5, 64) for lm in again.layers.values())
+
+
+def test_a_new_conversation_that_heard_nothing_has_no_memory(model):
+    fp = mem.fingerprint(model)
+    gen = TTTLMGen(model, use_sampling=False)
+    with gen.streaming(1):
+        mem.keep_factors(model)
+        assert mem.capture(model, 0, fp) is None  # nothing to store (not a dense all-zero delta)
+        _run(gen, model, 1, 3, 9)
+        first = mem.capture(model, 0, fp)
+        assert first is not None and first.frames == 3
+        gen.reset_streaming()
+        mem.resume(model, 0, first, fp)
+        again = mem.capture(model, 0, fp, base=first)  # resumed, nothing new heard: still its memory
+        assert again is not None and again.frames == 3
+
+
+@pytest.mark.parametrize("fmt, form", [("exact", "factors"), ("bf16", "factors"), ("rank:16", "factors"),
+                                       ("rank:4", "rank")])
+def test_factors_are_stored_in_every_format_where_smaller(model, fmt, form):
+    fp = mem.fingerprint(model)
+    gen = TTTLMGen(model, use_sampling=False)
+    T = 5  # factors: 4 B · 5 · (64 + 176) = 4800 B a layer; bf16 dense 22528, rank:16 7680, rank:4 1920
+    with gen.streaming(1):
+        mem.keep_factors(model)
+        _run(gen, model, 1, T, 10)
+        memory = mem.capture(model, 0, fp)
+    data = mf.dumps(memory, fmt)
+    assert set(json.loads(mf.header(data)["forms"]).values()) == {form}
+    n = len(memory.layers)
+    if form == "factors":  # exact, and smaller than the format's own form
+        assert len(data) < mf.nbytes("factors", 64, 176, n, frames=T) + 4096 < mf.nbytes("bf16", 64, 176, n)
+        back = mf.loads(data)
+        for i, lm in memory.layers.items():
+            assert torch.allclose(back.layers[i].delta, lm.delta, rtol=0, atol=1e-6 * float(lm.delta.abs().max()))
 
 
 def test_chained_memory_counts_every_frame_and_keeps_its_creation_time(model):

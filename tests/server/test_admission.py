@@ -10,7 +10,7 @@ import urllib.request
 
 import aiohttp
 import pytest
-from moshi_ttt.server.guards.admission import Admission, AdmissionLimits, parse_networks
+from moshi_ttt.server.guards.admission import Admission, AdmissionLimits, address_group, parse_networks
 from moshi_ttt.server.serve import BackgroundServer
 from moshi_ttt.server.web.client import FRAME, ChatClient
 
@@ -32,6 +32,22 @@ def test_forwarded_for_is_read_only_from_trusted_proxies():
     assert Admission(limits()).client_address("127.0.0.1", "1.2.3.4") == "127.0.0.1"  # no trusted list
     with pytest.raises(ValueError, match="'nope'"):
         parse_networks(["nope"])
+
+
+def test_ipv6_addresses_are_budgeted_by_their_64():
+    """One IPv6 subscriber has a /64: its addresses share one budget; another /64 has its own."""
+    assert address_group("2001:db8:1:2::1") == address_group("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    assert address_group("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert address_group("::ffff:192.0.2.7") == address_group("192.0.2.7") == "192.0.2.7"
+    assert address_group("fe80::1%eth0") == "fe80::/64" and address_group("?") == "?"
+    a = Admission(limits(max_per_ip=2))
+    assert a.refusal("2001:db8:1:2::1") is None and a.refusal("2001:db8:1:2::2") is None
+    r = a.refusal("2001:db8:1:2:abcd::9")  # a third address of the same /64
+    assert r is not None and r.label == "per_ip"
+    assert a.refusal("2001:db8:1:3::1") is None  # the next /64 is another client
+    assert a.open_count("2001:db8:1:2::77") == 2
+    a.closed("2001:db8:1:2::2")
+    assert a.refusal("2001:db8:1:2::3") is None
 
 
 def test_memory_failure_budget_per_address(monkeypatch):

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from moshi_ttt.server.serve import BackgroundServer
 from moshi_ttt.server.web import protocol
-from moshi_ttt.server.web.app import SESSIONS
+from moshi_ttt.server.web.app import CONFIG, SESSIONS
 from moshi_ttt.server.web.client import FRAME, ChatClient, HandshakeError
 
-from moshi_ttt.memory.seal import MemoryUnavailable, Token
+from moshi_ttt.memory.seal import HEADER_CAP, MemoryUnavailable, Token
 
 from support.memory_client import drifts, remember, resume, stored, telemetry_drifts
 from support.observe import health, parse_prometheus, wait_active
@@ -308,3 +308,214 @@ def test_idle_timeout_saves_with_the_in_process_engine(tmp_path, demo_ttt_yaml, 
     assert c2.memory()["frames"] == 13
     for layer, d in drifts(saved).items():
         assert telemetry_drifts(c2.ttt()[0])[layer] == pytest.approx(d, rel=1e-5)
+
+
+async def answer_to(c: ChatClient, obj) -> dict:
+    """Sends a client 0x04 `obj` and returns the server's next memory answer ({"confirmed"...} or {"error"...})."""
+    seen = len(c.metadata)
+    await c.send_raw(protocol.metadata(obj))
+
+    def answer():
+        return next((m["memory"] for m in c.metadata[seen:] if isinstance(m.get("memory"), dict)
+                     and ("confirmed" in m["memory"] or "error" in m["memory"])), None)
+    await c.wait_for(lambda: answer() is not None, 10, "the memory answer")
+    return answer()
+
+
+def test_a_drop_before_the_confirmation_keeps_the_old_token(mem_server, server_speech):
+    """Resumed, talked, dropped without confirming the new token: every save was sealed with the old token,
+    which still opens the memory (with the frames of both conversations); the new one opens nothing."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, n, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 10 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            c2 = await resume(http, mem_server.ws_url, c.memory()["token"], confirm=False, api_key=KEY)
+            n2 = await c2.send_pcm(server_speech["a"][: 9 * FRAME])
+            await c2.wait_output_frames(n2, timeout=60)
+            await c2.close()
+            await ended(mem_server)
+            return c, n, c2, n2
+
+    c, n, c2, n2 = run(go())
+    assert stored(mem_server.store, c.memory()["token"]).frames == n + n2
+    with pytest.raises(MemoryUnavailable):
+        stored(mem_server.store, c2.memory()["token"])
+
+
+def test_confirmations_bad_or_good_never_end_the_conversation(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            fresh, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 8 * FRAME], keep_open=True,
+                                         api_key=KEY)
+            answers = {"unexpected": await fresh.confirm_memory()}
+            await fresh.close()
+            await ended(mem_server)
+            c = await resume(http, mem_server.ws_url, fresh.memory()["token"], confirm=False, api_key=KEY)
+            tok = c.memory()["token"]
+            answers["not a string"] = await answer_to(c, {"memory": {"confirm": 5}})
+            answers["not an object"] = await answer_to(c, {"memory": "yes"})
+            answers["extra key"] = await answer_to(c, {"memory": {"confirm": tok, "more": 1}})
+            answers["another token"] = await c.confirm_memory(str(Token.new(c.memory()["id"])))
+            answers["ok"] = await c.confirm_memory()
+            answers["duplicate"] = await c.confirm_memory()
+            n = await c.send_pcm(server_speech["a"][: 8 * FRAME])  # the conversation went on throughout
+            await c.wait_output_frames(n, timeout=60)
+            await c.send_raw(bytes([protocol.Kind.METADATA]) + b"{not json")
+            await c.wait_closed(10)
+            await ended(mem_server)
+            return answers, c, n
+
+    answers, c, n = run(go())
+    errors = {k: v.get("error", "") for k, v in answers.items() if k != "ok"}
+    assert errors["unexpected"].startswith("nothing to confirm"), errors
+    for k in ("not a string", "not an object", "extra key"):
+        assert errors[k].startswith("malformed confirmation"), errors
+    assert errors["another token"] == "not the token this conversation was sent", errors
+    assert errors["duplicate"] == "this token was already confirmed", errors
+    assert answers["ok"]["confirmed"] is True and answers["ok"]["id"] == c.memory()["id"], answers["ok"]
+    assert c.errors and c.errors[0].startswith("protocol error: 0x04 metadata must be a UTF-8 JSON object"), c.errors
+    assert c.close_code == 1007
+    assert stored(mem_server.store, c.memory()["token"]).frames == 8 + n  # saved under the confirmed token
+
+
+def test_concurrent_resumes_of_one_token_exactly_one_resumes(mem_server, server_speech):
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 8 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            tries = await asyncio.gather(*(ChatClient.connect(http, mem_server.ws_url, api_key=KEY,
+                                                              resume=c.memory()["token"]) for _ in range(3)),
+                                         return_exceptions=True)
+            for t in tries:
+                if isinstance(t, ChatClient):
+                    await t.close()
+            await ended(mem_server)
+            return tries
+
+    tries = run(go())
+    won = [t for t in tries if isinstance(t, ChatClient)]
+    lost = [t for t in tries if isinstance(t, HandshakeError)]
+    assert len(won) == 1 and len(lost) == 2, tries
+    assert all(protocol.MEMORY_UNAVAILABLE in str(e) for e in lost), lost
+
+
+def test_a_resume_refused_as_busy_reads_no_body_and_leaves_the_memory_free(mem_server, server_speech):
+    """Both slots taken: a resume with a good token is refused "server busy" after its header alone was read (no
+    body read: the read bytes metric does not move), and its id is not left in use: it resumes once a slot is
+    free."""
+    async def go():
+        async with aiohttp.ClientSession() as http:
+            c, _, _ = await remember(http, mem_server.ws_url, server_speech["b"][: 8 * FRAME], api_key=KEY)
+            await ended(mem_server)
+            token = c.memory()["token"]
+            store = mem_server.server.runner.app[CONFIG].memories.store
+            fillers = [await ChatClient.connect(http, mem_server.ws_url, api_key=KEY) for _ in range(2)]
+            read0, bytes0 = (await metrics(http, mem_server)), store.bytes_read
+            with pytest.raises(HandshakeError) as busy:
+                await ChatClient.connect(http, mem_server.ws_url, api_key=KEY, resume=token)
+            read1, bytes1 = (await metrics(http, mem_server)), store.bytes_read
+            for f in fillers:
+                await f.close()
+            await ended(mem_server)
+            c2 = await resume(http, mem_server.ws_url, token, api_key=KEY)
+            await c2.close()
+            await ended(mem_server)
+            return str(busy.value), read0, read1, bytes1 - bytes0, c2
+
+    busy, read0, read1, header_bytes, c2 = run(go())
+
+    def body_bytes(fams) -> float:
+        return {lb["direction"]: v for lb, v in fams["moshi_ttt_memory_bytes_total"]}.get("read", 0.0)
+
+    assert "server busy" in busy, busy
+    assert body_bytes(read1) == body_bytes(read0) and 0 < header_bytes <= HEADER_CAP, (header_bytes, busy)
+    assert c2.memory()["resumed"] is True
+
+
+def _from(source: str) -> aiohttp.ClientSession:
+    """A client session whose connections come from the local address `source` (its own budgets and quota)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+
+
+def test_empty_memory_conversations_store_nothing(mem_server):
+    """20 `?memory=1` conversations that hear nothing (the memory message, then a close) store nothing."""
+    async def go():
+        before = set(mem_server.store.glob("*.mem"))
+        async with _from("127.0.0.8") as http:
+            url = mem_server.ws_url.replace("localhost", "127.0.0.1")
+            for _ in range(20):
+                c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
+                await c.wait_for(lambda c=c: c.memory() is not None, 10, "the memory message")
+                await c.close()
+                await ended(mem_server)
+        return set(mem_server.store.glob("*.mem")) - before
+
+    assert run(go()) == set()
+
+
+def test_a_memory_over_the_quota_is_refused(mem_server, server_speech):
+    """One address stores its quota of memories (20 by default); its 21st is refused at its first checkpoint with
+    the quota's 0x05, and nothing is stored for it."""
+    async def go():
+        before = set(mem_server.store.glob("*.mem"))
+        async with _from("127.0.0.9") as http:
+            url = mem_server.ws_url.replace("localhost", "127.0.0.1")
+            for _ in range(20):
+                c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
+                n = await c.send_pcm(server_speech["b"][:FRAME])
+                await c.wait_output_frames(n, timeout=30)
+                await c.close()
+                await ended(mem_server)  # its final save done, its slot free
+            stored_20 = len(set(mem_server.store.glob("*.mem")) - before)
+            c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
+            await c.send_pcm(server_speech["b"][: 2 * CHUNK * FRAME])  # a checkpoint after the first chunk
+            await c.wait_closed(30)
+            await ended(mem_server)
+            return stored_20, len(set(mem_server.store.glob("*.mem")) - before), c, await metrics(http, mem_server)
+
+    stored_20, stored_all, c, fams = run(go())
+    assert stored_20 == 20 and stored_all == 20, (stored_20, stored_all)
+    assert c.errors and c.errors[0].startswith("memory refused: this client's quota"), c.errors
+    assert c.close_code == 1008
+    causes = {lb["cause"]: v for lb, v in fams["moshi_ttt_memory_failures_total"]}
+    ends = {lb["reason"]: v for lb, v in fams["moshi_ttt_conversation_errors_total"]}
+    assert causes.get("quota", 0) >= 1 and ends.get("memory_quota") == 1, (causes, ends)
+
+
+def test_a_full_store_refuses_new_memories_and_evicts_nobody(tmp_path, demo_ttt_yaml, server_speech):
+    """A store bounded to 1.5 memories: the first is stored, the second (another address, within its quota) is
+    refused with the full store's 0x05, and the first still opens."""
+    def server(*extra: str) -> BackgroundServer:
+        return BackgroundServer(["--demo", "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--temp", "0",
+                                 "--temp-text", "0", "--ttt-config", str(demo_ttt_yaml(chunk_size=CHUNK)),
+                                 "--no-per-ip-limits", "--memory-save-every", "1", *extra])
+
+    async def one(srv, source: str, keep_open: bool):
+        async with _from(source) as http:
+            url = srv.ws_url.replace("localhost", "127.0.0.1")
+            c = await ChatClient.connect(http, url, memory=True)
+            await c.send_pcm(server_speech["b"][: 2 * CHUNK * FRAME])
+            if keep_open:
+                await c.wait_closed(30)
+            else:
+                await c.wait_output_frames(2 * CHUNK, timeout=30)
+                await c.close()
+            await ended(srv)
+            return c
+
+    probe = server("--memory-store", str(tmp_path / "probe"))
+    try:
+        run(one(probe, "127.0.0.10", False))
+        size = next((tmp_path / "probe").glob("*.mem")).stat().st_size  # one memory of 2 chunks
+    finally:
+        probe.stop()
+    store = tmp_path / "store"
+    srv = server("--memory-store", str(store), "--memory-max-bytes", str(int(1.5 * size)))
+    try:
+        first = run(one(srv, "127.0.0.11", False))
+        second = run(one(srv, "127.0.0.12", True))
+    finally:
+        srv.stop()
+    assert second.errors and second.errors[0].startswith("memory refused: the memory store is full"), second.errors
+    assert second.close_code == 1013
+    assert len(list(store.glob("*.mem"))) == 1 and stored(store, first.memory()["token"]).frames == 2 * CHUNK

@@ -1,5 +1,6 @@
 """`moshi-ttt serve` against hostile HTTP (a real subprocess on loopback): header limits, header
-timeout (idle, slowloris), the pending-connection cap, no pipelining, Origin/Host checks, the API key
+timeout (idle, slowloris), the pending-connection cap (in all and per address), no pipelining, no
+permessage-deflate, Origin/Host checks, the API key
 (file, non-ASCII, empty), and the one-line errors of `serve`/`infer` for bad keys, configs and outputs."""
 
 import socket
@@ -11,11 +12,12 @@ import time
 import pytest
 
 from support.launcher import ServeProcess
-from support.probe import flood, host_port, raw_request, rss_mb, ws_frame, ws_handshake
+from support.probe import flood, host_port, raw_request, rss_mb, ws_frame, ws_handshake, ws_upgrade
 
 KEY = "k3y-from-a-file"
 HEADER_TIMEOUT = 1.0
 PENDING = 8
+PENDING_PER_IP = 4
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def limited(tmp_path_factory):
     (d / "key").write_text(KEY + "\n")
     srv = ServeProcess(d, ["--max-conversations", "1", "--api-key-file", d / "key", "--allowed-origins",
                            "http://a.example", "--header-timeout", HEADER_TIMEOUT, "--max-pending-connections",
-                           PENDING, "--log-level", "info"], omp_threads=1)
+                           PENDING, "--max-pending-per-ip", PENDING_PER_IP, "--log-level", "info"], omp_threads=1)
     with srv:
         yield srv
     log = srv.log_text()
@@ -93,23 +95,69 @@ def test_idle_and_slowloris_connections_are_closed(limited):
     assert HEADER_TIMEOUT * 0.9 < slow < HEADER_TIMEOUT + 1.5, slow
 
 
+def _aborted_at_once(s: socket.socket) -> bool:
+    """The server closed `s` at once, long before the header timeout."""
+    s.settimeout(0.5)
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def test_pending_connections_are_capped(limited):
     url = limited.url
-    socks = [socket.create_connection(host_port(url), timeout=5) for _ in range(PENDING)]
+    sources = [f"127.0.0.{20 + i // PENDING_PER_IP}" for i in range(PENDING)]  # each address within its own cap
+    socks = [socket.create_connection(host_port(url), timeout=5, source_address=(a, 0)) for a in sources]
     try:
         time.sleep(0.2)
-        extra = socket.create_connection(host_port(url), timeout=5)
-        extra.settimeout(0.5)
-        try:
-            assert extra.recv(1024) == b""  # closed at once, long before the header timeout
-        except ConnectionResetError:
-            pass
-        extra.close()
+        with socket.create_connection(host_port(url), timeout=5, source_address=("127.0.0.30", 0)) as extra:
+            assert _aborted_at_once(extra)
     finally:
         for s in socks:
             s.close()
     time.sleep(0.3)
     assert status(get(url)) == 200
+
+
+def test_one_address_cannot_hold_every_pending_place(limited):
+    """Slowloris heads and idle sockets from one address: past its share the address is refused on accept, and
+    another address is still served."""
+    url = limited.url
+    h, p = host_port(url)
+
+    def conn(source: str) -> socket.socket:
+        return socket.create_connection((h, p), timeout=5, source_address=(source, 0))
+
+    socks = [conn("127.0.0.40") for _ in range(PENDING_PER_IP)]
+    try:
+        for s in socks[::2]:
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")  # a slowloris head; the others stay idle
+        time.sleep(0.2)
+        with conn("127.0.0.40") as extra:
+            assert _aborted_at_once(extra)
+        with conn("127.0.0.41") as other:
+            other.sendall(f"GET /health HTTP/1.1\r\nHost: {h}:{p}\r\nConnection: close\r\n\r\n".encode())
+            other.settimeout(5)
+            assert other.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.3)
+    with conn("127.0.0.40") as again:  # the address's places come back when its sockets close
+        assert not _aborted_at_once(again)
+
+
+def test_no_permessage_deflate(limited):
+    """A client offering permessage-deflate gets a websocket without the extension."""
+    url = limited.url
+    s, head, _ = ws_upgrade(url, f"X-API-Key: {KEY}\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                                 "client_max_window_bits\r\n")
+    s.close()
+    time.sleep(0.2)  # the single slot is released on disconnect
+    assert " 101 " in head.split("\r\n", 1)[0] + " ", head
+    assert "sec-websocket-extensions" not in head.lower(), head
 
 
 def test_pipelined_requests_get_one_response(limited):

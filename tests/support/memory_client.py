@@ -64,8 +64,12 @@ async def remember(http: tp.Any, url: str, pcm, keep_open: bool = False, **conne
     return c, n, [m for m in c.ttt() if m["frames"] == n][-1]
 
 
-async def resume(http: tp.Any, url: str, token: str, **connect) -> ChatClient:
-    """A `?resume=TOKEN&telemetry=1` conversation, once its memory message and first telemetry arrived."""
+async def resume(http: tp.Any, url: str, token: str, confirm: bool = True, **connect) -> ChatClient:
+    """A `?resume=TOKEN&telemetry=1` conversation, once its memory message and first telemetry arrived and (unless
+    not `confirm`) its new token is confirmed: the memory is sealed with the new token from then on."""
     c = await ChatClient.connect(http, url, telemetry=True, resume=token, **connect)
     await c.wait_for(lambda: c.memory() is not None and c.ttt(), 10, "the memory message and first telemetry")
+    if confirm:
+        answer = await c.confirm_memory()
+        assert answer.get("confirmed") is True, answer
     return c

@@ -44,6 +44,12 @@ def raw_request(url: str, data: bytes, timeout: float = 10.0) -> bytes:
 def ws_handshake(url: str, extra_headers: str = "", timeout: float = 10.0, source: str | None = None):
     """A raw websocket upgrade to /api/chat (from the local address `source`, default any): returns (socket,
     status line, bytes after the headers)."""
+    s, head, rest = ws_upgrade(url, extra_headers, timeout, source)
+    return s, head.split("\r\n", 1)[0], rest
+
+
+def ws_upgrade(url: str, extra_headers: str = "", timeout: float = 10.0, source: str | None = None):
+    """As `ws_handshake`, with the whole response head (status line and headers) instead of the status line."""
     import socket
 
     host, port = host_port(url)
@@ -59,7 +65,7 @@ def ws_handshake(url: str, extra_headers: str = "", timeout: float = 10.0, sourc
             break
         buf += chunk
     head, _, rest = buf.partition(b"\r\n\r\n")
-    return s, head.split(b"\r\n", 1)[0].decode(), rest
+    return s, head.decode(), rest
 
 
 def ws_frame(opcode: int, payload: bytes) -> bytes:

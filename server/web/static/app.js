@@ -5,7 +5,8 @@
 // Opus audio (both ways), 0x02 text piece, 0x03 control, 0x04 metadata JSON, 0x05 error, 0x06 ping.
 // The server sends 0x04 (model info, TTT telemetry) only when asked with ?telemetry=1, which this page does;
 // with "Remember this conversation" it asks ?memory=1 (0x04 {"memory": ...} brings the resume token, kept by
-// memory.js), and "Resume" connects with ?resume=TOKEN. The whole protocol: docs/protocol.md.
+// memory.js), and "Resume" connects with ?resume=TOKEN (the new token it is sent is confirmed with a client
+// 0x04 and kept once the server acknowledges it). The whole protocol: docs/protocol.md.
 
 import { Microphone, SAMPLE_RATE } from "./mic.js";
 import { Player } from "./player.js";
@@ -222,7 +223,7 @@ function onMessage(c, bytes) {
       addText(new TextDecoder().decode(payload));
       break;
     case KIND.METADATA:
-      onMetadata(JSON.parse(new TextDecoder().decode(payload)));
+      onMetadata(c, JSON.parse(new TextDecoder().decode(payload)));
       break;
     case KIND.ERROR: {
       const reason = new TextDecoder().decode(payload);
@@ -240,11 +241,38 @@ function onMessage(c, bytes) {
   }
 }
 
-function onMetadata(msg) {
+function sendMetadata(c, obj) {
+  if (!c.ws || c.ws.readyState !== WebSocket.OPEN) return;
+  const body = new TextEncoder().encode(JSON.stringify(obj));
+  const msg = new Uint8Array(body.length + 1);
+  msg[0] = KIND.METADATA;
+  msg.set(body, 1);
+  c.ws.send(msg);
+}
+
+/** The server's memory messages. A new memory's token is kept at once. A resumed conversation's new token is
+ * confirmed to the server and kept only once the server acknowledges it: until then the old token is the one
+ * that opens the memory (a drop before the acknowledgement keeps it). docs/protocol.md. */
+function onMemory(c, m) {
+  if (m.token && m.resumed) {
+    stats.memory = m;
+    c.pendingMemory = m;
+    sendMetadata(c, { memory: { confirm: m.token } });
+  } else if (m.token) {
+    stats.memory = m;
+    memory.issued(m);
+  } else if (m.confirmed && c.pendingMemory && c.pendingMemory.id === m.id) {
+    memory.issued({ ...c.pendingMemory, expires: m.expires });
+    c.pendingMemory = null;
+  } else if (m.error) {
+    stats.errors.push(`memory: ${m.error}`);
+  }
+}
+
+function onMetadata(c, msg) {
   stats.metadataUpdates++;
-  if (msg.type === undefined && msg.memory?.token) { // the memory message (the info message also has a "memory" key)
-    stats.memory = msg.memory;
-    memory.issued(msg.memory);
+  if (msg.type === undefined && msg.memory) { // the memory messages (the info message also has a "memory" key)
+    onMemory(c, msg.memory);
   } else if (msg.type === "info") {
     stats.info = msg;
     panel.setInfo(msg);
