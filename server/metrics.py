@@ -92,6 +92,8 @@ class Metrics:
         self._mem_restores = Counter(name("memory_restores_total"), "Conversations resumed from their memory.",
                                      registry=reg)
         self._mem_deletes = Counter(name("memory_deletes_total"), "Memories deleted by their client.", registry=reg)
+        self._mem_collected = Counter(name("memory_collected_total"), "Expired memories removed by the store's "
+                                      "periodic collection (every --memory-gc-every seconds).", registry=reg)
         self._mem_bytes = Counter(name("memory_bytes_total"), "Memory file bytes (before sealing) saved, read "
                                   "and restored.", ["direction"], registry=reg)
         self._mem_failures = Counter(name("memory_failures_total"), "Memory resumes or deletes refused, and saves "
@@ -194,6 +196,9 @@ class Metrics:
 
     def inc_memory_deleted(self) -> None:
         self._mem_deletes.inc()
+
+    def inc_memory_collected(self, n: int) -> None:
+        self._mem_collected.inc(n)
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from .guards import admission, limits
 from .guards.access import API_KEY_ENV, AccessPolicy, is_loopback_host, resolve_api_key
 from .guards.http_guard import GuardedSite, HttpLimits
 from .link.remote import WorkerEngine
-from .memory.memories import DEFAULT_MAX_LOADS, DEFAULT_SAVE_EVERY, Memories, MemoryConfig
+from .memory.memories import DEFAULT_GC_EVERY, DEFAULT_MAX_LOADS, DEFAULT_SAVE_EVERY, Memories, MemoryConfig
 from .metrics import Metrics
 from .web import protocol
 from .web.agent import start_agent
@@ -165,6 +165,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-format", default="exact", help="exact (default), bf16 or rank:R (lossy)")
     _number(g, "--memory-max-loads", DEFAULT_MAX_LOADS, "memories read and unsealed at once for resumes (each up "
             "to the size of a memory)")
+    _number(g, "--memory-gc-every", DEFAULT_GC_EVERY, "seconds between two removals of expired memories from the "
+            "store", " s; 0 = never: run `moshi-ttt memory gc`")
     _number(g, "--memory-failures-per-minute", admission.DEFAULT_MEMORY_FAILURES_PER_MINUTE,
             "failed memory resumes + deletes an address may make per minute", NO_LIMIT)
     _number(g, "--memory-failure-burst", admission.DEFAULT_MEMORY_FAILURE_BURST, "")
@@ -277,7 +279,7 @@ def _memories(cfg: ServeConfig, engine: ServingEngine, metrics: tp.Any, info: di
     chunk = int(info.get("ttt", {}).get("layer", {}).get("chunk_size", 1))
     memories = Memories(store_of(cfg), engine.memory_fingerprint, metrics,
                         MemoryConfig(save_every=cfg.memory_save_every, chunk_size=chunk,
-                                     max_loads=cfg.memory_max_loads))
+                                     max_loads=cfg.memory_max_loads, gc_every=cfg.memory_gc_every))
     log.info("conversation memory on: store %s, format %s, checkpoint every %d chunks", cfg.memory_store,
              cfg.memory_format, cfg.memory_save_every)
     return memories, dict(info, memory={"format": cfg.memory_format, "save_every_chunks": cfg.memory_save_every,

@@ -465,11 +465,11 @@ def _infer(args, model, mimi, tokenizer, gen_kwargs, conditions, pcms: list[np.n
 
 def _memory_start(model, B: int, memory: dict) -> list[dict]:
     """Streaming, before the first step: item b resumed from `memory["loaded"][b]` (if any); the factor log on
-    (a short conversation is stored as factors, in every format). Returns per item the telemetry's `memory`
-    entry: `loaded` (the header) and `start` (the fast weights as resumed)."""
+    (a short conversation is stored as factors, in every format, up to that format's size). Returns per item
+    the telemetry's `memory` entry: `loaded` (the header) and `start` (the fast weights as resumed)."""
     from moshi_ttt.models import lm_memory as mem
 
-    mem.keep_factors(model)
+    mem.keep_factors(model, comp=memory["comp"])
     for b, m in enumerate(memory["loaded"][:B]):
         if m is not None:
             mem.resume(model, b, m, memory["fp"])

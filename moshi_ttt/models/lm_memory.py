@@ -18,9 +18,10 @@ import typing as tp
 
 import torch
 
+from moshi_ttt.memory.compression import Compression
 from moshi_ttt.memory.header import MemoryRefused
 from moshi_ttt.models.lm import TTTLMModel
-from moshi_ttt.ttt.layer_memory import close
+from moshi_ttt.ttt.layer_memory import close, form_bytes
 from moshi_ttt.ttt.stream import COUNTERS
 
 
@@ -70,11 +71,19 @@ def fingerprint(model: TTTLMModel) -> str:
     return h.hexdigest()
 
 
-def keep_factors(model: TTTLMModel, enabled: bool = True) -> None:
-    """Streaming mode: every TTT layer logs its folded chunks as factors (`TTTState.keep_factors`), so that an
-    `exact` memory of a short conversation can be stored as factors, smaller than the dense delta."""
+def keep_factors(model: TTTLMModel, enabled: bool = True, comp: Compression | str | None = None) -> None:
+    """Streaming mode: every TTT layer logs its folded chunks as factors (`TTTState.keep_factors`), so that a
+    short conversation's memory is stored as factors, smaller than the format's own form. With `comp` (the
+    stored format), a layer's log is dropped once it would take as many bytes as that form: the device never
+    holds a log that could not be stored (None: up to the d×h delta's values)."""
+    comp = Compression.parse(comp) if isinstance(comp, str) else comp
     for g in model.ttt_gatings().values():
-        g.ttt_state().keep_factors(enabled)
+        st = g.ttt_state()
+        limit = None
+        if comp is not None:  # the log is in the accumulation dtype (z_buf's)
+            delta = torch.empty(st.w.shape[1:], dtype=st.z_buf.dtype, device="meta")
+            limit = form_bytes(delta, comp) // delta.element_size()
+        st.keep_factors(enabled, limit)
 
 
 Taken = dict[int, tuple[dict[str, torch.Tensor], list | None]]

@@ -85,6 +85,7 @@ class TTTState(State):
         self.past = past
         self.host_folds = False
         self.factors: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+        self.factor_limit: int | None = None
         self._wide = self._bits = None  # a bf16 fold's scratch blocks, made by its first fold
         self.row0 = torch.arange(batch_size, device=device) * (chunk + 1)
 
@@ -177,11 +178,15 @@ class TTTState(State):
 
     # -- the factor log (opt-in, host side: conversation memory) ---------------------------------
 
-    def keep_factors(self, enabled: bool = True) -> None:
+    def keep_factors(self, enabled: bool = True, max_values: int | None = None) -> None:
         """Starts (or stops) logging every item's folded chunks as factors: `factors[b]` is a list of
-        (a·V̂ [L, d], Z [L, h]) whose Σ (a·V̂)ᵀ Z is W⁽ⁱ⁾ − W⁽⁰⁾, or None once that log would hold more values
-        than the d×h delta itself (or after a `restore`, whose history is unknown). Reset empties it."""
+        (a·V̂ [L, d], Z [L, h]) whose Σ (a·V̂)ᵀ Z is W⁽ⁱ⁾ − W⁽⁰⁾, or None once that log would hold
+        `max_values` values (default: the d×h delta's) or more (or after a `restore`, whose history is
+        unknown). Reset empties it."""
+        if max_values is not None and max_values < 0:
+            raise ValueError(f"TTTState.keep_factors: max_values must be >= 0, got {max_values!r}")
         self.factors = [[] for _ in range(self.batch_size)] if enabled else None
+        self.factor_limit = max_values
 
     def log_factors(self, item: int, va: torch.Tensor, z: torch.Tensor) -> None:
         """Appends one folded chunk (va [d, L] = a·V̂ᵀ, z [L, h]) to item's log, if it keeps one."""
@@ -189,7 +194,8 @@ class TTTState(State):
         if log is None:
             return
         d, h = self.w.shape[1:]
-        if (sum(f[1].shape[0] for f in log) + z.shape[0]) * (d + h) >= d * h:
+        limit = d * h if self.factor_limit is None else self.factor_limit
+        if (sum(f[1].shape[0] for f in log) + z.shape[0]) * (d + h) >= limit:
             self.factors[item] = None
             return
         log.append((va.T.clone(), z.clone()))

@@ -94,6 +94,7 @@ class ServeConfig:
     memory_save_every: int  # chunks; 0 = only when the conversation ends
     memory_format: str
     memory_max_loads: int
+    memory_gc_every: float  # seconds; 0 = never
     memory_failures_per_minute: float  # 0 = no limit
     memory_failure_burst: int
 
@@ -167,4 +168,5 @@ class ServeConfig:
         _num("memory_quota_bytes", self.memory_quota_bytes, lo=0, integer=True)
         _num("memory_save_every", self.memory_save_every, lo=0, integer=True, unit="chunks")
         _num("memory_max_loads", self.memory_max_loads, lo=1, integer=True)
+        _num("memory_gc_every", self.memory_gc_every, lo=0, unit="s")
         Compression.parse(self.memory_format)  # ValueError: "invalid memory format 'rank:0': expected ..."

@@ -44,6 +44,7 @@ log = logging.getLogger("moshi_ttt.server.memory")
 
 DEFAULT_SAVE_EVERY = 4  # chunks between checkpoints
 DEFAULT_MAX_LOADS = 2  # memory bodies read and unsealed at once (each up to ≈ 1.1 GB at Moshi 7B)
+DEFAULT_GC_EVERY = 3600.0  # seconds between two collections of the store's expired memories
 SAVE_TIMEOUT_S = 30.0  # one save (worker + seal + write) or restore; also how long shutdown waits for saves
 
 
@@ -57,10 +58,13 @@ class MemoryConfig:
     chunk_size: int = 16  # frames per chunk (the TTT config's)
     timeout: float = SAVE_TIMEOUT_S
     max_loads: int = DEFAULT_MAX_LOADS
+    gc_every: float = DEFAULT_GC_EVERY  # seconds; 0 = never (an operator runs `moshi-ttt memory gc`)
 
     def __post_init__(self) -> None:
         if self.max_loads < 1:
             raise ValueError(f"memory: max_loads must be >= 1, got {self.max_loads!r}")
+        if not self.gc_every >= 0:
+            raise ValueError(f"memory: gc_every must be >= 0 seconds, got {self.gc_every!r}")
 
 
 async def engine_call(start: tp.Callable[..., None], *args, timeout: float, **kwargs) -> tp.Any:
@@ -99,6 +103,26 @@ class Memories:
 
     def expires(self) -> float:
         return time.time() + self.store.ttl
+
+    async def collect(self) -> int:
+        """One collection of the store (`MemoryStore.gc`, on a thread: listings only, never on a save's path):
+        the number of expired memories removed, counted; a store failure is logged and counted, never raised."""
+        try:
+            removed = await asyncio.to_thread(self.store.gc)
+        except StoreError as e:
+            self.metrics.inc_memory_failure("store")
+            log.warning("memory store collection failed: %s", e)
+            return 0
+        if removed:
+            self.metrics.inc_memory_collected(len(removed))
+            log.info("memory store: %d expired memories removed", len(removed))
+        return len(removed)
+
+    async def collect_forever(self) -> None:
+        """`collect` every `cfg.gc_every` seconds, the first one at once (a task of the web app's lifetime)."""
+        while True:
+            await self.collect()
+            await asyncio.sleep(self.cfg.gc_every)
 
     async def open(self, token_text: str) -> Opened:
         """A resume's token checked against its stored header (nothing else is read), then its id marked in use

@@ -55,10 +55,9 @@ class SlotMemory:
         self._stream = torch.cuda.Stream() if self._cuda else None
 
     def streaming_started(self) -> None:
-        """Engine thread, once streaming: an `exact` memory logs the folded chunks as factors (a short
-        conversation is stored as factors, smaller than the dense delta)."""
-        if self.comp.kind == "exact":
-            mem.keep_factors(self.lm)
+        """Engine thread, once streaming: every slot logs its folded chunks as factors, in every format, up
+        to that format's own size (a short conversation is stored as factors, smaller than the format's form)."""
+        mem.keep_factors(self.lm, comp=self.comp)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -22,8 +22,10 @@ Host and Origin checks (`access`, 403), the API key (401; on /api/memory only th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,6 +222,15 @@ async def _on_shutdown(app: web.Application) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _collect_memories(app: web.Application) -> tp.AsyncIterator[None]:
+    """While the app runs: the store's periodic collection of expired memories (`Memories.collect_forever`)."""
+    task = asyncio.create_task(app[CONFIG].memories.collect_forever(), name="memory-gc")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.Application:
     app = web.Application(middlewares=[guard_middleware, _access, _auth])
     admission = Admission(cfg.admission)
@@ -247,4 +258,6 @@ def create_app(engine: ServingEngine, metrics: Metrics, cfg: AppConfig) -> web.A
         app.router.add_get("/", handle_root)
         app.router.add_static("/", path=str(static), follow_symlinks=False, name="static")
     app.on_shutdown.append(_on_shutdown)
+    if cfg.memories is not None and cfg.memories.cfg.gc_every > 0:
+        app.cleanup_ctx.append(_collect_memories)
     return app

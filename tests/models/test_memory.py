@@ -220,3 +220,28 @@ def test_foreign_damaged_and_newer_files_are_refused(model):
     raw = json.dumps(head).encode()
     with pytest.raises(mem.MemoryRefused, match="format version '2', this code reads '1'"):
         mf.loads(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("fmt, limit", [("exact", lambda d, h: d * h), ("bf16", lambda d, h: d * h // 2),
+                                        ("rank:4", lambda d, h: 4 * (d + h) // 2)])
+def test_the_factor_log_stops_at_the_formats_own_size(fmt, limit):
+    """The device never holds a factor log bigger (in fp32 values) than the stored format's own form."""
+    m = _model()
+    gen = TTTLMGen(m, use_sampling=False)
+    kept_some = dropped_some = False
+    with gen.streaming(1):
+        mem.keep_factors(m, comp=fmt)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(6 * CHUNK + 2):
+            gen.step(torch.randint(0, m.card, (1, 8, 1), generator=g))
+            for gate in m.ttt_gatings().values():
+                st = gate.ttt_state()
+                d, h = st.w.shape[1:]
+                rows = int(st.updates[0] + st.skipped[0]) * CHUNK
+                log = st.factors[0]
+                assert (log is None) == (rows * (d + h) >= limit(d, h)), (fmt, rows)
+                if log is not None:
+                    assert sum(z.shape[0] for _, z in log) == rows
+                kept_some |= log is not None and rows > 0
+                dropped_some |= log is None
+    assert dropped_some and (kept_some or fmt.startswith("rank"))
