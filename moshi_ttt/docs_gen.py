@@ -6,10 +6,11 @@ wrote, and the check that the docs name only paths, `moshi-ttt` flags and `moshi
 Two kinds of generated text, each named in `BLOCKS` / `FIGURES` with the one JSON file it comes from:
 * blocks (tables), between `<!-- NAME:start -->` and `<!-- NAME:end -->` on lines of their own;
 * figures inside prose, as spans `<!--fig:NAME-->TEXT<!--/fig-->`.
-The experiments' blocks (memory-table, cross-table, spoken-memory, spoken-probes) are rendered here by their
-own modules' `render_*` from their results files, so a stale one is caught too; `make docs` also runs the spoken
-report, which rewrites its results and plot from the run records. `--check` exits 1 naming every stale block
-or span and every dead path, flag or module (`problems`); without it the docs are rewritten (`write`).
+The experiments' blocks (memory-table, cross-table, spoken-memory, spoken-seeds, spoken-probes) are rendered
+here by their own modules' `render_*` from their results files, so a stale one is caught too; `make docs` also
+runs the spoken report, which rewrites its results and plot from the run records. `--check` exits 1 naming every
+stale block or span and every dead path, flag or module (`problems`); without it the docs are rewritten
+(`write`).
 """
 
 from __future__ import annotations
@@ -292,6 +293,8 @@ BLOCKS: dict[str, Gen] = {
     "spoken-memory": Gen("docs/spoken_memory/results.json",
                          _experiment_block("moshi_ttt.experiments.spoken.report")),
     "spoken-probes": Gen("docs/spoken_memory/results.json", _spoken_probes),
+    "spoken-seeds": Gen("docs/spoken_memory/results.json",
+                        _experiment_block("moshi_ttt.experiments.spoken.report", "render_seeds")),
 }
 MULTI = {"key-figures": tuple(BLOCKS["key-figures"].source.split(", "))}
 

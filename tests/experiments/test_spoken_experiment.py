@@ -91,7 +91,7 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
 
     doc = tmp_path / "doc.md"
     doc.write_text(f"before\n{report.START}\nold\n{report.END}\nafter\n"
-                   f"{report.PROBES_START}\nold\n{report.PROBES_END}\n")
+                   f"{report.PROBES_START}\nold\n{report.PROBES_END}\n{report.SEEDS_START}\nold\n{report.SEEDS_END}\n")
     res = report.write(out, doc, None, {"stage 1 training": 1.0})
     assert set(res["variants"]) == {"pretrained", "floor", "ttt"}
     assert res["variants"]["ttt"]["evals"]["2"]["all"]["values"] == [recs["ttt"]["evals"]["2"]["recall"]]
@@ -99,6 +99,8 @@ def test_the_experiment_runs_end_to_end_at_tiny_sizes(tmp_path, monkeypatch):
     assert text.startswith("before\n") and "old" not in text
     assert "oracle read-out with the model's own keys" in text and "| floor: no TTT, window W (floor_seed0) |" in text
     assert "**TTT, window W**" in text and "floor: no TTT, window W" in text and "B with A's memory" in text
+    ttt = recs["ttt"]["evals"][res["main_facts"]]
+    assert f"| **TTT, window W** | 0 | {ttt['recall']:.3f} |" in text  # the per-seed table
     assert res["cross"]["ttt"]["memory"]["all"]["values"] == [cross["memory"]["recall"]]
     assert (out / "recall_by_distance.png").stat().st_size > 1000
     again = report.write(out, None, None)  # regenerated from the records alone: same results, stage times kept

@@ -24,6 +24,7 @@ ORDER = ("pretrained", *VARIANTS)
 LABELS = {"pretrained": "stage-1 model as is (window W, no TTT)", **{k: v.label or k for k, v in VARIANTS.items()}}
 START, END = "<!-- spoken-memory:start -->", "<!-- spoken-memory:end -->"
 PROBES_START, PROBES_END = "<!-- spoken-probes:start -->", "<!-- spoken-probes:end -->"
+SEEDS_START, SEEDS_END = "<!-- spoken-seeds:start -->", "<!-- spoken-seeds:end -->"
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -125,6 +126,19 @@ def render_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def render_seeds(res: dict) -> str:
+    """Markdown: the main eval set's recall per variant and per seed (all / inside W / beyond W)."""
+    vs, main = res["variants"], res["main_facts"]
+    lines = ["| model | seed | all | inside W | beyond W |", "|---|---|---|---|---|"]
+    for n in [n for n in ORDER if n in vs]:
+        e = vs[n]["evals"][main]
+        cols = [e[k].get("values") or [None] * len(vs[n]["seeds"]) for k in ("all", "inside", "beyond")]
+        for i, seed in enumerate(vs[n]["seeds"]):
+            cells = " | ".join("–" if c[i] is None else f"{c[i]:.3f}" for c in cols)
+            lines.append(f"| {LABELS.get(n, n)} | {seed} | {cells} |")
+    return "\n".join(lines)
+
+
 def update_between_markers(path: Path, text: str, start: str = START, end: str = END) -> None:
     doc = path.read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
@@ -212,6 +226,8 @@ def write(out: Path, doc: Path | None = None, readme: Path | None = None, stages
     for path in (doc, readme):
         if path is not None:
             update_between_markers(path, table)
+    if doc is not None and res["variants"] and SEEDS_START in doc.read_text():
+        update_between_markers(doc, render_seeds(res), SEEDS_START, SEEDS_END)
     probes = load_probes(out) if (out / "probes").exists() else []
     if doc is not None and probes:
         update_between_markers(doc, render_probes(probes), PROBES_START, PROBES_END)
