@@ -437,17 +437,24 @@ def _from(source: str) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
 
 
+async def _remembered(server, http, url: str, n: int, during) -> None:
+    """`n` `?memory=1` conversations one after the other: each runs `during(client)`, closes, and is over on the
+    server (its final save done, its slot free) before the next."""
+    for _ in range(n):
+        c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
+        await during(c)
+        await c.close()
+        await ended(server)
+
+
 def test_empty_memory_conversations_store_nothing(mem_server):
     """20 `?memory=1` conversations that hear nothing (the memory message, then a close) store nothing."""
     async def go():
         before = set(mem_server.store.glob("*.mem"))
         async with _from("127.0.0.8") as http:
             url = mem_server.ws_url.replace("localhost", "127.0.0.1")
-            for _ in range(20):
-                c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
-                await c.wait_for(lambda c=c: c.memory() is not None, 10, "the memory message")
-                await c.close()
-                await ended(mem_server)
+            await _remembered(mem_server, http, url, 20,
+                              lambda c: c.wait_for(lambda: c.memory() is not None, 10, "the memory message"))
         return set(mem_server.store.glob("*.mem")) - before
 
     assert run(go()) == set()
@@ -460,12 +467,9 @@ def test_a_memory_over_the_quota_is_refused(mem_server, server_speech):
         before = set(mem_server.store.glob("*.mem"))
         async with _from("127.0.0.9") as http:
             url = mem_server.ws_url.replace("localhost", "127.0.0.1")
-            for _ in range(20):
-                c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
-                n = await c.send_pcm(server_speech["b"][:FRAME])
-                await c.wait_output_frames(n, timeout=30)
-                await c.close()
-                await ended(mem_server)  # its final save done, its slot free
+            async def one_frame(c):
+                await c.wait_output_frames(await c.send_pcm(server_speech["b"][:FRAME]), timeout=30)
+            await _remembered(mem_server, http, url, 20, one_frame)
             stored_20 = len(set(mem_server.store.glob("*.mem")) - before)
             c = await ChatClient.connect(http, url, api_key=KEY, memory=True)
             await c.send_pcm(server_speech["b"][: 2 * CHUNK * FRAME])  # a checkpoint after the first chunk
